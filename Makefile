@@ -1,0 +1,27 @@
+# The two commands of the README. Both set themselves up on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,fast]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/microte sim scenarios/community.toml --ledger sqlite:///microte-demo.db
+
+test: $(STAMP)
+	$(BIN)/ruff check market participants controller ledger tests bench
+	$(BIN)/mypy market
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/clearing.py
+
+clean:
+	rm -rf $(VENV) *.db *.db-wal *.db-shm

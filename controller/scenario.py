@@ -1,0 +1,76 @@
+"""Scenario files (TOML): market settings, grid tariff, participants, start, days, step, seed.
+
+```toml
+name = "community"
+seed = 42
+start = "2026-06-01T00:00:00Z"   # or Unix seconds
+days = 1
+step = 900                        # slot duration, seconds
+timezone = "Europe/Berlin"
+[market]                          # any MarketConfig field except mode, duration, grid, timezone
+close_steps = 2
+pricing = "midpoint"
+[grid]                            # GridTariff: price (sell, per kWh), fee, tou rules
+price = 0.08
+fee = 1.5
+[[participants]]                  # participants.spec.ParticipantSpec
+id = "H01"
+...
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from market.engine import MarketConfig
+from market.grid import GridTariff
+
+
+class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str = "scenario"
+    seed: int = 0
+    start: int | str = 0
+    days: Annotated[float, msgspec.Meta(gt=0, le=3660)] = 1
+    step: Annotated[int, msgspec.Meta(gt=0, le=86400)] = 900
+    timezone: str = "UTC"
+    market: dict[str, Any] = {}
+    grid: GridTariff = GridTariff()
+    participants: list[dict[str, Any]] = []
+
+    @property
+    def start_time(self) -> int:
+        if isinstance(self.start, int):
+            t = self.start
+        else:
+            t = int(datetime.fromisoformat(self.start.replace("Z", "+00:00")).timestamp())
+        return t - t % self.step
+
+    @property
+    def rounds(self) -> int:
+        return int(self.days * 86400) // self.step
+
+    def market_config(self, mode: str = "sim", **overrides: Any) -> MarketConfig:
+        fields: dict[str, Any] = {
+            **self.market,
+            "mode": mode,
+            "duration": self.step,
+            "timezone": self.timezone,
+            "grid": msgspec.to_builtins(GridTariff(**{**msgspec.structs.asdict(self.grid), "timezone": self.timezone})),
+        }
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return msgspec.convert(fields, MarketConfig, strict=False)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    try:
+        return msgspec.convert(data, Scenario, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SystemExit(f"{path}: {exc}") from None

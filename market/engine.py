@@ -1,0 +1,390 @@
+"""The MicroTE market as a state machine over plain data: no sockets, clock or database.
+
+Each delivery slot moves through the phases of `TRANSITIONS`: open (in the book) ->
+matched (gate closed, cleared) -> delivering (the current round: meter readings accepted)
+-> processed (energy exchanged, records produced). Methods return the events and records
+they produced; the server emits and stores them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from market.book import Book, Entry, tie_key
+from market.clearing import Fill, Pricing, clear
+from market.errors import IllegalTransition, MarketError
+from market.exchange import EXTERNAL, exchange
+from market.grid import GridStates, GridTariff
+from market.protocol import MAX_QUANTITY, EntryMsg, MeterMsg, OrdersMsg, Side
+from market.records import MeterRecord, Settlement, Transaction, amount
+from market.timing import RoundTimes, Slot, is_aligned, round_times
+
+
+class Phase(enum.Enum):
+    OPEN = "open"
+    MATCHED = "matched"
+    DELIVERING = "delivering"
+    PROCESSED = "processed"
+
+
+# The only legal moves of a slot; anything else raises IllegalTransition and changes nothing.
+TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (Phase.OPEN, "close"): Phase.MATCHED,
+    (Phase.MATCHED, "deliver"): Phase.DELIVERING,
+    (Phase.DELIVERING, "process"): Phase.PROCESSED,
+}
+
+
+class MarketConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    mode: Literal["sim", "rt"] = "sim"
+    duration: Annotated[int, msgspec.Meta(gt=0, le=86400)] = 60
+    close_steps: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
+    horizon: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 96  # slots accepted beyond next_settle
+    pricing: Pricing = "midpoint"
+    max_quantity: Annotated[int, msgspec.Meta(gt=0, le=MAX_QUANTITY)] = MAX_QUANTITY
+    price_min: float = 0.0
+    price_max: float = 10.0
+    non_dispatch: tuple[str, ...] = ("solar", "wind")
+    dispatch: tuple[str, ...] = ("bess",)
+    round_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    meter_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
+    timezone: str = "UTC"
+    grid: GridTariff = GridTariff()
+
+    def __post_init__(self) -> None:
+        if not self.price_min < self.price_max:
+            raise ValueError("price_min must be below price_max")
+        if set(self.non_dispatch) & set(self.dispatch) or EXTERNAL in self.sources:
+            raise ValueError("a source is either dispatch or non-dispatch, and not 'external'")
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.dispatch + self.non_dispatch
+
+
+class RoundOpen(msgspec.Struct, frozen=True):
+    """What opening a round produced: the broadcast, private fills, and settlement records."""
+
+    times: RoundTimes
+    start_round: dict[str, Any]
+    settled: list[tuple[str, dict[str, Any]]]  # (participant, `settled` payload), in commit order
+    settlements: list[Settlement]
+
+
+class SlotResult(msgspec.Struct, frozen=True):
+    slot: Slot
+    transactions: list[Transaction]
+    meters: list[MeterRecord]
+    metered: list[str]
+    deliveries: dict[str, dict[str, Any]]  # participant -> `delivery` payload
+
+
+class _Delivering(msgspec.Struct):
+    settlements: list[Settlement]
+    meters: dict[str, MeterMsg]
+
+
+class Market:
+    def __init__(self, config: MarketConfig, grid_states: GridStates | None = None) -> None:
+        self.config = config
+        self.grid_states = grid_states or GridStates()
+        self.book = Book()
+        self.times: RoundTimes | None = None
+        self._phase: dict[int, Phase] = {}
+        self._matched: dict[int, list[Settlement]] = {}
+        self._delivering: dict[int, _Delivering] = {}
+        self._processed_until = -1  # slots starting at or before this are done
+        self._counters: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def phase(self, start: int) -> Phase:
+        if start <= self._processed_until:
+            return Phase.PROCESSED
+        return self._phase.get(start, Phase.OPEN)
+
+    def _move(self, start: int, event: str) -> None:
+        nxt = TRANSITIONS.get((self.phase(start), event))
+        if nxt is None:
+            raise IllegalTransition(f"slot {start}: {event!r} in phase {self.phase(start).value}")
+        self._phase[start] = nxt
+
+    def open_round(self, t: int, duration: int | None = None) -> RoundOpen:
+        """Start the round at `t`: close and clear every slot up to `last_settle`, and start
+        delivering `current_round`."""
+        d = self._check_round(t, duration)
+        times = round_times(t, d, self.config.close_steps, self.times.current_round if self.times else None)
+        closing = sorted({*self.book.slots_until(times.last_settle[0]), times.last_settle[0], t})
+        settlements: list[Settlement] = []
+        for start in closing:
+            if self.phase(start) is Phase.OPEN:
+                settlements += self._close((start, start + d), t)
+        self._move(t, "deliver")
+        self._delivering[t] = _Delivering(self._matched.pop(t, []), {})
+        self.times = times
+        return RoundOpen(times, self.start_round_payload(), _settled_events(settlements), settlements)
+
+    def _check_round(self, t: int, duration: int | None) -> int:
+        d = duration or (self.times.duration if self.times else self.config.duration)
+        if self.times is not None and t <= self.times.time:
+            raise MarketError("invalid", f"round time {t} does not advance past {self.times.time}")
+        if t % d:
+            raise MarketError("invalid", f"round time {t} is not aligned to duration {d}")
+        if self.times is not None and d != self.times.duration and (len(self.book) or self._delivering):
+            raise MarketError("invalid", "duration can change only when no entry or slot is pending")
+        return d
+
+    def _close(self, slot: Slot, now: int) -> list[Settlement]:
+        bids, asks = self.book.pop_slot(slot[0])
+        self._move(slot[0], "close")
+        if self.grid_states.get(slot[0]) == "RED":
+            fills: list[Fill] = []  # the DSO forbids P2P trade in this slot: all settle with the grid
+        else:
+            fills = clear(bids, asks, self.config.pricing)
+        records = [self._settlement(slot, i, f, now) for i, f in enumerate(fills)]
+        self._matched[slot[0]] = records
+        return records
+
+    def _settlement(self, slot: Slot, seq: int, f: Fill, now: int) -> Settlement:
+        source = f.ask.source or ""
+        return Settlement(
+            commit_id=f"c{slot[0]}-{seq}",
+            time_delivery_start=slot[0],
+            time_delivery_end=slot[1],
+            seller_id=f.ask.participant,
+            buyer_id=f.bid.participant,
+            bid_uuid=f.bid.uuid,
+            ask_uuid=f.ask.uuid,
+            bid_id=f.bid.id,
+            ask_id=f.ask.id,
+            energy_source=source,
+            quantity=f.quantity,
+            price_buy=f.price_buy,
+            price_sell=f.price_sell,
+            amount_buy=amount(f.quantity, f.price_buy),
+            amount_sell=amount(f.quantity, f.price_sell),
+            dispatch=source in self.config.dispatch,
+            seq=seq,
+            time_creation=now,
+        )
+
+    def market_info(self, slots: Iterable[Slot]) -> list[dict[str, Any]]:
+        info = []
+        for s in slots:
+            buy, sell = self.config.grid.prices(s[0])
+            info.append(
+                {
+                    "time_delivery": list(s),
+                    "grid": {"buy_price": buy, "sell_price": sell},
+                    "grid_state": self.grid_states.get(s[0]),
+                }
+            )
+        return info
+
+    def start_round_payload(self) -> dict[str, Any]:
+        r = self._require_round()
+        slots = dict.fromkeys([r.current_round, r.last_settle, r.next_settle])
+        return {
+            "mode": self.config.mode,
+            "time": r.time,
+            "duration": r.duration,
+            "timezone": self.config.timezone,
+            "current_round": list(r.current_round),
+            "last_round": list(r.last_round),
+            "next_settle": list(r.next_settle),
+            "last_settle": list(r.last_settle),
+            "market_info": self.market_info(slots),
+        }
+
+    def _require_round(self) -> RoundTimes:
+        if self.times is None:
+            raise MarketError("unavailable", "the market has not started its first round")
+        return self.times
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def submit(self, participant: str, side: Side, msg: EntryMsg) -> dict[str, Any]:
+        """Add a bid or ask; the ok reply's fields (`entry`, and `duplicate` on a resubmission)."""
+        r = self._require_round()
+        self._check_entry(side, msg, r)
+        n = self._counters.get(participant, 0)
+        uuid = f"{participant}.{n}"
+        entry = Entry(
+            uuid=uuid,
+            id=msg.id,
+            participant=participant,
+            side=side,
+            quantity=msg.quantity,
+            price=msg.price,
+            time_delivery=msg.time_delivery,
+            source=msg.source,
+            time_submission=r.time,
+            tie=tie_key(uuid),
+        )
+        first = self.book.find_duplicate(entry)
+        if first is not None:
+            return {"entry": first.reply(), "duplicate": True}
+        self.book.add(entry)
+        self._counters[participant] = n + 1
+        return {"entry": entry.reply()}
+
+    def _check_entry(self, side: Side, msg: EntryMsg, r: RoundTimes) -> None:
+        c = self.config
+        if not is_aligned(msg.time_delivery, r.duration):
+            raise MarketError(
+                "invalid",
+                f"time_delivery {list(msg.time_delivery)} is not an aligned {r.duration} s slot",
+            )
+        start = msg.time_delivery[0]
+        if start < r.next_settle[0]:
+            raise MarketError("closed", f"the gate of slot {start} has closed (next open slot {r.next_settle[0]})")
+        if start > r.next_settle[0] + c.horizon * r.duration:
+            raise MarketError("invalid", f"slot {start} is beyond the horizon of {c.horizon} slots")
+        if msg.quantity > c.max_quantity:
+            raise MarketError("invalid", f"quantity above max_quantity {c.max_quantity}")
+        if not c.price_min <= msg.price <= c.price_max:
+            raise MarketError("invalid", f"price outside [{c.price_min}, {c.price_max}]")
+        if side == "ask" and msg.source is None:
+            raise MarketError("invalid", "an ask needs a source")
+        if msg.source is not None and msg.source not in c.sources:
+            raise MarketError("invalid", f"unknown source {msg.source!r} (known: {', '.join(c.sources)})")
+
+    def submit_orders(self, participant: str, msg: OrdersMsg) -> list[dict[str, Any]]:
+        """Each order on its own: one refused order does not undo the others."""
+        results = []
+        for order in msg.orders:
+            try:
+                results.append({"ok": True, **self.submit(participant, order.side, order.entry())})
+            except MarketError as err:
+                results.append(err.reply())
+        return results
+
+    def cancel(self, participant: str, uuid: str) -> dict[str, Any]:
+        r = self._require_round()
+        entry = self.book.get(uuid)
+        if entry is not None and entry.participant == participant and entry.time_delivery[0] < r.next_settle[0]:
+            raise MarketError("closed", "the entry's slot is past gate closure")
+        return {"entry": self.book.cancel(participant, uuid).reply()}
+
+    # -- meters and delivery ---------------------------------------------------------------
+
+    def meter(self, participant: str, msg: MeterMsg) -> dict[str, Any]:
+        r = self._require_round()
+        slot = msg.time_interval
+        if not is_aligned(slot, r.duration):
+            raise MarketError("invalid", f"time_interval {list(slot)} is not an aligned {r.duration} s slot")
+        self._check_meter_sources(msg)
+        phase = self.phase(slot[0])
+        if phase is not Phase.DELIVERING:
+            if phase is Phase.PROCESSED or slot[0] < r.current_round[0]:
+                raise MarketError("closed", f"interval {slot[0]} is already processed")
+            raise MarketError("invalid", f"interval {slot[0]} has not been delivered yet")
+        readings = self._delivering[slot[0]].meters
+        first = readings.get(participant)
+        if first is not None:
+            if first != msg:
+                raise MarketError("conflict", f"a different reading for interval {slot[0]} was already accepted")
+            return {"duplicate": True}
+        readings[participant] = msg
+        return {}
+
+    def _check_meter_sources(self, msg: MeterMsg) -> None:
+        known = self.config.sources
+        for where, keys, extra in (
+            ("generation", msg.generation, ()),
+            ("consumption.bess", msg.consumption.bess, ()),
+            ("consumption.other", msg.consumption.other, (EXTERNAL,)),
+        ):
+            for key in keys:
+                if key not in known and key not in extra:
+                    raise MarketError("invalid", f"unknown source {key!r} in {where}")
+
+    def metered(self, slot_start: int) -> list[str]:
+        d = self._delivering.get(slot_start)
+        return sorted(d.meters) if d else []
+
+    def delivering(self) -> list[int]:
+        return sorted(self._delivering)
+
+    def process(self, slot_start: int, now: int) -> SlotResult:
+        """Exchange the energy of a delivered slot: its records, and each party's `delivery`."""
+        self._move(slot_start, "process")
+        d = self._delivering.pop(slot_start)
+        self._phase.pop(slot_start, None)
+        self._processed_until = max(self._processed_until, slot_start)
+        duration = self._require_round().duration
+        slot = (slot_start, slot_start + duration)
+        buy, sell = self.config.grid.prices(slot_start)
+        rows = exchange(slot, d.settlements, d.meters, buy, sell, now, self.config.non_dispatch)
+        self.grid_states.forget_before(slot_start)
+        return SlotResult(
+            slot=slot,
+            transactions=rows,
+            meters=[_meter_record(p, slot, m, now) for p, m in sorted(d.meters.items())],
+            metered=sorted(d.meters),
+            deliveries=_deliveries(slot, rows),
+        )
+
+    def reset(self) -> None:
+        """Forget books, fills and readings (a new simulation); ids keep counting."""
+        self.book.clear()
+        self._phase.clear()
+        self._matched.clear()
+        self._delivering.clear()
+        self._processed_until = -1
+        self.times = None
+
+
+def _settled_events(settlements: list[Settlement]) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for s in settlements:
+        common = {
+            "commit_id": s.commit_id,
+            "quantity": s.quantity,
+            "source": s.energy_source,
+            "time_delivery": [s.time_delivery_start, s.time_delivery_end],
+        }
+        events.append(
+            (
+                s.buyer_id,
+                {**common, "uuid": s.bid_uuid, "id": s.bid_id, "side": "bid", "price": s.price_buy},
+            )
+        )
+        events.append(
+            (
+                s.seller_id,
+                {
+                    **common,
+                    "uuid": s.ask_uuid,
+                    "id": s.ask_id,
+                    "side": "ask",
+                    "price": s.price_sell,
+                },
+            )
+        )
+    return events
+
+
+def _deliveries(slot: Slot, rows: list[Transaction]) -> dict[str, dict[str, Any]]:
+    by_party: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        for party in dict.fromkeys((row.seller_id, row.buyer_id)):
+            by_party.setdefault(party, []).append(row.row())
+    return {p: {"time_delivery": list(slot), "transactions": txs} for p, txs in by_party.items()}
+
+
+def _meter_record(participant: str, slot: Slot, m: MeterMsg, now: int) -> MeterRecord:
+    enc = msgspec.json.Encoder(order="sorted")
+    return MeterRecord(
+        id=f"m{slot[0]}-{participant}",
+        participant_id=participant,
+        time_interval_start=slot[0],
+        time_interval_end=slot[1],
+        generation=enc.encode(m.generation).decode(),
+        consumption=enc.encode(m.consumption).decode(),
+        time_creation=now,
+    )

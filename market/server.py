@@ -1,0 +1,385 @@
+"""The socket.io shell around the market engine (PROTOCOL.md namespaces /market, /simulation).
+
+Handlers decode, call the core and emit what it returned; nothing here decides prices or
+energy. The round loop (sim: driven by `step`; rt: by the wall clock) waits for meter
+readings no longer than its deadline and replies or moves on only once the round's
+records are durable in the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import cuid
+import msgspec
+import socketio
+from aiohttp import web
+
+from market.engine import Market, MarketConfig, RoundOpen, SlotResult
+from market.errors import IllegalTransition, MarketError
+from market.protocol import CancelMsg, EmptyMsg, EntryMsg, MeterMsg, OrdersMsg, StepMsg, decode, ok
+from market.records import Batch, Record, RoundRecord, RunRecord
+from market.registry import Registry, Role
+from market.sink import Sink
+from market.timing import RealTimeClock, SimClock
+
+log = logging.getLogger("microte.market")
+
+MAX_PAYLOAD = 1_000_000  # bytes per socket.io message; larger ones close the connection
+NAMESPACE_ROLES: dict[str, frozenset[Role]] = {
+    "/market": frozenset({"prosumer", "dso", "aggregator", "oracle", "operator", "controller"}),
+    "/simulation": frozenset({"controller"}),
+}
+
+
+class Sessions:
+    """Authenticated sessions of one namespace: one live session per participant id."""
+
+    def __init__(self) -> None:
+        self.pid_of: dict[str, str] = {}  # sid -> participant id
+        self.sid_of: dict[str, str] = {}  # participant id -> sid
+        self.role_of: dict[str, Role] = {}  # sid -> role
+
+    def add(self, sid: str, pid: str, role: Role) -> str | None:
+        """Register a session; returns the sid it replaces, if any."""
+        old = self.sid_of.get(pid)
+        self.pid_of[sid], self.sid_of[pid], self.role_of[sid] = pid, sid, role
+        return old
+
+    def remove(self, sid: str) -> str | None:
+        pid = self.pid_of.pop(sid, None)
+        self.role_of.pop(sid, None)
+        if pid is not None and self.sid_of.get(pid) == sid:
+            del self.sid_of[pid]
+        return pid
+
+    def online(self) -> list[str]:
+        return sorted(self.sid_of)
+
+
+class _MeterWait:
+    """Readings still expected for one slot, and an event set when none are."""
+
+    def __init__(self, expected: set[str]) -> None:
+        self.expected = expected
+        self.done = asyncio.Event()
+        if not expected:
+            self.done.set()
+
+    def arrived(self, pid: str) -> None:
+        self.expected.discard(pid)
+        if not self.expected:
+            self.done.set()
+
+
+class MarketServer:
+    def __init__(
+        self,
+        config: MarketConfig,
+        registry: Registry,
+        sink: Sink,
+        *,
+        serializer: str = "default",
+        run: RunRecord | None = None,
+    ) -> None:
+        self.config = config
+        self.market = Market(config)
+        self.registry = registry
+        self.sink = sink
+        self.clock: SimClock | RealTimeClock = SimClock() if config.mode == "sim" else RealTimeClock()
+        self.sio = socketio.AsyncServer(
+            async_mode="aiohttp",
+            async_handlers=False,  # one client's events are handled in the order it sent them
+            serializer=serializer,
+            max_http_buffer_size=MAX_PAYLOAD,
+            cors_allowed_origins="*",
+        )
+        self.sessions = {ns: Sessions() for ns in NAMESPACE_ROLES}
+        self.sio.register_namespace(MarketNamespace(self))
+        self.sio.register_namespace(SimulationNamespace(self))
+        self._waits: dict[int, _MeterWait] = {}
+        self._round_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.run = run or RunRecord(
+            id=cuid.cuid(), scenario="", seed=0, started=int(time.time()), config=canonical_config(config)
+        )
+
+    # -- app -------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        self.sio.attach(app)
+        app.cleanup_ctx.append(self._lifetime)
+        return app
+
+    async def _lifetime(self, _app: web.Application) -> AsyncIterator[None]:
+        await self.sink.start()
+        await self.sink.write(Batch((self.run,)))
+        if self.config.mode == "rt":
+            self._spawn(self._rt_loop())
+        yield
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.sink.close()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    async def step(self, t: int, duration: int | None) -> dict[str, Any]:
+        """One sim round: open it, wait for the current round's readings (bounded), process
+        and store it. Returns the `round` object of the `step` reply."""
+        async with self._round_lock:
+            assert isinstance(self.clock, SimClock)
+            opened = self.market.open_round(t, duration)
+            self.clock.set(t)
+            wait = self._expect(t)
+            await self._announce(opened)
+            await self._await_readings(wait, self.config.round_timeout)
+            return await self._finish(opened, t)
+
+    async def _rt_loop(self) -> None:
+        """rt mode: open a round at every multiple of the duration, whatever clients do;
+        the slot that just ended is processed when its readings are in or its grace ends."""
+        assert isinstance(self.clock, RealTimeClock)
+        d = self.config.duration
+        while True:
+            await asyncio.sleep(self.clock.seconds_to_next(d))
+            t = self.clock.now() // d * d
+            async with self._round_lock:
+                opened = self.market.open_round(t)
+                wait = self._expect(t - d) if (t - d) in self.market.delivering() else None
+                await self._announce(opened)
+            if wait is not None:
+                self._spawn(self._rt_process(opened, t - d, wait))
+
+    async def _rt_process(self, opened: RoundOpen, slot: int, wait: _MeterWait) -> None:
+        await self._await_readings(wait, self.config.meter_grace)
+        async with self._round_lock:
+            await self._finish(opened, slot)
+
+    def _expect(self, slot: int) -> _MeterWait:
+        online = self.sessions["/market"].sid_of
+        prosumers = {p for p in online if self.registry.role(p) == "prosumer"}
+        wait = self._waits[slot] = _MeterWait(prosumers - set(self.market.metered(slot)))
+        return wait
+
+    async def _await_readings(self, wait: _MeterWait, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wait.done.wait(), timeout)
+
+    async def _announce(self, opened: RoundOpen) -> None:
+        for pid, payload in opened.settled:
+            await self._emit_to(pid, "settled", payload)
+        await self.sio.emit("start_round", opened.start_round, namespace="/market")
+        log.info("round=%s start trades=%d", opened.times.time, len(opened.settlements))
+
+    async def _finish(self, opened: RoundOpen, slot: int) -> dict[str, Any]:
+        self._waits.pop(slot, None)
+        result = self.market.process(slot, self.clock.now())
+        metered = set(result.metered)
+        missing = [p for p in self.registry.ids("prosumer") if p not in metered]
+        records: list[Record] = [*opened.settlements, *result.meters, *result.transactions]
+        summary = RoundRecord(
+            id=f"r{opened.times.time}-{slot}",
+            time=opened.times.time,
+            duration=opened.times.duration,
+            current_round_start=slot,
+            matched_slot_start=opened.times.last_settle[0],
+            trades=len(opened.settlements),
+            metered=len(result.metered),
+            missing=msgspec.json.encode(missing).decode(),
+            records=len(records),
+        )
+        await self.sink.write(Batch((*records, summary)))
+        await self._deliver(result)
+        log.info(
+            "round=%s slot=%s metered=%d missing=%d records=%d",
+            opened.times.time,
+            slot,
+            len(result.metered),
+            len(missing),
+            len(records),
+        )
+        return {
+            "current_round": list(result.slot),
+            "metered": len(result.metered),
+            "missing": missing,
+            "trades": len(opened.settlements),
+            "records": len(records),
+        }
+
+    async def _deliver(self, result: SlotResult) -> None:
+        for pid, payload in result.deliveries.items():
+            await self._emit_to(pid, "delivery", payload)
+
+    async def _emit_to(self, pid: str, event: str, payload: dict[str, Any]) -> None:
+        sid = self.sessions["/market"].sid_of.get(pid)
+        if sid is not None:
+            await self.sio.emit(event, payload, to=sid, namespace="/market")
+
+    # -- events of the /market namespace ----------------------------------------------------
+
+    def meter_arrived(self, pid: str, slot: int) -> None:
+        wait = self._waits.get(slot)
+        if wait is not None:
+            wait.arrived(pid)
+
+    def participant_left(self, pid: str) -> None:
+        for wait in self._waits.values():
+            wait.arrived(pid)
+
+    async def reset(self) -> None:
+        async with self._round_lock:
+            self.market.reset()
+            self._waits.clear()
+
+
+def canonical_config(config: MarketConfig) -> str:
+    return msgspec.json.encode(msgspec.to_builtins(config, order="sorted")).decode()
+
+
+Handler = Callable[[str, Any], Awaitable[dict[str, Any]]]
+
+
+def _replying(fn: Callable[..., Awaitable[dict[str, Any]]]) -> Handler:
+    """Turn a handler's result or MarketError into a PROTOCOL.md reply; never let an
+    unexpected error escape into the socket layer."""
+
+    async def handler(self: _Namespace, sid: str, data: Any = None) -> dict[str, Any]:
+        try:
+            return ok(**await fn(self, sid, data))
+        except MarketError as err:
+            return err.reply()
+        except IllegalTransition as err:
+            log.error("illegal transition: %s", err)
+            return MarketError("unavailable", "the market cannot do that now").reply()
+        except Exception:
+            log.exception("handler %s failed", fn.__name__)
+            return MarketError("unavailable", "internal error").reply()
+
+    handler.__name__ = fn.__name__
+    return handler  # type: ignore[return-value]
+
+
+class _Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
+    def __init__(self, server: MarketServer, namespace: str) -> None:
+        super().__init__(namespace)
+        self.ms = server
+        self.sessions = server.sessions[namespace]
+
+    async def on_connect(self, sid: str, _environ: dict[str, Any], auth: Any = None) -> None:
+        who = self.ms.registry.authenticate(auth)
+        if who is None:
+            log.warning("ns=%s refused: bad credentials", self.namespace)
+            raise socketio.exceptions.ConnectionRefusedError("unauthorized: unknown id or wrong token")
+        pid, role = who
+        if role not in NAMESPACE_ROLES[self.namespace]:
+            raise socketio.exceptions.ConnectionRefusedError(f"unauthorized: role {role} may not use {self.namespace}")
+        old = self.sessions.add(sid, pid, role)
+        if old is not None:
+            # One live session per id: the newest login wins, the old one is closed.
+            self.sessions.pid_of.pop(old, None)
+            await self.ms.sio.disconnect(old, namespace=self.namespace)
+        log.info("ns=%s connect participant=%s role=%s", self.namespace, pid, role)
+
+    async def on_disconnect(self, sid: str, *_reason: Any) -> None:
+        pid = self.sessions.remove(sid)
+        if pid is not None:
+            log.info("ns=%s disconnect participant=%s", self.namespace, pid)
+            if self.namespace == "/market":
+                self.ms.participant_left(pid)
+
+    def _who(self, sid: str, *roles: Role) -> str:
+        pid = self.sessions.pid_of.get(sid)
+        if pid is None:
+            raise MarketError("unauthorized", "no authenticated session")
+        if roles and self.sessions.role_of[sid] not in roles:
+            raise MarketError("forbidden", f"role {self.sessions.role_of[sid]} may not do this")
+        return pid
+
+
+class MarketNamespace(_Namespace):
+    def __init__(self, server: MarketServer) -> None:
+        super().__init__(server, "/market")
+
+    @_replying
+    async def on_bid(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        return self.ms.market.submit(pid, "bid", decode(data, EntryMsg))
+
+    @_replying
+    async def on_ask(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        return self.ms.market.submit(pid, "ask", decode(data, EntryMsg))
+
+    @_replying
+    async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        return {"results": self.ms.market.submit_orders(pid, decode(data, OrdersMsg))}
+
+    @_replying
+    async def on_cancel(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        return self.ms.market.cancel(pid, decode(data, CancelMsg).uuid)
+
+    @_replying
+    async def on_meter(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        msg = decode(data, MeterMsg)
+        reply = self.ms.market.meter(pid, msg)
+        self.ms.meter_arrived(pid, msg.time_interval[0])
+        return reply
+
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        # Unknown events get an error reply instead of silence (PROTOCOL.md: every event is acknowledged).
+        if not hasattr(self, f"on_{event}"):
+            return MarketError("invalid", f"unknown event {event!r}").reply()
+        return await super().trigger_event(event, *args)
+
+
+class SimulationNamespace(_Namespace):
+    def __init__(self, server: MarketServer) -> None:
+        super().__init__(server, "/simulation")
+
+    @_replying
+    async def on_step(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "controller")
+        if self.ms.config.mode != "sim":
+            raise MarketError("invalid", "step is only for sim mode")
+        msg = decode(data, StepMsg)
+        return {"round": await self.ms.step(msg.time, msg.duration)}
+
+    @_replying
+    async def on_reset(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "controller")
+        decode(data, EmptyMsg)
+        await self.ms.reset()
+        return {}
+
+    @_replying
+    async def on_status(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "controller")
+        decode(data, EmptyMsg)
+        return {
+            "mode": self.ms.config.mode,
+            "time": self.ms.clock.now(),
+            "participants": {
+                "registered": self.ms.registry.ids(),
+                "online": self.ms.sessions["/market"].online(),
+            },
+        }
+
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        if not hasattr(self, f"on_{event}"):
+            return MarketError("invalid", f"unknown event {event!r}").reply()
+        return await super().trigger_event(event, *args)

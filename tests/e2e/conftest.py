@@ -1,0 +1,85 @@
+"""Real server, real socket.io clients, on 127.0.0.1 with ephemeral ports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import socketio
+from aiohttp import web
+
+from ledger import open_sink
+from market.engine import MarketConfig
+from market.registry import Registry
+from market.server import MarketServer
+
+TOKENS = {"NOBODY": "", "P1": "tok-p1", "P2": "tok-p2", "P3": "tok-p3", "CTL": "tok-ctl", "DSO": "tok-dso"}
+ROLES = {"CTL": "controller", "DSO": "dso"}
+
+
+def registry() -> Registry:
+    return Registry.from_dict(
+        {"participants": [{"id": p, "token": t, "role": ROLES.get(p, "prosumer")} for p, t in TOKENS.items() if t]}
+    )
+
+
+@asynccontextmanager
+async def running(config: MarketConfig, ledger_url: str) -> AsyncIterator[tuple[str, MarketServer]]:
+    server = MarketServer(config, registry(), open_sink(ledger_url))
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        await runner.cleanup()
+
+
+async def client(url: str, pid: str, namespace: str = "/market", token: str | None = None) -> socketio.AsyncClient:
+    sio = socketio.AsyncClient(reconnection=False)
+    await sio.connect(
+        url,
+        namespaces=[namespace],
+        auth={"id": pid, "token": token if token is not None else TOKENS[pid]},
+        transports=["websocket"],
+        wait_timeout=5,
+    )
+    return sio
+
+
+class Inbox:
+    """Collects server events of one client."""
+
+    def __init__(self, sio: socketio.AsyncClient, *events: str) -> None:
+        self.events: dict[str, list[Any]] = {e: [] for e in events}
+        for e in events:
+            sio.on(e, self._collector(e), namespace="/market")
+
+    def _collector(self, event: str) -> Callable[[Any], Any]:
+        async def collect(data: Any) -> None:
+            self.events[event].append(data)
+
+        return collect
+
+
+@pytest.fixture
+def ledger_url(tmp_path: Any) -> str:
+    return f"sqlite:///{tmp_path}/ledger.db"
+
+
+async def refusal(url: str, pid: str, namespace: str = "/market", token: str | None = None) -> str:
+    """The connect error message the server sends when it refuses a login."""
+    sio = socketio.AsyncClient(reconnection=False)
+    errors: list[Any] = []
+    sio.on("connect_error", errors.append, namespace=namespace)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await sio.connect(url, namespaces=[namespace], transports=["websocket"], wait_timeout=5,
+                          auth={"id": pid, "token": token if token is not None else TOKENS[pid]})
+    await sio.disconnect()
+    assert errors, "no connect_error received"
+    data = errors[0]
+    return str(data.get("message") if isinstance(data, dict) else data)
