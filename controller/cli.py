@@ -1,17 +1,27 @@
-"""The `microte` command: `market` (serve), `participant` (clients), `sim` (a whole run)."""
+"""The `microte` command: `market` (serve), `participant` (clients), `sim` (a whole run), `ledger`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from controller import serve
+from controller import participant, serve, sim
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microte", description="microte local energy market")
     sub = p.add_subparsers(dest="command", required=True)
     serve.add_arguments(sub.add_parser("market", help="run the market server"))
+    participant.add_arguments(sub.add_parser("participant", help="connect participant clients of a scenario"))
+    s = sub.add_parser("sim", help="simulate a scenario over real socket.io on loopback")
+    s.add_argument("scenario", help="scenario TOML file")
+    s.add_argument("--ledger", default="sqlite:///microte-sim.db", help="ledger URL (a SQLite file is rewritten)")
+    s.add_argument("--participants", type=int, help="scale the community to N (seeded synthetic prosumers)")
+    s.add_argument("--days", type=float, help="override the scenario's number of days")
+    s.add_argument("--serializer", choices=["default", "msgpack"], default="default")
+    led = sub.add_parser("ledger", help="ledger tools")
+    led.add_argument("action", choices=["digest"], help="digest: sha256 of the ordered ledger rows")
+    led.add_argument("url")
     return p
 
 
@@ -19,4 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv if argv is not None else sys.argv[1:])
     if args.command == "market":
         return serve.main(args)
+    if args.command == "participant":
+        return participant.main(args)
+    if args.command == "sim":
+        return sim.main(args.scenario, args.ledger, args.participants, args.days, args.serializer)
+    if args.command == "ledger":
+        from ledger import ledger_digest
+
+        print(ledger_digest(args.url))
+        return 0
     return 2

@@ -55,13 +55,18 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def rounds(self) -> int:
         return int(self.days * 86400) // self.step
 
+    @property
+    def grid_tariff(self) -> GridTariff:
+        """The grid tariff in the scenario's timezone."""
+        return msgspec.structs.replace(self.grid, timezone=self.timezone)
+
     def market_config(self, mode: str = "sim", **overrides: Any) -> MarketConfig:
         fields: dict[str, Any] = {
             **self.market,
             "mode": mode,
             "duration": self.step,
             "timezone": self.timezone,
-            "grid": msgspec.to_builtins(GridTariff(**{**msgspec.structs.asdict(self.grid), "timezone": self.timezone})),
+            "grid": msgspec.to_builtins(self.grid_tariff),
         }
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return msgspec.convert(fields, MarketConfig, strict=False)

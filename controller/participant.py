@@ -1,0 +1,55 @@
+"""`microte participant`: connect a scenario's prosumers to a running market until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from controller.scenario import load_scenario
+from participants.fleet import Fleet
+from participants.spec import decode_specs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:8765", help="market server address")
+    p.add_argument("--scenario", required=True, help="scenario TOML with the participants' devices and traders")
+    p.add_argument("--registry", required=True, help="TOML with each participant's id and token")
+    p.add_argument("--id", action="append", dest="ids", help="only these participants (repeatable)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _tokens(path: str) -> dict[str, str]:
+    import tomllib
+
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    return {e["id"]: e["token"] for e in data.get("participants", []) if "token" in e}
+
+
+async def run(args: argparse.Namespace) -> int:
+    scenario = load_scenario(args.scenario)
+    tokens = _tokens(args.registry)
+    specs = [s for s in decode_specs(scenario.participants) if not args.ids or s.id in args.ids]
+    absent = [s.id for s in specs if s.id not in tokens]
+    if absent:
+        raise SystemExit(f"no token in {args.registry} for: {', '.join(absent)}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    fleet = Fleet(args.url, [(s, tokens[s.id]) for s in specs], scenario.seed,
+                  timezone=scenario.timezone, base_dir=Path(args.scenario).parent)
+    async with fleet:
+        logging.getLogger("microte.participant").info("%d participants connected to %s", len(specs), args.url)
+        await stop.wait()
+    for pid, st in fleet.stats().items():
+        print(f"{pid}: rounds={st.rounds} fills={st.fills} cost={st.cost / 1e6:.2f} errors={st.errors}")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return asyncio.run(run(args))

@@ -1,0 +1,159 @@
+"""`microte sim SCENARIO`: the market server as a subprocess (exactly what a user runs by
+hand), the scenario's participants as real socket.io clients on loopback, and the
+controller stepping every round as fast as they all keep up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import socketio
+from tqdm import tqdm
+
+from controller.report import Summary, render, summarize
+from controller.scenario import Scenario, load_scenario
+from ledger import read_rows
+from participants.fleet import Fleet
+from participants.spec import ParticipantSpec, decode_specs, synthetic_spec
+
+CONTROLLER_ID = "controller"
+LISTENING = "microte market listening on "
+
+
+class SimResult(msgspec.Struct, frozen=True):
+    summary: Summary
+    startup_seconds: float
+    missing_total: int
+
+
+def community(scenario: Scenario, participants: int | None) -> list[ParticipantSpec]:
+    """The scenario's participants, cut or grown to `participants` with seeded synthetic ones."""
+    specs = decode_specs(scenario.participants)
+    if participants is None:
+        return specs
+    rng = np.random.default_rng(scenario.seed)
+    taken = {s.id for s in specs}
+    extra = (synthetic_spec(i, rng) for i in range(10**7))
+    grown = specs[:participants]
+    while len(grown) < participants:
+        spec = next(extra)
+        if spec.id not in taken:
+            grown.append(spec)
+    return grown
+
+
+def write_registry(path: Path, tokens: dict[str, str]) -> None:
+    lines = []
+    for pid, token in tokens.items():
+        role = "controller" if pid == CONTROLLER_ID else "prosumer"
+        lines.append(f'[[participants]]\nid = "{pid}"\ntoken = "{token}"\nrole = "{role}"\n')
+    path.write_text("\n".join(lines))
+
+
+def fresh_ledger(url: str) -> None:
+    """A sim run writes a new ledger: remove an old SQLite file (and its WAL) first."""
+    if url.startswith("sqlite:///"):
+        base = Path(url.removeprefix("sqlite:///"))
+        for p in (base, base.with_name(base.name + "-wal"), base.with_name(base.name + "-shm")):
+            p.unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def market_process(args: Sequence[str], timeout: float = 30.0) -> AsyncIterator[str]:
+    """Start `microte market` and yield its URL; SIGTERM (graceful: the ledger is flushed) at the end."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controller", "market", *args, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError(f"the market server exited (code {await proc.wait()}) before listening")
+                if line.startswith(LISTENING):
+                    break
+        yield line.removeprefix(LISTENING).strip()
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(15):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def run_sim(
+    scenario_path: str | Path,
+    *,
+    ledger: str,
+    participants: int | None = None,
+    days: float | None = None,
+    progress: bool = True,
+    serializer: str = "default",
+) -> SimResult:
+    scenario = load_scenario(scenario_path)
+    if days is not None:
+        scenario = msgspec.structs.replace(scenario, days=days)
+    specs = community(scenario, participants)
+    tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {CONTROLLER_ID: secrets.token_urlsafe(18)}
+    fresh_ledger(ledger)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="microte-") as tmp:
+        registry = Path(tmp) / "registry.toml"
+        write_registry(registry, tokens)
+        server_args = ["--registry", str(registry), "--scenario", str(scenario_path), "--port", "0",
+                       "--ledger", ledger, "--mode", "sim", "--log-level", "WARNING", "--serializer", serializer]
+        async with market_process(server_args) as url:
+            members = [(s, tokens[s.id]) for s in specs]
+            fleet = Fleet(url, members, scenario.seed, timezone=scenario.timezone,
+                          base_dir=Path(scenario_path).parent, concurrency=64)
+            async with fleet:
+                ctl = socketio.AsyncClient(reconnection=False, serializer=serializer)
+                await ctl.connect(url, namespaces=["/simulation"], transports=["websocket"],
+                                  auth={"id": CONTROLLER_ID, "token": tokens[CONTROLLER_ID]})
+                startup = time.perf_counter() - started
+                t0 = time.perf_counter()
+                missing = await _step_all(ctl, scenario, progress)
+                seconds = time.perf_counter() - t0
+                await ctl.disconnect()
+    transactions = read_rows(ledger, "transactions")
+    meters = read_rows(ledger, "meters")
+    settlements = len(read_rows(ledger, "settlements"))
+    summary = summarize(transactions, meters, settlements, scenario.grid_tariff, scenario.rounds, seconds)
+    return SimResult(summary, startup, missing)
+
+
+async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: bool) -> int:
+    timeout = float(scenario.market.get("round_timeout", 10.0)) + 30
+    missing = 0
+    bar = tqdm(total=scenario.rounds, unit="round", disable=not progress, desc=scenario.name)
+    for i in range(scenario.rounds):
+        t = scenario.start_time + i * scenario.step
+        reply = await ctl.call("step", {"time": t}, namespace="/simulation", timeout=timeout)
+        if not reply.get("ok"):
+            bar.close()
+            raise RuntimeError(f"step {t} refused: {reply}")
+        missing += len(reply["round"]["missing"])
+        bar.update()
+    bar.close()
+    return missing
+
+
+def main(scenario: str, ledger: str, participants: int | None, days: float | None, serializer: str) -> int:
+    result = asyncio.run(run_sim(scenario, ledger=ledger, participants=participants, days=days,
+                                 serializer=serializer, progress=sys.stderr.isatty() or True))
+    print(render(result.summary, ledger))
+    print(f"Start-up to first round: {result.startup_seconds:.2f} s; readings missing: {result.missing_total}")
+    return 0

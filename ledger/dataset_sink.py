@@ -1,0 +1,296 @@
+"""The `dataset` backend of `market.sink.Sink`: SQLite by default, PostgreSQL at scale.
+
+Writers enqueue batches and wait; one flusher task merges whatever is queued into a
+single transaction (group commit), so a round's many small writes cost one fsync.
+All database work runs in one dedicated thread: the event loop never blocks, and
+SQLite sees a single writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
+from typing import Any
+
+import dataset
+import msgspec
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from ledger.schema import KEYS, TABLE_MAP, metadata
+from market.records import TABLES, Batch, Record
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[Batch, "asyncio.Future[None]"]  # a queued batch and its writer's future
+_Groups = list[tuple[str, list[tuple[Any, ...]]]]  # rows per table, tables in first-seen order
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: lock contention, lost connections, pool timeouts.
+
+    OperationalError also covers a few permanent faults (SQLite's "no such table"); the
+    bounded attempts turn those into a late failure, never a hang or a silent drop.
+    """
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.TimeoutError):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+def _converter(cls: type[Record]) -> Callable[[Record], tuple[Any, ...]]:
+    """Record -> column values in table order (the schema follows the struct fields)."""
+    if cls.row is Record.row:
+        # Same values as `row()`, without building a dict per record: 5x faster.
+        return msgspec.structs.astuple
+    getter = itemgetter(*(c.name for c in TABLE_MAP[cls.TABLE].columns))
+    return lambda record: tuple(getter(record.row()))
+
+
+_RECORD_TYPES: frozenset[type[Record]] = frozenset(TABLES)
+_CONVERTERS: dict[type[Record], Callable[[Record], tuple[Any, ...]]] = {}
+
+
+def _group(batches: Iterable[Batch]) -> _Groups:
+    """Rows per table, keeping batch order inside each table."""
+    groups: dict[str, list[tuple[Any, ...]]] = {}
+    for batch in batches:
+        for record in batch.records:
+            cls = type(record)
+            convert = _CONVERTERS.get(cls)
+            if convert is None:
+                convert = _CONVERTERS[cls] = _converter(cls)
+            groups.setdefault(cls.TABLE, []).append(convert(record))
+    return list(groups.items())
+
+
+class DatasetSink:
+    """Durable ledger over `dataset`/SQLAlchemy; `write()` returns once committed."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_queue: int = 1024,
+        retry_attempts: int = 8,
+        busy_timeout: float = 5.0,
+        retry_wait_max: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.max_queue = max_queue
+        self.retry_attempts = retry_attempts
+        self.busy_timeout = busy_timeout  # SQLite: how long one attempt waits for a lock
+        self.retry_wait_max = retry_wait_max
+        self.commits = 0  # transactions committed (one per flush)
+        self.retries = 0  # transient failures that were retried
+        self._db: dataset.Database | None = None
+        self._engine: sa.Engine | None = None
+        self._inserts: dict[str, Any] = {}  # dialect insert ... on conflict do nothing
+        self._raw_sql: dict[str, str] = {}  # SQLite: the same inserts as driver SQL
+        self._executor: ThreadPoolExecutor | None = None
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._entering = 0  # writers blocked on a full queue (close() waits for them)
+        self._accepting = False
+        self._closed = False
+        self._close_lock = asyncio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed or self._executor is not None:
+            raise RuntimeError("DatasetSink.start() may be called once, before close()")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        loop = asyncio.get_running_loop()
+        try:
+            # A database still starting up (or locked) is worth the same retries.
+            async for attempt in self._retrying():
+                with attempt:
+                    await loop.run_in_executor(self._executor, self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
+        self._flusher = asyncio.create_task(self._flush_loop(), name="ledger-flusher")
+        self._accepting = True
+
+    async def write(self, batch: Batch) -> None:
+        if not self._accepting or self._queue is None:
+            raise RuntimeError("ledger sink is not open (call start(), not after close())")
+        # Exactly the record types of market.records: the columns follow their fields.
+        unknown = {type(r) for r in batch.records} - _RECORD_TYPES
+        if unknown:
+            names = sorted(t.__qualname__ for t in unknown)
+            raise ValueError(f"no ledger table for records of type {names}")
+        if not batch.records:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._entering += 1
+        try:
+            await self._queue.put((batch, future))
+        finally:
+            self._entering -= 1
+        # Shielded: a cancelled writer must not cancel a flush shared with others; its
+        # batch may still be committed, which a retried (idempotent) write tolerates.
+        await asyncio.shield(future)
+
+    async def close(self) -> None:
+        async with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._accepting = False
+            if self._queue is not None and self._flusher is not None:
+                # Drain: wait until every enqueued batch is flushed, including writers
+                # that were blocked on a full queue when close() began.
+                while True:
+                    await self._queue.join()
+                    if self._entering == 0:
+                        break
+                    await asyncio.sleep(0)
+                self._flusher.cancel()
+                await asyncio.gather(self._flusher, return_exceptions=True)
+            if self._executor is not None:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, self._dispose)
+                self._executor.shutdown(wait=True)
+
+    # -- worker thread ---------------------------------------------------------------
+
+    def _open(self) -> None:
+        is_sqlite = sa.make_url(self.url).get_backend_name() == "sqlite"
+        engine_kwargs: dict[str, Any] = {}
+        statements: list[str] = []
+        if is_sqlite:
+            # WAL + synchronous=FULL: a commit is on disk before write() returns, and
+            # survives kill -9 or power loss. Set on every new pooled connection.
+            engine_kwargs["connect_args"] = {"timeout": self.busy_timeout}
+            statements = ["PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL"]
+        self._db = dataset.connect(
+            self.url,
+            engine_kwargs=engine_kwargs,
+            sqlite_wal_mode=False,  # we add it ourselves, with synchronous=FULL
+            on_connect_statements=statements,
+        )
+        try:
+            self._prepare()
+        except BaseException:
+            self._dispose()
+            raise
+
+    def _prepare(self) -> None:
+        assert self._db is not None and self._db.engine is not None
+        engine = self._engine = self._db.engine
+        dialect = engine.dialect.name
+        if dialect == "sqlite":
+            ins: Any = sqlite.insert
+        elif dialect == "postgresql":
+            ins = postgresql.insert
+        else:
+            raise ValueError(f"unsupported ledger database dialect {dialect!r}")
+        with engine.begin() as conn:
+            metadata.create_all(conn, checkfirst=True)
+        # Idempotent inserts: re-writing a record (a retried round) is a no-op.
+        self._inserts = {
+            name: ins(table).on_conflict_do_nothing(index_elements=[KEYS[name]]) for name, table in TABLE_MAP.items()
+        }
+        if dialect == "sqlite":
+            # SQLAlchemy's per-row parameter processing costs twice the insert itself;
+            # SQLite takes the value tuples as they are (qmark, column order).
+            for name, stmt in self._inserts.items():
+                compiled = stmt.compile(dialect=engine.dialect)
+                if compiled.positiontup != [c.name for c in TABLE_MAP[name].columns]:
+                    raise RuntimeError(f"unexpected parameter order in {compiled}")
+                self._raw_sql[name] = str(compiled)
+
+    def _commit(self, groups: _Groups) -> None:
+        assert self._engine is not None
+        with self._engine.begin() as conn:
+            for name, rows in groups:  # executemany, one statement per table
+                if self._raw_sql:
+                    conn.exec_driver_sql(self._raw_sql[name], rows)
+                else:
+                    # PostgreSQL: SQLAlchemy batches rows into multi-VALUES statements.
+                    names = [c.name for c in TABLE_MAP[name].columns]
+                    conn.execute(self._inserts[name], [dict(zip(names, r, strict=True)) for r in rows])
+
+    def _dispose(self) -> None:
+        if self._db is not None:
+            self._db.close()  # closes its connections and disposes the engine
+        self._db = None
+        self._engine = None
+
+    # -- flusher ---------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            try:
+                await self._settle(items)
+            except BaseException:
+                # Cancelled mid-flush (loop shutdown): never leave a writer waiting.
+                for _, future in items:
+                    if not future.done():
+                        future.cancel()
+                raise
+            finally:
+                for _ in items:
+                    queue.task_done()
+
+    async def _settle(self, items: list[_Item]) -> None:
+        """Flush `items` and resolve their futures, with the exception if it failed."""
+        try:
+            await self._flush(items)
+        except Exception as exc:
+            if len(items) > 1 and not is_transient(exc):
+                # One bad batch (e.g. a constraint violation) must not fail the batches
+                # merged with it: find it by flushing them one by one.
+                for item in items:
+                    await self._settle([item])
+                return
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for _, future in items:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _flush(self, items: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        # Converting rows is CPU work proportional to the flush: keep it off the loop.
+        groups = await loop.run_in_executor(self._executor, _group, [b for b, _ in items])
+        async for attempt in self._retrying():
+            with attempt:
+                await loop.run_in_executor(self._executor, self._commit, groups)
+        self.commits += 1
+
+    def _retrying(self) -> AsyncRetrying:
+        # Full jitter: writers of several processes sharing one file do not retry in step.
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.retry_attempts),
+            wait=wait_random_exponential(multiplier=0.02, max=self.retry_wait_max),
+            retry=retry_if_exception(is_transient),
+            before_sleep=self._on_retry,
+            reraise=True,
+        )
+
+    def _on_retry(self, state: RetryCallState) -> None:
+        self.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("ledger write failed (attempt %d), retrying: %s", state.attempt_number, exc)

@@ -1,0 +1,70 @@
+"""Reading a ledger back: canonical rows and a digest to compare runs byte for byte.
+
+Same scenario + same seed must give the same ledger (DESIGN.md, principle 7). The
+digest covers the tables that define the outcome (transactions, settlements, meters),
+not `rounds`/`runs`, which carry wall-clock and configuration details.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import sqlalchemy as sa
+
+from ledger.schema import DIGEST_TABLES, TABLE_MAP, key_column
+
+
+@contextmanager
+def _connect(url: str) -> Iterator[sa.Connection]:
+    parsed = sa.make_url(url)
+    # Reading must not create an empty SQLite file at a mistyped path.
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database or "")
+        if not path.exists():
+            raise FileNotFoundError(f"no ledger database at {path}")
+    engine = sa.create_engine(parsed)
+    try:
+        with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def _ordered(conn: sa.Connection, table: str) -> sa.Select[Any]:
+    if table not in TABLE_MAP:
+        raise ValueError(f"unknown ledger table {table!r}; known: {sorted(TABLE_MAP)}")
+    key: sa.ColumnElement[Any] = key_column(table)
+    if conn.dialect.name == "postgresql":
+        # Byte order, as SQLite's BINARY collation: locale collations differ by host.
+        key = key.collate("C")
+    # Columns in struct field order, whatever order the database stores them in.
+    return sa.select(*TABLE_MAP[table].columns).order_by(key)
+
+
+def read_rows(url: str, table: str) -> list[dict[str, Any]]:
+    """All rows of `table`, ordered by its key, as plain dicts."""
+    with _connect(url) as conn:
+        result = conn.execute(_ordered(conn, table))
+        return [{str(k): v for k, v in row._mapping.items()} for row in result]
+
+
+def ledger_digest(url: str) -> str:
+    """sha256 hex of the outcome tables, independent of batch splits and backend."""
+    digest = hashlib.sha256()
+    encode = msgspec.json.Encoder().encode
+    with _connect(url) as conn:
+        for table in DIGEST_TABLES:
+            columns = [str(c.name) for c in TABLE_MAP[table].columns]
+            digest.update(encode([table, columns]) + b"\n")
+            # Streamed: a long run's ledger need not fit in memory.
+            result = conn.execution_options(yield_per=10_000).execute(_ordered(conn, table))
+            for row in result:
+                # -0.0 + 0.0 == 0.0: SQLite drops the sign of zero, PostgreSQL keeps it.
+                values = [v + 0.0 if type(v) is float else v for v in row]
+                digest.update(encode(values) + b"\n")
+    return digest.hexdigest()

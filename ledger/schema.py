@@ -1,0 +1,81 @@
+"""SQL tables derived from the record structs of `market.records`.
+
+The schema follows the structs, so a new field in a record is a new column here without
+a second list to keep in sync. Tables are declared explicitly (not left to `dataset`'s
+guessing) so string keys stay strings and NOT NULL holds from the first row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec.inspect as mi
+import sqlalchemy as sa
+from sqlalchemy.types import TypeEngine
+
+from market.records import TABLES, Record
+
+# Every table is keyed by `id` except settlements, whose natural key is the fill itself.
+KEYS: dict[str, str] = {cls.TABLE: "id" for cls in TABLES} | {"settlements": "commit_id"}
+
+# Tables that define the outcome of a run (compared by `ledger_digest`).
+DIGEST_TABLES: tuple[str, ...] = ("transactions", "settlements", "meters")
+
+metadata = sa.MetaData()
+
+
+def _column_type(tp: mi.Type) -> tuple[TypeEngine[Any], bool]:
+    """SQL type and nullability of one struct field type."""
+    nullable = False
+    if isinstance(tp, mi.UnionType):
+        members = [m for m in tp.types if not isinstance(m, mi.NoneType)]
+        nullable = len(members) < len(tp.types)
+        if len(members) != 1:
+            raise TypeError(f"unsupported union field type: {tp}")
+        tp = members[0]
+    # bool before int: msgspec keeps them apart, but the order documents the intent.
+    if isinstance(tp, mi.BoolType):
+        return sa.Boolean(), nullable
+    if isinstance(tp, mi.IntType):
+        return sa.BigInteger(), nullable
+    if isinstance(tp, mi.FloatType):
+        return sa.Float(), nullable  # double precision on SQLite and PostgreSQL
+    if isinstance(tp, mi.StrType) or (isinstance(tp, mi.LiteralType) and all(isinstance(v, str) for v in tp.values)):
+        # TEXT, no length: SQLite and PostgreSQL index unbounded strings alike.
+        return sa.Text(), nullable
+    raise TypeError(f"unsupported field type: {tp}")
+
+
+def _table(cls: type[Record]) -> sa.Table:
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    key = KEYS[cls.TABLE]
+    columns = []
+    for field in info.fields:
+        sql_type, nullable = _column_type(field.type)
+        is_key = field.name == key
+        columns.append(
+            sa.Column(
+                field.name,
+                sql_type,
+                primary_key=is_key,
+                nullable=nullable and not is_key,
+                autoincrement=False,
+            )
+        )
+    if not any(c.name == key for c in columns):
+        raise TypeError(f"{cls.__name__} has no key field {key!r}")
+    return sa.Table(cls.TABLE, metadata, *columns)
+
+
+TABLE_MAP: dict[str, sa.Table] = {cls.TABLE: _table(cls) for cls in TABLES}
+
+# Deliveries of a slot are read back by start time (the `delivery` event, reports).
+sa.Index(
+    "ix_transactions_time_delivery_start",
+    TABLE_MAP["transactions"].c.time_delivery_start,
+)
+
+
+def key_column(table: str) -> sa.Column[Any]:
+    return TABLE_MAP[table].c[KEYS[table]]

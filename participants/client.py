@@ -1,0 +1,166 @@
+"""The socket shell around a `Prosumer`: connects to `/market`, answers `start_round` with
+its orders and meter reading, feeds `settled` and `delivery` back into the prosumer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import socketio
+
+from participants.prosumer import Prosumer, Stats
+
+log = logging.getLogger(__name__)
+_NO_REPLY: dict[str, Any] = {"ok": False, "error": {"code": "unavailable", "message": "no reply"}}
+
+
+class ParticipantClient:
+    def __init__(
+        self,
+        prosumer: Prosumer,
+        *,
+        namespace: str = "/market",
+        timeout: float = 30.0,
+        transports: Sequence[str] = ("websocket",),
+        reconnection: bool = True,
+    ) -> None:
+        self.prosumer = prosumer
+        self.namespace = namespace
+        self.timeout = timeout
+        self.transports = list(transports)
+        self.replies: deque[tuple[str, Any]] = deque(maxlen=256)  # (event, reply), newest last
+        self.refusal: str | None = None  # the server's connect error, if any
+        self._waiting: set[asyncio.Future[Any]] = set()
+        self._closing = False
+        self.sio = socketio.AsyncClient(reconnection=reconnection)
+        for event, handler in (
+            ("start_round", self._on_start_round),
+            ("settled", self._on_settled),
+            ("delivery", self._on_delivery),
+            ("connect_error", self._on_connect_error),
+        ):
+            self.sio.on(event, handler, namespace=namespace)
+
+    @property
+    def stats(self) -> Stats:
+        return self.prosumer.stats
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.sio.connected)
+
+    async def connect(
+        self,
+        url: str,
+        id: str | None = None,
+        token: str = "",
+        namespaces: Sequence[str] | None = None,
+        *,
+        wait_timeout: float = 10.0,
+    ) -> None:
+        """Connect with `auth={"id", "token"}`; a refusal raises `socketio.exceptions.
+        ConnectionError` whose message includes the server's reason (e.g. `unauthorized`)."""
+        self._closing = False
+        self.refusal = None
+        auth = {"id": id or self.prosumer.spec.id, "token": token}
+        try:
+            await self.sio.connect(
+                url,
+                auth=auth,
+                namespaces=list(namespaces or [self.namespace]),
+                transports=self.transports,
+                wait_timeout=wait_timeout,
+            )
+        except socketio.exceptions.ConnectionError as exc:
+            if self.refusal:
+                raise socketio.exceptions.ConnectionError(f"{exc}: {self.refusal}") from exc
+            raise
+
+    async def disconnect(self) -> None:
+        """Disconnect and release handlers still waiting for replies."""
+        self._closing = True
+        for fut in list(self._waiting):
+            if not fut.done():
+                fut.set_result(_NO_REPLY)
+        await self.sio.disconnect()
+
+    async def wait(self) -> None:
+        await self.sio.wait()
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def _on_connect_error(self, data: Any = None) -> None:
+        self.refusal = data.get("message") if isinstance(data, dict) else str(data)
+
+    async def _on_start_round(self, payload: Any) -> None:
+        if self._closing:
+            return
+        try:
+            meter, orders = self.prosumer.on_round(payload)
+        except Exception:
+            log.exception("%s: start_round failed", self.prosumer.spec.id)
+            self.stats.errors += 1
+            return
+        # Orders go out first: once the last meter of the round arrives the controller may
+        # step on and close `next_settle`, and one socket delivers packets in order.
+        sends: list[tuple[str, asyncio.Future[Any]]] = []
+        if orders:
+            sends.append(("orders", await self._emit("orders", {"orders": orders})))
+        if meter is not None:
+            sends.append(("meter", await self._emit("meter", meter)))
+        for event, fut in sends:
+            self._record(event, await self._reply(fut), len(orders))
+
+    async def _on_settled(self, payload: Any) -> None:
+        self._guard(self.prosumer.on_settled, payload)
+
+    async def _on_delivery(self, payload: Any) -> None:
+        self._guard(self.prosumer.on_delivery, payload)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _guard(self, fn: Any, payload: Any) -> None:
+        try:
+            fn(payload)
+        except ValueError:
+            log.exception("%s: bad payload", self.prosumer.spec.id)
+            self.stats.errors += 1
+
+    async def _emit(self, event: str, data: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def ack(*args: Any) -> None:
+            if not fut.done():
+                fut.set_result(args[0] if args else None)
+
+        self._waiting.add(fut)
+        try:
+            await self.sio.emit(event, data, namespace=self.namespace, callback=ack)
+        except Exception as exc:  # not connected: counted as an error, never raised
+            fut.set_result({"ok": False, "error": {"code": "unavailable", "message": str(exc)}})
+        return fut
+
+    async def _reply(self, fut: asyncio.Future[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
+        except TimeoutError:
+            return _NO_REPLY
+        finally:
+            self._waiting.discard(fut)
+
+    def _record(self, event: str, reply: Any, n_orders: int) -> None:
+        self.replies.append((event, reply))
+        if not (isinstance(reply, dict) and reply.get("ok") is True):
+            self.stats.errors += 1
+            if event == "orders":
+                self.stats.rejected += n_orders  # a refused batch changes no state
+            return
+        if event == "orders":
+            for result in reply.get("results", []):
+                if isinstance(result, dict) and result.get("ok") is True:
+                    self.stats.accepted += 1
+                else:
+                    self.stats.rejected += 1

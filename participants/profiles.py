@@ -1,0 +1,167 @@
+"""Energy profiles: `(generation_wh, consumption_wh)` of a site for any slot.
+
+A profile is a pure function of (spec, seed, slot): synthetic ones (household load, PV,
+wind) live in `participants.synthetic`; CSV profiles are resampled here with exact
+integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import datetime as dt
+import itertools
+from pathlib import Path
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+from participants.spec import CsvLoad, ParticipantSpec, SyntheticLoad
+from participants.synthetic import LoadProfile, SolarProfile, WindProfile, stable_key
+
+
+class Profile(Protocol):
+    def energy(self, start: int, end: int) -> tuple[int, int]:
+        """(generation, consumption) in Wh during [start, end)."""
+        ...
+
+
+class _Consumption:
+    def __init__(self, inner: LoadProfile) -> None:
+        self._inner = inner
+
+    def energy(self, start: int, end: int) -> tuple[int, int]:
+        return 0, self._inner.wh(start, end)
+
+
+class _Generation:
+    def __init__(self, inner: SolarProfile | WindProfile) -> None:
+        self._inner = inner
+
+    def energy(self, start: int, end: int) -> tuple[int, int]:
+        return self._inner.wh(start, end), 0
+
+
+def parse_time(text: str, tz: ZoneInfo) -> int:
+    """Unix seconds from an integer or an ISO 8601 time (naive times are local to `tz`)."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        f = float(text)
+    except ValueError:
+        stamp = dt.datetime.fromisoformat(text)
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=tz)
+        return int(stamp.timestamp())
+    if not f.is_integer():
+        raise ValueError(f"time {text!r} is not whole seconds")
+    return int(f)
+
+
+class CsvProfile:
+    """Rows of energy per interval (`time` marks each row's start; a row lasts until the next
+    one, the last as long as the one before). Resampled exactly: a slot's energy is the
+    difference of the rounded-down cumulative energy at its ends, so consecutive slots
+    always add up to the rows' totals, whatever the slot duration. Outside the file the
+    profile repeats with the file's span as period."""
+
+    def __init__(self, path: str | Path, tz: ZoneInfo) -> None:
+        times: list[int] = []
+        gen: list[int] = []
+        con: list[int] = []
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = set(reader.fieldnames or ())
+            if not {"time", "consumption"} <= fields and not {"time", "generation"} <= fields:
+                raise ValueError(f"{path}: needs columns time and consumption and/or generation")
+            for n, row in enumerate(reader, start=2):
+                try:
+                    times.append(parse_time(row["time"], tz))
+                    gen.append(_wh(row.get("generation")))
+                    con.append(_wh(row.get("consumption")))
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"{path}:{n}: {exc}") from None
+        if len(times) < 2:
+            raise ValueError(f"{path}: needs at least two rows")
+        if any(b <= a for a, b in itertools.pairwise(times)):
+            raise ValueError(f"{path}: times must increase strictly")
+        self._t = [*times, 2 * times[-1] - times[-2]]
+        self._gen, self._con = gen, con
+        self._cum_gen = _cumsum(gen)
+        self._cum_con = _cumsum(con)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self._t[0], self._t[-1]
+
+    def _cum(self, rows: list[int], cum: list[int], t: int) -> int:
+        t0, t1 = self._t[0], self._t[-1]
+        k, r = divmod(t - t0, t1 - t0)
+        x = t0 + r
+        i = bisect.bisect_right(self._t, x) - 1
+        within = rows[i] * (x - self._t[i]) // (self._t[i + 1] - self._t[i])
+        return k * cum[-1] + cum[i] + within
+
+    def energy(self, start: int, end: int) -> tuple[int, int]:
+        g = self._cum(self._gen, self._cum_gen, end) - self._cum(self._gen, self._cum_gen, start)
+        c = self._cum(self._con, self._cum_con, end) - self._cum(self._con, self._cum_con, start)
+        return g, c
+
+
+def _wh(text: str | None) -> int:
+    if text is None or not text.strip():
+        return 0
+    value = round(float(text))
+    if value < 0:
+        raise ValueError(f"negative energy {text!r}")
+    return value
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
+
+
+class SiteProfiles:
+    """All profiles of one participant: its load and its generation per source."""
+
+    def __init__(self, load: list[Profile], sources: dict[str, list[Profile]]) -> None:
+        self.load = load
+        self.sources = sources
+
+    def slot(self, interval: tuple[int, int]) -> tuple[dict[str, int], int]:
+        """(generation per source, load) in Wh for `interval`."""
+        s, e = interval
+        gen = {src: sum(p.energy(s, e)[0] for p in ps) for src, ps in sorted(self.sources.items())}
+        return gen, sum(p.energy(s, e)[1] for p in self.load)
+
+
+def build_profiles(
+    spec: ParticipantSpec,
+    seed: int,
+    timezone: str = "UTC",
+    base_dir: str | Path | None = None,
+) -> SiteProfiles:
+    """The profiles of `spec`; randomness depends only on (seed, spec.id, profile kind)."""
+    tz = ZoneInfo(timezone)
+    key = stable_key(spec.id)
+    load: list[Profile] = []
+    sources: dict[str, list[Profile]] = {}
+    if isinstance(spec.load, SyntheticLoad):
+        load.append(_Consumption(LoadProfile(spec.load, seed, key, tz)))
+    elif isinstance(spec.load, CsvLoad):
+        path = Path(spec.load.path)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        table = CsvProfile(path, tz)
+        load.append(table)
+        sources.setdefault(spec.load.source, []).append(table)
+    if spec.pv is not None:
+        sources.setdefault("solar", []).append(_Generation(SolarProfile(spec.pv, seed, key, tz)))
+    if spec.wind is not None:
+        sources.setdefault("wind", []).append(_Generation(WindProfile(spec.wind, seed, key, tz)))
+    return SiteProfiles(load, sources)

@@ -1,0 +1,234 @@
+"""The prosumer's decisions, without I/O: meter readings, orders, commitments and its bill.
+
+`ParticipantClient` is a thin socket shell around this class; everything here is
+deterministic given (spec, seed) and the sequence of server payloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from market.records import amount
+from participants.devices import Battery, Commitment, meter_reading, split_own_use
+from participants.messages import Delivery, Settled, StartRound, parse
+from participants.profiles import SiteProfiles, build_profiles
+from participants.spec import ParticipantSpec
+from participants.synthetic import stable_key
+from participants.traders import Observation, Order, trader_for
+
+KEEP_SLOTS = 96  # how many slots back prices, pending bills and deliveries are remembered
+P2P_KINDS = ("p2p", "bess_compensation")
+
+
+class Stats(msgspec.Struct):
+    """Counters and the bill of one participant. Money is integer micro-currency."""
+
+    rounds: int = 0
+    meters: int = 0  # readings produced
+    orders: int = 0  # orders produced
+    accepted: int = 0  # orders the server accepted
+    rejected: int = 0  # orders the server refused
+    errors: int = 0  # refused or unanswered events, bad payloads
+    fills: int = 0  # `settled` events
+    bought_wh: int = 0  # settled P2P purchases
+    sold_wh: int = 0  # settled P2P sales
+    delivered: int = 0  # slots with a `delivery`
+    paid: int = 0  # sum of amount_buy where this participant is the buyer
+    received: int = 0  # sum of amount_sell where it is the seller
+    p2p_bought_wh: int = 0  # delivered p2p / bess_compensation energy
+    p2p_sold_wh: int = 0
+    grid_bought_wh: int = 0
+    grid_sold_wh: int = 0
+    compared: int = 0  # delivered slots with a grid-only counterfactual
+    grid_only_paid: int = 0  # residual load imported at the grid buy price
+    grid_only_received: int = 0  # residual generation exported at the grid sell price
+
+    @property
+    def cost(self) -> int:
+        return self.paid - self.received
+
+    @property
+    def grid_only_cost(self) -> int:
+        return self.grid_only_paid - self.grid_only_received
+
+    @property
+    def savings(self) -> int:
+        """What the market saved against grid only (positive: the market was cheaper)."""
+        return self.grid_only_cost - self.cost
+
+
+class Prosumer:
+    """One participant's state: spec, profiles, battery, commitments per slot, bill."""
+
+    def __init__(
+        self,
+        spec: ParticipantSpec,
+        seed: int = 0,
+        *,
+        timezone: str = "UTC",
+        base_dir: str | Path | None = None,
+    ) -> None:
+        self.spec = spec
+        self.seed = seed
+        self.base_dir = base_dir
+        self.timezone = timezone
+        self.profiles: SiteProfiles = build_profiles(spec, seed, timezone, base_dir)
+        self.trader = trader_for(spec.trader)
+        self.stats = Stats()
+        self._key = stable_key(spec.id)
+        self._restart()
+
+    def _restart(self) -> None:
+        """Forget the run (a reset of the market moved time backwards)."""
+        spec = self.spec.battery
+        self.battery: Battery | None = Battery.from_spec(spec) if spec else None
+        self.commitments: dict[int, Commitment] = {}
+        self._fills: dict[int, set[tuple[str, str]]] = {}
+        self._prices: dict[int, tuple[float, float]] = {}  # slot start -> (buy, sell)
+        self._pending: dict[int, tuple[int, int]] = {}  # slot start -> grid-only (paid, received)
+        self._delivered: set[int] = set()
+        self._energy: dict[tuple[int, int], tuple[dict[str, int], int]] = {}
+        self._time: int | None = None
+        self._metered = -1  # start of the last slot metered
+        self._traded = -1  # start of the last slot traded
+
+    # -- rounds --------------------------------------------------------------------------
+
+    def on_round(self, payload: Any) -> tuple[dict[str, Any] | None, list[Order]]:
+        """Handle `start_round`: the meter reading to send (None if that slot was already
+        metered) and the orders for `next_settle` (possibly empty)."""
+        msg = parse(payload, StartRound)
+        if msg.timezone != self.timezone:
+            self.timezone = msg.timezone
+            self.profiles = build_profiles(self.spec, self.seed, msg.timezone, self.base_dir)
+            self._energy.clear()
+        if self._time is not None and msg.time < self._time:
+            self._restart()
+        self._time = msg.time
+        self.stats.rounds += 1
+        for info in msg.market_info:
+            if info.grid is not None:
+                self._prices[info.time_delivery[0]] = (info.grid.buy_price, info.grid.sell_price)
+
+        # sim: the current slot is simulated at once; rt: the slot that just ended.
+        slot = msg.current_round if msg.mode == "sim" else msg.last_round
+        meter = None
+        if slot is not None and slot[0] > self._metered:
+            meter = self._meter(slot)
+        orders: list[Order] = []
+        if msg.next_settle[0] > self._traded:
+            self._traded = msg.next_settle[0]
+            orders = self._trade(msg)
+        self._forget(msg.current_round)
+        return meter, orders
+
+    def energy(self, slot: tuple[int, int]) -> tuple[dict[str, int], int]:
+        """(generation per source, load) of a slot; memoized because each slot is forecast
+        when traded and computed again when metered."""
+        hit = self._energy.get(slot)
+        if hit is None:
+            hit = self._energy[slot] = self.profiles.slot(slot)
+        return hit
+
+    def _meter(self, slot: tuple[int, int]) -> dict[str, Any]:
+        gen, load = self.energy(slot)
+        plan = self.commitments.get(slot[0], Commitment()).plan()
+        meter, self.battery = meter_reading(load, gen, self.battery, plan, slot)
+        self._metered = slot[0]
+        self.stats.meters += 1
+        prices = self._prices.get(slot[0])
+        if prices is not None:
+            # Grid only: same site without market or battery; self-use stays free.
+            _, surplus, deficit = split_own_use(load, gen)
+            self._pending[slot[0]] = (
+                amount(deficit, prices[0]),
+                amount(sum(surplus.values()), prices[1]),
+            )
+        return meter
+
+    def _trade(self, msg: StartRound) -> list[Order]:
+        slot = msg.next_settle
+        gen, load = self.energy(slot)
+        info = next((i for i in msg.market_info if i.time_delivery == slot), None)
+        buys = [i.grid.buy_price for i in msg.market_info if i.grid is not None]
+        prices = self._prices.get(slot[0])
+        obs = Observation(
+            next_settle=slot,
+            generation=gen,
+            load=load,
+            grid_buy=prices[0] if prices else None,
+            grid_sell=prices[1] if prices else None,
+            grid_buy_mean=sum(buys) / len(buys) if buys else None,
+            grid_state=info.grid_state if info else "GREEN",
+            battery=self.battery,
+            committed=self.commitments.get(slot[0], Commitment()),
+            trader=self.spec.trader,
+        )
+        # A generator per (seed, participant, slot): orders never depend on call history.
+        rng = np.random.default_rng([self.seed % 2**64, self._key, slot[0]])
+        orders = self.trader(obs, rng)
+        self.stats.orders += len(orders)
+        return orders
+
+    def _forget(self, current: tuple[int, int]) -> None:
+        """Bound the per-slot memory: drop slots far enough in the past."""
+        horizon = current[0] - KEEP_SLOTS * (current[1] - current[0])
+        for table in (self.commitments, self._fills, self._prices, self._pending):
+            for start in [s for s in table if s < horizon]:
+                del table[start]
+        self._delivered = {s for s in self._delivered if s >= horizon}
+        for slot in [s for s in self._energy if s[0] < current[0] - (current[1] - current[0])]:
+            del self._energy[slot]
+
+    # -- settlements and deliveries ------------------------------------------------------
+
+    def on_settled(self, payload: Any) -> None:
+        """Record a fill as a commitment of its slot (it steers the battery at metering)."""
+        fill = parse(payload, Settled)
+        start = fill.time_delivery[0]
+        if fill.commit_id is not None:
+            seen = self._fills.setdefault(start, set())
+            if (fill.commit_id, fill.side) in seen:
+                return
+            seen.add((fill.commit_id, fill.side))
+        c = self.commitments.setdefault(start, Commitment())
+        self.stats.fills += 1
+        if fill.side == "bid":
+            c.bought += fill.quantity
+            self.stats.bought_wh += fill.quantity
+        else:
+            src = fill.source or "bess"
+            c.sold[src] = c.sold.get(src, 0) + fill.quantity
+            self.stats.sold_wh += fill.quantity
+
+    def on_delivery(self, payload: Any) -> None:
+        """Add a delivered slot's ledger rows to the bill (once per slot)."""
+        d = parse(payload, Delivery)
+        start = d.time_delivery[0]
+        if start in self._delivered:
+            return
+        self._delivered.add(start)
+        me, s = self.spec.id, self.stats
+        s.delivered += 1
+        for tx in d.transactions:
+            if tx.buyer_id == me:
+                s.paid += tx.amount_buy
+                if tx.kind in P2P_KINDS:
+                    s.p2p_bought_wh += tx.quantity
+                elif tx.kind == "grid_buy":
+                    s.grid_bought_wh += tx.quantity
+            if tx.seller_id == me:
+                s.received += tx.amount_sell
+                if tx.kind in P2P_KINDS:
+                    s.p2p_sold_wh += tx.quantity
+                elif tx.kind == "grid_sell":
+                    s.grid_sold_wh += tx.quantity
+        counterfactual = self._pending.pop(start, None)
+        if counterfactual is not None:
+            s.compared += 1
+            s.grid_only_paid += counterfactual[0]
+            s.grid_only_received += counterfactual[1]

@@ -1,0 +1,260 @@
+"""Synthetic profiles: household load, PV and wind, seeded and pure.
+
+Each profile is a power curve p(t) in W; a slot's energy is its integral (midpoint rule,
+one sample a minute), rounded to integer Wh. Randomness is drawn per day from a generator
+seeded by (seed, participant key, profile tag, day), so a slot's value never depends on
+which slots were asked for before: the per-day cache only memoizes a pure function.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import math
+import zlib
+from collections.abc import Callable
+from zoneinfo import ZoneInfo
+
+import numpy as np
+
+from participants.spec import PvSpec, SyntheticLoad, WindSpec
+
+SAMPLE_S = 60  # integration step
+DAY = 86400
+_DAY_SHIFT = 1 << 20  # keeps day numbers of the seed sequence non-negative
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+_CACHE_DAYS = 64
+
+# Household shape by local hour (BDEW H0-like): night base, morning peak, evening peak.
+_WEEKDAY = np.array([
+    0.55, 0.45, 0.40, 0.38, 0.38, 0.45, 0.75, 1.05, 1.05, 0.95, 0.90, 0.95,
+    1.10, 1.05, 0.90, 0.85, 0.90, 1.15, 1.50, 1.70, 1.65, 1.45, 1.10, 0.80,
+])  # fmt: skip
+_WEEKEND = np.array([
+    0.65, 0.50, 0.42, 0.40, 0.38, 0.40, 0.50, 0.70, 0.95, 1.15, 1.25, 1.30,
+    1.40, 1.25, 1.05, 0.95, 0.95, 1.10, 1.40, 1.55, 1.50, 1.35, 1.10, 0.85,
+])  # fmt: skip
+_WEEKDAY = _WEEKDAY / _WEEKDAY.mean()
+_WEEKEND = _WEEKEND / _WEEKEND.mean()
+_HOUR_CENTERS = np.arange(-1, 26) + 0.5  # periodic padding for interpolation
+
+
+def stable_key(text: str) -> int:
+    """A process-independent hash (Python's `hash` of str is salted per process)."""
+    return zlib.crc32(text.encode())
+
+
+@functools.lru_cache(maxsize=4096)
+def day_of_year(day: int) -> int:
+    """Day of year (1..366) of the day number `day` since 1970-01-01."""
+    return dt.date.fromordinal(_EPOCH_ORDINAL + day).timetuple().tm_yday
+
+
+def _offset(t: float, tz: ZoneInfo) -> int:
+    off = dt.datetime.fromtimestamp(int(t), tz).utcoffset()
+    return int(off.total_seconds()) if off is not None else 0
+
+
+def local_time(t: np.ndarray, tz: ZoneInfo) -> tuple[np.ndarray, np.ndarray]:
+    """(local day number since 1970-01-01, local hour of day as float) of Unix times `t`."""
+    first, last = _offset(t[0], tz), _offset(t[-1], tz)
+    # A DST switch inside the slot is rare, so a per-sample lookup is fine then.
+    local = t + first if first == last else t + np.array([_offset(x, tz) for x in t])
+    day = np.floor_divide(local, DAY).astype(np.int64)
+    return day, (local - day * DAY) / 3600.0
+
+
+def _samples(start: int, end: int) -> np.ndarray:
+    n = max(1, -(-(end - start) // SAMPLE_S))
+    return start + (end - start) / n * (np.arange(n) + 0.5)
+
+
+class _Synthetic:
+    TAG = 0
+
+    def __init__(self, seed: int, key: int, tz: ZoneInfo) -> None:
+        self._seed = seed % 2**64
+        self._key = key
+        self._tz = tz
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _rng(self, day: int) -> np.random.Generator:
+        return np.random.default_rng([self._seed, self._key, self.TAG, day + _DAY_SHIFT])
+
+    def _day(self, day: int) -> np.ndarray:
+        arr = self._cache.get(day)
+        if arr is None:
+            if len(self._cache) >= _CACHE_DAYS:
+                self._cache.clear()
+            arr = self._cache[day] = self._draw(day)
+        return arr
+
+    def _draw(self, day: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def power(self, t: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def wh(self, start: int, end: int) -> int:
+        if end <= start:
+            return 0
+        p = self.power(_samples(start, end))
+        return max(0, round(float(p.mean()) * (end - start) / 3600))
+
+
+def _by_day(days: np.ndarray, fn: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply fn(day, mask) for each distinct day of the samples (one or two per slot)."""
+    out = np.empty(days.shape)
+    for d in np.unique(days):
+        mask = days == d
+        out[mask] = fn(int(d), mask)
+    return out
+
+
+class LoadProfile(_Synthetic):
+    """Household consumption: hourly shape by weekday/weekend, winter-heavy seasonal scale
+    normalised to `annual_kwh`, lognormal noise per day and per hour."""
+
+    TAG = 1
+
+    def __init__(self, spec: SyntheticLoad, seed: int, key: int, tz: ZoneInfo) -> None:
+        super().__init__(seed, key, tz)
+        self._mean_w = spec.annual_kwh * 1000 / (365.25 * 24)
+
+    def _draw(self, day: int) -> np.ndarray:
+        """Row 0: the day's shape at hour centres (padded for interpolation across midnight);
+        row 1: the multiplier of each hour (season, day and hour noise), same padding."""
+        rng = self._rng(day)
+        season = 1 + 0.2 * math.cos(2 * math.pi * (day_of_year(day) - 15) / 365.25)
+        day_factor = math.exp(0.12 * rng.standard_normal() - 0.0072)  # lognormal, mean one
+        hourly = np.exp(0.3 * rng.standard_normal(24) - 0.045)
+        shape = _WEEKEND if (day + 3) % 7 >= 5 else _WEEKDAY  # 1970-01-01 was a Thursday
+        padded = np.concatenate(([shape[-1]], shape, shape[:2]))
+        noise = np.concatenate(([0.0], season * day_factor * hourly, [0.0, 0.0]))
+        return np.stack([padded, noise])
+
+    def power(self, t: np.ndarray) -> np.ndarray:
+        days, hours = local_time(t, self._tz)
+
+        def at(day: int, mask: np.ndarray) -> np.ndarray:
+            shape, noise = self._day(day)
+            h = hours[mask]
+            out: np.ndarray = np.interp(h, _HOUR_CENTERS, shape) * noise[1 + h.astype(np.int64)]
+            return out
+
+        return self._mean_w * _by_day(days, at)
+
+
+class SolarProfile(_Synthetic):
+    """PV output: clear-sky irradiance from the sun's elevation (NOAA solar position,
+    Haurwitz clear-sky model) times a seeded cloud factor per day and hour."""
+
+    TAG = 2
+    PERFORMANCE = 0.85  # inverter, temperature and soiling losses
+
+    def __init__(self, spec: PvSpec, seed: int, key: int, tz: ZoneInfo) -> None:
+        super().__init__(seed, key, tz)
+        self._peak_w = spec.kw * 1000
+        self._lat = math.radians(spec.latitude)
+        if spec.longitude is None:
+            jan = dt.datetime(2001, 1, 15, tzinfo=tz)
+            std = (jan.utcoffset() or dt.timedelta()) - (jan.dst() or dt.timedelta())
+            self._lon = std.total_seconds() / 3600 * 15
+        else:
+            self._lon = spec.longitude
+
+    def _draw(self, day: int) -> np.ndarray:
+        rng = self._rng(day)
+        summer = 0.5 - 0.5 * math.cos(2 * math.pi * (day_of_year(day) - 15) / 365.25)  # 0 Jan .. 1 Jul
+        if self._lat < 0:
+            summer = 1 - summer
+        mean = 0.45 + 0.25 * summer  # daily clearness: cloudier winters
+        clear = rng.beta(4 * mean, 4 * (1 - mean))
+        return np.clip(clear + 0.15 * rng.standard_normal(24), 0.05, 1.0)
+
+    def power(self, t: np.ndarray) -> np.ndarray:
+        day = np.floor_divide(t, DAY).astype(np.int64)
+        minutes = (t - day * DAY) / 60.0
+        uniq, inverse = np.unique(day, return_inverse=True)
+        doy_of = np.array([day_of_year(int(d)) for d in uniq])[inverse]
+        g = 2 * np.pi / 365 * (doy_of - 1 + (minutes / 60 - 12) / 24)
+        eqtime = 229.18 * (
+            0.000075 + 0.001868 * np.cos(g) - 0.032077 * np.sin(g)
+            - 0.014615 * np.cos(2 * g) - 0.040849 * np.sin(2 * g)
+        )  # fmt: skip
+        decl = (
+            0.006918 - 0.399912 * np.cos(g) + 0.070257 * np.sin(g)
+            - 0.006758 * np.cos(2 * g) + 0.000907 * np.sin(2 * g)
+            - 0.002697 * np.cos(3 * g) + 0.00148 * np.sin(3 * g)
+        )  # fmt: skip
+        solar_min = minutes + eqtime + 4 * self._lon
+        hour_angle = np.radians(solar_min / 4 - 180)
+        cos_z = np.sin(self._lat) * np.sin(decl) + np.cos(self._lat) * np.cos(decl) * np.cos(hour_angle)
+        up = cos_z > 0
+        ghi = np.zeros_like(t, dtype=float)
+        ghi[up] = 1098 * cos_z[up] * np.exp(-0.057 / cos_z[up])
+
+        def cloud(d: int, mask: np.ndarray) -> np.ndarray:
+            h = np.minimum(minutes[mask] // 60, 23).astype(np.int64)
+            out: np.ndarray = self._day(d)[h]
+            return out
+
+        power: np.ndarray = self._peak_w * self.PERFORMANCE * ghi / 1000 * _by_day(day, cloud)
+        return power
+
+
+class WindProfile(_Synthetic):
+    """Turbine output: an hourly AR(1) wind process mapped to a Rayleigh distribution with
+    the spec's mean speed, interpolated in between, through a cut-in/rated/cut-out curve.
+
+    The AR(1) is evaluated as its (truncated) moving average over the last `MEMORY` hourly
+    innovations, each seeded by its day, which keeps every hour a pure function of time."""
+
+    TAG = 3
+    PHI = 0.9  # hourly autocorrelation
+    MEMORY = 48  # 0.9**48 < 0.01
+
+    def __init__(self, spec: WindSpec, seed: int, key: int, tz: ZoneInfo) -> None:
+        super().__init__(seed, key, tz)
+        self._spec = spec
+        self._innov: dict[int, np.ndarray] = {}
+        weights = self.PHI ** np.arange(self.MEMORY)
+        self._weights = weights / math.sqrt(float((weights**2).sum()))  # unit variance
+
+    def _innovations(self, day: int) -> np.ndarray:
+        arr = self._innov.get(day)
+        if arr is None:
+            if len(self._innov) >= _CACHE_DAYS:
+                self._innov.clear()
+            arr = self._innov[day] = self._rng(day).standard_normal(24)
+        return arr
+
+    def _draw(self, day: int) -> np.ndarray:
+        """Speeds at hours 0..24 of `day` (UTC); hour 24 is the next day's hour 0."""
+        back = -(-self.MEMORY // 24)
+        e = np.concatenate([self._innovations(d) for d in range(day - back, day + 2)])
+        first = back * 24  # index of this day's hour 0 in e
+        x = np.array([
+            float(np.dot(self._weights, e[i - self.MEMORY + 1 : i + 1][::-1]))
+            for i in range(first, first + 25)
+        ])  # fmt: skip
+        u = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x])
+        scale = self._spec.mean_speed / math.sqrt(math.pi / 2)
+        return np.asarray(scale * np.sqrt(-np.log1p(-np.minimum(u, 1 - 1e-12))))
+
+    def curve(self, v: np.ndarray) -> np.ndarray:
+        s = self._spec
+        rated = s.kw * 1000
+        frac = (v**3 - s.cut_in**3) / max(s.rated_speed**3 - s.cut_in**3, 1e-9)
+        p = np.where(v < s.rated_speed, rated * np.clip(frac, 0, 1), rated)
+        return np.where((v < s.cut_in) | (v >= s.cut_out), 0.0, p)
+
+    def power(self, t: np.ndarray) -> np.ndarray:
+        day = np.floor_divide(t, DAY).astype(np.int64)
+        hours = (t - day * DAY) / 3600.0
+
+        def speed(d: int, mask: np.ndarray) -> np.ndarray:
+            out: np.ndarray = np.interp(hours[mask], np.arange(25), self._day(d))
+            return out
+
+        return self.curve(_by_day(day, speed))

@@ -1,0 +1,171 @@
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from participants.profiles import CsvProfile, build_profiles, parse_time
+from participants.spec import CsvLoad, ParticipantSpec, PvSpec, SyntheticLoad, WindSpec
+
+UTC = dt.UTC
+JUNE = int(dt.datetime(2024, 6, 21, tzinfo=UTC).timestamp())
+JAN = int(dt.datetime(2024, 1, 17, tzinfo=UTC).timestamp())  # a Wednesday
+SPEC = ParticipantSpec(id="H01", load=SyntheticLoad(3500), pv=PvSpec(kw=5), wind=WindSpec(kw=3))
+
+
+def slots(start, n, d=900):
+    return [(start + i * d, start + (i + 1) * d) for i in range(n)]
+
+
+def test_same_seed_same_values_in_any_order():
+    a = build_profiles(SPEC, 42)
+    b = build_profiles(SPEC, 42)
+    day = slots(JUNE, 96)
+    forward = [a.slot(s) for s in day]
+    backward = [b.slot(s) for s in reversed(day)][::-1]
+    assert forward == backward
+    c = build_profiles(SPEC, 43)
+    assert [c.slot(s) for s in day] != forward
+
+
+def test_different_participants_differ():
+    other = ParticipantSpec(id="H02", load=SyntheticLoad(3500), pv=PvSpec(kw=5))
+    a, b = build_profiles(SPEC, 1), build_profiles(other, 1)
+    assert [a.slot(s)[1] for s in slots(JAN, 96)] != [b.slot(s)[1] for s in slots(JAN, 96)]
+
+
+def test_pv_zero_at_night_and_peaks_near_noon():
+    p = build_profiles(ParticipantSpec(id="P", pv=PvSpec(kw=5)), 3, "UTC")
+    for day in range(7):
+        start = JUNE + day * 86400
+        hourly = [p.slot(s)[0]["solar"] for s in slots(start, 24, 3600)]
+        assert hourly[0] == hourly[1] == hourly[22] == hourly[23] == 0
+        assert sum(hourly) > 0
+        # Clear-sky shape: the noon hours (11-13 UTC at longitude 0) carry more than the mornings.
+        assert sum(hourly[10:14]) > sum(hourly[4:8])
+    # Averaged over days the peak is within two hours of solar noon.
+    mean = np.mean([[p.slot(s)[0]["solar"] for s in slots(JUNE + d * 86400, 24, 3600)] for d in range(30)], axis=0)
+    assert abs(int(np.argmax(mean)) - 11.5) <= 2
+
+
+def test_pv_winter_below_summer_and_timezone_meridian():
+    spec = ParticipantSpec(id="P", pv=PvSpec(kw=5))
+    p = build_profiles(spec, 3, "UTC")
+    summer = sum(p.slot(s)[0]["solar"] for s in slots(JUNE, 30, 86400))
+    winter = sum(p.slot(s)[0]["solar"] for s in slots(JAN, 30, 86400))
+    assert summer > 2 * winter > 0
+    # Berlin's standard meridian (15 E) moves solar noon an hour earlier in UTC.
+    berlin = build_profiles(spec, 3, "Europe/Berlin")
+    mean = np.mean([[berlin.slot(s)[0]["solar"] for s in slots(JUNE + d * 86400, 24, 3600)] for d in range(30)], axis=0)
+    assert 8 <= int(np.argmax(mean)) <= 12
+
+
+def test_load_evening_peak_above_night_and_annual_total():
+    p = build_profiles(ParticipantSpec(id="L", load=SyntheticLoad(3500)), 5, "Europe/Berlin")
+    days = 28
+    hourly = np.array([[p.slot(s)[1] for s in slots(JAN + d * 86400, 24, 3600)] for d in range(days)])
+    mean = hourly.mean(axis=0)  # UTC hours; Berlin is UTC+1 in January
+    evening = mean[17:20].mean()  # 18-21 local
+    night = mean[1:4].mean()  # 2-5 local
+    assert evening > 2 * night
+    assert mean[6] > night  # 7 local: morning peak
+    year = sum(p.slot(s)[1] for s in slots(JAN, 365, 86400))
+    assert 3000_000 < year < 4000_000
+
+
+def test_weekend_shape_differs():
+    p = build_profiles(ParticipantSpec(id="L", load=SyntheticLoad(3500)), 5, "UTC")
+    # Mornings: weekdays wake earlier (06-08) than weekends.
+    week = [JAN + d * 86400 for d in range(70)]
+    wd = [
+        sum(p.slot(s)[1] for s in slots(t + 6 * 3600, 2, 3600))
+        for t in week
+        if dt.datetime.fromtimestamp(t, UTC).weekday() < 5
+    ]
+    we = [
+        sum(p.slot(s)[1] for s in slots(t + 6 * 3600, 2, 3600))
+        for t in week
+        if dt.datetime.fromtimestamp(t, UTC).weekday() >= 5
+    ]
+    assert np.mean(wd) > np.mean(we)
+
+
+def test_wind_within_rating_and_varies():
+    p = build_profiles(ParticipantSpec(id="W", wind=WindSpec(kw=3)), 9)
+    values = [p.slot(s)[0]["wind"] for s in slots(JAN, 96 * 14)]
+    assert all(0 <= v <= 750 for v in values)  # 3 kW for 15 min
+    assert len(set(values)) > 50
+    # Autocorrelated: neighbouring slots are closer than random pairs.
+    v = np.array(values, dtype=float)
+    assert np.mean(np.abs(np.diff(v))) < 0.5 * np.mean(np.abs(v - np.random.default_rng(0).permutation(v)))
+    capacity_factor = v.sum() / (750 * len(v))
+    assert 0.03 < capacity_factor < 0.6
+
+
+def test_slot_durations_agree_roughly():
+    p = build_profiles(SPEC, 1)
+    hour = p.slot((JUNE + 12 * 3600, JUNE + 13 * 3600))
+    quarters = [p.slot(s) for s in slots(JUNE + 12 * 3600, 4, 900)]
+    assert abs(hour[1] - sum(q[1] for q in quarters)) <= 2
+    assert abs(hour[0]["solar"] - sum(q[0]["solar"] for q in quarters)) <= 2
+
+
+def write_csv(path: Path, rows, header="time,generation,consumption"):
+    path.write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+
+
+@pytest.mark.parametrize("row_s", [300, 3600, 600, 7])
+def test_csv_resampling_conserves_totals_exactly(tmp_path, row_s):
+    rng = np.random.default_rng(row_s)
+    n = (4 * 86400) // row_s
+    start = JAN
+    rows = [(start + i * row_s, int(rng.integers(0, 500)), int(rng.integers(0, 1000))) for i in range(n)]
+    write_csv(tmp_path / "p.csv", rows)
+    prof = CsvProfile(tmp_path / "p.csv", dt.UTC)  # type: ignore[arg-type]
+    t0, t1 = prof.span
+    assert (t0, t1) == (start, start + n * row_s)
+    parts = [prof.energy(s, min(s + 900, t1)) for s in range(t0, t1, 900)]
+    assert sum(g for g, _ in parts) == sum(r[1] for r in rows)
+    assert sum(c for _, c in parts) == sum(r[2] for r in rows)
+    assert all(g >= 0 and c >= 0 for g, c in parts)
+    if row_s == 300:  # whole rows: plain sums
+        assert parts[0] == (sum(r[1] for r in rows[:3]), sum(r[2] for r in rows[:3]))
+    if row_s == 3600:  # split proportionally: each quarter within 1 Wh of a quarter row
+        assert all(abs(4 * parts[i][1] - rows[0][2]) <= 4 for i in range(4))
+
+
+def test_csv_repeats_outside_span_and_iso_times(tmp_path):
+    rows = [("2024-01-01T00:00:00", 100, 400), ("2024-01-01T01:00:00", 0, 800)]
+    write_csv(tmp_path / "p.csv", rows)
+    spec = ParticipantSpec(id="C", load=CsvLoad(path="p.csv", source="solar"))
+    site = build_profiles(spec, 0, "Europe/Berlin", base_dir=tmp_path)
+    start = int(dt.datetime(2024, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))).timestamp())
+    assert site.slot((start, start + 3600)) == ({"solar": 100}, 400)
+    day_later = start + 2 * 3600 * 12
+    assert site.slot((day_later, day_later + 7200)) == ({"solar": 100}, 1200)
+    assert site.slot((start - 3600, start)) == ({"solar": 0}, 800)
+
+
+def test_csv_errors(tmp_path):
+    write_csv(tmp_path / "a.csv", [(0, 1, 1)])
+    with pytest.raises(ValueError, match="two rows"):
+        CsvProfile(tmp_path / "a.csv", dt.UTC)  # type: ignore[arg-type]
+    write_csv(tmp_path / "b.csv", [(10, 1, 1), (5, 1, 1)])
+    with pytest.raises(ValueError, match="increase"):
+        CsvProfile(tmp_path / "b.csv", dt.UTC)  # type: ignore[arg-type]
+    write_csv(tmp_path / "c.csv", [(0, 1, -1), (5, 1, 1)])
+    with pytest.raises(ValueError, match="negative"):
+        CsvProfile(tmp_path / "c.csv", dt.UTC)  # type: ignore[arg-type]
+    write_csv(tmp_path / "d.csv", [(0, 1), (5, 1)], header="when,generation")
+    with pytest.raises(ValueError, match="columns"):
+        CsvProfile(tmp_path / "d.csv", dt.UTC)  # type: ignore[arg-type]
+
+
+def test_parse_time():
+    from zoneinfo import ZoneInfo
+
+    utc = ZoneInfo("UTC")
+    assert parse_time("1700000000", utc) == 1700000000
+    assert parse_time("1700000000.0", utc) == 1700000000
+    assert parse_time("2024-01-01T00:00:00Z", utc) == 1704067200
+    assert parse_time("2024-01-01T01:00:00", ZoneInfo("Europe/Berlin")) == 1704067200

@@ -1,0 +1,186 @@
+import numpy as np
+import pytest
+
+from market.protocol import MeterMsg, OrdersMsg, decode
+from market.records import amount
+from participants.prosumer import Prosumer
+from participants.spec import (
+    BatterySpec,
+    BatteryTrader,
+    FixedPriceTrader,
+    NoTrader,
+    ParticipantSpec,
+    PvSpec,
+    SyntheticLoad,
+    synthetic_spec,
+)
+
+D = 900
+T0 = 1_718_956_800  # 2024-06-21 08:00 UTC, aligned to 900 s
+SPEC = ParticipantSpec(
+    id="H01",
+    load=SyntheticLoad(3500),
+    pv=PvSpec(kw=5),
+    battery=BatterySpec(capacity_wh=10_000, power_w=5_000, efficiency=0.95, soc=0.5),
+    trader=FixedPriceTrader(bid_price=0.2, ask_price=0.08),
+)
+
+
+def start_round(t, mode="sim", c=2, tz="UTC", buy=0.30, sell=0.05):
+    slot = lambda k: [t + k * D, t + (k + 1) * D]  # noqa: E731
+    return {
+        "mode": mode,
+        "time": t,
+        "duration": D,
+        "timezone": tz,
+        "current_round": slot(0),
+        "last_round": slot(-1),
+        "next_settle": slot(c),
+        "last_settle": slot(c - 1),
+        "market_info": [
+            {"time_delivery": slot(k), "grid": {"buy_price": buy, "sell_price": sell}, "grid_state": "GREEN"}
+            for k in range(c, c + 4)
+        ],
+    }
+
+
+def test_round_gives_valid_meter_and_orders():
+    p = Prosumer(SPEC, seed=1)
+    meter, orders = p.on_round(start_round(T0))
+    m = decode(meter, MeterMsg)
+    assert m.time_interval == (T0, T0 + D)
+    _, load = p.energy((T0, T0 + D))
+    assert sum(m.consumption.other.values()) == load
+    assert orders
+    decode({"orders": orders}, OrdersMsg)
+    assert all(o["time_delivery"] == [T0 + 2 * D, T0 + 3 * D] for o in orders)
+    assert p.stats.rounds == 1 and p.stats.meters == 1 and p.stats.orders == len(orders)
+
+
+def test_repeated_round_sends_nothing_twice():
+    p = Prosumer(SPEC, seed=1)
+    p.on_round(start_round(T0))
+    assert p.on_round(start_round(T0)) == (None, [])
+
+
+def test_deterministic_across_instances():
+    spec = synthetic_spec(3, np.random.default_rng(5))
+    runs = []
+    for _ in range(2):
+        p = Prosumer(spec, seed=9)
+        runs.append([p.on_round(start_round(T0 + k * D)) for k in range(20)])
+    assert runs[0] == runs[1]
+
+
+def test_rt_mode_meters_the_slot_that_ended():
+    p = Prosumer(SPEC, seed=1)
+    meter, _ = p.on_round(start_round(T0, mode="rt"))
+    assert meter is not None and meter["time_interval"] == [T0 - D, T0]
+
+
+def test_settled_commitments_steer_the_meter():
+    spec = ParticipantSpec(
+        id="B1",
+        battery=BatterySpec(capacity_wh=10_000, power_w=8_000, efficiency=1.0, soc=0.5),
+        trader=BatteryTrader(),
+    )
+    p = Prosumer(spec, seed=1)
+    fill = {
+        "commit_id": "c1",
+        "uuid": "u1",
+        "id": f"{T0}-0",
+        "side": "ask",
+        "quantity": 700,
+        "price": 0.2,
+        "source": "bess",
+        "time_delivery": [T0, T0 + D],
+    }
+    p.on_settled(fill)
+    p.on_settled(fill)  # a repeated fill is counted once
+    assert p.commitments[T0].sold == {"bess": 700}
+    meter, _ = p.on_round(start_round(T0))
+    assert meter is not None and meter["generation"] == {"bess": 700}
+    assert p.battery is not None and p.battery.soc_wh == 5000 - 700
+    assert p.stats.fills == 1 and p.stats.sold_wh == 700
+
+
+def test_bill_and_grid_only_counterfactual():
+    spec = ParticipantSpec(id="L1", load=SyntheticLoad(3500), trader=NoTrader())
+    p = Prosumer(spec, seed=2)
+    for k in range(3):
+        p.on_round(start_round(T0 + k * D))
+    _, load = p.energy((T0 + 2 * D, T0 + 3 * D))
+    bought = min(100, load)
+    rows = [
+        {
+            "id": "t1",
+            "kind": "p2p",
+            "seller_id": "X",
+            "buyer_id": "L1",
+            "quantity": bought,
+            "amount_buy": 20_000,
+            "amount_sell": 20_000,
+        },
+        {
+            "id": "t2",
+            "kind": "grid_buy",
+            "seller_id": "grid",
+            "buyer_id": "L1",
+            "quantity": load - bought,
+            "amount_buy": amount(load - bought, 0.3),
+            "amount_sell": 0,
+        },
+    ]
+    delivery = {"time_delivery": [T0 + 2 * D, T0 + 3 * D], "transactions": rows}
+    p.on_delivery(delivery)
+    p.on_delivery(delivery)  # once per slot
+    s = p.stats
+    assert s.delivered == 1 and s.compared == 1
+    assert s.paid == 20_000 + amount(load - bought, 0.3) and s.received == 0
+    assert s.p2p_bought_wh == bought and s.grid_bought_wh == load - bought
+    assert s.grid_only_paid == amount(load, 0.3) and s.grid_only_received == 0
+    assert s.savings == s.grid_only_cost - s.cost
+
+
+def test_time_going_back_restarts_the_run():
+    p = Prosumer(SPEC, seed=1)
+    first = [p.on_round(start_round(T0 + k * D)) for k in range(4)]
+    again = [p.on_round(start_round(T0 + k * D)) for k in range(4)]
+    assert first == again
+    assert p.stats.rounds == 8
+
+
+def test_timezone_from_the_round_is_used():
+    p = Prosumer(ParticipantSpec(id="P", pv=PvSpec(kw=5)), seed=1)
+    p.on_round(start_round(T0, tz="Europe/Berlin"))
+    assert p.timezone == "Europe/Berlin"
+
+
+def test_bad_payload_raises_value_error():
+    p = Prosumer(SPEC)
+    with pytest.raises(ValueError):
+        p.on_round({"time": "soon"})
+    with pytest.raises(ValueError):
+        p.on_settled({"side": "bid"})
+
+
+def test_memory_is_bounded():
+    p = Prosumer(SPEC, seed=1)
+    for k in range(400):
+        p.on_round(start_round(T0 + k * D))
+    assert len(p._prices) <= 110 and len(p._pending) <= 110 and len(p._energy) <= 4
+
+
+def test_community_runs_and_trades_are_consistent():
+    """A small community over a day: every meter and batch is valid, batteries stay in range."""
+    rng = np.random.default_rng(3)
+    people = [Prosumer(synthetic_spec(i, rng), seed=3) for i in range(30)]
+    for k in range(96):
+        for p in people:
+            meter, orders = p.on_round(start_round(T0 + k * D))
+            decode(meter, MeterMsg)
+            if orders:
+                decode({"orders": orders}, OrdersMsg)
+                assert all(0.05 < o["price"] < 0.30 for o in orders)
+            if p.battery is not None:
+                assert 0 <= p.battery.soc_wh <= p.battery.capacity_wh
