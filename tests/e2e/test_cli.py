@@ -1,0 +1,47 @@
+"""The `microte market` command line of PROTOCOL.md, driven by plain socket.io clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import socketio
+
+from controller.sim import market_process
+from ledger import read_rows
+
+
+async def test_market_command_serves_the_protocol(tmp_path: Path) -> None:
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        '[[participants]]\nid = "A"\ntoken = "secret-a"\nrole = "prosumer"\n\n'
+        '[[participants]]\nid = "B"\ntoken = "secret-b"\nrole = "prosumer"\n\n'
+        '[[participants]]\nid = "C"\ntoken = "secret-c"\nrole = "controller"\n'
+    )
+    ledger = f"sqlite:///{tmp_path}/cli.db"
+    args = ["--registry", str(registry), "--port", "0", "--ledger", ledger, "--duration", "60", "--round-timeout", "1"]
+    async with market_process(args) as url:
+        assert url.startswith("http://127.0.0.1:")
+        clients = {}
+        for pid, ns in (("A", "/market"), ("B", "/market"), ("C", "/simulation")):
+            sio = socketio.AsyncClient(reconnection=False)
+            await sio.connect(url, namespaces=[ns], auth={"id": pid, "token": f"secret-{pid.lower()}"})
+            clients[pid] = sio
+        ctl = clients["C"]
+        assert (await ctl.call("step", {"time": 600}, namespace="/simulation"))["ok"]
+        status = await ctl.call("status", {}, namespace="/simulation")
+        assert status["participants"]["online"] == ["A", "B"] and status["mode"] == "sim"
+        slot = [720, 780]
+        ask = await clients["A"].call(
+            "ask", {"quantity": 100, "price": 0.1, "time_delivery": slot, "source": "wind"}, namespace="/market"
+        )
+        bid = await clients["B"].call("bid", {"quantity": 100, "price": 0.3, "time_delivery": slot}, namespace="/market")
+        assert ask["ok"] and bid["ok"]
+        r = await ctl.call("step", {"time": 660}, namespace="/simulation")
+        assert r["round"]["trades"] == 1 and r["round"]["missing"] == ["A", "B"]  # nobody metered: zeros
+        bad = await clients["A"].call("bid", {"quantity": True, "price": 0.1, "time_delivery": slot}, namespace="/market")
+        assert bad["ok"] is False and bad["error"]["code"] == "invalid"
+        for sio in clients.values():
+            await sio.disconnect()
+    # SIGTERM flushed the ledger: the fill is there.
+    fills = read_rows(ledger, "settlements")
+    assert [(f["seller_id"], f["buyer_id"], f["quantity"], f["price_buy"]) for f in fills] == [("A", "B", 100, 0.2)]
