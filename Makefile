@@ -17,7 +17,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check market participants controller ledger tests bench
-	$(BIN)/mypy market
+	$(BIN)/mypy market participants controller ledger
 	$(BIN)/pytest
 
 bench: $(STAMP)

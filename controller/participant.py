@@ -40,8 +40,13 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    fleet = Fleet(args.url, [(s, tokens[s.id]) for s in specs], scenario.seed,
-                  timezone=scenario.timezone, base_dir=Path(args.scenario).parent)
+    fleet = Fleet(
+        args.url,
+        [(s, tokens[s.id]) for s in specs],
+        scenario.seed,
+        timezone=scenario.timezone,
+        base_dir=Path(args.scenario).parent,
+    )
     async with fleet:
         logging.getLogger("microte.participant").info("%d participants connected to %s", len(specs), args.url)
         await stop.wait()

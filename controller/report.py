@@ -117,6 +117,6 @@ def render(s: Summary, ledger: str, max_rows: int = 25) -> str:
         "  (bills in currency units: positive = paid, negative = earned)",
         "",
         f"Ledger: {ledger}   e.g. sqlite3 {ledger.removeprefix('sqlite:///')} "
-        "\"select kind, count(*), sum(quantity) from transactions group by kind\"",
+        '"select kind, count(*), sum(quantity) from transactions group by kind"',
     ]
     return "\n".join(out)

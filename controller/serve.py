@@ -48,8 +48,9 @@ async def serve(args: argparse.Namespace) -> int:
         started=int(time.time()),
         config=canonical_config(config),
     )
-    server = MarketServer(config, Registry.from_toml(args.registry), open_sink(args.ledger),
-                          serializer=args.serializer, run=run)
+    server = MarketServer(
+        config, Registry.from_toml(args.registry), open_sink(args.ledger), serializer=args.serializer, run=run
+    )
     runner = web.AppRunner(server.app(), handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)

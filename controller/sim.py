@@ -113,16 +113,40 @@ async def run_sim(
     with tempfile.TemporaryDirectory(prefix="microte-") as tmp:
         registry = Path(tmp) / "registry.toml"
         write_registry(registry, tokens)
-        server_args = ["--registry", str(registry), "--scenario", str(scenario_path), "--port", "0",
-                       "--ledger", ledger, "--mode", "sim", "--log-level", "WARNING", "--serializer", serializer]
+        server_args = [
+            "--registry",
+            str(registry),
+            "--scenario",
+            str(scenario_path),
+            "--port",
+            "0",
+            "--ledger",
+            ledger,
+            "--mode",
+            "sim",
+            "--log-level",
+            "WARNING",
+            "--serializer",
+            serializer,
+        ]
         async with market_process(server_args) as url:
             members = [(s, tokens[s.id]) for s in specs]
-            fleet = Fleet(url, members, scenario.seed, timezone=scenario.timezone,
-                          base_dir=Path(scenario_path).parent, concurrency=64)
+            fleet = Fleet(
+                url,
+                members,
+                scenario.seed,
+                timezone=scenario.timezone,
+                base_dir=Path(scenario_path).parent,
+                concurrency=64,
+            )
             async with fleet:
                 ctl = socketio.AsyncClient(reconnection=False, serializer=serializer)
-                await ctl.connect(url, namespaces=["/simulation"], transports=["websocket"],
-                                  auth={"id": CONTROLLER_ID, "token": tokens[CONTROLLER_ID]})
+                await ctl.connect(
+                    url,
+                    namespaces=["/simulation"],
+                    transports=["websocket"],
+                    auth={"id": CONTROLLER_ID, "token": tokens[CONTROLLER_ID]},
+                )
                 startup = time.perf_counter() - started
                 t0 = time.perf_counter()
                 missing = await _step_all(ctl, scenario, progress)
@@ -152,8 +176,16 @@ async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: boo
 
 
 def main(scenario: str, ledger: str, participants: int | None, days: float | None, serializer: str) -> int:
-    result = asyncio.run(run_sim(scenario, ledger=ledger, participants=participants, days=days,
-                                 serializer=serializer, progress=sys.stderr.isatty() or True))
+    result = asyncio.run(
+        run_sim(
+            scenario,
+            ledger=ledger,
+            participants=participants,
+            days=days,
+            serializer=serializer,
+            progress=sys.stderr.isatty() or True,
+        )
+    )
     print(render(result.summary, ledger))
     print(f"Start-up to first round: {result.startup_seconds:.2f} s; readings missing: {result.missing_total}")
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -41,7 +41,10 @@ class GridTariff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tou: list[TouRule] = []
 
     def __post_init__(self) -> None:
-        ZoneInfo(self.timezone)  # fail early on an unknown zone
+        try:
+            ZoneInfo(self.timezone)  # fail early on an unknown zone
+        except ZoneInfoNotFoundError:  # a KeyError: msgspec reports only ValueError/TypeError as invalid
+            raise ValueError(f"unknown time zone {self.timezone!r}") from None
 
     def sell_price(self, slot_start: int) -> float:
         if self.tou:

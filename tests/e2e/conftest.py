@@ -77,8 +77,13 @@ async def refusal(url: str, pid: str, namespace: str = "/market", token: str | N
     errors: list[Any] = []
     sio.on("connect_error", errors.append, namespace=namespace)
     with pytest.raises(socketio.exceptions.ConnectionError):
-        await sio.connect(url, namespaces=[namespace], transports=["websocket"], wait_timeout=5,
-                          auth={"id": pid, "token": token if token is not None else TOKENS[pid]})
+        await sio.connect(
+            url,
+            namespaces=[namespace],
+            transports=["websocket"],
+            wait_timeout=5,
+            auth={"id": pid, "token": token if token is not None else TOKENS[pid]},
+        )
     await sio.disconnect()
     assert errors, "no connect_error received"
     data = errors[0]

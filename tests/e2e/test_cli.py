@@ -34,11 +34,15 @@ async def test_market_command_serves_the_protocol(tmp_path: Path) -> None:
         ask = await clients["A"].call(
             "ask", {"quantity": 100, "price": 0.1, "time_delivery": slot, "source": "wind"}, namespace="/market"
         )
-        bid = await clients["B"].call("bid", {"quantity": 100, "price": 0.3, "time_delivery": slot}, namespace="/market")
+        bid = await clients["B"].call(
+            "bid", {"quantity": 100, "price": 0.3, "time_delivery": slot}, namespace="/market"
+        )
         assert ask["ok"] and bid["ok"]
         r = await ctl.call("step", {"time": 660}, namespace="/simulation")
         assert r["round"]["trades"] == 1 and r["round"]["missing"] == ["A", "B"]  # nobody metered: zeros
-        bad = await clients["A"].call("bid", {"quantity": True, "price": 0.1, "time_delivery": slot}, namespace="/market")
+        bad = await clients["A"].call(
+            "bid", {"quantity": True, "price": 0.1, "time_delivery": slot}, namespace="/market"
+        )
         assert bad["ok"] is False and bad["error"]["code"] == "invalid"
         for sio in clients.values():
             await sio.disconnect()

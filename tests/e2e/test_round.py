@@ -44,10 +44,12 @@ async def test_scripted_round_gives_the_specified_rows(ledger_url: str) -> None:
         scripted_meters(p2, {720: {"consumption": {"other": {"external": 500}}}}, r2)
 
         await step(ctl, 600)  # next_settle is [720, 780]
-        ask = await p1.call("ask", {"quantity": 500, "price": 0.10, "time_delivery": [720, 780], "source": "solar"},
-                            namespace="/market")
-        bid = await p2.call("bid", {"id": "b1", "quantity": 400, "price": 0.20, "time_delivery": [720, 780]},
-                            namespace="/market")
+        ask = await p1.call(
+            "ask", {"quantity": 500, "price": 0.10, "time_delivery": [720, 780], "source": "solar"}, namespace="/market"
+        )
+        bid = await p2.call(
+            "bid", {"id": "b1", "quantity": 400, "price": 0.20, "time_delivery": [720, 780]}, namespace="/market"
+        )
         assert ask["ok"] and bid["ok"], (ask, bid)
         assert bid["entry"]["id"] == "b1" and bid["entry"]["quantity"] == 400
 
@@ -65,14 +67,18 @@ async def test_scripted_round_gives_the_specified_rows(ledger_url: str) -> None:
             await c.disconnect()
 
     rows = [r for r in read_rows(ledger_url, "transactions") if r["time_delivery_start"] == 720]
-    got = sorted((r["kind"], r["seller_id"], r["buyer_id"], r["energy_source"], r["quantity"],
-                  r["amount_buy"], r["amount_sell"]) for r in rows)
-    assert got == sorted([
-        ("p2p", "P1", "P2", "solar", 400, 60000, 60000),  # 400 Wh at 0.15 per kWh = 0.06
-        ("self", "P1", "P1", "solar", 100, 0, 0),
-        ("grid_sell", "P1", "grid", "solar", 200, 20000, 20000),  # default tariff: sell 0.10
-        ("grid_buy", "grid", "P2", "grid", 100, 20000, 20000),  # buy 0.10 * (1 + 1.0)
-    ])
+    got = sorted(
+        (r["kind"], r["seller_id"], r["buyer_id"], r["energy_source"], r["quantity"], r["amount_buy"], r["amount_sell"])
+        for r in rows
+    )
+    assert got == sorted(
+        [
+            ("p2p", "P1", "P2", "solar", 400, 60000, 60000),  # 400 Wh at 0.15 per kWh = 0.06
+            ("self", "P1", "P1", "solar", 100, 0, 0),
+            ("grid_sell", "P1", "grid", "solar", 200, 20000, 20000),  # default tariff: sell 0.10
+            ("grid_buy", "grid", "P2", "grid", 100, 20000, 20000),  # buy 0.10 * (1 + 1.0)
+        ]
+    )
     settlements = read_rows(ledger_url, "settlements")
     assert [(s["seller_id"], s["buyer_id"], s["quantity"]) for s in settlements] == [("P1", "P2", 400)]
     assert len(in2.events["delivery"]) >= 1
