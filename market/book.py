@@ -22,7 +22,10 @@ def tie_key(uuid: str) -> int:
     return int.from_bytes(hashlib.blake2b(uuid.encode(), digest_size=8).digest(), "big")
 
 
-class Entry(msgspec.Struct, frozen=True):
+class Entry(msgspec.Struct, frozen=True, gc=False):
+    """An open bid or ask. `gc=False`: its fields are strings, numbers and a tuple of ints,
+    so it can be in no reference cycle; big books then cost the garbage collector nothing."""
+
     uuid: str
     id: str | None  # the client's own id, if it sent one
     participant: str

@@ -52,6 +52,8 @@ class MarketConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     dispatch: tuple[str, ...] = ("bess",)
     round_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     meter_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
+    rate_per_second: Annotated[float, msgspec.Meta(gt=0)] = 2000.0  # events per participant, sustained
+    rate_burst: Annotated[int, msgspec.Meta(gt=0)] = 10000
     timezone: str = "UTC"
     grid: GridTariff = GridTariff()
 

@@ -64,6 +64,16 @@ class OrderMsg(Message, frozen=True):
 class OrdersMsg(Message, frozen=True):
     orders: Annotated[list[OrderMsg], msgspec.Meta(min_length=1, max_length=MAX_ORDERS)]
 
+    @classmethod
+    def check_size(cls, payload: Any) -> None:
+        """An oversized batch is `too_large`, not merely invalid: the client should split it."""
+        if (
+            isinstance(payload, dict)
+            and isinstance(payload.get("orders"), list)
+            and len(payload["orders"]) > MAX_ORDERS
+        ):
+            raise MarketError("too_large", f"at most {MAX_ORDERS} orders per batch")
+
 
 class CancelMsg(Message, frozen=True):
     uuid: Uuid

@@ -116,3 +116,37 @@ class Batch(msgspec.Struct, frozen=True):
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+class BalanceTransaction(Record, frozen=True):
+    """One transaction of a sealed balance (PROTOCOL.md namespace /balancing): `energy` Wh
+    from `from_id` to `to_id`; `seq` is its place in the balance, `seal` the balance's seal."""
+
+    TABLE: ClassVar[str] = "balance_transactions"
+    id: str  # f"b{epoch}-{asset_id}-{seq}"
+    asset_id: str
+    epoch: int
+    epoch_start: int
+    epoch_end: int
+    seq: int
+    from_id: str
+    to_id: str
+    energy: int
+    seal: str
+
+
+class BalanceSeal(Record, frozen=True):
+    """A sealed balance: one row even when it has no transactions."""
+
+    TABLE: ClassVar[str] = "balance_seals"
+    id: str  # f"s{epoch}-{asset_id}"
+    asset_id: str
+    epoch: int
+    epoch_start: int
+    epoch_end: int
+    transactions: int
+    energy: int  # Wh, sum over its transactions
+    seal: str
+
+
+TABLES = (*TABLES, BalanceTransaction, BalanceSeal)

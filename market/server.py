@@ -23,6 +23,7 @@ from aiohttp import web
 from market.engine import Market, MarketConfig, RoundOpen, SlotResult
 from market.errors import IllegalTransition, MarketError
 from market.protocol import CancelMsg, EmptyMsg, EntryMsg, MeterMsg, OrdersMsg, StepMsg, decode, ok
+from market.ratelimit import RateLimiter
 from market.records import Batch, Record, RoundRecord, RunRecord
 from market.registry import Registry, Role
 from market.sink import Sink
@@ -102,6 +103,7 @@ class MarketServer:
         self.sessions = {ns: Sessions() for ns in NAMESPACE_ROLES}
         self.sio.register_namespace(MarketNamespace(self))
         self.sio.register_namespace(SimulationNamespace(self))
+        self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
         self._waits: dict[int, _MeterWait] = {}
         self._round_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -305,6 +307,8 @@ class _Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
             raise MarketError("unauthorized", "no authenticated session")
         if roles and self.sessions.role_of[sid] not in roles:
             raise MarketError("forbidden", f"role {self.sessions.role_of[sid]} may not do this")
+        if not self.ms.limiter.allow(pid):
+            raise MarketError("rate_limited", "too many events: slow down")
         return pid
 
 
@@ -325,6 +329,7 @@ class MarketNamespace(_Namespace):
     @_replying
     async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
+        OrdersMsg.check_size(data)
         return {"results": self.ms.market.submit_orders(pid, decode(data, OrdersMsg))}
 
     @_replying

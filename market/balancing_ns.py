@@ -1,0 +1,112 @@
+"""The `/balancing` namespace (PROTOCOL.md, seed 002): a thin adapter over `market.balancing`.
+
+Event names follow the EAF API and contain dots (`asset.upsert`, `balancing.seal`);
+`trigger_event` maps each to its `on_<name with underscores>` handler, and answers any
+other event `invalid`. Only the `operator` role may connect. Events are serialized by one
+lock, so a seal is derived, written to the ledger and committed with nothing in between;
+its reply is sent only once its records are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from market.balancing import (
+    AddSettlementMsg,
+    AssetUpsertMsg,
+    BalanceRefMsg,
+    Balancing,
+    BalancingConfig,
+    ContractAddMsg,
+    ContractCancelMsg,
+    ContractUpdateMsg,
+)
+from market.errors import MarketError
+from market.protocol import decode
+from market.records import Batch
+from market.server import MarketServer, Sessions, _Namespace, _replying
+
+log = logging.getLogger("microte.balancing")
+
+NAMESPACE = "/balancing"
+ROLES = frozenset({"operator"})
+
+# wire event -> handler suffix (`on_<suffix>`)
+EVENTS: dict[str, str] = {
+    "asset.upsert": "asset_upsert",
+    "contract.add": "contract_add",
+    "contract.update": "contract_update",
+    "contract.cancel": "contract_cancel",
+    "balancing.addSettlement": "balancing_add_settlement",
+    "balancing.seal": "balancing_seal",
+    "balancing.get": "balancing_get",
+}
+
+
+class BalancingNamespace(_Namespace):
+    def __init__(self, server: MarketServer, config: BalancingConfig | None = None) -> None:
+        # Sessions exist for every namespace in NAMESPACE_ROLES; tolerate a server built before.
+        server.sessions.setdefault(NAMESPACE, Sessions())
+        super().__init__(server, NAMESPACE)
+        # By default an epoch is one market slot: epoch n is the slot starting at n * duration.
+        self.core = Balancing(config or BalancingConfig(epoch_duration=server.config.duration))
+        self._lock = asyncio.Lock()
+
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        if event in ("connect", "disconnect"):
+            return await super().trigger_event(event, *args)
+        name = EVENTS.get(event)
+        if name is None:
+            return MarketError("invalid", f"unknown event {event!r}").reply()
+        async with self._lock:
+            return await super().trigger_event(name, *args)
+
+    @_replying
+    async def on_asset_upsert(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        return self.core.upsert_asset(decode(data, AssetUpsertMsg))
+
+    @_replying
+    async def on_contract_add(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        return self.core.add_contract(decode(data, ContractAddMsg))
+
+    @_replying
+    async def on_contract_update(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        return self.core.update_contract(decode(data, ContractUpdateMsg))
+
+    @_replying
+    async def on_contract_cancel(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        return self.core.cancel_contract(decode(data, ContractCancelMsg))
+
+    @_replying
+    async def on_balancing_add_settlement(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        return self.core.add_settlement(decode(data, AddSettlementMsg))
+
+    @_replying
+    async def on_balancing_seal(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "operator")
+        msg = decode(data, BalanceRefMsg)
+        balance = self.core.propose_seal(msg.asset_id, msg.epoch)
+        await self.ms.sink.write(Batch(self.core.records(balance)))
+        self.core.commit_seal(balance)
+        log.info(
+            "seal asset=%s epoch=%d transactions=%d by=%s seal=%s",
+            balance.asset,
+            balance.epoch,
+            len(balance.transactions),
+            pid,
+            balance.seal,
+        )
+        return {"balance": balance.wire()}
+
+    @_replying
+    async def on_balancing_get(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        msg = decode(data, BalanceRefMsg)
+        return {"balance": self.core.balance(msg.asset_id, msg.epoch).wire()}
