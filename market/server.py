@@ -155,19 +155,28 @@ class MarketServer:
         assert isinstance(self.clock, RealTimeClock)
         d = self.config.duration
         while True:
-            await asyncio.sleep(self.clock.seconds_to_next(d))
+            await asyncio.sleep(self.clock.seconds_to_next(d) + 0.001)
             t = self.clock.now() // d * d
-            async with self._round_lock:
-                opened = self.market.open_round(t)
-                wait = self._expect(t - d) if (t - d) in self.market.delivering() else None
-                await self._announce(opened)
+            if self.market.times is not None and t <= self.market.times.time:
+                continue  # woke a hair early: this boundary's round is already open
+            try:
+                async with self._round_lock:
+                    opened = self.market.open_round(t)
+                    wait = self._expect(t - d) if (t - d) in self.market.delivering() else None
+                    await self._announce(opened)
+            except Exception:
+                log.exception("round=%s could not open; the next boundary will try again", t)
+                continue
             if wait is not None:
                 self._spawn(self._rt_process(opened, t - d, wait))
 
     async def _rt_process(self, opened: RoundOpen, slot: int, wait: _MeterWait) -> None:
         await self._await_readings(wait, self.config.meter_grace)
-        async with self._round_lock:
-            await self._finish(opened, slot)
+        try:
+            async with self._round_lock:
+                await self._finish(opened, slot)
+        except Exception:
+            log.exception("slot=%s could not be processed", slot)
 
     def _expect(self, slot: int) -> _MeterWait:
         online = self.sessions["/market"].sid_of
