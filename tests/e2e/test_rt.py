@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import socketio
@@ -49,7 +50,7 @@ async def test_rt_market_runs_rounds_on_the_wall_clock(ledger_url: str) -> None:
     rounds = read_rows(ledger_url, "rounds")
     starts = sorted(r["current_round_start"] for r in rounds)
     assert len(starts) >= 3, rounds
-    assert all(b - a == 2 for a, b in zip(starts, starts[1:], strict=False)), starts  # every slot, once
+    assert all(b - a == 2 for a, b in itertools.pairwise(starts)), starts  # every slot, once
     meters = read_rows(ledger_url, "meters")
     for start in starts[1:]:  # the first round's readings were for a slot before the market opened
         assert sorted(m["participant_id"] for m in meters if m["time_interval_start"] == start) == ["P1", "P2", "P3"]
