@@ -28,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--close-steps", type=int)
     p.add_argument("--round-timeout", type=float, help="seconds a sim round waits for meter readings")
     p.add_argument("--meter-grace", type=float, help="rt: seconds after a slot's end that readings are accepted")
+    p.add_argument(
+        "--durability",
+        choices=["ack", "round"],
+        help="ack: entries and readings durable before each reply (rt default); "
+        "round: durable with the round, before the step reply (sim default)",
+    )
     p.add_argument("--serializer", choices=["default", "msgpack"], default="default")
     p.add_argument("--log-level", default="INFO")
 
@@ -40,6 +46,7 @@ async def serve(args: argparse.Namespace) -> int:
         close_steps=args.close_steps,
         round_timeout=args.round_timeout,
         meter_grace=args.meter_grace,
+        durability=args.durability,
     )
     run = RunRecord(
         id=f"{scenario.name}-{scenario.seed}-{int(time.time())}",

@@ -145,6 +145,23 @@ class DatasetSink:
         # batch may still be committed, which a retried (idempotent) write tolerates.
         await asyncio.shield(future)
 
+    async def read(self, table: str, after: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+        """Rows of `table` ordered by key (only where `after[0]` > `after[1]`), read in the
+        ledger thread after everything queued before the call."""
+        if self._executor is None:
+            raise RuntimeError("ledger sink is not open")
+        t = TABLE_MAP[table]
+        query = sa.select(t).order_by(t.c[KEYS[table]])
+        if after is not None:
+            query = query.where(t.c[after[0]] > after[1])
+
+        def run() -> list[dict[str, Any]]:
+            assert self._engine is not None
+            with self._engine.connect() as conn:
+                return [{str(k): v for k, v in r._mapping.items()} for r in conn.execute(query)]
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
     async def close(self) -> None:
         async with self._close_lock:
             if self._closed:

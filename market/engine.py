@@ -19,8 +19,8 @@ from market.clearing import Fill, Pricing, clear
 from market.errors import IllegalTransition, MarketError
 from market.exchange import EXTERNAL, exchange
 from market.grid import GridStates, GridTariff
-from market.protocol import MAX_QUANTITY, EntryMsg, MeterMsg, OrdersMsg, Side
-from market.records import MeterRecord, Settlement, Transaction, amount
+from market.protocol import MAX_QUANTITY, ConsumptionMsg, EntryMsg, MeterMsg, OrdersMsg, Side
+from market.records import CancelRecord, EntryRecord, MeterRecord, Record, RoundRecord, Settlement, Transaction, amount
 from market.timing import RoundTimes, Slot, is_aligned, round_times
 
 
@@ -56,12 +56,19 @@ class MarketConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_burst: Annotated[int, msgspec.Meta(gt=0)] = 10000
     timezone: str = "UTC"
     grid: GridTariff = GridTariff()
+    # When acknowledged entries and readings become durable: "ack" before each reply (rt
+    # default), "round" with the round's records before the `step` reply (sim default).
+    durability: Literal["ack", "round"] | None = None
 
     def __post_init__(self) -> None:
         if not self.price_min < self.price_max:
             raise ValueError("price_min must be below price_max")
         if set(self.non_dispatch) & set(self.dispatch) or EXTERNAL in self.sources:
             raise ValueError("a source is either dispatch or non-dispatch, and not 'external'")
+
+    @property
+    def ack_durable(self) -> bool:
+        return (self.durability or ("ack" if self.mode == "rt" else "round")) == "ack"
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -88,6 +95,17 @@ class SlotResult(msgspec.Struct, frozen=True):
 class _Delivering(msgspec.Struct):
     settlements: list[Settlement]
     meters: dict[str, MeterMsg]
+    records: dict[str, MeterRecord]
+
+
+class Recovered(msgspec.Struct, frozen=True):
+    """What the ledger holds of a market that stopped: see `Market.restore`."""
+
+    last_round: RoundRecord | None  # the latest processed round
+    entries: list[EntryRecord]  # entries of slots that were still open
+    cancels: list[CancelRecord]
+    settlements: list[Settlement]  # fills of slots not yet processed
+    meters: list[MeterRecord]  # acknowledged readings of slots not yet processed
 
 
 class Market:
@@ -100,7 +118,14 @@ class Market:
         self._matched: dict[int, list[Settlement]] = {}
         self._delivering: dict[int, _Delivering] = {}
         self._processed_until = -1  # slots starting at or before this are done
-        self._counters: dict[str, int] = {}
+        self._counters: dict[int, dict[str, int]] = {}  # slot -> participant -> entries so far
+        self._early_meters: dict[int, dict[str, MeterRecord]] = {}  # recovered, for slots not delivering yet
+        self.journal: list[Record] = []  # records of acknowledged actions, for the caller to persist
+
+    def take_journal(self) -> list[Record]:
+        """Records to make durable before the acknowledgement of the action that made them."""
+        out, self.journal = self.journal, []
+        return out
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -126,7 +151,8 @@ class Market:
             if self.phase(start) is Phase.OPEN:
                 settlements += self._close((start, start + d), t)
         self._move(t, "deliver")
-        self._delivering[t] = _Delivering(self._matched.pop(t, []), {})
+        early = self._early_meters.pop(t, {})
+        self._delivering[t] = _Delivering(self._matched.pop(t, []), {p: _meter_msg(r) for p, r in early.items()}, early)
         self.times = times
         return RoundOpen(times, self.start_round_payload(), _settled_events(settlements), settlements)
 
@@ -143,6 +169,7 @@ class Market:
     def _close(self, slot: Slot, now: int) -> list[Settlement]:
         bids, asks = self.book.pop_slot(slot[0])
         self._move(slot[0], "close")
+        self._counters.pop(slot[0], None)
         if self.grid_states.get(slot[0]) == "RED":
             fills: list[Fill] = []  # the DSO forbids P2P trade in this slot: all settle with the grid
         else:
@@ -213,8 +240,9 @@ class Market:
         """Add a bid or ask; the ok reply's fields (`entry`, and `duplicate` on a resubmission)."""
         r = self._require_round()
         self._check_entry(side, msg, r)
-        n = self._counters.get(participant, 0)
-        uuid = f"{participant}.{n}"
+        counters = self._counters.setdefault(msg.time_delivery[0], {})
+        n = counters.get(participant, 0)
+        uuid = f"{participant}.{msg.time_delivery[0]}.{n}"
         entry = Entry(
             uuid=uuid,
             id=msg.id,
@@ -231,7 +259,8 @@ class Market:
         if first is not None:
             return {"entry": first.reply(), "duplicate": True}
         self.book.add(entry)
-        self._counters[participant] = n + 1
+        counters[participant] = n + 1
+        self.journal.append(_entry_record(entry, n))
         return {"entry": entry.reply()}
 
     def _check_entry(self, side: Side, msg: EntryMsg, r: RoundTimes) -> None:
@@ -270,7 +299,9 @@ class Market:
         entry = self.book.get(uuid)
         if entry is not None and entry.participant == participant and entry.time_delivery[0] < r.next_settle[0]:
             raise MarketError("closed", "the entry's slot is past gate closure")
-        return {"entry": self.book.cancel(participant, uuid).reply()}
+        entry = self.book.cancel(participant, uuid)
+        self.journal.append(CancelRecord(uuid, participant, entry.time_delivery[0], r.time))
+        return {"entry": entry.reply()}
 
     # -- meters and delivery ---------------------------------------------------------------
 
@@ -285,13 +316,15 @@ class Market:
             if phase is Phase.PROCESSED or slot[0] < r.current_round[0]:
                 raise MarketError("closed", f"interval {slot[0]} is already processed")
             raise MarketError("invalid", f"interval {slot[0]} has not been delivered yet")
-        readings = self._delivering[slot[0]].meters
-        first = readings.get(participant)
+        delivering = self._delivering[slot[0]]
+        first = delivering.meters.get(participant)
         if first is not None:
             if first != msg:
                 raise MarketError("conflict", f"a different reading for interval {slot[0]} was already accepted")
             return {"duplicate": True}
-        readings[participant] = msg
+        delivering.meters[participant] = msg
+        record = delivering.records[participant] = _meter_record(participant, slot, msg, r.time)
+        self.journal.append(record)
         return {}
 
     def _check_meter_sources(self, msg: MeterMsg) -> None:
@@ -326,7 +359,7 @@ class Market:
         return SlotResult(
             slot=slot,
             transactions=rows,
-            meters=[_meter_record(p, slot, m, now) for p, m in sorted(d.meters.items())],
+            meters=[d.records[p] for p in sorted(d.records)],
             metered=sorted(d.meters),
             deliveries=_deliveries(slot, rows),
         )
@@ -338,7 +371,33 @@ class Market:
         self._matched.clear()
         self._delivering.clear()
         self._processed_until = -1
+        self._early_meters.clear()
         self.times = None
+
+    def restore(self, rec: Recovered) -> None:
+        """Resume after a restart: the last processed round, open entries, fills and
+        readings of unprocessed slots, exactly as the ledger recorded them."""
+        if rec.last_round is None:
+            return
+        last = rec.last_round
+        self.times = round_times(last.time, last.duration, self.config.close_steps)
+        self._processed_until = last.current_round_start
+        d, gate = last.duration, self.times.last_settle[0]
+        for start in range(self._processed_until + d, gate + d, d):
+            self._phase[start] = Phase.MATCHED  # cleared before the stop (with or without fills)
+            self._matched.setdefault(start, [])
+        for s in sorted(rec.settlements, key=lambda s: (s.time_delivery_start, s.seq)):
+            self._matched.setdefault(s.time_delivery_start, []).append(s)
+        cancelled = {c.id for c in rec.cancels}
+        for e in rec.entries:
+            if e.time_delivery_start <= gate:
+                continue
+            counters = self._counters.setdefault(e.time_delivery_start, {})
+            counters[e.participant_id] = max(counters.get(e.participant_id, 0), e.seq + 1)
+            if e.id not in cancelled:
+                self.book.add(_entry_from_record(e))
+        for m in rec.meters:
+            self._early_meters.setdefault(m.time_interval_start, {})[m.participant_id] = m
 
 
 def _settled_events(settlements: list[Settlement]) -> list[tuple[str, dict[str, Any]]]:
@@ -377,6 +436,46 @@ def _deliveries(slot: Slot, rows: list[Transaction]) -> dict[str, dict[str, Any]
         for party in dict.fromkeys((row.seller_id, row.buyer_id)):
             by_party.setdefault(party, []).append(row.row())
     return {p: {"time_delivery": list(slot), "transactions": txs} for p, txs in by_party.items()}
+
+
+def _entry_record(e: Entry, seq: int) -> EntryRecord:
+    return EntryRecord(
+        id=e.uuid,
+        client_id=e.id,
+        participant_id=e.participant,
+        side=e.side,
+        quantity=e.quantity,
+        price=e.price,
+        time_delivery_start=e.time_delivery[0],
+        time_delivery_end=e.time_delivery[1],
+        source=e.source,
+        time_submission=e.time_submission,
+        seq=seq,
+    )
+
+
+def _entry_from_record(r: EntryRecord) -> Entry:
+    side: Side = "bid" if r.side == "bid" else "ask"
+    return Entry(
+        uuid=r.id,
+        id=r.client_id,
+        participant=r.participant_id,
+        side=side,
+        quantity=r.quantity,
+        price=r.price,
+        time_delivery=(r.time_delivery_start, r.time_delivery_end),
+        source=r.source,
+        time_submission=r.time_submission,
+        tie=tie_key(r.id),
+    )
+
+
+def _meter_msg(r: MeterRecord) -> MeterMsg:
+    return MeterMsg(
+        time_interval=(r.time_interval_start, r.time_interval_end),
+        generation=msgspec.json.decode(r.generation, type=dict[str, int]),
+        consumption=msgspec.json.decode(r.consumption, type=ConsumptionMsg),
+    )
 
 
 def _meter_record(participant: str, slot: Slot, m: MeterMsg, now: int) -> MeterRecord:

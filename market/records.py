@@ -106,7 +106,40 @@ class RunRecord(Record, frozen=True):
     config: str  # canonical JSON of the market settings
 
 
-TABLES: tuple[type[Record], ...] = (Transaction, Settlement, MeterRecord, RoundRecord, RunRecord)
+class EntryRecord(Record, frozen=True):
+    """An accepted bid or ask, durable before it is acknowledged (so a restart keeps the book)."""
+
+    TABLE: ClassVar[str] = "entries"
+    id: str  # the entry's uuid
+    client_id: str | None
+    participant_id: str
+    side: str
+    quantity: int
+    price: float
+    time_delivery_start: int
+    time_delivery_end: int
+    source: str | None
+    time_submission: int
+    seq: int  # the participant's n-th accepted entry
+
+
+class CancelRecord(Record, frozen=True):
+    TABLE: ClassVar[str] = "cancels"
+    id: str  # the cancelled entry's uuid
+    participant_id: str
+    time_delivery_start: int
+    time_creation: int
+
+
+TABLES: tuple[type[Record], ...] = (
+    Transaction,
+    Settlement,
+    MeterRecord,
+    RoundRecord,
+    RunRecord,
+    EntryRecord,
+    CancelRecord,
+)
 
 
 class Batch(msgspec.Struct, frozen=True):

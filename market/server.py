@@ -20,11 +20,20 @@ import msgspec
 import socketio
 from aiohttp import web
 
-from market.engine import Market, MarketConfig, RoundOpen, SlotResult
+from market.engine import Market, MarketConfig, Recovered, RoundOpen, SlotResult
 from market.errors import IllegalTransition, MarketError
 from market.protocol import CancelMsg, EmptyMsg, EntryMsg, MeterMsg, OrdersMsg, StepMsg, decode, ok
 from market.ratelimit import RateLimiter
-from market.records import Batch, Record, RoundRecord, RunRecord
+from market.records import (
+    Batch,
+    CancelRecord,
+    EntryRecord,
+    MeterRecord,
+    Record,
+    RoundRecord,
+    RunRecord,
+    Settlement,
+)
 from market.registry import Registry, Role
 from market.sink import Sink
 from market.timing import RealTimeClock, SimClock
@@ -107,6 +116,7 @@ class MarketServer:
         self._waits: dict[int, _MeterWait] = {}
         self._round_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._last_round: RoundRecord | None = None
         self.run = run or RunRecord(
             id=cuid.cuid(), scenario="", seed=0, started=int(time.time()), config=canonical_config(config)
         )
@@ -121,6 +131,7 @@ class MarketServer:
 
     async def _lifetime(self, _app: web.Application) -> AsyncIterator[None]:
         await self.sink.start()
+        await self._resume()
         await self.sink.write(Batch((self.run,)))
         if self.config.mode == "rt":
             self._spawn(self._rt_loop())
@@ -129,6 +140,52 @@ class MarketServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.sink.close()
+
+    async def _resume(self) -> None:
+        """Pick up where the ledger ends: the last processed round, the open book, and the
+        fills and readings of slots not processed yet (after a crash or a restart)."""
+        rounds = await self.sink.read("rounds")
+        if not rounds:
+            return
+        last = msgspec.convert(max(rounds, key=lambda r: (r["time"], r["current_round_start"])), RoundRecord)
+        after = last.current_round_start
+        rec = Recovered(
+            last_round=last,
+            entries=[
+                msgspec.convert(r, EntryRecord) for r in await self.sink.read("entries", ("time_delivery_start", after))
+            ],
+            cancels=[
+                msgspec.convert(r, CancelRecord)
+                for r in await self.sink.read("cancels", ("time_delivery_start", after))
+            ],
+            settlements=[
+                msgspec.convert(r, Settlement)
+                for r in await self.sink.read("settlements", ("time_delivery_start", after))
+            ],
+            meters=[
+                msgspec.convert(r, MeterRecord) for r in await self.sink.read("meters", ("time_interval_start", after))
+            ],
+        )
+        self.market.restore(rec)
+        self._last_round = last
+        if isinstance(self.clock, SimClock):
+            self.clock.set(last.time)
+        log.info(
+            "resumed from the ledger: last round=%s slot=%s open entries=%d fills=%d readings=%d",
+            last.time,
+            last.current_round_start,
+            len(self.market.book),
+            len(rec.settlements),
+            len(rec.meters),
+        )
+
+    async def persist(self) -> None:
+        """Make the records of acknowledged actions durable before the acknowledgement."""
+        if not self.config.ack_durable:
+            return  # sim: they go with the round's records, before the `step` reply
+        records = self.market.take_journal()
+        if records:
+            await self.sink.write(Batch(tuple(records)))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -142,6 +199,9 @@ class MarketServer:
         and store it. Returns the `round` object of the `step` reply."""
         async with self._round_lock:
             assert isinstance(self.clock, SimClock)
+            last = self._last_round
+            if last is not None and t == last.time and last.current_round_start == t:
+                return _round_reply(last)  # a retried step (say, after a restart): same answer
             opened = self.market.open_round(t, duration)
             self.clock.set(t)
             wait = self._expect(t)
@@ -199,7 +259,10 @@ class MarketServer:
         result = self.market.process(slot, self.clock.now())
         metered = set(result.metered)
         missing = [p for p in self.registry.ids("prosumer") if p not in metered]
-        records: list[Record] = [*opened.settlements, *result.meters, *result.transactions]
+        # Entries and cancels acknowledged since the last round and not yet durable (readings
+        # are among result.meters).
+        journal = [r for r in self.market.take_journal() if not isinstance(r, MeterRecord)]
+        records: list[Record] = [*journal, *opened.settlements, *result.meters, *result.transactions]
         summary = RoundRecord(
             id=f"r{opened.times.time}-{slot}",
             time=opened.times.time,
@@ -212,6 +275,7 @@ class MarketServer:
             records=len(records),
         )
         await self.sink.write(Batch((*records, summary)))
+        self._last_round = summary
         await self._deliver(result)
         log.info(
             "round=%s slot=%s metered=%d missing=%d records=%d",
@@ -221,13 +285,7 @@ class MarketServer:
             len(missing),
             len(records),
         )
-        return {
-            "current_round": list(result.slot),
-            "metered": len(result.metered),
-            "missing": missing,
-            "trades": len(opened.settlements),
-            "records": len(records),
-        }
+        return _round_reply(summary)
 
     async def _deliver(self, result: SlotResult) -> None:
         for pid, payload in result.deliveries.items():
@@ -253,6 +311,16 @@ class MarketServer:
         async with self._round_lock:
             self.market.reset()
             self._waits.clear()
+
+
+def _round_reply(r: RoundRecord) -> dict[str, Any]:
+    return {
+        "current_round": [r.current_round_start, r.current_round_start + r.duration],
+        "metered": r.metered,
+        "missing": msgspec.json.decode(r.missing),
+        "trades": r.trades,
+        "records": r.records,
+    }
 
 
 def canonical_config(config: MarketConfig) -> str:
@@ -328,29 +396,38 @@ class MarketNamespace(_Namespace):
     @_replying
     async def on_bid(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
-        return self.ms.market.submit(pid, "bid", decode(data, EntryMsg))
+        reply = self.ms.market.submit(pid, "bid", decode(data, EntryMsg))
+        await self.ms.persist()
+        return reply
 
     @_replying
     async def on_ask(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
-        return self.ms.market.submit(pid, "ask", decode(data, EntryMsg))
+        reply = self.ms.market.submit(pid, "ask", decode(data, EntryMsg))
+        await self.ms.persist()
+        return reply
 
     @_replying
     async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
         OrdersMsg.check_size(data)
-        return {"results": self.ms.market.submit_orders(pid, decode(data, OrdersMsg))}
+        results = self.ms.market.submit_orders(pid, decode(data, OrdersMsg))
+        await self.ms.persist()
+        return {"results": results}
 
     @_replying
     async def on_cancel(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
-        return self.ms.market.cancel(pid, decode(data, CancelMsg).uuid)
+        reply = self.ms.market.cancel(pid, decode(data, CancelMsg).uuid)
+        await self.ms.persist()
+        return reply
 
     @_replying
     async def on_meter(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
         msg = decode(data, MeterMsg)
         reply = self.ms.market.meter(pid, msg)
+        await self.ms.persist()
         self.ms.meter_arrived(pid, msg.time_interval[0])
         return reply
 

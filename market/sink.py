@@ -5,7 +5,7 @@ The market never imports a backend; the composition root (controller CLI) passes
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from market.records import Batch
 
@@ -16,6 +16,10 @@ class Sink(Protocol):
 
     async def write(self, batch: Batch) -> None:
         """Return only once every record of `batch` is durable. Retried writes are no-ops."""
+
+    async def read(self, table: str, after: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+        """Rows of `table` ordered by key; with `after=(column, v)` only rows where column > v.
+        Used once at start-up to resume from the ledger."""
 
     async def close(self) -> None:
         """Flush what is queued and release the store."""
@@ -32,6 +36,15 @@ class MemorySink:
 
     async def write(self, batch: Batch) -> None:
         self.batches.append(batch)
+
+    async def read(self, table: str, after: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+        rows = {
+            r.row()["id" if table != "settlements" else "commit_id"]: r.row()
+            for b in self.batches
+            for r in b.records
+            if table == r.TABLE
+        }
+        return [rows[k] for k in sorted(rows) if after is None or rows[k][after[0]] > after[1]]
 
     async def close(self) -> None:
         return None
