@@ -213,9 +213,14 @@ def _price(
     if pricing == "uniform":
         if not pairs:
             return []
-        i, j, _ = pairs[-1]
-        p = (bids[i].price + asks[j].price) / 2
-        return [Fill(bids[i], asks[j], q, p, p) for i, j, q in pairs]
+        # The marginal pair: lowest matched bid, highest matched ask. Without skipped pairs
+        # that is the last matched pair (PROTOCOL.md); with them, it keeps every fill within
+        # its limits. If no single price can (a skip let a dear ask in), pairs get midpoints.
+        low_bid = min(bids[i].price for i, _, _ in pairs)
+        high_ask = max(asks[j].price for _, j, _ in pairs)
+        if low_bid >= high_ask:
+            p = (low_bid + high_ask) / 2
+            return [Fill(bids[i], asks[j], q, p, p) for i, j, q in pairs]
     out = []
     for i, j, q in pairs:
         b, a = bids[i], asks[j]

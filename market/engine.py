@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
 import msgspec
 
@@ -65,6 +66,12 @@ class MarketConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("price_min must be below price_max")
         if set(self.non_dispatch) & set(self.dispatch) or EXTERNAL in self.sources:
             raise ValueError("a source is either dispatch or non-dispatch, and not 'external'")
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, KeyError):
+            raise ValueError(f"unknown timezone {self.timezone!r}") from None
+        if self.grid.timezone != self.timezone:
+            raise ValueError("the grid tariff's timezone must be the market's timezone")
 
     @property
     def ack_durable(self) -> bool:
@@ -130,9 +137,10 @@ class Market:
     # -- lifecycle -------------------------------------------------------------------------
 
     def phase(self, start: int) -> Phase:
-        if start <= self._processed_until:
-            return Phase.PROCESSED
-        return self._phase.get(start, Phase.OPEN)
+        known = self._phase.get(start)
+        if known is not None:
+            return known
+        return Phase.PROCESSED if start <= self._processed_until else Phase.OPEN
 
     def _move(self, start: int, event: str) -> None:
         nxt = TRANSITIONS.get((self.phase(start), event))
@@ -150,11 +158,20 @@ class Market:
         for start in closing:
             if self.phase(start) is Phase.OPEN:
                 settlements += self._close((start, start + d), t)
-        self._move(t, "deliver")
-        early = self._early_meters.pop(t, {})
-        self._delivering[t] = _Delivering(self._matched.pop(t, []), {p: _meter_msg(r) for p, r in early.items()}, early)
+        # A step that jumps over matched slots delivers them too (nobody metered them), so
+        # no fill is left stranded; the caller processes every delivering slot before `t`.
+        for start in sorted(s for s, ph in self._phase.items() if ph is Phase.MATCHED and s < t):
+            self._deliver(start)
+        self._deliver(t)
         self.times = times
         return RoundOpen(times, self.start_round_payload(), _settled_events(settlements), settlements)
+
+    def _deliver(self, start: int) -> None:
+        self._move(start, "deliver")
+        early = self._early_meters.pop(start, {})
+        self._delivering[start] = _Delivering(
+            self._matched.pop(start, []), {p: _meter_msg(r) for p, r in early.items()}, early
+        )
 
     def _check_round(self, t: int, duration: int | None) -> int:
         d = duration or (self.times.duration if self.times else self.config.duration)
@@ -162,7 +179,11 @@ class Market:
             raise MarketError("invalid", f"round time {t} does not advance past {self.times.time}")
         if t % d:
             raise MarketError("invalid", f"round time {t} is not aligned to duration {d}")
-        if self.times is not None and d != self.times.duration and (len(self.book) or self._delivering):
+        if (
+            self.times is not None
+            and d != self.times.duration
+            and (len(self.book) or self._delivering or self._matched)
+        ):
             raise MarketError("invalid", "duration can change only when no entry or slot is pending")
         return d
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import cuid
@@ -44,6 +44,7 @@ MAX_PAYLOAD = 1_000_000  # bytes per socket.io message; larger ones close the co
 NAMESPACE_ROLES: dict[str, frozenset[Role]] = {
     "/market": frozenset({"prosumer", "dso", "aggregator", "oracle", "operator", "controller"}),
     "/simulation": frozenset({"controller"}),
+    "/balancing": frozenset({"operator"}),
 }
 
 
@@ -112,6 +113,9 @@ class MarketServer:
         self.sessions = {ns: Sessions() for ns in NAMESPACE_ROLES}
         self.sio.register_namespace(MarketNamespace(self))
         self.sio.register_namespace(SimulationNamespace(self))
+        from market.balancing_ns import BalancingNamespace  # it subclasses _Namespace below
+
+        self.sio.register_namespace(BalancingNamespace(self))
         self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
         self._waits: dict[int, _MeterWait] = {}
         self._round_lock = asyncio.Lock()
@@ -206,8 +210,12 @@ class MarketServer:
             self.clock.set(t)
             wait = self._expect(t)
             await self._announce(opened)
+            fills: list[Settlement] = list(opened.settlements)
+            for skipped in [s for s in self.market.delivering() if s < t]:  # a step that jumped ahead
+                await self._finish(opened, skipped, fills)
+                fills = []
             await self._await_readings(wait, self.config.round_timeout)
-            return await self._finish(opened, t)
+            return await self._finish(opened, t, fills)
 
     async def _rt_loop(self) -> None:
         """rt mode: open a round at every multiple of the duration, whatever clients do;
@@ -234,7 +242,7 @@ class MarketServer:
         await self._await_readings(wait, self.config.meter_grace)
         try:
             async with self._round_lock:
-                await self._finish(opened, slot)
+                await self._finish(opened, slot, opened.settlements)
         except Exception:
             log.exception("slot=%s could not be processed", slot)
 
@@ -254,7 +262,8 @@ class MarketServer:
         await self.sio.emit("start_round", opened.start_round, namespace="/market")
         log.info("round=%s start trades=%d", opened.times.time, len(opened.settlements))
 
-    async def _finish(self, opened: RoundOpen, slot: int) -> dict[str, Any]:
+    async def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> dict[str, Any]:
+        """Process `slot` and make its records durable, with `fills` (the round's clearing)."""
         self._waits.pop(slot, None)
         result = self.market.process(slot, self.clock.now())
         metered = set(result.metered)
@@ -262,14 +271,14 @@ class MarketServer:
         # Entries and cancels acknowledged since the last round and not yet durable (readings
         # are among result.meters).
         journal = [r for r in self.market.take_journal() if not isinstance(r, MeterRecord)]
-        records: list[Record] = [*journal, *opened.settlements, *result.meters, *result.transactions]
+        records: list[Record] = [*journal, *fills, *result.meters, *result.transactions]
         summary = RoundRecord(
             id=f"r{opened.times.time}-{slot}",
             time=opened.times.time,
             duration=opened.times.duration,
             current_round_start=slot,
             matched_slot_start=opened.times.last_settle[0],
-            trades=len(opened.settlements),
+            trades=len(fills),
             metered=len(result.metered),
             missing=msgspec.json.encode(missing).decode(),
             records=len(records),

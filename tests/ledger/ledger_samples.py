@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from market.records import (
+    BalanceSeal,
+    BalanceTransaction,
     Batch,
+    CancelRecord,
+    EntryRecord,
     MeterRecord,
     Record,
     RoundRecord,
@@ -86,5 +90,41 @@ def every_kind() -> Batch:
             records=5,
         ),
         RunRecord(id="run-1", scenario="community", seed=42, started=T0, config="{}"),
+        EntryRecord(
+            id="P1.1700000100.0",
+            client_id=None,
+            participant_id="P1",
+            side="ask",
+            quantity=500,
+            price=0.125,
+            time_delivery_start=T0,
+            time_delivery_end=T0 + 900,
+            source="solar",
+            time_submission=T0 - 1800,
+            seq=0,
+        ),
+        CancelRecord(id="P1.1700000100.0", participant_id="P1", time_delivery_start=T0, time_creation=T0 - 900),
+        BalanceTransaction(
+            id="b1337-seller1-0",
+            asset_id="seller1",
+            epoch=1337,
+            epoch_start=1337 * 900,
+            epoch_end=1338 * 900,
+            seq=0,
+            from_id="seller1",
+            to_id="bigbalancer",
+            energy=500,
+            seal="ab" * 32,
+        ),
+        BalanceSeal(
+            id="s1337-seller1",
+            asset_id="seller1",
+            epoch=1337,
+            epoch_start=1337 * 900,
+            epoch_end=1338 * 900,
+            transactions=1,
+            energy=500,
+            seal="ab" * 32,
+        ),
     )
     return Batch(records)
