@@ -92,6 +92,12 @@ class MeterMsg(Message, frozen=True):
     consumption: ConsumptionMsg = ConsumptionMsg()
 
 
+class ResumeMsg(Message, frozen=True):
+    """`resume` (extension): the private events after `since` (the last `seq` received)."""
+
+    since: Annotated[int, msgspec.Meta(ge=0, le=2**53)] = 0
+
+
 class StepMsg(Message, frozen=True):
     time: Time
     duration: Annotated[int, msgspec.Meta(gt=0, le=86400)] | None = None

@@ -183,3 +183,157 @@ class BalanceSeal(Record, frozen=True):
 
 
 TABLES = (*TABLES, BalanceTransaction, BalanceSeal)
+
+
+# -- Parity market (PROTOCOL.md namespace /grid, seed 000; docs/parity.md) -------------------
+# Participant ids here are registry ids: the pseudonyms of the seed (the ledger never holds
+# real names; only the operator's registry maps an id to a person or a meter).
+
+ParityGridState = Literal["GREEN", "YELLOW", "RED"]
+
+
+class GridStateRecord(Record, frozen=True):
+    """The DSO's grid state of one LEM slot; a revision before the slot starts is the next row."""
+
+    TABLE: ClassVar[str] = "grid_states"
+    id: str  # f"g{start}.{revision}"
+    time_delivery_start: int
+    time_delivery_end: int
+    state: ParityGridState
+    revision: int  # 0 for the first state set for the slot
+    dso_id: str
+    time_creation: int
+
+
+class LemDefaultsRecord(Record, frozen=True):
+    """Default LEM parameters of one grid state, set by the market operator (cents per kWh;
+    `beta` in currency per kWh^2). A later revision replaces the earlier one."""
+
+    TABLE: ClassVar[str] = "lem_defaults"
+    id: str  # f"d.{grid_state}.{revision}"
+    grid_state: ParityGridState
+    revision: int
+    pb_bau: float
+    ps_bau: float
+    pb_p2p: float
+    ps_p2p: float
+    beta: float
+    operator_id: str
+    time_creation: int
+
+
+class LemRecord(Record, frozen=True):
+    """A LEM set by an aggregator: its slot, players and (optionally) its own parameters."""
+
+    TABLE: ClassVar[str] = "lems"
+    id: str  # f"lem{start}"
+    time_delivery_start: int
+    time_delivery_end: int
+    aggregator_id: str
+    players: str  # JSON list of participant ids, in the order given
+    params: str | None  # JSON {"pbBAU", "psBAU", "pbP2P", "psP2P", "beta"}, or None: defaults
+    time_creation: int
+
+
+class LemMeasureRecord(Record, frozen=True):
+    """A prosumer's consumption and production (Wh) in a LEM slot, saved after it ended."""
+
+    TABLE: ClassVar[str] = "lem_measures"
+    id: str  # f"lm{start}/{participant}"
+    time_delivery_start: int
+    time_delivery_end: int
+    participant_id: str
+    consumption: int
+    production: int
+    time_creation: int
+
+
+class LemResultRecord(Record, frozen=True):
+    """One player's outcome of a solved LEM (every player gets a row; RED: skipped, amount 0)."""
+
+    TABLE: ClassVar[str] = "lem_results"
+    id: str  # f"lr{start}/{participant}"
+    solve_id: str
+    time_delivery_start: int
+    time_delivery_end: int
+    participant_id: str
+    aggregator_id: str
+    grid_state: ParityGridState
+    skipped: bool  # RED: not solved as P2P, no tokens move
+    consumption: int  # Wh
+    production: int  # Wh
+    measured: Literal["prosumer", "meter", "none"]  # where the energies came from
+    total_consumption: int  # Ec, Wh
+    total_production: int  # Ep, Wh
+    p_buy: float  # currency per kWh
+    p_sell: float
+    beta: float
+    amount: int  # micro-currency this player's balance moved by
+    time_creation: int
+
+
+class TokenTransfer(Record, frozen=True):
+    """Tokens (integer micro-currency) moving from `payer_id` to `payee_id`."""
+
+    TABLE: ClassVar[str] = "token_transfers"
+    id: str  # "t/{solve}/{payer}/{payee}" (LEMs) or "p/{sla}/{kpi}/{player}/{start}" (penalties)
+    kind: Literal["lem", "sla_penalty"]
+    payer_id: str
+    payee_id: str
+    amount: int  # > 0
+    reference: str  # the solve id (LEMs) or the SLA id (penalties)
+    kpi_id: str | None
+    time_start: int  # the solved LEMs' span, or the KPI interval of a penalty
+    time_end: int
+    time_creation: int
+
+
+class SlaRecord(Record, frozen=True):
+    """An SLA set by an aggregator: its period and KPIs."""
+
+    TABLE: ClassVar[str] = "slas"
+    id: str  # the SLA id
+    aggregator_id: str
+    start: int
+    end: int
+    kpis: str  # JSON list of {"id", "signal", "rule", "limit", "penalty", "players", "resolution"}
+    time_creation: int
+
+
+class KpiValueRecord(Record, frozen=True):
+    """A KPI value saved by a player of the KPI (prosumer or oracle) for one resolution period."""
+
+    TABLE: ClassVar[str] = "kpi_values"
+    id: str  # f"kv/{sla}/{kpi}/{participant}/{start}"
+    sla_id: str
+    kpi_id: str
+    participant_id: str
+    time_interval_start: int
+    time_interval_end: int
+    value: float
+    time_creation: int
+
+
+class SlaResultRecord(Record, frozen=True):
+    """An SLA checked after its end: its penalties are the `sla_penalty` transfers."""
+
+    TABLE: ClassVar[str] = "sla_results"
+    id: str  # the SLA id
+    penalties: int
+    amount: int  # micro-currency, sum of the penalties
+    solved_by: str
+    time_creation: int
+
+
+TABLES = (
+    *TABLES,
+    GridStateRecord,
+    LemDefaultsRecord,
+    LemRecord,
+    LemMeasureRecord,
+    LemResultRecord,
+    TokenTransfer,
+    SlaRecord,
+    KpiValueRecord,
+    SlaResultRecord,
+)

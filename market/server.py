@@ -22,7 +22,8 @@ from aiohttp import web
 
 from market.engine import Market, MarketConfig, Recovered, RoundOpen, SlotResult
 from market.errors import IllegalTransition, MarketError
-from market.protocol import CancelMsg, EmptyMsg, EntryMsg, MeterMsg, OrdersMsg, StepMsg, decode, ok
+from market.outbox import Outbox
+from market.protocol import CancelMsg, EmptyMsg, EntryMsg, MeterMsg, OrdersMsg, ResumeMsg, StepMsg, decode, ok
 from market.ratelimit import RateLimiter
 from market.records import (
     Batch,
@@ -117,6 +118,7 @@ class MarketServer:
 
         self.sio.register_namespace(BalancingNamespace(self))
         self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
+        self.outbox = Outbox()
         self._waits: dict[int, _MeterWait] = {}
         self._round_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -301,9 +303,12 @@ class MarketServer:
             await self._emit_to(pid, "delivery", payload)
 
     async def _emit_to(self, pid: str, event: str, payload: dict[str, Any]) -> None:
+        """Send a private event now if the participant is online; it is kept (numbered) for
+        `resume` either way."""
+        numbered = self.outbox.push(pid, event, payload)
         sid = self.sessions["/market"].sid_of.get(pid)
         if sid is not None:
-            await self.sio.emit(event, payload, to=sid, namespace="/market")
+            await self.sio.emit(event, numbered, to=sid, namespace="/market")
 
     # -- events of the /market namespace ----------------------------------------------------
 
@@ -430,6 +435,15 @@ class MarketNamespace(_Namespace):
         reply = self.ms.market.cancel(pid, decode(data, CancelMsg).uuid)
         await self.ms.persist()
         return reply
+
+    @_replying
+    async def on_resume(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid)
+        since = decode(data, ResumeMsg).since
+        try:
+            return {"events": self.ms.outbox.since(pid, since)}
+        except LookupError as err:
+            raise MarketError("not_found", str(err)) from None
 
     @_replying
     async def on_meter(self, sid: str, data: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import socketio
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from participants.prosumer import Prosumer, Stats
 
@@ -35,12 +36,16 @@ class ParticipantClient:
         self.refusal: str | None = None  # the server's connect error, if any
         self._waiting: set[asyncio.Future[Any]] = set()
         self._closing = False
+        self.last_seq = 0  # every private event (`settled`, `delivery`) up to this one was handled
+        self._ahead: set[int] = set()  # handled events past a gap
+        self._resuming: set[asyncio.Task[None]] = set()
         self.sio = socketio.AsyncClient(reconnection=reconnection)
         for event, handler in (
             ("start_round", self._on_start_round),
             ("settled", self._on_settled),
             ("delivery", self._on_delivery),
             ("connect_error", self._on_connect_error),
+            ("connect", self._on_connect),
         ):
             self.sio.on(event, handler, namespace=namespace)
 
@@ -60,20 +65,31 @@ class ParticipantClient:
         namespaces: Sequence[str] | None = None,
         *,
         wait_timeout: float = 10.0,
+        connect_retry: float = 0.0,
     ) -> None:
         """Connect with `auth={"id", "token"}`; a refusal raises `socketio.exceptions.
         ConnectionError` whose message includes the server's reason (e.g. `unauthorized`)."""
         self._closing = False
         self.refusal = None
         auth = {"id": id or self.prosumer.spec.id, "token": token}
+        # A server that is not up yet (or restarting) is retried with jittered backoff; a
+        # refusal (bad credentials) is final.
+        retrying = AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.1, max=2.0),
+            stop=stop_after_delay(connect_retry),
+            retry=retry_if_exception(lambda e: isinstance(e, socketio.exceptions.ConnectionError) and not self.refusal),
+            reraise=True,
+        )
         try:
-            await self.sio.connect(
-                url,
-                auth=auth,
-                namespaces=list(namespaces or [self.namespace]),
-                transports=self.transports,
-                wait_timeout=wait_timeout,
-            )
+            async for attempt in retrying:
+                with attempt:
+                    await self.sio.connect(
+                        url,
+                        auth=auth,
+                        namespaces=list(namespaces or [self.namespace]),
+                        transports=self.transports,
+                        wait_timeout=wait_timeout,
+                    )
         except socketio.exceptions.ConnectionError as exc:
             if self.refusal:
                 raise socketio.exceptions.ConnectionError(f"{exc}: {self.refusal}") from exc
@@ -91,6 +107,25 @@ class ParticipantClient:
         await self.sio.wait()
 
     # -- handlers ------------------------------------------------------------------------
+
+    async def _on_connect(self) -> None:
+        # After a reconnect, ask for the private events missed while away. The call waits
+        # for a reply, so it runs as a task: this handler runs inside the socket's reader.
+        if self.last_seq:
+            task = asyncio.ensure_future(self._resume())
+            self._resuming.add(task)
+            task.add_done_callback(self._resuming.discard)
+
+    async def _resume(self) -> None:
+        reply = await self._reply(await self._emit("resume", {"since": self.last_seq}))
+        if not (isinstance(reply, dict) and reply.get("ok")):
+            log.warning("%s: resume failed: %s", self.prosumer.spec.id, reply)
+            self.stats.errors += 1
+            return
+        for item in reply.get("events", []):
+            handler = {"settled": self._on_settled, "delivery": self._on_delivery}.get(item.get("event"))
+            if handler is not None:
+                await handler(item.get("data"))
 
     async def _on_connect_error(self, data: Any = None) -> None:
         self.refusal = data.get("message") if isinstance(data, dict) else str(data)
@@ -115,10 +150,27 @@ class ParticipantClient:
             self._record(event, await self._reply(fut), len(orders))
 
     async def _on_settled(self, payload: Any) -> None:
-        self._guard(self.prosumer.on_settled, payload)
+        if self._fresh(payload):
+            self._guard(self.prosumer.on_settled, payload)
 
     async def _on_delivery(self, payload: Any) -> None:
-        self._guard(self.prosumer.on_delivery, payload)
+        if self._fresh(payload):
+            self._guard(self.prosumer.on_delivery, payload)
+
+    def _fresh(self, payload: Any) -> bool:
+        """False for an event already handled (a replay overlapping live events)."""
+        seq = payload.get("seq") if isinstance(payload, dict) else None
+        if not isinstance(seq, int):
+            return True  # a server without numbering: nothing to deduplicate
+        if seq <= self.last_seq or seq in self._ahead:
+            return False
+        # Live events can overtake a replay after a reconnect: remember those past a gap,
+        # and move `last_seq` (what `resume` asks after) only over contiguous numbers.
+        self._ahead.add(seq)
+        while self.last_seq + 1 in self._ahead:
+            self.last_seq += 1
+            self._ahead.remove(self.last_seq)
+        return True
 
     # -- plumbing ------------------------------------------------------------------------
 

@@ -1,0 +1,32 @@
+"""What the market sent each participant privately (`settled`, `delivery`), numbered, so a
+participant that reconnects can ask for what it missed (`resume`)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+
+class Outbox:
+    def __init__(self, keep: int = 4096) -> None:
+        self.keep = keep  # events kept per participant: bounded memory
+        self._seq: dict[str, int] = {}
+        self._sent: dict[str, deque[tuple[int, str, dict[str, Any]]]] = {}
+
+    def push(self, pid: str, event: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Number the event (`seq`, per participant, from 1) and keep it; returns the payload to send."""
+        seq = self._seq.get(pid, 0) + 1
+        self._seq[pid] = seq
+        numbered = {**payload, "seq": seq}
+        box = self._sent.get(pid)
+        if box is None:
+            box = self._sent[pid] = deque(maxlen=self.keep)
+        box.append((seq, event, numbered))
+        return numbered
+
+    def since(self, pid: str, seq: int) -> list[dict[str, Any]]:
+        """Events after `seq`, oldest first; raises LookupError if some were already dropped."""
+        box = self._sent.get(pid, deque())
+        if box and seq < box[0][0] - 1:
+            raise LookupError(f"events after {seq} are no longer kept (oldest kept: {box[0][0]})")
+        return [{"event": e, "data": d} for s, e, d in box if s > seq]
