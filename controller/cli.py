@@ -18,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ledger", default="sqlite:///microte-sim.db", help="ledger URL (a SQLite file is rewritten)")
     s.add_argument("--participants", type=int, help="scale the community to N (seeded synthetic prosumers)")
     s.add_argument("--days", type=float, help="override the scenario's number of days")
-    s.add_argument("--serializer", choices=["default", "msgpack"], default="default")
+    s.add_argument("--serializer", choices=["json", "msgpack"], default="json")
     led = sub.add_parser("ledger", help="ledger tools")
     led.add_argument("action", choices=["digest"], help="digest: sha256 of the ordered ledger rows")
     led.add_argument("url")

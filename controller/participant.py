@@ -8,6 +8,7 @@ import logging
 import signal
 from pathlib import Path
 
+from controller import runloop
 from controller.scenario import load_scenario
 from participants.fleet import Fleet
 from participants.spec import decode_specs
@@ -57,4 +58,4 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return asyncio.run(run(args))
+    return runloop.run(run(args))

@@ -10,6 +10,7 @@ import time
 
 from aiohttp import web
 
+from controller import runloop
 from controller.scenario import Scenario, load_scenario
 from ledger import open_sink
 from market.records import RunRecord
@@ -34,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ack: entries and readings durable before each reply (rt default); "
         "round: durable with the round, before the step reply (sim default)",
     )
-    p.add_argument("--serializer", choices=["default", "msgpack"], default="default")
+    p.add_argument("--serializer", choices=["json", "msgpack"], default="json")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -76,4 +77,4 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return asyncio.run(serve(args))
+    return runloop.run(serve(args))

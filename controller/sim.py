@@ -19,9 +19,11 @@ import numpy as np
 import socketio
 from tqdm import tqdm
 
+from controller import runloop
 from controller.report import Summary, render, summarize
 from controller.scenario import Scenario, load_scenario
 from ledger import read_rows
+from market import wire
 from participants.fleet import Fleet
 from participants.spec import ParticipantSpec, decode_specs, synthetic_spec
 
@@ -101,7 +103,7 @@ async def run_sim(
     participants: int | None = None,
     days: float | None = None,
     progress: bool = True,
-    serializer: str = "default",
+    serializer: str = "json",
 ) -> SimResult:
     scenario = load_scenario(scenario_path)
     if days is not None:
@@ -138,9 +140,10 @@ async def run_sim(
                 timezone=scenario.timezone,
                 base_dir=Path(scenario_path).parent,
                 concurrency=64,
+                serializer=serializer,
             )
             async with fleet:
-                ctl = socketio.AsyncClient(reconnection=False, serializer=serializer)
+                ctl = socketio.AsyncClient(reconnection=False, serializer=wire.serializer(serializer))
                 await ctl.connect(
                     url,
                     namespaces=["/simulation"],
@@ -176,7 +179,7 @@ async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: boo
 
 
 def main(scenario: str, ledger: str, participants: int | None, days: float | None, serializer: str) -> int:
-    result = asyncio.run(
+    result = runloop.run(
         run_sim(
             scenario,
             ledger=ledger,

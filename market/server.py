@@ -20,6 +20,7 @@ import msgspec
 import socketio
 from aiohttp import web
 
+from market import wire
 from market.engine import Market, MarketConfig, Recovered, RoundOpen, SlotResult
 from market.errors import IllegalTransition, MarketError
 from market.outbox import Outbox
@@ -96,7 +97,7 @@ class MarketServer:
         registry: Registry,
         sink: Sink,
         *,
-        serializer: str = "default",
+        serializer: str = "json",
         run: RunRecord | None = None,
     ) -> None:
         self.config = config
@@ -107,7 +108,7 @@ class MarketServer:
         self.sio = socketio.AsyncServer(
             async_mode="aiohttp",
             async_handlers=False,  # one client's events are handled in the order it sent them
-            serializer=serializer,
+            serializer=wire.serializer(serializer),
             max_http_buffer_size=MAX_PAYLOAD,
             cors_allowed_origins="*",
         )

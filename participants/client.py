@@ -12,6 +12,7 @@ from typing import Any
 import socketio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
+from market import wire
 from participants.prosumer import Prosumer, Stats
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class ParticipantClient:
         timeout: float = 30.0,
         transports: Sequence[str] = ("websocket",),
         reconnection: bool = True,
+        serializer: str = "json",
     ) -> None:
         self.prosumer = prosumer
         self.namespace = namespace
@@ -39,7 +41,7 @@ class ParticipantClient:
         self.last_seq = 0  # every private event (`settled`, `delivery`) up to this one was handled
         self._ahead: set[int] = set()  # handled events past a gap
         self._resuming: set[asyncio.Task[None]] = set()
-        self.sio = socketio.AsyncClient(reconnection=reconnection)
+        self.sio = socketio.AsyncClient(reconnection=reconnection, serializer=wire.serializer(serializer))
         for event, handler in (
             ("start_round", self._on_start_round),
             ("settled", self._on_settled),
