@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controller import participant, serve, sim
+from controller import participant, serve
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "participant":
         return participant.main(args)
     if args.command == "sim":
+        from controller import sim  # the client stack and progress bar: only for this command
+
         return sim.main(args.scenario, args.ledger, args.participants, args.days, args.serializer)
     if args.command == "ledger":
         from ledger import ledger_digest

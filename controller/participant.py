@@ -9,9 +9,6 @@ import signal
 from pathlib import Path
 
 from controller import runloop
-from controller.scenario import load_scenario
-from participants.fleet import Fleet
-from participants.spec import decode_specs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +28,11 @@ def _tokens(path: str) -> dict[str, str]:
 
 
 async def run(args: argparse.Namespace) -> int:
+    # Imported here: `microte market` shares this module's arguments, not the client stack.
+    from controller.scenario import load_scenario
+    from participants.fleet import Fleet
+    from participants.spec import decode_specs
+
     scenario = load_scenario(args.scenario)
     tokens = _tokens(args.registry)
     specs = [s for s in decode_specs(scenario.participants) if not args.ids or s.id in args.ids]
