@@ -148,10 +148,15 @@ class DatasetSink:
     async def read(self, table: str, after: tuple[str, int] | None = None) -> list[dict[str, Any]]:
         """Rows of `table` ordered by key (only where `after[0]` > `after[1]`), read in the
         ledger thread after everything queued before the call."""
-        if self._executor is None:
+        if self._executor is None or self._engine is None:
             raise RuntimeError("ledger sink is not open")
         t = TABLE_MAP[table]
-        query = sa.select(t).order_by(t.c[KEYS[table]])
+        key: sa.ColumnElement[Any] = t.c[KEYS[table]]
+        if self._engine.dialect.name == "postgresql":
+            # Byte order, as SQLite's BINARY collation (and ledger_digest): a server's
+            # locale collation (en_US...) would order the keys differently.
+            key = key.collate("C")
+        query = sa.select(t).order_by(key)
         if after is not None:
             query = query.where(t.c[after[0]] > after[1])
 
