@@ -18,6 +18,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ledger", default="sqlite:///microte-sim.db", help="ledger URL (a SQLite file is rewritten)")
     s.add_argument("--participants", type=int, help="scale the community to N (seeded synthetic prosumers)")
     s.add_argument("--days", type=float, help="override the scenario's number of days")
+    s.add_argument("--fleet", type=int, default=0, metavar="K", help="serve the participants over K /fleet connections")
     s.add_argument("--serializer", choices=["json", "msgpack"], default="json")
     led = sub.add_parser("ledger", help="ledger tools")
     led.add_argument("action", choices=["digest"], help="digest: sha256 of the ordered ledger rows")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sim":
         from controller import sim  # the client stack and progress bar: only for this command
 
-        return sim.main(args.scenario, args.ledger, args.participants, args.days, args.serializer)
+        return sim.main(args.scenario, args.ledger, args.participants, args.days, args.serializer, args.fleet)
     if args.command == "ledger":
         from ledger import ledger_digest
 

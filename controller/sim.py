@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -25,6 +26,7 @@ from controller.scenario import Scenario, load_scenario
 from ledger import read_rows
 from market import wire
 from participants.fleet import Fleet
+from participants.fleet_client import FleetClient
 from participants.spec import ParticipantSpec, decode_specs, synthetic_spec
 
 CONTROLLER_ID = "controller"
@@ -51,6 +53,22 @@ def community(scenario: Scenario, participants: int | None) -> list[ParticipantS
         if spec.id not in taken:
             grown.append(spec)
     return grown
+
+
+class FleetConnections:
+    """The participants split over `n` `/fleet` connections (contiguous groups, in order)."""
+
+    def __init__(self, url: str, members: list[tuple[ParticipantSpec, str]], seed: int, n: int, **options: Any) -> None:
+        size = -(-len(members) // n)
+        self.url = url
+        self.clients = [FleetClient(members[i : i + size], seed, **options) for i in range(0, len(members), size)]
+
+    async def __aenter__(self) -> FleetConnections:
+        await asyncio.gather(*(c.connect(self.url) for c in self.clients))
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await asyncio.gather(*(c.disconnect() for c in self.clients), return_exceptions=True)
 
 
 def write_registry(path: Path, tokens: dict[str, str]) -> None:
@@ -104,7 +122,10 @@ async def run_sim(
     days: float | None = None,
     progress: bool = True,
     serializer: str = "json",
+    fleets: int = 0,
 ) -> SimResult:
+    """Run a scenario; `fleets` > 0 serves the participants over that many `/fleet`
+    connections instead of one connection each."""
     scenario = load_scenario(scenario_path)
     if days is not None:
         scenario = msgspec.structs.replace(scenario, days=days)
@@ -133,16 +154,17 @@ async def run_sim(
         ]
         async with market_process(server_args) as url:
             members = [(s, tokens[s.id]) for s in specs]
-            fleet = Fleet(
-                url,
-                members,
-                scenario.seed,
-                timezone=scenario.timezone,
-                base_dir=Path(scenario_path).parent,
-                concurrency=64,
-                serializer=serializer,
+            options: dict[str, Any] = {
+                "timezone": scenario.timezone,
+                "base_dir": Path(scenario_path).parent,
+                "serializer": serializer,
+            }
+            clients = (
+                FleetConnections(url, members, scenario.seed, fleets, **options)
+                if fleets
+                else Fleet(url, members, scenario.seed, concurrency=64, **options)
             )
-            async with fleet:
+            async with clients:
                 ctl = socketio.AsyncClient(reconnection=False, serializer=wire.serializer(serializer))
                 await ctl.connect(
                     url,
@@ -178,7 +200,9 @@ async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: boo
     return missing
 
 
-def main(scenario: str, ledger: str, participants: int | None, days: float | None, serializer: str) -> int:
+def main(
+    scenario: str, ledger: str, participants: int | None, days: float | None, serializer: str, fleets: int = 0
+) -> int:
     result = runloop.run(
         run_sim(
             scenario,
@@ -186,7 +210,7 @@ def main(scenario: str, ledger: str, participants: int | None, days: float | Non
             participants=participants,
             days=days,
             serializer=serializer,
-            progress=sys.stderr.isatty() or True,
+            fleets=fleets,
         )
     )
     print(render(result.summary, ledger))

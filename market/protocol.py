@@ -99,6 +99,43 @@ class ResumeMsg(Message, frozen=True):
     since: Annotated[int, msgspec.Meta(ge=0, le=2**53)] = 0
 
 
+ParticipantRef = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+MAX_FLEET_ITEMS = 5000  # orders or readings per fleet event (well under the 1 MB message limit)
+
+
+class FleetOrderMsg(Message, frozen=True):
+    """An order of a fleet connection: `participant` must be one the connection authenticated."""
+
+    participant: ParticipantRef
+    side: Side
+    quantity: Quantity
+    price: Price
+    time_delivery: Interval
+    id: ClientId | None = None
+    source: Source | None = None
+
+    def entry(self) -> EntryMsg:
+        return EntryMsg(self.quantity, self.price, self.time_delivery, self.id, self.source)
+
+
+class FleetOrdersMsg(Message, frozen=True):
+    orders: Annotated[list[FleetOrderMsg], msgspec.Meta(min_length=1, max_length=MAX_FLEET_ITEMS)]
+
+
+class FleetMeterMsg(Message, frozen=True):
+    participant: ParticipantRef
+    time_interval: Interval
+    generation: SourceMap = {}
+    consumption: ConsumptionMsg = ConsumptionMsg()
+
+    def meter(self) -> MeterMsg:
+        return MeterMsg(self.time_interval, self.generation, self.consumption)
+
+
+class FleetMetersMsg(Message, frozen=True):
+    readings: Annotated[list[FleetMeterMsg], msgspec.Meta(min_length=1, max_length=MAX_FLEET_ITEMS)]
+
+
 class StepMsg(Message, frozen=True):
     time: Time
     duration: Annotated[int, msgspec.Meta(gt=0, le=86400)] | None = None

@@ -47,6 +47,7 @@ NAMESPACE_ROLES: dict[str, frozenset[Role]] = {
     "/market": frozenset({"prosumer", "dso", "aggregator", "oracle", "operator", "controller"}),
     "/simulation": frozenset({"controller"}),
     "/balancing": frozenset({"operator"}),
+    "/fleet": frozenset({"prosumer"}),
 }
 
 
@@ -118,6 +119,10 @@ class MarketServer:
         from market.balancing_ns import BalancingNamespace  # it subclasses _Namespace below
 
         self.sio.register_namespace(BalancingNamespace(self))
+        from market.fleet_ns import FleetNamespace
+
+        self.fleet = FleetNamespace(self)
+        self.sio.register_namespace(self.fleet)
         self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
         self.outbox = Outbox()
         self._waits: dict[int, _MeterWait] = {}
@@ -249,9 +254,12 @@ class MarketServer:
         except Exception:
             log.exception("slot=%s could not be processed", slot)
 
+    def online(self) -> list[str]:
+        """Participants connected to /market or through a fleet connection."""
+        return sorted({*self.sessions["/market"].sid_of, *self.fleet.sid_of})
+
     def _expect(self, slot: int) -> _MeterWait:
-        online = self.sessions["/market"].sid_of
-        prosumers = {p for p in online if self.registry.role(p) == "prosumer"}
+        prosumers = {p for p in self.online() if self.registry.role(p) == "prosumer"}
         wait = self._waits[slot] = _MeterWait(prosumers - set(self.market.metered(slot)))
         return wait
 
@@ -260,9 +268,10 @@ class MarketServer:
             await asyncio.wait_for(wait.done.wait(), timeout)
 
     async def _announce(self, opened: RoundOpen) -> None:
-        for pid, payload in opened.settled:
-            await self._emit_to(pid, "settled", payload)
+        await self._send_private("settled", opened.settled)
         await self.sio.emit("start_round", opened.start_round, namespace="/market")
+        if self.fleet.members:
+            await self.sio.emit("start_round", opened.start_round, namespace="/fleet")
         log.info("round=%s start trades=%d", opened.times.time, len(opened.settlements))
 
     async def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> dict[str, Any]:
@@ -300,16 +309,22 @@ class MarketServer:
         return _round_reply(summary)
 
     async def _deliver(self, result: SlotResult) -> None:
-        for pid, payload in result.deliveries.items():
-            await self._emit_to(pid, "delivery", payload)
+        await self._send_private("delivery", list(result.deliveries.items()))
 
-    async def _emit_to(self, pid: str, event: str, payload: dict[str, Any]) -> None:
-        """Send a private event now if the participant is online; it is kept (numbered) for
-        `resume` either way."""
-        numbered = self.outbox.push(pid, event, payload)
-        sid = self.sessions["/market"].sid_of.get(pid)
-        if sid is not None:
-            await self.sio.emit(event, numbered, to=sid, namespace="/market")
+    async def _send_private(self, event: str, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Send each participant its private events: one message each on /market, one
+        batch per fleet connection on /fleet. Each is kept (numbered) for `resume`."""
+        market_sids = self.sessions["/market"].sid_of
+        batches: dict[str, list[dict[str, Any]]] = {}
+        for pid, payload in items:
+            numbered = self.outbox.push(pid, event, payload)
+            sid = market_sids.get(pid)
+            if sid is not None:
+                await self.sio.emit(event, numbered, to=sid, namespace="/market")
+            elif (fleet_sid := self.fleet.sid_of.get(pid)) is not None:
+                batches.setdefault(fleet_sid, []).append({"participant": pid, **numbered})
+        for fleet_sid, events in batches.items():
+            await self.sio.emit(event, {"events": events}, to=fleet_sid, namespace="/fleet")
 
     # -- events of the /market namespace ----------------------------------------------------
 
@@ -490,7 +505,7 @@ class SimulationNamespace(_Namespace):
             "time": self.ms.clock.now(),
             "participants": {
                 "registered": self.ms.registry.ids(),
-                "online": self.ms.sessions["/market"].online(),
+                "online": self.ms.online(),
             },
         }
 

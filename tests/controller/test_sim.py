@@ -41,3 +41,11 @@ async def test_sim_ledger_conserves_energy_and_matches_the_summary(tmp_path: Pat
     assert result.summary.trades == len(read_rows(url, "settlements")) > 0
     for r in rows:
         assert r["amount_buy"] == round(r["quantity"] * r["price_buy"] * 1000)
+
+
+async def test_fleet_connections_give_the_same_ledger_as_one_connection_each(tmp_path: Path) -> None:
+    single, fleet = f"sqlite:///{tmp_path}/single.db", f"sqlite:///{tmp_path}/fleet.db"
+    await run_sim(SCENARIO, ledger=single, participants=10, days=0.25, progress=False)
+    result = await run_sim(SCENARIO, ledger=fleet, participants=10, days=0.25, progress=False, fleets=3)
+    assert result.missing_total == 0 and result.summary.trades > 0
+    assert ledger_digest(fleet) == ledger_digest(single)
