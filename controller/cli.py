@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controller import participant, serve
+from controller import flexsim, participant, serve
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,6 +20,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--days", type=float, help="override the scenario's number of days")
     s.add_argument("--fleet", type=int, default=0, metavar="K", help="serve the participants over K /fleet connections")
     s.add_argument("--serializer", choices=["json", "msgpack"], default="json")
+    flexsim.add_arguments(
+        sub.add_parser("flexsim", help="simulate aggregator flexibility: fair vs reputation (seed 001)")
+    )
     led = sub.add_parser("ledger", help="ledger tools")
     led.add_argument("action", choices=["digest"], help="digest: sha256 of the ordered ledger rows")
     led.add_argument("url")
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         from controller import sim  # the client stack and progress bar: only for this command
 
         return sim.main(args.scenario, args.ledger, args.participants, args.days, args.serializer, args.fleet)
+    if args.command == "flexsim":
+        return flexsim.main(args)
     if args.command == "ledger":
         from ledger import ledger_digest
 

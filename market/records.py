@@ -337,3 +337,128 @@ TABLES = (
     KpiValueRecord,
     SlaResultRecord,
 )
+
+
+# -- flexibility (seed 001, docs/flexibility.md) ----------------------------------------------
+
+
+class FlexContractRecord(Record, frozen=True):
+    """One event of a prosumer <-> aggregator flexibility contract, with the terms after it.
+    Powers in W, durations in seconds, prices per kWh."""
+
+    TABLE: ClassVar[str] = "flex_contracts"
+    id: str  # f"{contract_id}.{version}"
+    contract_id: str
+    version: int
+    event: str  # registered | renegotiated | cancelled | expired
+    prosumer_id: str
+    aggregator_id: str
+    source: str
+    production: int  # W expected (the baseline's production)
+    consumption: int  # W expected (the baseline's consumption)
+    flex_up: int  # W guaranteed: more production or less consumption
+    flex_down: int  # W guaranteed: less production or more consumption
+    duration: int  # s, longest activation
+    notice: int  # s, longest delay between notice and delivery
+    price_up: float
+    price_down: float
+    expires: int
+    downward: bool  # a renegotiation that lowered what is guaranteed
+    time: int
+
+
+class FlexRequestRecord(Record, frozen=True):
+    """A grid operator's request to an aggregator, once allocated."""
+
+    TABLE: ClassVar[str] = "flex_requests"
+    id: str  # f"fr{n}"
+    dso_id: str
+    aggregator_id: str
+    client_id: str | None
+    power: int  # W, > 0 up, < 0 down
+    time_delivery_start: int
+    time_delivery_end: int
+    strategy: str
+    offered: int
+    accepted: int
+    allocated: int  # W, sum of the allocations (absolute)
+    shortfall: int  # W not allocated
+    reason: str | None
+    time: int
+
+
+class FlexAnswerRecord(Record, frozen=True):
+    TABLE: ClassVar[str] = "flex_answers"
+    id: str  # f"{request_id}.{prosumer_id}"
+    request_id: str
+    prosumer_id: str
+    answer: str  # accept | decline | silent
+    time: int
+
+
+class FlexAllocationRecord(Record, frozen=True):
+    TABLE: ClassVar[str] = "flex_allocations"
+    id: str  # f"{request_id}.{prosumer_id}"
+    request_id: str
+    prosumer_id: str
+    contract_id: str
+    status: str  # allocated | displaced
+    power: int  # W, signed as the request
+    expected: int  # Wh of flexibility over the window
+    baseline: int  # Wh net (production - consumption) the contract expects over the window
+    price: float  # per kWh, the contract's price in the request's direction
+    reputation: int  # at allocation
+    time: int
+
+
+class FlexDeliveryRecord(Record, frozen=True):
+    TABLE: ClassVar[str] = "flex_deliveries"
+    id: str  # f"{request_id}.{prosumer_id}"
+    request_id: str
+    prosumer_id: str
+    metered: bool
+    production: int  # Wh metered over the window (0 if not metered)
+    consumption: int
+    baseline: int  # Wh
+    expected: int  # Wh
+    delivered: int  # Wh, signed: flexibility in the request's direction against the baseline
+    met: bool
+    reward: int  # micro-currency
+    penalty: int  # micro-currency
+    time: int
+
+
+class FlexTokenRecord(Record, frozen=True):
+    """Tokens moved by a delivery check: rewards aggregator -> prosumer, penalties back."""
+
+    TABLE: ClassVar[str] = "flex_tokens"
+    id: str  # f"{request_id}.{prosumer_id}.{reason}"
+    request_id: str
+    from_id: str
+    to_id: str
+    amount: int  # micro-currency, > 0
+    reason: str  # reward | penalty
+    time: int
+
+
+class FlexReputationRecord(Record, frozen=True):
+    TABLE: ClassVar[str] = "flex_reputation"
+    id: str  # f"{participant_id}.{n}", n counting that participant's updates from 1
+    participant_id: str
+    reason: str  # compliance | participation | renegotiation | penalty
+    delta: int
+    score: int  # after the update
+    ref: str  # the request or contract id
+    time: int
+
+
+TABLES = (
+    *TABLES,
+    FlexContractRecord,
+    FlexRequestRecord,
+    FlexAnswerRecord,
+    FlexAllocationRecord,
+    FlexDeliveryRecord,
+    FlexTokenRecord,
+    FlexReputationRecord,
+)

@@ -48,6 +48,7 @@ NAMESPACE_ROLES: dict[str, frozenset[Role]] = {
     "/simulation": frozenset({"controller"}),
     "/balancing": frozenset({"operator"}),
     "/fleet": frozenset({"prosumer"}),
+    "/flex": frozenset({"prosumer", "aggregator", "dso"}),
 }
 
 
@@ -123,6 +124,9 @@ class MarketServer:
 
         self.fleet = FleetNamespace(self)
         self.sio.register_namespace(self.fleet)
+        from market.flex_ns import FlexNamespace
+
+        self.sio.register_namespace(FlexNamespace(self))
         self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
         self.outbox = Outbox()
         self._waits: dict[int, _MeterWait] = {}
