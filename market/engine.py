@@ -57,6 +57,10 @@ class MarketConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_burst: Annotated[int, msgspec.Meta(gt=0)] = 10000
     timezone: str = "UTC"
     grid: GridTariff = GridTariff()
+    # Grid fee per kWh on P2P fills of slots the DSO marked YELLOW (/grid `grid_state.set`):
+    # a pair trades only if the bid covers the ask plus the fee; the buyer pays the fee on
+    # top of what the seller receives, and the difference is the market operator's.
+    yellow_fee: Annotated[float, msgspec.Meta(ge=0, le=1e3)] = 0.0
     # When acknowledged entries and readings become durable: "ack" before each reply (rt
     # default), "round" with the round's records before the `step` reply (sim default).
     durability: Literal["ack", "round"] | None = None
@@ -191,8 +195,11 @@ class Market:
         bids, asks = self.book.pop_slot(slot[0])
         self._move(slot[0], "close")
         self._counters.pop(slot[0], None)
-        if self.grid_states.get(slot[0]) == "RED":
+        state = self.grid_states.get(slot[0])
+        if state == "RED":
             fills: list[Fill] = []  # the DSO forbids P2P trade in this slot: all settle with the grid
+        elif state == "YELLOW" and self.config.yellow_fee > 0:
+            fills = _clear_with_fee(bids, asks, self.config.pricing, self.config.yellow_fee)
         else:
             fills = clear(bids, asks, self.config.pricing)
         records = [self._settlement(slot, i, f, now) for i, f in enumerate(fills)]
@@ -419,6 +426,18 @@ class Market:
                 self.book.add(_entry_from_record(e))
         for m in rec.meters:
             self._early_meters.setdefault(m.time_interval_start, {})[m.participant_id] = m
+
+
+def _clear_with_fee(bids: list[Entry], asks: list[Entry], pricing: Pricing, fee: float) -> list[Fill]:
+    """Clear with every ask raised by `fee`, then give each seller its fill's price less the
+    fee (never below its own ask): nobody pays above its bid or receives below its ask, and
+    the buyer pays `fee` per kWh more than the seller receives."""
+    own = {a.uuid: a for a in asks}
+    raised = [msgspec.structs.replace(a, price=a.price + fee) for a in asks]
+    return [
+        msgspec.structs.replace(f, ask=own[f.ask.uuid], price_sell=max(own[f.ask.uuid].price, f.price_sell - fee))
+        for f in clear(bids, raised, pricing)
+    ]
 
 
 def _settled_events(settlements: list[Settlement]) -> list[tuple[str, dict[str, Any]]]:

@@ -49,6 +49,7 @@ NAMESPACE_ROLES: dict[str, frozenset[Role]] = {
     "/balancing": frozenset({"operator"}),
     "/fleet": frozenset({"prosumer"}),
     "/flex": frozenset({"prosumer", "aggregator", "dso"}),
+    "/grid": frozenset({"dso", "aggregator", "operator", "prosumer", "oracle"}),
 }
 
 
@@ -127,6 +128,10 @@ class MarketServer:
         from market.flex_ns import FlexNamespace
 
         self.sio.register_namespace(FlexNamespace(self))
+        from market.grid_ns import GridNamespace
+
+        self.grid = GridNamespace(self)
+        self.sio.register_namespace(self.grid)
         self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
         self.outbox = Outbox()
         self._waits: dict[int, _MeterWait] = {}
@@ -148,6 +153,7 @@ class MarketServer:
     async def _lifetime(self, _app: web.Application) -> AsyncIterator[None]:
         await self.sink.start()
         await self._resume()
+        await self.grid.start()  # resume /grid from the ledger, start the periodic LEM solver
         await self.sink.write(Batch((self.run,)))
         if self.config.mode == "rt":
             self._spawn(self._rt_loop())
@@ -222,12 +228,10 @@ class MarketServer:
             self.clock.set(t)
             wait = self._expect(t)
             await self._announce(opened)
-            fills: list[Settlement] = list(opened.settlements)
             for skipped in [s for s in self.market.delivering() if s < t]:  # a step that jumped ahead
-                await self._finish(opened, skipped, fills)
-                fills = []
+                await self._finish(opened, skipped, [])
             await self._await_readings(wait, self.config.round_timeout)
-            return await self._finish(opened, t, fills)
+            return await self._finish(opened, t, opened.settlements)
 
     async def _rt_loop(self) -> None:
         """rt mode: open a round at every multiple of the duration, whatever clients do;

@@ -1,0 +1,484 @@
+"""The Parity market over real socket.io (namespace /grid, seed 000): the DSO's grid state in
+the auction, aggregator LEMs, community pricing, token settlement on the ledger, SLA/KPIs.
+
+Times: T is 12:00 UTC. The market clock is the controller's `step` (sim mode), so "12:15"
+in the seed's sequence is a `step` to 12:15; actions "before the slot starts" happen a
+minute before it. Every expected balance is computed by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import socketio
+from aiohttp import web
+
+import market.server as server_mod
+from ledger import open_sink
+from ledger.digest import read_rows
+from market.engine import MarketConfig
+from market.grid_ns import NAMESPACE, ROLES, GridNamespace
+from market.registry import Registry
+from market.server import MarketServer
+from tests.e2e.conftest import refusal
+
+CONFIG = MarketConfig(duration=60, close_steps=2, round_timeout=2.0)
+T = 1_699_963_200  # 2023-11-14 12:00 UTC
+Q = 900  # a LEM slot
+H = 3600
+TOKENS = {p: f"tok-{p.lower()}" for p in ("DSO", "AGG", "OP", "ORA", "P1", "P2", "P3", "P4", "CTL")}
+ROLE_OF = {"DSO": "dso", "AGG": "aggregator", "OP": "operator", "ORA": "oracle", "CTL": "controller"}
+ZERO = {"generation": {}, "consumption": {"bess": {}, "other": {"external": 0}}}
+
+
+def registry() -> Registry:
+    return Registry.from_dict(
+        {"participants": [{"id": p, "token": t, "role": ROLE_OF.get(p, "prosumer")} for p, t in TOKENS.items()]}
+    )
+
+
+@asynccontextmanager
+async def running(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, GridNamespace]]:
+    # What MarketServer does once /grid is wired in; harmless if it already is.
+    monkeypatch.setitem(server_mod.NAMESPACE_ROLES, NAMESPACE, ROLES)
+    server = MarketServer(CONFIG, registry(), open_sink(ledger_url))
+    wired = NAMESPACE in server.sio.namespace_handlers
+    if not wired:
+        server.sio.register_namespace(GridNamespace(server))
+    ns = server.sio.namespace_handlers[NAMESPACE]
+    assert isinstance(ns, GridNamespace)
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()  # the app's start-up: sink open, market resumed
+    if not wired:
+        await ns.start()  # resume /grid and start the hourly solver, as the server's lifetime does
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", ns
+    finally:
+        await runner.cleanup()
+
+
+async def connect(url: str, pid: str, *namespaces: str) -> socketio.AsyncClient:
+    sio = socketio.AsyncClient(reconnection=False)
+    await sio.connect(
+        url,
+        namespaces=list(namespaces or (NAMESPACE,)),
+        auth={"id": pid, "token": TOKENS[pid]},
+        transports=["websocket"],
+        wait_timeout=5,
+    )
+    return sio
+
+
+async def call(sio: socketio.AsyncClient, event: str, payload: Any = None) -> dict[str, Any]:
+    reply: dict[str, Any] = await sio.call(
+        event, payload if payload is not None else {}, namespace=NAMESPACE, timeout=10
+    )
+    return reply
+
+
+async def ok(sio: socketio.AsyncClient, event: str, payload: Any = None) -> dict[str, Any]:
+    reply = await call(sio, event, payload)
+    assert reply["ok"] is True, (event, payload, reply)
+    return reply
+
+
+async def refused(sio: socketio.AsyncClient, event: str, payload: Any, code: str) -> None:
+    reply = await call(sio, event, payload)
+    assert reply["ok"] is False and reply["error"]["code"] == code, (event, payload, reply)
+
+
+async def step(ctl: socketio.AsyncClient, t: int) -> dict[str, Any]:
+    reply = await ctl.call("step", {"time": t}, namespace="/simulation", timeout=10)
+    assert reply["ok"], reply
+    round_: dict[str, Any] = reply["round"]
+    return round_
+
+
+def meters_and_rounds(sio: socketio.AsyncClient, readings: dict[int, dict[str, Any]], seen: list[Any]) -> None:
+    """On every start_round: keep it, and send this prosumer's reading of the current round."""
+
+    async def on_start_round(msg: dict[str, Any]) -> None:
+        seen.append(msg)
+        start = msg["current_round"][0]
+        reply = await sio.call(
+            "meter", {"time_interval": msg["current_round"], **readings.get(start, ZERO)}, namespace="/market"
+        )
+        assert reply["ok"], reply
+
+    sio.on("start_round", on_start_round, namespace="/market")
+
+
+def lem(start: int, players: list[str], params: dict[str, float] | None = None) -> dict[str, Any]:
+    payload: dict[str, Any] = {"time_delivery": [start, start + Q], "players": players}
+    if params is not None:
+        payload["params"] = params
+    return payload
+
+
+def used(start: int, consumption: int, production: int) -> dict[str, Any]:
+    return {"time_delivery": [start, start + Q], "consumption": consumption, "production": production}
+
+
+async def test_red_slot_clears_no_p2p_trade_and_meters_count_for_the_lem(
+    ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RED LEM [12:00, 12:15], GREEN LEM [12:15, 12:30]; P1 sells P2 1 kWh in both."""
+    red, green = T, T + Q
+    async with running(ledger_url, monkeypatch) as (url, _ns):
+        ctl = await connect(url, "CTL", "/simulation")
+        dso, agg = await connect(url, "DSO"), await connect(url, "AGG")
+        p1, p2 = await connect(url, "P1", "/market", NAMESPACE), await connect(url, "P2", "/market", NAMESPACE)
+        rounds: list[Any] = []
+        # The one delivered slot of the GREEN LEM that trades: P1 exports 1 kWh, P2 imports it.
+        meters_and_rounds(p1, {green: {"generation": {"solar": 1000}}}, rounds)
+        meters_and_rounds(p2, {green: {"consumption": {"other": {"external": 1000}}}}, [])
+
+        await step(ctl, T - 120)  # 11:58: next_settle is [12:00, 12:01]
+        assert (await ok(dso, "grid_state.set", {"time_delivery": [red, red + Q], "state": "RED"}))["grid_state"] == {
+            "time_delivery": [red, red + Q],
+            "state": "RED",
+        }
+        await ok(dso, "grid_state.set", {"time_delivery": [green, green + Q], "state": "GREEN"})
+        got = await ok(agg, "lem.set", lem(red, ["P1", "P2"]))
+        assert got["lem"] == {
+            "time_delivery": [red, red + Q],
+            "aggregator": "AGG",
+            "players": ["P1", "P2"],
+            "params": None,
+        }
+        await ok(agg, "lem.set", lem(green, ["P1", "P2"]))
+        for slot in (red, green):  # the same trade offered in a RED and in a GREEN auction slot
+            ask = {"quantity": 1000, "price": 0.05, "time_delivery": [slot, slot + 60], "source": "solar"}
+            bid = {"quantity": 1000, "price": 0.20, "time_delivery": [slot, slot + 60]}
+            assert (await p1.call("ask", ask, namespace="/market"))["ok"]
+            assert (await p2.call("bid", bid, namespace="/market"))["ok"]
+
+        assert (await step(ctl, red - 60))["trades"] == 0  # [12:00, 12:01] cleared: RED, no P2P fill
+        info = {tuple(i["time_delivery"]): i["grid_state"] for i in rounds[-1]["market_info"]}
+        assert info[(red, red + 60)] == "RED"  # the DSO's state reaches participants
+        await step(ctl, green - 120)  # a jump: its reply counts the fills of the first slot it processes
+        assert (await step(ctl, green - 60))["trades"] == 1  # [12:15, 12:16] cleared: GREEN trades
+        assert {tuple(i["time_delivery"]): i["grid_state"] for i in rounds[-1]["market_info"]}[
+            (green, green + 60)
+        ] == "GREEN"
+        assert (await step(ctl, green))["metered"] == 2  # delivered: P1's and P2's readings
+
+        # The RED LEM was measured by its prosumers; the GREEN one only by the meters.
+        await step(ctl, green + Q)  # 12:30: both LEMs have ended
+        await ok(p1, "lem.measure", used(red, 0, 500))
+        await ok(p2, "lem.measure", used(red, 500, 0))
+        solved = await ok(agg, "lem.solve", {"start": T, "end": T + H})
+        # RED: skipped. GREEN, from the meters: Ec = Ep = 1 kWh: p_buy = (20 - 6)/1 = 14 c,
+        # p_sell = (6.5 + 1.5)/1 = 8 c: P1 +0.08, P2 -0.14, the aggregator keeps 0.06.
+        assert [(x["grid_state"], x["skipped"], x["balances"]) for x in solved["lems"]] == [
+            ("RED", True, {"P1": 0, "P2": 0}),
+            ("GREEN", False, {"P1": 80_000, "P2": -140_000}),
+        ]
+        assert solved["balances"] == {"P1": 80_000, "P2": -140_000}
+        assert [(t["from"], t["to"], t["amount"]) for t in solved["transfers"]] == [
+            ("AGG", "P1", 80_000),
+            ("P2", "AGG", 140_000),
+        ]
+        assert (await ok(agg, "tokens.balances"))["balances"] == {"AGG": 60_000, "P1": 80_000, "P2": -140_000}
+        assert (await ok(p1, "tokens.balances"))["balances"] == {"P1": 80_000}  # its own only
+        assert (await ok(dso, "tokens.balances"))["balances"] == {"DSO": 0}
+        assert (await ok(agg, "lem.solve", {"start": T, "end": T + H}))["transfers"] == []  # solved once
+        await refused(p1, "lem.measure", used(green, 0, 1), "closed")
+        for c in (ctl, dso, agg, p1, p2):
+            await c.disconnect()
+
+    settlements = read_rows(ledger_url, "settlements")
+    assert [(s["time_delivery_start"], s["seller_id"], s["buyer_id"], s["quantity"]) for s in settlements] == [
+        (green, "P1", "P2", 1000)
+    ]
+    p2p = [r for r in read_rows(ledger_url, "transactions") if r["kind"] == "p2p"]
+    assert [(r["time_delivery_start"], r["quantity"]) for r in p2p] == [(green, 1000)]
+    transfers = read_rows(ledger_url, "token_transfers")
+    assert sorted((r["id"], r["payer_id"], r["payee_id"], r["amount"]) for r in transfers) == [
+        (f"t/s{red}-{green + Q}/AGG/P1", "AGG", "P1", 80_000),
+        (f"t/s{red}-{green + Q}/P2/AGG", "P2", "AGG", 140_000),
+    ]
+    results = {(r["time_delivery_start"], r["participant_id"]): r for r in read_rows(ledger_url, "lem_results")}
+    assert results[(green, "P1")]["measured"] == "meter" and results[(green, "P1")]["production"] == 1000
+    assert results[(green, "P2")]["measured"] == "meter" and results[(green, "P2")]["consumption"] == 1000
+    assert results[(red, "P1")]["measured"] == "prosumer" and results[(red, "P1")]["skipped"]
+    assert [r["state"] for r in read_rows(ledger_url, "grid_states")] == ["RED", "GREEN"]
+
+
+# The seed's LEM example: grid states, players, energies (Wh) and own parameters per LEM.
+OVERRIDE = {"pbBAU": 25.0, "psBAU": 5.0, "pbP2P": 15.0, "psP2P": 10.0, "beta": 0.0}
+SEED_LEMS: list[tuple[int, str, dict[str, tuple[int, int]], dict[str, float] | None]] = [
+    # L1 GREEN, P1 and P4. Ec = 2, Ep = 3, matched 2: p_buy = (40 - 2*6)/2 = 14 c,
+    # p_sell = (3*6.5 + 2*1.5)/3 = 7.5 c. P1 -2*0.14 = -0.28; P4 3*0.075 = +0.225.
+    (T, "GREEN", {"P1": (2000, 0), "P4": (0, 3000)}, None),
+    # L2 YELLOW, P1, P2, P4. Ec = 2, Ep = 1, matched 1: p_buy = (48 - 10)/2 = 19 c, p_sell =
+    # (6.3 + 1.7)/1 = 8 c; net flow +1. P1, P2: -0.19 - 0.025*1*1 = -0.215; P4: 0.08 + 0.025 = +0.105.
+    (T + Q, "YELLOW", {"P1": (1000, 0), "P2": (1000, 0), "P4": (0, 1000)}, None),
+    # L3 RED, P2, P3, P4: business as usual, nothing moves.
+    (T + 2 * Q, "RED", {"P2": (500, 0), "P3": (0, 500), "P4": (100, 0)}, None),
+    # L4 GREEN with the aggregator's own parameters, P1-P4 (P4 saves nothing: 0, 0).
+    # Ec = 2, Ep = 2: p_buy = (50 - 2*10)/2 = 15 c, p_sell = (10 + 2*5)/2 = 10 c.
+    # P1, P3: -0.15; P2: 2*0.10 = +0.20; P4: 0.
+    (T + 3 * Q, "GREEN", {"P1": (1000, 0), "P2": (0, 2000), "P3": (1000, 0), "P4": (-1, -1)}, OVERRIDE),
+]
+# Totals: P1 -0.28 - 0.215 - 0.15 = -0.645; P2 -0.215 + 0.20 = -0.015; P3 -0.15;
+# P4 0.225 + 0.105 = +0.33; the aggregator keeps 0.645 + 0.015 + 0.15 - 0.33 = 0.48.
+LEM_BALANCES = {"AGG": 480_000, "P1": -645_000, "P2": -15_000, "P3": -150_000, "P4": 330_000}
+# The seed's SLA example, 12:00-14:00, KPIs at 1-hour resolution.
+SEED_SLA: dict[str, Any] = {
+    "id": "SLA_12_14",
+    "start": T,
+    "end": T + 2 * H,
+    "kpis": [
+        {
+            "id": "KPI1",
+            "signal": "peak_kw",
+            "rule": "gt",
+            "limit": 10,
+            "penalty": 100_000,
+            "players": ["P1", "P2"],
+            "resolution": H,
+        },
+        {
+            "id": "KPI2",
+            "signal": "power_factor",
+            "rule": "lt",
+            "limit": 0.5,
+            "penalty": 50_000,
+            "players": ["P3", "P4"],
+            "resolution": H,
+        },
+    ],
+}
+KPI_VALUES = {  # (player, kpi) -> values of 12:00-13:00 and 13:00-14:00
+    ("P1", "KPI1"): (12.0, 8.0),  # 12 > 10 breaks
+    ("P2", "KPI1"): (9.0, 10.0),  # 10 > 10 is false: keeps
+    ("P3", "KPI2"): (0.4, 0.45),  # both < 0.5: break
+    ("P4", "KPI2"): (0.9, 0.6),
+}
+PENALTIES = [
+    {"player": "P1", "kpi": "KPI1", "time_interval": [T, T + H], "amount": 100_000},
+    {"player": "P3", "kpi": "KPI2", "time_interval": [T, T + H], "amount": 50_000},
+    {"player": "P3", "kpi": "KPI2", "time_interval": [T + H, T + 2 * H], "amount": 50_000},
+]
+FINAL = {"AGG": 680_000, "P1": -745_000, "P2": -15_000, "P3": -250_000, "P4": 330_000}
+
+
+async def test_seed_lem_and_sla_sequences(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running(ledger_url, monkeypatch) as (url, ns):
+        ctl = await connect(url, "CTL", "/simulation")
+        dso, agg, op = await connect(url, "DSO"), await connect(url, "AGG"), await connect(url, "OP")
+        pr = {p: await connect(url, p) for p in ("P1", "P2", "P3", "P4")}
+        # The operator sets the seed's default parameters (what `microte init` would do).
+        for state, (pb, ps, pbp, psp, beta) in {
+            "GREEN": (20, 6.5, 14, 8, 0),
+            "YELLOW": (24, 6.3, 14, 8, 0.025),
+        }.items():
+            defaults = {"pbBAU": pb, "psBAU": ps, "pbP2P": pbp, "psP2P": psp, "beta": beta}
+            await ok(op, "lem.defaults.set", {"grid_state": state, **defaults})
+
+        previous: int | None = None
+        for start, state, energies, params in SEED_LEMS:
+            await step(ctl, start - 60)  # just before the slot: its grid state and its LEM
+            if previous is None:
+                await ok(agg, "sla.set", SEED_SLA)  # 12:00: the SLA and its KPIs for [12:00, 14:00]
+            await ok(dso, "grid_state.set", {"time_delivery": [start, start + Q], "state": state})
+            await ok(agg, "lem.set", lem(start, list(energies), params))
+            if previous is not None:
+                await step(ctl, start)  # the previous LEM has ended: its players save their data
+                await save(pr, SEED_LEMS, previous)
+            previous = start
+        await step(ctl, T + H)  # 13:00: the last LEM's data, and the KPIs of the first hour
+        assert previous is not None
+        await save(pr, SEED_LEMS, previous)
+        for (p, k), values in KPI_VALUES.items():
+            await ok(
+                pr[p], "kpi.measure", {"sla": SEED_SLA["id"], "kpi": k, "time_interval": [T, T + H], "value": values[0]}
+            )
+        assert (await ok(agg, "tokens.balances"))["balances"] == {}  # nothing solved at 13:00
+
+        await step(ctl, T + H + 60)  # 13:01: the hourly solver solves the four LEMs
+        balances = await wait_for_balances(agg, LEM_BALANCES)
+        assert balances == LEM_BALANCES
+        for p in ("P1", "P2", "P3", "P4"):
+            assert (await ok(pr[p], "tokens.balances"))["balances"] == {p: LEM_BALANCES[p]}
+        assert (await ok(op, "lem.solve", {"start": T, "end": T + H}))["lems"] == []  # nothing left
+
+        await step(ctl, T + 2 * H)  # 14:00: the KPIs of the second hour
+        for (p, k), values in KPI_VALUES.items():
+            interval = [T + H, T + 2 * H]
+            await ok(
+                pr[p], "kpi.measure", {"sla": SEED_SLA["id"], "kpi": k, "time_interval": interval, "value": values[1]}
+            )
+        await step(ctl, T + 3 * H)  # 15:00: the SLA is checked and its penalties applied
+        assert (await ok(agg, "sla.solve", {"sla": SEED_SLA["id"]}))["penalties"] == PENALTIES
+        again = await ok(op, "sla.solve", {"sla": SEED_SLA["id"]})
+        assert again["penalties"] == PENALTIES and again["duplicate"] is True  # applied once
+        assert (await ok(op, "tokens.balances"))["balances"] == FINAL
+        assert sum(FINAL.values()) == 0
+        snapshot = ns.core.snapshot()
+        for c in (ctl, dso, agg, op, *pr.values()):
+            await c.disconnect()
+
+    transfers = read_rows(ledger_url, "token_transfers")
+    solve = f"s{T}-{T + H}"
+    assert sorted((r["id"], r["amount"]) for r in transfers if r["kind"] == "lem") == [
+        (f"t/{solve}/AGG/P4", 330_000),
+        (f"t/{solve}/P1/AGG", 645_000),
+        (f"t/{solve}/P2/AGG", 15_000),
+        (f"t/{solve}/P3/AGG", 150_000),
+    ]
+    assert sorted(r["id"] for r in transfers if r["kind"] == "sla_penalty") == [
+        f"p/SLA_12_14/KPI1/P1/{T}",
+        f"p/SLA_12_14/KPI2/P3/{T}",
+        f"p/SLA_12_14/KPI2/P3/{T + H}",
+    ]
+    assert len(read_rows(ledger_url, "lem_measures")) == 11 and len(read_rows(ledger_url, "kpi_values")) == 8
+
+    # A restarted server resumes /grid from the ledger: same state, and nothing applies twice.
+    async with running(ledger_url, monkeypatch) as (url, ns):
+        assert ns.core.snapshot() == snapshot
+        agg = await connect(url, "AGG")
+        assert (await ok(agg, "sla.solve", {"sla": SEED_SLA["id"]}))["duplicate"] is True
+        assert (await ok(agg, "tokens.balances"))["balances"] == FINAL
+        await agg.disconnect()
+
+
+async def save(pr: dict[str, socketio.AsyncClient], lems: list[Any], start: int) -> None:
+    """Each player of the LEM starting at `start` saves its consumption and production."""
+    energies = next(e for s, _, e, _ in lems if s == start)
+    for p, (c, e) in energies.items():
+        if c >= 0:  # (-1, -1): this player saves nothing
+            await ok(pr[p], "lem.measure", used(start, c, e))
+
+
+async def wait_for_balances(
+    sio: socketio.AsyncClient, expected: dict[str, int], timeout: float = 10.0
+) -> dict[str, int]:
+    """The periodic solver runs on its own (it looks at the market clock every second)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        balances: dict[str, int] = (await ok(sio, "tokens.balances"))["balances"]
+        if balances == expected or loop.time() > deadline:
+            return balances
+        await asyncio.sleep(0.1)
+
+
+# -- roles and refusals ----------------------------------------------------------------------
+
+ALLOWED: dict[str, set[str]] = {
+    "grid_state.set": {"DSO"},
+    "lem.defaults.set": {"OP"},
+    "lem.set": {"AGG"},
+    "lem.measure": {"P1"},
+    "lem.solve": {"AGG", "OP"},
+    "tokens.balances": {"DSO", "AGG", "OP", "ORA", "P1"},
+    "sla.set": {"AGG"},
+    "kpi.measure": {"ORA", "P1"},
+    "sla.solve": {"AGG", "OP"},
+}
+PAYLOADS: dict[str, Any] = {
+    "grid_state.set": {"time_delivery": [T + 2 * H, T + 2 * H + Q], "state": "RED"},
+    "lem.defaults.set": {"grid_state": "GREEN", "pbBAU": 1, "psBAU": 1, "pbP2P": 1, "psP2P": 1, "beta": 0},
+    "lem.set": lem(T + 2 * H, ["P1"]),
+    "lem.measure": used(T, 1, 1),
+    "lem.solve": {"start": T, "end": T + 4 * H},
+    "tokens.balances": {},
+    "sla.set": {**SEED_SLA, "id": "other"},
+    "kpi.measure": {"sla": "sla", "kpi": "K", "time_interval": [T, T + H], "value": 1.0},
+    "sla.solve": {"sla": "sla"},
+}
+
+
+async def test_each_event_only_for_its_roles(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running(ledger_url, monkeypatch) as (url, ns):
+        assert (await refusal(url, "CTL", NAMESPACE, token=TOKENS["CTL"])).startswith("unauthorized")
+        assert (await refusal(url, "P1", NAMESPACE, token="wrong")).startswith("unauthorized")
+        clients = {p: await connect(url, p) for p in ("DSO", "AGG", "OP", "ORA", "P1")}
+        ctl = await connect(url, "CTL", "/simulation")
+        await step(ctl, T - 60)
+        await ok(clients["AGG"], "lem.set", lem(T, ["P1"]))
+        sla: dict[str, Any] = {
+            "id": "sla",
+            "start": T,
+            "end": T + H,
+            "kpis": [
+                {
+                    "id": "K",
+                    "signal": "s",
+                    "rule": "gt",
+                    "limit": 0,
+                    "penalty": 5,
+                    "players": ["P1", "ORA"],
+                    "resolution": H,
+                }
+            ],
+        }
+        await ok(clients["AGG"], "sla.set", sla)
+        before = ns.core.snapshot()
+        for event, allowed in ALLOWED.items():
+            for pid, sio in clients.items():
+                if pid not in allowed:
+                    await refused(sio, event, PAYLOADS[event], "forbidden")
+        assert ns.core.snapshot() == before
+
+        # Allowed roles, refused payloads: clear errors, nothing changed.
+        agg, dso, op, p1, ora = (clients[p] for p in ("AGG", "DSO", "OP", "P1", "ORA"))
+        p2 = await connect(url, "P2")
+        bad: list[tuple[socketio.AsyncClient, str, Any, str]] = [
+            (dso, "grid_state.set", {"time_delivery": [T - Q, T], "state": "RED"}, "closed"),  # started
+            (dso, "grid_state.set", {"time_delivery": [T + 60, T + 960], "state": "RED"}, "invalid"),  # misaligned
+            (dso, "grid_state.set", {"time_delivery": [T + Q, T + 2 * Q], "state": "red"}, "invalid"),
+            (dso, "grid_state.set", "RED", "invalid"),
+            (
+                op,
+                "lem.defaults.set",
+                {"grid_state": "GREEN", "pbBAU": "20", "psBAU": 1, "pbP2P": 1, "psP2P": 1, "beta": 0},
+                "invalid",
+            ),
+            (
+                op,
+                "lem.defaults.set",
+                {"grid_state": "GREEN", "pbBAU": -1, "psBAU": 1, "pbP2P": 1, "psP2P": 1, "beta": 0},
+                "invalid",
+            ),
+            (agg, "lem.set", lem(T, ["P1"]), "conflict"),  # a LEM for that slot exists
+            (agg, "lem.set", lem(T + Q, ["P1", "DSO"]), "invalid"),  # not a prosumer
+            (agg, "lem.set", {**lem(T + Q, ["P1"]), "extra": 1}, "invalid"),
+            (p1, "lem.measure", used(T, 1, 1), "invalid"),  # the slot has not ended
+            (p1, "lem.measure", used(T + Q, 1, 1), "not_found"),  # unknown LEM
+            (p2, "lem.measure", used(T, 1, 1), "forbidden"),  # not a player of it
+            (p1, "lem.measure", {**used(T, 1, 1), "consumption": True}, "invalid"),
+            (agg, "lem.solve", {"start": T + H, "end": T}, "invalid"),
+            (agg, "sla.set", sla, "conflict"),
+            (agg, "sla.set", {**sla, "id": "sla2", "kpis": [{**sla["kpis"][0], "players": ["AGG"]}]}, "invalid"),
+            (p2, "kpi.measure", {**PAYLOADS["kpi.measure"]}, "forbidden"),  # not in the KPI
+            (ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "kpi": "K9"}, "not_found"),
+            (ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "sla": "nope"}, "not_found"),
+            (ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "value": "high"}, "invalid"),
+            (agg, "sla.solve", {"sla": "sla"}, "invalid"),  # the SLA has not ended
+            (agg, "sla.solve", {"sla": "nope"}, "not_found"),
+            (agg, "lem_set", lem(T + Q, ["P1"]), "invalid"),  # only the dotted names exist
+            (agg, "lem.nonsense", {}, "invalid"),
+        ]
+        for sio, event, payload, code in bad:
+            await refused(sio, event, payload, code)
+        assert ns.core.snapshot() == before
+
+        # Duplicate saves: the first one stands, the second is refused.
+        await ok(ora, "kpi.measure", PAYLOADS["kpi.measure"])
+        await refused(ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "value": 2.0}, "conflict")
+        await step(ctl, T + Q)
+        await ok(p1, "lem.measure", used(T, 300, 0))
+        await refused(p1, "lem.measure", used(T, 300, 0), "conflict")
+        assert ns.core.measurement(T, "P1") is not None and ns.core.measurement(T, "P1").consumption == 300  # type: ignore[union-attr]
+        for c in (*clients.values(), p2, ctl):
+            await c.disconnect()
