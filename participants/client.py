@@ -148,8 +148,9 @@ class ParticipantClient:
             sends.append(("orders", await self._emit("orders", {"orders": orders})))
         if meter is not None:
             sends.append(("meter", await self._emit("meter", meter)))
-        for event, fut in sends:
-            self._record(event, await self._reply(fut), len(orders))
+        replies = await self._replies([fut for _, fut in sends])
+        for (event, _), reply in zip(sends, replies, strict=True):
+            self._record(event, reply, len(orders))
 
     async def _on_settled(self, payload: Any) -> None:
         if self._fresh(payload):
@@ -198,12 +199,47 @@ class ParticipantClient:
         return fut
 
     async def _reply(self, fut: asyncio.Future[Any]) -> Any:
+        return (await self._replies([fut]))[0]
+
+    async def _replies(self, futs: list[asyncio.Future[Any]]) -> list[Any]:
+        """The replies to `futs`, in order: one deadline (`timeout`) for all of them, and a
+        reply still missing then is `_NO_REPLY`. The futures are never cancelled.
+
+        Like `asyncio.wait(futs, timeout=...)` with less bookkeeping (one waiter, one timer
+        and a counter): every client waits for its acknowledgements every round."""
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.timeout)
-        except TimeoutError:
-            return _NO_REPLY
+            pending = [f for f in futs if not f.done()]
+            if pending:
+                await self._all_done(pending)
+            return [f.result() if f.done() and not f.cancelled() else _NO_REPLY for f in futs]
         finally:
-            self._waiting.discard(fut)
+            self._waiting.difference_update(futs)
+
+    async def _all_done(self, futs: list[asyncio.Future[Any]]) -> None:
+        """Return when every future of `futs` is done or `timeout` has passed."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        left = len(futs)
+
+        def one_done(_: asyncio.Future[Any]) -> None:
+            nonlocal left
+            left -= 1
+            if not left and not waiter.done():
+                waiter.set_result(None)
+
+        def expire() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        for f in futs:
+            f.add_done_callback(one_done)
+        timer = loop.call_later(self.timeout, expire)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            for f in futs:
+                f.remove_done_callback(one_done)
 
     def _record(self, event: str, reply: Any, n_orders: int) -> None:
         self.replies.append((event, reply))

@@ -136,8 +136,16 @@ class SiteProfiles:
     def slot(self, interval: tuple[int, int]) -> tuple[dict[str, int], int]:
         """(generation per source, load) in Wh for `interval`."""
         s, e = interval
-        gen = {src: sum(p.energy(s, e)[0] for p in ps) for src, ps in sorted(self.sources.items())}
-        return gen, sum(p.energy(s, e)[1] for p in self.load)
+        gen: dict[str, int] = {}
+        for src, ps in sorted(self.sources.items()):
+            total = 0
+            for p in ps:
+                total += p.energy(s, e)[0]
+            gen[src] = total
+        load = 0
+        for p in self.load:
+            load += p.energy(s, e)[1]
+        return gen, load
 
 
 def build_profiles(

@@ -6,6 +6,7 @@ deterministic given (spec, seed) and the sequence of server payloads.
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,12 @@ from participants.messages import Delivery, Settled, StartRound, parse
 from participants.profiles import SiteProfiles, build_profiles
 from participants.spec import ParticipantSpec
 from participants.synthetic import stable_key
-from participants.traders import Observation, Order, trader_for
+from participants.traders import Observation, Order, draws, trader_for
 
 KEEP_SLOTS = 96  # how many slots back prices, pending bills and deliveries are remembered
 P2P_KINDS = ("p2p", "bess_compensation")
+# Handed to traders that never draw (`traders.draws`), instead of a generator seeded per call.
+_UNUSED_RNG = np.random.default_rng(0)
 
 
 class Stats(msgspec.Struct):
@@ -78,6 +81,7 @@ class Prosumer:
         self.timezone = timezone
         self.profiles: SiteProfiles = build_profiles(spec, seed, timezone, base_dir)
         self.trader = trader_for(spec.trader)
+        self._draws = draws(self.trader)
         self.stats = Stats()
         self._key = stable_key(spec.id)
         self._restart()
@@ -92,6 +96,12 @@ class Prosumer:
         self._pending: dict[int, tuple[int, int]] = {}  # slot start -> grid-only (paid, received)
         self._delivered: set[int] = set()
         self._energy: dict[tuple[int, int], tuple[dict[str, int], int]] = {}
+        # Min-heaps of what the tables above hold, so `_forget` touches only expired slots:
+        # the slot starts in commitments/_fills/_prices/_pending/_delivered (each once, see
+        # `_kept`) and the keys of `_energy`.
+        self._starts: list[int] = []
+        self._kept: set[int] = set()
+        self._energy_keys: list[tuple[int, int]] = []
         self._time: int | None = None
         self._metered = -1  # start of the last slot metered
         self._traded = -1  # start of the last slot traded
@@ -106,13 +116,16 @@ class Prosumer:
             self.timezone = msg.timezone
             self.profiles = build_profiles(self.spec, self.seed, msg.timezone, self.base_dir)
             self._energy.clear()
+            self._energy_keys.clear()
         if self._time is not None and msg.time < self._time:
             self._restart()
         self._time = msg.time
         self.stats.rounds += 1
         for info in msg.market_info:
             if info.grid is not None:
-                self._prices[info.time_delivery[0]] = (info.grid.buy_price, info.grid.sell_price)
+                start = info.time_delivery[0]
+                self._prices[start] = (info.grid.buy_price, info.grid.sell_price)
+                self._keep(start)
 
         # sim: the current slot is simulated at once; rt: the slot that just ended.
         slot = msg.current_round if msg.mode == "sim" else msg.last_round
@@ -132,6 +145,7 @@ class Prosumer:
         hit = self._energy.get(slot)
         if hit is None:
             hit = self._energy[slot] = self.profiles.slot(slot)
+            heapq.heappush(self._energy_keys, slot)
         return hit
 
     def _meter(self, slot: tuple[int, int]) -> dict[str, Any]:
@@ -148,6 +162,7 @@ class Prosumer:
                 amount(deficit, prices[0]),
                 amount(sum(surplus.values()), prices[1]),
             )
+            self._keep(slot[0])
         return meter
 
     def _trade(self, msg: StartRound) -> list[Order]:
@@ -169,20 +184,38 @@ class Prosumer:
             trader=self.spec.trader,
         )
         # A generator per (seed, participant, slot): orders never depend on call history.
-        rng = np.random.default_rng([self.seed % 2**64, self._key, slot[0]])
+        # Seeding one costs more than most traders, so only those that draw get their own
+        # (what `np.random.default_rng(seed)` builds, without its wrapper's overhead).
+        rng = _UNUSED_RNG
+        if self._draws:
+            rng = np.random.Generator(np.random.PCG64([self.seed % 2**64, self._key, slot[0]]))
         orders = self.trader(obs, rng)
         self.stats.orders += len(orders)
         return orders
 
+    def _keep(self, start: int) -> None:
+        """Note that a per-slot table holds `start`, for `_forget`."""
+        if start not in self._kept:
+            self._kept.add(start)
+            heapq.heappush(self._starts, start)
+
     def _forget(self, current: tuple[int, int]) -> None:
-        """Bound the per-slot memory: drop slots far enough in the past."""
-        horizon = current[0] - KEEP_SLOTS * (current[1] - current[0])
-        for table in (self.commitments, self._fills, self._prices, self._pending):
-            for start in [s for s in table if s < horizon]:
-                del table[start]
-        self._delivered = {s for s in self._delivered if s >= horizon}
-        for slot in [s for s in self._energy if s[0] < current[0] - (current[1] - current[0])]:
-            del self._energy[slot]
+        """Bound the per-slot memory: drop slots far enough in the past (every slot start
+        before the horizon, from every table; the heaps make it cost only what expires)."""
+        duration = current[1] - current[0]
+        horizon = current[0] - KEEP_SLOTS * duration
+        starts = self._starts
+        while starts and starts[0] < horizon:
+            start = heapq.heappop(starts)
+            self._kept.discard(start)
+            self.commitments.pop(start, None)
+            self._fills.pop(start, None)
+            self._prices.pop(start, None)
+            self._pending.pop(start, None)
+            self._delivered.discard(start)
+        keys = self._energy_keys
+        while keys and keys[0][0] < current[0] - duration:
+            self._energy.pop(heapq.heappop(keys), None)
 
     # -- settlements and deliveries ------------------------------------------------------
 
@@ -190,6 +223,7 @@ class Prosumer:
         """Record a fill as a commitment of its slot (it steers the battery at metering)."""
         fill = parse(payload, Settled)
         start = fill.time_delivery[0]
+        self._keep(start)
         if fill.commit_id is not None:
             seen = self._fills.setdefault(start, set())
             if (fill.commit_id, fill.side) in seen:
@@ -212,6 +246,7 @@ class Prosumer:
         if start in self._delivered:
             return
         self._delivered.add(start)
+        self._keep(start)
         me, s = self.spec.id, self.stats
         s.delivered += 1
         for tx in d.transactions:

@@ -160,6 +160,16 @@ TRADERS: dict[str, Trader] = {
 }
 
 
+# The traders that draw from their generator. The others never touch it, so a caller may
+# hand them a shared generator instead of seeding one per call (`Prosumer._trade` does).
+DRAWING: frozenset[Trader] = frozenset({random_price})
+
+
 def trader_for(spec: TraderSpec) -> Trader:
     """The trading function of a spec (its kind is the msgspec tag)."""
     return TRADERS[type(spec).__struct_config__.tag]  # type: ignore[index]
+
+
+def draws(trader: Trader) -> bool:
+    """Whether `trader` uses its generator (unknown traders are assumed to)."""
+    return trader in DRAWING or trader not in TRADERS.values()

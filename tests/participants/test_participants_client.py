@@ -179,3 +179,30 @@ async def test_disconnect_releases_waiting_handlers(server):
     assert client._waiting
     await client.disconnect()
     assert fut.done() and fut.result()["ok"] is False
+
+
+async def test_one_deadline_for_a_rounds_replies():
+    """Acknowledgements of a round share one `timeout`; one still missing then counts as an
+    error (`no reply`), the others are kept, and nothing is left waiting or cancelled."""
+    client = ParticipantClient(Prosumer(spec("H01"), seed=1), timeout=0.2)
+    loop = asyncio.get_running_loop()
+    answered, silent, early = loop.create_future(), loop.create_future(), loop.create_future()
+    early.set_result({"ok": True, "results": []})
+    client._waiting |= {answered, silent, early}
+    loop.call_later(0.01, answered.set_result, {"ok": True})
+    t = loop.time()
+    replies = await client._replies([early, answered, silent])
+    assert 0.15 < loop.time() - t < 2
+    assert replies[:2] == [{"ok": True, "results": []}, {"ok": True}]
+    assert replies[2]["ok"] is False and replies[2]["error"]["code"] == "unavailable"
+    assert not client._waiting and not silent.cancelled()
+    client._record("meter", replies[2], 0)
+    client._record("orders", replies[2], 3)
+    assert client.stats.errors == 2 and client.stats.rejected == 3
+    # All answered: no wait for the deadline.
+    a, b = loop.create_future(), loop.create_future()
+    loop.call_soon(a.set_result, {"ok": True})
+    loop.call_soon(b.set_result, {"ok": True})
+    t = loop.time()
+    assert await client._replies([a, b]) == [{"ok": True}, {"ok": True}]
+    assert loop.time() - t < 0.1

@@ -169,3 +169,36 @@ def test_parse_time():
     assert parse_time("1700000000.0", utc) == 1700000000
     assert parse_time("2024-01-01T00:00:00Z", utc) == 1704067200
     assert parse_time("2024-01-01T01:00:00", ZoneInfo("Europe/Berlin")) == 1704067200
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Europe/Berlin", "Australia/Lord_Howe", "America/New_York"])
+def test_day_blocks_equal_slot_by_slot(tz):
+    """`wh` computes a day of slots in one vectorized call; every value must be what the
+    slot alone gives (`wh_one`), for any duration dividing a day, grid phase and DST day."""
+    from zoneinfo import ZoneInfo
+
+    from participants.synthetic import LoadProfile, SolarProfile, WindProfile
+
+    zone = ZoneInfo(tz)
+    rng = np.random.default_rng(11)
+    days = [JAN, JUNE, int(dt.datetime(2024, 3, 31, tzinfo=UTC).timestamp())]
+    days += [
+        int(dt.datetime(2024, 11, 3, tzinfo=UTC).timestamp()),
+        int(dt.datetime(2024, 4, 7, tzinfo=UTC).timestamp()),
+    ]
+    for d in (60, 300, 900, 3600, 7200, 86400):
+        profiles = [
+            LoadProfile(SyntheticLoad(4000), 3, 17, zone),
+            SolarProfile(PvSpec(kw=5, latitude=-33.0), 3, 17, zone),
+            WindProfile(WindSpec(kw=3), 3, 17, zone),
+        ]
+        for prof in profiles:
+            for day in days:
+                phase = int(rng.integers(0, d))
+                for k in rng.choice(2 * 86400 // d, size=min(24, 2 * 86400 // d), replace=False):
+                    s = day - 86400 // 2 + phase + int(k) * d
+                    assert prof.wh(s, s + d) == prof.wh_one(s, s + d), (type(prof).__name__, d, s)
+            assert len(prof._blocks) <= 3  # bounded cache
+    odd = LoadProfile(SyntheticLoad(4000), 3, 17, zone)
+    assert odd.wh(JAN, JAN + 7) == odd.wh_one(JAN, JAN + 7) and not odd._blocks  # 7 s does not tile a day
+    assert odd.wh(JAN, JAN) == 0 == odd.wh(JAN, JAN - 5)

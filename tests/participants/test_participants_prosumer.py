@@ -169,6 +169,33 @@ def test_memory_is_bounded():
     for k in range(400):
         p.on_round(start_round(T0 + k * D))
     assert len(p._prices) <= 110 and len(p._pending) <= 110 and len(p._energy) <= 4
+    # The heaps `_forget` pops from track exactly what is kept, and stay as small.
+    assert sorted(p._starts) == sorted(p._kept) and len(p._kept) <= 110
+    assert set(p._prices) | set(p._pending) | set(p.commitments) | p._delivered <= p._kept
+    assert sorted(p._energy_keys) == sorted(p._energy)
+
+
+def test_forgetting_drops_every_old_slot_even_late_ones():
+    """Slots before the window are dropped from every table, also ones that arrive late (a
+    replayed fill or delivery of an old slot), like a full scan of the tables would."""
+    p = Prosumer(SPEC, seed=1)
+    for k in range(120):
+        p.on_round(start_round(T0 + k * D))
+    old = T0 + 3 * D  # far out of the 96-slot window by now
+    fill = {"side": "ask", "quantity": 5, "price": 0.1, "time_delivery": [old, old + D], "commit_id": "late"}
+    p.on_settled(fill)
+    p.on_delivery({"time_delivery": [old, old + D], "transactions": []})
+    assert old in p.commitments and old in p._fills and old in p._delivered
+    p.on_round(start_round(T0 + 120 * D))
+    assert old not in p.commitments and old not in p._fills and old not in p._delivered
+    # Forgotten, so a replay counts again (as before the heaps).
+    p.on_settled(fill)
+    assert p.stats.fills == 2
+    # A jump far ahead forgets everything but the new window at once.
+    p.on_round(start_round(T0 + 1000 * D))
+    horizon = T0 + (1000 - 96) * D
+    assert all(s >= horizon for s in [*p._prices, *p._pending, *p.commitments, *p._fills, *p._delivered])
+    assert all(s[0] >= T0 + 999 * D for s in p._energy)
 
 
 def test_community_runs_and_trades_are_consistent():

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -6,7 +8,7 @@ from hypothesis import strategies as st
 from market.protocol import OrdersMsg, decode
 from participants.devices import Battery, Commitment
 from participants.spec import BatteryTrader, FixedPriceTrader, NoTrader, RandomPriceTrader
-from participants.traders import TRADERS, Observation, inside, trader_for
+from participants.traders import DRAWING, TRADERS, Observation, draws, inside, trader_for
 
 SLOT = (1_700_001_000, 1_700_001_900)
 SPECS = {
@@ -142,3 +144,21 @@ def test_inside():
     assert inside(0.2, 0.1, 0.3) == 0.2
     assert inside(0.2, None, 0.3) == 0.2
     assert inside(0.2, 0.3, 0.3) == 0.2
+
+
+def test_only_drawing_traders_touch_their_generator():
+    """`Prosumer` hands traders outside `DRAWING` one shared generator: they must never draw."""
+    assert (
+        {name for name, t in TRADERS.items() if draws(t)}
+        == {"random_price"}
+        == {name for name, t in TRADERS.items() if t in DRAWING}
+    )
+    assert draws(lambda obs, rng: [])  # unknown traders are assumed to draw
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    full = Battery(capacity_wh=10_000, power_w=5_000, efficiency=0.9, soc_wh=9_000)
+    for kind in ("none", "fixed_price", "battery"):
+        for load, pv, band, b in itertools.product([0, 300], [0, 500], [(0.3, 0.05), (None, None)], [None, full]):
+            o = obs(load, {"solar": pv}, kind, grid_buy=band[0], grid_sell=band[1], grid_buy_mean=0.2, battery=b)
+            TRADERS[kind](o, rng)
+    assert rng.bit_generator.state == before
