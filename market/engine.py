@@ -132,6 +132,7 @@ class Market:
         self._counters: dict[int, dict[str, int]] = {}  # slot -> participant -> entries so far
         self._early_meters: dict[int, dict[str, MeterRecord]] = {}  # recovered, for slots not delivering yet
         self.journal: list[Record] = []  # records of acknowledged actions, for the caller to persist
+        self._known_sources = frozenset(config.sources)
 
     def take_journal(self) -> list[Record]:
         """Records to make durable before the acknowledgement of the action that made them."""
@@ -356,15 +357,16 @@ class Market:
         return {}
 
     def _check_meter_sources(self, msg: MeterMsg) -> None:
-        known = self.config.sources
-        for where, keys, extra in (
-            ("generation", msg.generation, ()),
-            ("consumption.bess", msg.consumption.bess, ()),
-            ("consumption.other", msg.consumption.other, (EXTERNAL,)),
+        known = self._known_sources
+        for where, keys in (
+            ("generation", msg.generation),
+            ("consumption.bess", msg.consumption.bess),
+            ("consumption.other", msg.consumption.other),
         ):
-            for key in keys:
-                if key not in known and key not in extra:
-                    raise MarketError("invalid", f"unknown source {key!r} in {where}")
+            unknown = keys.keys() - known
+            if unknown and (where != "consumption.other" or unknown != {EXTERNAL}):
+                bad = sorted(unknown - ({EXTERNAL} if where == "consumption.other" else set()))
+                raise MarketError("invalid", f"unknown source {bad[0]!r} in {where}")
 
     def metered(self, slot_start: int) -> list[str]:
         d = self._delivering.get(slot_start)
@@ -473,8 +475,10 @@ def _settled_events(settlements: list[Settlement]) -> list[tuple[str, dict[str, 
 def _deliveries(slot: Slot, rows: list[Transaction]) -> dict[str, dict[str, Any]]:
     by_party: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        for party in dict.fromkeys((row.seller_id, row.buyer_id)):
-            by_party.setdefault(party, []).append(row.row())
+        data = row.row()  # one dict per row, shared by both parties' payloads
+        by_party.setdefault(row.seller_id, []).append(data)
+        if row.buyer_id != row.seller_id:
+            by_party.setdefault(row.buyer_id, []).append(data)
     return {p: {"time_delivery": list(slot), "transactions": txs} for p, txs in by_party.items()}
 
 
