@@ -24,8 +24,14 @@ def parser() -> argparse.ArgumentParser:
         sub.add_parser("flexsim", help="simulate aggregator flexibility: fair vs reputation (seed 001)")
     )
     led = sub.add_parser("ledger", help="ledger tools")
-    led.add_argument("action", choices=["digest"], help="digest: sha256 of the ordered ledger rows")
+    led.add_argument(
+        "action",
+        choices=["digest", "verify"],
+        help="digest: sha256 of the ordered ledger rows; verify: check a chain ledger's rows against its anchors",
+    )
     led.add_argument("url")
+    led.add_argument("--record", metavar="ID", help="verify: print the inclusion proof (JSON) of this record")
+    led.add_argument("--table", help="verify --record: the record's table (when the id is in several)")
     return p
 
 
@@ -42,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "flexsim":
         return flexsim.main(args)
     if args.command == "ledger":
+        if args.action == "verify":
+            from controller import ledger_cmd
+
+            return ledger_cmd.main(args)
         from ledger import ledger_digest
 
         print(ledger_digest(args.url))

@@ -116,7 +116,12 @@ def render(s: Summary, ledger: str, max_rows: int = 25) -> str:
     out += [
         "  (bills in currency units: positive = paid, negative = earned)",
         "",
-        f"Ledger: {ledger}   e.g. sqlite3 {ledger.removeprefix('sqlite:///')} "
-        '"select kind, count(*), sum(quantity) from transactions group by kind"',
+        f"Ledger: {ledger}",
     ]
+    db = ledger.removeprefix("evm+").split("?", 1)[0]
+    if db.startswith("sqlite:///"):
+        out.append(
+            f"  e.g. sqlite3 {db.removeprefix('sqlite:///')} "
+            '"select kind, count(*), sum(quantity) from transactions group by kind"'
+        )
     return "\n".join(out)

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from ledger import digest as _digest
 from ledger.dataset_sink import DatasetSink
-from ledger.digest import ledger_digest, read_rows
 from market.sink import MemorySink, Sink
 
-__all__ = ["DatasetSink", "ledger_digest", "open_sink", "read_rows"]
+__all__ = ["DatasetSink", "db_url", "ledger_digest", "open_sink", "read_rows"]
 
-_SCHEMES = "sqlite:///PATH, postgresql://..., memory:"
+_SCHEMES = "sqlite:///PATH, postgresql://..., evm+sqlite:///PATH, evm+postgresql://..., memory:"
+
+
+def db_url(url: str) -> str:
+    """The database URL of a ledger URL: a chain ledger's (`evm+...`) without its chain part."""
+    from ledger.dual import db_url as dual_db_url
+    from ledger.dual import is_dual_url
+
+    return dual_db_url(url) if is_dual_url(url) else url
+
+
+def read_rows(url: str, table: str) -> list[dict[str, Any]]:
+    """All rows of `table`, ordered by its key, as plain dicts (any ledger URL)."""
+    return _digest.read_rows(db_url(url), table)
+
+
+def ledger_digest(url: str) -> str:
+    """sha256 hex of the outcome tables (any ledger URL: a chain ledger's database)."""
+    return _digest.ledger_digest(db_url(url))
 
 
 def open_sink(url: str) -> Sink:
@@ -19,6 +39,11 @@ def open_sink(url: str) -> Sink:
         raise ValueError(f"ledger URL {url!r} has no scheme; expected one of {_SCHEMES}")
     if backend == "memory":
         return MemorySink()
+    if backend == "evm":
+        # The database first, then each round's Merkle root on an EVM chain (docs/chain.md).
+        from ledger.dual import DualSink
+
+        return DualSink.from_url(url)
     if backend == "sqlite":
         path = rest.removeprefix("///")
         if not rest.startswith("///") or path in ("", ":memory:"):
