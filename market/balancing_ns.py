@@ -23,7 +23,6 @@ from market.balancing import (
     ContractCancelMsg,
     ContractUpdateMsg,
 )
-from market.errors import MarketError
 from market.protocol import decode
 from market.records import Batch
 from market.server import MarketServer, Sessions, _Namespace, _replying
@@ -46,22 +45,15 @@ EVENTS: dict[str, str] = {
 
 
 class BalancingNamespace(_Namespace):
+    EVENTS = EVENTS
+
     def __init__(self, server: MarketServer, config: BalancingConfig | None = None) -> None:
         # Sessions exist for every namespace in NAMESPACE_ROLES; tolerate a server built before.
         server.sessions.setdefault(NAMESPACE, Sessions())
         super().__init__(server, NAMESPACE)
         # By default an epoch is one market slot: epoch n is the slot starting at n * duration.
         self.core = Balancing(config or BalancingConfig(epoch_duration=server.config.duration))
-        self._lock = asyncio.Lock()
-
-    async def trigger_event(self, event: str, *args: Any) -> Any:
-        if event in ("connect", "disconnect"):
-            return await super().trigger_event(event, *args)
-        name = EVENTS.get(event)
-        if name is None:
-            return MarketError("invalid", f"unknown event {event!r}").reply()
-        async with self._lock:
-            return await super().trigger_event(name, *args)
+        self._serial = asyncio.Lock()  # one event at a time: core call, then ledger write
 
     @_replying
     async def on_asset_upsert(self, sid: str, data: Any) -> dict[str, Any]:

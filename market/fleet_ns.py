@@ -105,8 +105,3 @@ class FleetNamespace(_Namespace):
         for pid, slot in arrived:
             self.ms.meter_arrived(pid, slot)
         return {"results": results}
-
-    async def trigger_event(self, event: str, *args: Any) -> Any:
-        if not hasattr(self, f"on_{event}"):
-            return MarketError("invalid", f"unknown event {event!r}").reply()
-        return await super().trigger_event(event, *args)

@@ -68,6 +68,8 @@ EVENTS: dict[str, str] = {
 
 
 class FlexNamespace(_Namespace):
+    EVENTS = EVENTS
+
     def __init__(self, server: MarketServer, config: FlexConfig | None = None) -> None:
         # Sessions exist for every namespace in NAMESPACE_ROLES; tolerate a server built before.
         server.sessions.setdefault(NAMESPACE, Sessions())
@@ -79,14 +81,6 @@ class FlexNamespace(_Namespace):
         self._loaded = False
         self._open: str | None = None  # the request collecting answers
         self._answered = asyncio.Event()
-
-    async def trigger_event(self, event: str, *args: Any) -> Any:
-        if event in ("connect", "disconnect"):
-            return await super().trigger_event(event, *args)
-        name = EVENTS.get(event)
-        if name is None:
-            return MarketError("invalid", f"unknown event {event!r}").reply()
-        return await super().trigger_event(name, *args)
 
     async def on_disconnect(self, sid: str, *reason: Any) -> None:
         await super().on_disconnect(sid, *reason)

@@ -24,7 +24,6 @@ from typing import Any
 
 import msgspec
 
-from market.errors import MarketError
 from market.parity import (
     PARITY_RECORDS,
     Change,
@@ -68,12 +67,15 @@ EVENTS: dict[str, str] = {
 
 
 class GridNamespace(_Namespace):
+    EVENTS = EVENTS
+
     def __init__(self, server: MarketServer, config: ParityConfig | None = None) -> None:
         # Sessions exist for every namespace in NAMESPACE_ROLES; tolerate a server built before.
         server.sessions.setdefault(NAMESPACE, Sessions())
         super().__init__(server, NAMESPACE)
         self.core = Parity(config, role_of=server.registry.role)
-        self._lock = asyncio.Lock()
+        # One event at a time (core call, then ledger write), shared with the periodic solver.
+        self._lock = self._serial = asyncio.Lock()
         self.periodic_solves = 0  # boundaries the periodic solver has handled
 
     # -- lifetime --------------------------------------------------------------------------
@@ -129,15 +131,6 @@ class GridNamespace(_Namespace):
             await asyncio.sleep(max(0.001, min(cfg.poll, due - self.ms.clock.now())))
 
     # -- plumbing --------------------------------------------------------------------------
-
-    async def trigger_event(self, event: str, *args: Any) -> Any:
-        if event in ("connect", "disconnect"):
-            return await super().trigger_event(event, *args)
-        name = EVENTS.get(event)
-        if name is None:
-            return MarketError("invalid", f"unknown event {event!r}").reply()
-        async with self._lock:
-            return await super().trigger_event(name, *args)
 
     async def _commit(self, change: Change) -> dict[str, Any]:
         """Make the change's records durable, then apply them; the reply follows."""

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import cuid
 import msgspec
@@ -389,6 +389,22 @@ def _replying(fn: Callable[..., Awaitable[dict[str, Any]]]) -> Handler:
 
 
 class _Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
+    # Wire event -> handler suffix (`on_<suffix>`), for names such as "asset.upsert";
+    # None: the event name is the suffix. Anything else is answered `invalid`, never silence.
+    EVENTS: ClassVar[dict[str, str] | None] = None
+    _serial: asyncio.Lock | None = None  # set: the namespace handles one event at a time
+
+    async def trigger_event(self, event: str, *args: Any) -> Any:
+        if event in ("connect", "disconnect"):
+            return await super().trigger_event(event, *args)
+        suffix = event if self.EVENTS is None else self.EVENTS.get(event)
+        if suffix is None or suffix in ("connect", "disconnect") or not hasattr(self, f"on_{suffix}"):
+            return MarketError("invalid", f"unknown event {event!r}").reply()
+        if self._serial is None:
+            return await super().trigger_event(suffix, *args)
+        async with self._serial:
+            return await super().trigger_event(suffix, *args)
+
     def __init__(self, server: MarketServer, namespace: str) -> None:
         super().__init__(namespace)
         self.ms = server
@@ -478,12 +494,6 @@ class MarketNamespace(_Namespace):
         self.ms.meter_arrived(pid, msg.time_interval[0])
         return reply
 
-    async def trigger_event(self, event: str, *args: Any) -> Any:
-        # Unknown events get an error reply instead of silence (PROTOCOL.md: every event is acknowledged).
-        if not hasattr(self, f"on_{event}"):
-            return MarketError("invalid", f"unknown event {event!r}").reply()
-        return await super().trigger_event(event, *args)
-
 
 class SimulationNamespace(_Namespace):
     def __init__(self, server: MarketServer) -> None:
@@ -516,8 +526,3 @@ class SimulationNamespace(_Namespace):
                 "online": self.ms.online(),
             },
         }
-
-    async def trigger_event(self, event: str, *args: Any) -> Any:
-        if not hasattr(self, f"on_{event}"):
-            return MarketError("invalid", f"unknown event {event!r}").reply()
-        return await super().trigger_event(event, *args)
