@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controller import flexsim, participant, serve
+from controller import cosim, dso, flexsim, grid_report, participant, serve
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,6 +22,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--serializer", choices=["json", "msgpack"], default="json")
     flexsim.add_arguments(
         sub.add_parser("flexsim", help="simulate aggregator flexibility: fair vs reputation (seed 001)")
+    )
+    dso.add_arguments(
+        sub.add_parser("dso", help="DSO agent: power flows on the scenario's feeder, grid states on /grid")
+    )
+    grid_report.add_arguments(
+        sub.add_parser("grid-report", help="voltage and loading per slot next to P2P volume and prices (PNG)")
+    )
+    cosim.add_arguments(
+        sub.add_parser("cosim", help="HELICS co-simulation: market, pandapower grid and weather federates")
     )
     led = sub.add_parser("ledger", help="ledger tools")
     led.add_argument(
@@ -47,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         return sim.main(args.scenario, args.ledger, args.participants, args.days, args.serializer, args.fleet)
     if args.command == "flexsim":
         return flexsim.main(args)
+    if args.command == "dso":
+        return dso.main(args)
+    if args.command == "grid-report":
+        return grid_report.main(args)
+    if args.command == "cosim":
+        return cosim.main(args)
     if args.command == "ledger":
         if args.action == "verify":
             from controller import ledger_cmd

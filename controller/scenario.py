@@ -16,6 +16,8 @@ fee = 1.5
 [[participants]]                  # participants.spec.ParticipantSpec
 id = "H01"
 ...
+[feeder]                          # optional: market.feeder.FeederConfig (docs/grid.md)
+network = "kerber_landnetz_kabel_1"
 ```
 """
 
@@ -29,6 +31,7 @@ from typing import Annotated, Any
 import msgspec
 
 from market.engine import MarketConfig
+from market.feeder import FeederConfig
 from market.grid import GridTariff
 
 
@@ -42,6 +45,7 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     market: dict[str, Any] = {}
     grid: GridTariff = GridTariff()
     participants: list[dict[str, Any]] = []
+    feeder: FeederConfig | None = None  # grid physics: the DSO agent runs power flows on it
 
     @property
     def start_time(self) -> int:

@@ -71,20 +71,22 @@ class FleetConnections:
         await asyncio.gather(*(c.disconnect() for c in self.clients), return_exceptions=True)
 
 
-def write_registry(path: Path, tokens: dict[str, str]) -> None:
+def write_registry(path: Path, tokens: dict[str, str], roles: dict[str, str] | None = None) -> None:
     lines = []
     for pid, token in tokens.items():
-        role = "controller" if pid == CONTROLLER_ID else "prosumer"
+        role = (roles or {}).get(pid) or ("controller" if pid == CONTROLLER_ID else "prosumer")
         lines.append(f'[[participants]]\nid = "{pid}"\ntoken = "{token}"\nrole = "{role}"\n')
     path.write_text("\n".join(lines))
 
 
 def fresh_ledger(url: str) -> None:
     """A sim run writes a new ledger: remove an old SQLite file (and its WAL) first."""
-    if url.startswith("sqlite:///"):
-        base = Path(url.removeprefix("sqlite:///"))
-        for p in (base, base.with_name(base.name + "-wal"), base.with_name(base.name + "-shm")):
-            p.unlink(missing_ok=True)
+    db = url.removeprefix("evm+").split("?", 1)[0]
+    if db.startswith("sqlite:///"):
+        base = Path(db.removeprefix("sqlite:///"))
+        # The database, its WAL, and (evm+ ledgers) the in-process chain's state beside it.
+        for suffix in ("", "-wal", "-shm", ".evm", ".evm.lock"):
+            base.with_name(base.name + suffix).unlink(missing_ok=True)
 
 
 @contextlib.asynccontextmanager
@@ -131,11 +133,22 @@ async def run_sim(
         scenario = msgspec.structs.replace(scenario, days=days)
     specs = community(scenario, participants)
     tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {CONTROLLER_ID: secrets.token_urlsafe(18)}
+    roles: dict[str, str] = {}
+    feeder_task = None
+    if scenario.feeder is not None:  # grid physics: a DSO agent runs power flows (controller/dso.py)
+        from market.feeder import Feeder
+
+        tokens[scenario.feeder.dso_id] = secrets.token_urlsafe(18)
+        roles[scenario.feeder.dso_id] = "dso"
+        # pandapower takes seconds to import: load the feeder while the server starts.
+        feeder_task = asyncio.ensure_future(
+            asyncio.to_thread(Feeder.load, scenario.feeder, [s.id for s in specs], Path(scenario_path).parent)
+        )
     fresh_ledger(ledger)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="microte-") as tmp:
         registry = Path(tmp) / "registry.toml"
-        write_registry(registry, tokens)
+        write_registry(registry, tokens, roles)
         server_args = [
             "--registry",
             str(registry),
@@ -164,7 +177,12 @@ async def run_sim(
                 if fleets
                 else Fleet(url, members, scenario.seed, concurrency=64, **options)
             )
-            async with clients:
+            async with clients, contextlib.AsyncExitStack() as stack:
+                dso = None
+                if feeder_task is not None:
+                    dso = await stack.enter_async_context(
+                        _dso_agent(scenario, scenario_path, await feeder_task, url, tokens, ledger, specs, serializer)
+                    )
                 ctl = socketio.AsyncClient(reconnection=False, serializer=wire.serializer(serializer))
                 await ctl.connect(
                     url,
@@ -174,7 +192,7 @@ async def run_sim(
                 )
                 startup = time.perf_counter() - started
                 t0 = time.perf_counter()
-                missing = await _step_all(ctl, scenario, progress)
+                missing = await _step_all(ctl, scenario, progress, dso)
                 seconds = time.perf_counter() - t0
                 await ctl.disconnect()
     transactions = read_rows(ledger, "transactions")
@@ -184,16 +202,61 @@ async def run_sim(
     return SimResult(summary, startup, missing)
 
 
-async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: bool) -> int:
+@contextlib.asynccontextmanager
+async def _dso_agent(
+    scenario: Scenario,
+    scenario_path: str | Path,
+    feeder: Any,
+    url: str,
+    tokens: dict[str, str],
+    ledger: str,
+    specs: list[ParticipantSpec],
+    serializer: str,
+) -> AsyncIterator[Any]:
+    """The DSO agent on `/grid`, with its own connection to the ledger (results, readings)."""
+    from controller.dso import DsoAgent
+    from ledger import open_sink
+
+    assert scenario.feeder is not None
+    # Its own connection to a database ledger; a memory: ledger is the server's own, and a chain
+    # ledger's (evm+) state belongs to the server: there the agent keeps its records in memory.
+    plain = ledger.split(":", 1)[0].split("+", 1)[0].lower() in ("sqlite", "postgresql")
+    sink = open_sink(ledger) if plain else None
+    if sink is not None:
+        await sink.start()
+    agent = DsoAgent(
+        scenario,
+        feeder,
+        pid=scenario.feeder.dso_id,
+        token=tokens[scenario.feeder.dso_id],
+        sink=sink,
+        base_dir=Path(scenario_path).parent,
+        participants=[s.id for s in specs],
+        serializer=serializer,
+    )
+    try:
+        await agent.connect(url)
+        yield agent
+    finally:
+        await agent.close()
+        if sink is not None:
+            await sink.close()
+
+
+async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: bool, dso: Any = None) -> int:
     timeout = float(scenario.market.get("round_timeout", 10.0)) + 30
     missing = 0
     bar = tqdm(total=scenario.rounds, unit="round", disable=not progress, desc=scenario.name)
     for i in range(scenario.rounds):
         t = scenario.start_time + i * scenario.step
+        if dso is not None:  # grid states of upcoming slots, before this step clears them
+            await dso.before_step(t)
         reply = await ctl.call("step", {"time": t}, namespace="/simulation", timeout=timeout)
         if not reply.get("ok"):
             bar.close()
             raise RuntimeError(f"step {t} refused: {reply}")
+        if dso is not None:  # the power flow of the slot just metered
+            await dso.after_step((t, t + scenario.step))
         missing += len(reply["round"]["missing"])
         bar.update()
     bar.close()

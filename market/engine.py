@@ -19,6 +19,7 @@ from market.book import Book, Entry, tie_key
 from market.clearing import Fill, Pricing, clear
 from market.errors import IllegalTransition, MarketError
 from market.exchange import EXTERNAL, exchange
+from market.feeder import CapacityLimits, limit_fills
 from market.grid import GridStates, GridTariff
 from market.protocol import MAX_QUANTITY, ConsumptionMsg, EntryMsg, MeterMsg, OrdersMsg, Side
 from market.records import CancelRecord, EntryRecord, MeterRecord, Record, RoundRecord, Settlement, Transaction, amount
@@ -120,9 +121,19 @@ class Recovered(msgspec.Struct, frozen=True):
 
 
 class Market:
-    def __init__(self, config: MarketConfig, grid_states: GridStates | None = None) -> None:
+    def __init__(
+        self,
+        config: MarketConfig,
+        grid_states: GridStates | None = None,
+        capacity: CapacityLimits | None = None,
+    ) -> None:
         self.config = config
         self.grid_states = grid_states or GridStates()
+        # Capacity-aware clearing (docs/grid.md): fills that would push a feeder branch past
+        # its limit are curtailed at gate closure; `base_flows` per slot (W per branch, e.g.
+        # the DSO's forecast) are what the branches carry before trading (zero if unset).
+        self.capacity = capacity
+        self.base_flows: dict[int, list[float]] = {}
         self.book = Book()
         self.times: RoundTimes | None = None
         self._phase: dict[int, Phase] = {}
@@ -203,6 +214,9 @@ class Market:
             fills = _clear_with_fee(bids, asks, self.config.pricing, self.config.yellow_fee)
         else:
             fills = clear(bids, asks, self.config.pricing)
+        if self.capacity is not None and fills:
+            fills = limit_fills(fills, self.capacity, slot[1] - slot[0], self.base_flows.get(slot[0]))
+        self.base_flows.pop(slot[0], None)
         records = [self._settlement(slot, i, f, now) for i, f in enumerate(fills)]
         self._matched[slot[0]] = records
         return records

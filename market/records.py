@@ -462,3 +462,32 @@ TABLES = (
     FlexTokenRecord,
     FlexReputationRecord,
 )
+
+
+# -- Grid physics (seed 004; docs/grid.md) ---------------------------------------------------
+
+
+class GridFlowRecord(Record, frozen=True):
+    """A DSO power flow of one slot on the feeder: `kind` "forecast" (before the gate, from
+    forecast injections; `state` is what the thresholds say and what the DSO set) or
+    "metered" (after delivery, from the meter readings). Extremes are None when the power
+    flow did not converge (then `state` is RED)."""
+
+    TABLE: ClassVar[str] = "grid_flows"
+    id: str  # f"pf{start}.{kind}"
+    kind: str  # forecast | metered
+    time_delivery_start: int
+    time_delivery_end: int
+    state: str  # GREEN | YELLOW | RED
+    converged: bool
+    vm_min_pu: float | None
+    vm_max_pu: float | None
+    line_loading_max: float | None  # percent of the line's rating
+    trafo_loading_max: float | None  # percent of the transformer's rating
+    losses_kw: float | None
+    injection_kw: float  # the participants' net injection into the feeder (export positive)
+    participants: int  # participants counted (metered: those with a reading)
+    time: int  # market time of the assessment
+
+
+TABLES = (*TABLES, GridFlowRecord)

@@ -15,6 +15,7 @@ from market.records import (
     FlexReputationRecord,
     FlexRequestRecord,
     FlexTokenRecord,
+    GridFlowRecord,
     GridStateRecord,
     KpiValueRecord,
     LemDefaultsRecord,
@@ -303,6 +304,38 @@ def every_kind() -> Batch:
         ),
         FlexReputationRecord(
             id="P1.2", participant_id="P1", reason="penalty", delta=-10, score=92, ref="fr1", time=T0 + 1700
+        ),
+        GridFlowRecord(
+            id=f"pf{T0}.forecast",
+            kind="forecast",
+            time_delivery_start=T0,
+            time_delivery_end=T0 + 900,
+            state="RED",
+            converged=True,
+            vm_min_pu=0.9987,
+            vm_max_pu=1.0834,
+            line_loading_max=88.25,
+            trafo_loading_max=131.5,
+            losses_kw=15.67,
+            injection_kw=-2.5e-3,
+            participants=16,
+            time=T0 - 1800,
+        ),
+        GridFlowRecord(
+            id=f"pf{T0}.metered",
+            kind="metered",
+            time_delivery_start=T0,
+            time_delivery_end=T0 + 900,
+            state="RED",
+            converged=False,  # no extremes: NULL columns
+            vm_min_pu=None,
+            vm_max_pu=None,
+            line_loading_max=None,
+            trafo_loading_max=None,
+            losses_kw=None,
+            injection_kw=250.0,
+            participants=15,
+            time=T0 + 900,
         ),
     )
     return Batch(records)

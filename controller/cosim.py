@@ -1,0 +1,505 @@
+"""`microte cosim SCENARIO`: microte as a HELICS federate (seed 004, PEMT-CoSim; docs/grid.md).
+
+Three federates over one HELICS broker (zmq core), time in seconds since the scenario start:
+
+- `market`: the whole microte market (server subprocess, the scenario's prosumer clients,
+  the controller stepping rounds). Publishes the net injections per feeder bus, forecast
+  for the slots whose gate closes next (`market/forecast`) and metered after each round
+  (`market/injections`); subscribes to the grid's states (`grid/grid_state`), which it
+  hands to the auction as the DSO (`/grid` `grid_state.set`), and to the grid's power
+  flow results (`grid/voltages`), which it writes to the ledger (`grid_flows`).
+- `grid`: a pandapower feeder (`market.feeder.Feeder`). Runs the power flows of both
+  kinds, classifies the forecast slots and publishes states and results. Adds "background"
+  PV of non-market neighbours from the weather federate at every participant bus.
+- `weather`: a reference PV system of 1 kW (the synthetic solar model): publishes its
+  output per kW (`weather/pv_pu`) for the current slot and the next ones.
+
+Time in slot k (tau = k * step): weather and market publish at tau (forecasts), the grid
+answers at tau+1 (states), the market applies them at tau+2, steps its round and
+publishes the metered injections, and the grid answers at tau+3 (voltages). Every
+federate is uninterruptible: it is granted exactly the times it requests.
+
+`microte cosim SCENARIO` starts the broker and the three federates (subprocesses) on this
+machine; `--federate market|grid|weather --broker tcp://HOST:PORT` runs one federate
+against a broker elsewhere (`--broker-only` runs just the broker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from controller.scenario import Scenario, load_scenario
+
+log = logging.getLogger("microte.cosim")
+
+FEDERATES = ("market", "grid", "weather")
+KEYS = {
+    "forecast": "market/forecast",
+    "injections": "market/injections",
+    "grid_state": "grid/grid_state",
+    "voltages": "grid/voltages",
+    "pv_pu": "weather/pv_pu",
+}
+DEFAULT_PORT = 23500
+
+
+class Options(msgspec.Struct, frozen=True):
+    scenario: str
+    broker: str = f"tcp://127.0.0.1:{DEFAULT_PORT}"
+    days: float | None = None
+    rounds: int | None = None  # cut the run to this many rounds
+    weather: bool = True  # the weather federate takes part (the grid subscribes to it)
+    background_pv_kw: float = 0.0  # neighbours' PV per participant bus, times weather/pv_pu
+    ledger: str = "sqlite:///microte-cosim.db"
+    log_level: str = "WARNING"
+
+
+def _scenario(opts: Options) -> Scenario:
+    sc = load_scenario(opts.scenario)
+    if opts.days is not None:
+        sc = msgspec.structs.replace(sc, days=opts.days)
+    if sc.feeder is None:
+        raise SystemExit(f"{opts.scenario}: cosim needs a [feeder] table")
+    return sc
+
+
+def _rounds(opts: Options, sc: Scenario) -> int:
+    return min(sc.rounds, opts.rounds) if opts.rounds else sc.rounds
+
+
+def _lookahead(sc: Scenario) -> int:
+    """Slots ahead the forecast covers: the gate of slot t + L*step closes at a later round."""
+    return int(sc.market.get("close_steps", 2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# -- HELICS plumbing -----------------------------------------------------------------------------
+
+
+def _federate(name: str, broker: str) -> Any:
+    import helics as h
+
+    fi = h.helicsCreateFederateInfo()
+    h.helicsFederateInfoSetCoreTypeFromString(fi, "zmq")
+    h.helicsFederateInfoSetCoreInitString(fi, f"--federates=1 --broker_address={broker} --loglevel=warning")
+    h.helicsFederateInfoSetFlagOption(fi, h.helics_flag_uninterruptible, True)
+    fed = h.helicsCreateValueFederate(name, fi)
+    h.helicsFederateInfoFree(fi)
+    return fed
+
+
+def _publish(fed: Any, key: str) -> Any:
+    import helics as h
+
+    return h.helicsFederateRegisterGlobalPublication(fed, key, h.helics_data_type_string, "")
+
+
+def _subscribe(fed: Any, key: str) -> Any:
+    import helics as h
+
+    return h.helicsFederateRegisterSubscription(fed, key, "")
+
+
+def _send(pub: Any, value: Any) -> None:
+    import helics as h
+
+    h.helicsPublicationPublishString(pub, json.dumps(value, sort_keys=True))
+
+
+def _receive(sub: Any) -> Any | None:
+    """The latest value if it changed since the last read, else None."""
+    import helics as h
+
+    if sub is None or not h.helicsInputIsUpdated(sub):
+        return None
+    return json.loads(h.helicsInputGetString(sub))
+
+
+def _request(fed: Any, t: float) -> float:
+    import helics as h
+
+    if t <= h.helicsFederateGetCurrentTime(fed):
+        return float(h.helicsFederateGetCurrentTime(fed))
+    granted: float = h.helicsFederateRequestTime(fed, t)
+    return granted
+
+
+def _close(fed: Any) -> None:
+    import helics as h
+
+    with contextlib.suppress(Exception):
+        h.helicsFederateDisconnect(fed)
+    h.helicsFederateFree(fed)
+
+
+def start_broker(port: int, federates: int, host: str = "127.0.0.1") -> Any:
+    import helics as h
+
+    broker = h.helicsCreateBroker(
+        "zmq", f"microte-{port}", f"-f {federates} --loglevel=warning --local_interface=tcp://{host} --port={port}"
+    )
+    if not h.helicsBrokerIsConnected(broker):
+        raise RuntimeError(f"the HELICS broker on port {port} did not start")
+    return broker
+
+
+def wait_broker(broker: Any, timeout_ms: int = -1) -> bool:
+    import helics as h
+
+    done: bool = h.helicsBrokerWaitForDisconnect(broker, timeout_ms)
+    if done:
+        h.helicsBrokerFree(broker)
+    return done
+
+
+# -- the weather federate ------------------------------------------------------------------------
+
+
+def weather_federate(opts: Options) -> dict[str, Any]:
+    """A 1 kW reference PV system: its output per kW for the current and the next slots."""
+    from zoneinfo import ZoneInfo
+
+    from participants.spec import PvSpec
+    from participants.synthetic import SolarProfile, stable_key
+
+    sc = _scenario(opts)
+    pv = SolarProfile(PvSpec(kw=1.0), sc.seed, stable_key("weather"), ZoneInfo(sc.timezone))
+    fed = _federate("weather", opts.broker)
+    pub = _publish(fed, KEYS["pv_pu"])
+    import helics as h
+
+    h.helicsFederateEnterExecutingMode(fed)
+    d, n, published = sc.step, _rounds(opts, sc), 0
+    try:
+        for k in range(n):
+            _request(fed, k * d)
+            t = sc.start_time + k * d
+            starts = [t + i * d for i in range(_lookahead(sc) + 1)]
+            _send(pub, {"pv_pu": {str(s): pv.wh(s, s + d) * 3600 / d / 1000 for s in starts}})
+            published += 1
+    finally:
+        _close(fed)
+    return {"federate": "weather", "published": published}
+
+
+# -- the grid federate ---------------------------------------------------------------------------
+
+
+def grid_federate(opts: Options) -> dict[str, Any]:
+    """Power flows of the market's injections (forecast and metered) on the pandapower feeder."""
+    from market.feeder import Feeder, classify
+    from participants.spec import decode_specs
+
+    sc = _scenario(opts)
+    assert sc.feeder is not None
+    ids = [s.id for s in decode_specs(sc.participants)]
+    feeder = Feeder.load(sc.feeder, ids, Path(opts.scenario).parent)
+    fed = _federate("grid", opts.broker)
+    pub_state, pub_volt = _publish(fed, KEYS["grid_state"]), _publish(fed, KEYS["voltages"])
+    sub_fc, sub_inj = _subscribe(fed, KEYS["forecast"]), _subscribe(fed, KEYS["injections"])
+    sub_pv = _subscribe(fed, KEYS["pv_pu"]) if opts.weather else None
+    import helics as h
+
+    h.helicsFederateEnterExecutingMode(fed)
+    d, n = sc.step, _rounds(opts, sc)
+    pv: dict[int, float] = {}
+    flows, seconds = 0, 0.0
+
+    def run(slot: Sequence[int], buses: Mapping[str, float]) -> dict[str, Any]:
+        nonlocal flows, seconds
+        inj = {int(b): w for b, w in buses.items()}
+        extra = opts.background_pv_kw * 1000 * pv.get(slot[0], 0.0)
+        for b in feeder.element_of:
+            inj[b] = inj.get(b, 0.0) + extra
+        started = time.perf_counter()
+        result = feeder.run(inj)
+        seconds += time.perf_counter() - started
+        flows += 1
+        state = classify(result, sc.feeder.thresholds)  # type: ignore[union-attr]
+        return {"time_delivery": list(slot), "state": state, "flow": msgspec.to_builtins(result)}
+
+    def weather() -> None:
+        got = _receive(sub_pv)
+        if got is not None:
+            pv.update({int(s): float(v) for s, v in got["pv_pu"].items()})
+
+    try:
+        for k in range(n):
+            tau = k * d
+            _request(fed, tau + 1)
+            weather()
+            forecast = _receive(sub_fc)
+            if forecast is not None:
+                _send(pub_state, [run(f["time_delivery"], f["buses"]) for f in forecast])
+            _request(fed, tau + 3)
+            weather()
+            metered = _receive(sub_inj)
+            if metered is not None:
+                _send(pub_volt, run(metered["time_delivery"], metered["buses"]))
+    finally:
+        _close(fed)
+    return {"federate": "grid", "power_flows": flows, "seconds": round(seconds, 3)}
+
+
+# -- the market federate -------------------------------------------------------------------------
+
+
+async def market_federate(opts: Options, progress: bool = False) -> dict[str, Any]:
+    """The microte market, stepped in HELICS time; see the module docstring."""
+    import socketio
+
+    from controller.dso import flow_record, forecast_injections, metered_injections
+    from controller.sim import CONTROLLER_ID, community, fresh_ledger, market_process, write_registry
+    from ledger import open_sink
+    from market import wire
+    from market.feeder import FlowResult, load_net, map_participants
+    from market.records import Batch
+    from participants.fleet import Fleet
+    from participants.profiles import build_profiles
+
+    sc = _scenario(opts)
+    assert sc.feeder is not None
+    base = Path(opts.scenario).parent
+    specs = community(sc, None)
+    ids = [s.id for s in specs]
+    net = await asyncio.to_thread(load_net, sc.feeder, base)
+    bus_of = map_participants(net, sc.feeder, ids)
+    profiles = {s.id: build_profiles(s, sc.seed, sc.timezone, base) for s in specs}
+    dso_id = sc.feeder.dso_id
+    tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {
+        CONTROLLER_ID: secrets.token_urlsafe(18),
+        dso_id: secrets.token_urlsafe(18),
+    }
+    fed = await asyncio.to_thread(_federate, "market", opts.broker)
+    pub_fc, pub_inj = _publish(fed, KEYS["forecast"]), _publish(fed, KEYS["injections"])
+    sub_state, sub_volt = _subscribe(fed, KEYS["grid_state"]), _subscribe(fed, KEYS["voltages"])
+    import helics as h
+
+    d, n, lookahead = sc.step, _rounds(opts, sc), _lookahead(sc)
+    stats: dict[str, Any] = {"federate": "market", "rounds": 0, "states_set": 0, "flows": 0, "received": []}
+    states: dict[int, str] = {}
+    forecast_of: dict[int, dict[str, float]] = {}  # slot start -> injection per participant (W)
+    metered_of: dict[int, dict[str, float]] = {}
+
+    def per_bus(inj: Mapping[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid in sorted(inj):
+            if pid in bus_of:
+                out[str(bus_of[pid])] = out.get(str(bus_of[pid]), 0.0) + inj[pid]
+        return out
+
+    def forecast(start: int) -> dict[str, Any]:
+        inj = forecast_injections(profiles, start, start + d)
+        forecast_of[start] = inj
+        return {"time_delivery": [start, start + d], "buses": per_bus(inj)}
+
+    fresh_ledger(opts.ledger)
+    with tempfile.TemporaryDirectory(prefix="microte-cosim-") as tmp:
+        registry = Path(tmp) / "registry.toml"
+        write_registry(registry, tokens, {dso_id: "dso"})
+        args = ["--registry", str(registry), "--scenario", opts.scenario, "--port", "0", "--ledger", opts.ledger]
+        async with market_process([*args, "--mode", "sim", "--log-level", opts.log_level]) as url:
+            members = [(s, tokens[s.id]) for s in specs]
+            async with Fleet(url, members, sc.seed, concurrency=64, timezone=sc.timezone, base_dir=base):
+                ctl = socketio.AsyncClient(reconnection=False, serializer=wire.serializer("json"))
+                dso = socketio.AsyncClient(reconnection=False, serializer=wire.serializer("json"))
+                await ctl.connect(
+                    url, namespaces=["/simulation"], auth={"id": CONTROLLER_ID, "token": tokens[CONTROLLER_ID]}
+                )
+                await dso.connect(url, namespaces=["/grid"], auth={"id": dso_id, "token": tokens[dso_id]})
+                sink = open_sink(opts.ledger)
+                await sink.start()
+
+                async def results(now: int) -> None:
+                    """Apply the grid's states (as the DSO) and record its power flows."""
+                    records = []
+                    for msg in _receive(sub_state) or []:
+                        start = msg["time_delivery"][0]
+                        flow = msgspec.convert(msg["flow"], FlowResult, strict=False)
+                        inj = forecast_of.get(start, {})
+                        records.append(flow_record("forecast", (start, start + d), flow, msg["state"], inj, now))
+                        if msg["state"] != states.get(start, "GREEN") and start > now:
+                            reply = await dso.call(
+                                "grid_state.set",
+                                {"time_delivery": [start, start + d], "state": msg["state"]},
+                                namespace="/grid",
+                                timeout=30,
+                            )
+                            if isinstance(reply, dict) and reply.get("ok"):
+                                states[start] = msg["state"]
+                                stats["states_set"] += 1
+                    volt = _receive(sub_volt)
+                    if volt is not None:
+                        start = volt["time_delivery"][0]
+                        flow = msgspec.convert(volt["flow"], FlowResult, strict=False)
+                        inj = metered_of.get(start, {})
+                        records.append(flow_record("metered", (start, start + d), flow, volt["state"], inj, now))
+                        stats["received"].append({"slot": start, "vm_max_pu": flow.vm_max_pu, "state": volt["state"]})
+                    if records:
+                        await sink.write(Batch(tuple(records)))
+                        stats["flows"] += len(records)
+
+                try:
+                    await asyncio.to_thread(h.helicsFederateEnterExecutingMode, fed)
+                    timeout = float(sc.market.get("round_timeout", 10.0)) + 30
+                    for k in range(n):
+                        tau, t = k * d, sc.start_time + k * d
+                        await asyncio.to_thread(_request, fed, tau)
+                        await results(t - d if k else 0)  # the voltages of the previous slot
+                        first = range(lookahead + 1) if k == 0 else [lookahead]
+                        _send(pub_fc, [forecast(t + i * d) for i in first])
+                        await asyncio.to_thread(_request, fed, tau + 2)
+                        await results(t - d if k else 0)  # the states, before this round clears
+                        reply = await ctl.call("step", {"time": t}, namespace="/simulation", timeout=timeout)
+                        if not reply.get("ok"):
+                            raise RuntimeError(f"step {t} refused: {reply}")
+                        stats["rounds"] += 1
+                        rows = await sink.read("meters", ("time_interval_start", t - 1))
+                        inj = metered_injections(rows, t, t + d)
+                        metered_of[t] = inj
+                        _send(pub_inj, {"time_delivery": [t, t + d], "buses": per_bus(inj)})
+                        if progress:
+                            print(f"round {k + 1}/{n} t={t} states set={stats['states_set']}", flush=True)
+                    await asyncio.to_thread(_request, fed, n * d)
+                    await results(sc.start_time + (n - 1) * d)
+                finally:
+                    await asyncio.to_thread(_close, fed)
+                    await sink.close()
+                    await dso.disconnect()
+                    await ctl.disconnect()
+    return stats
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scenario", help="scenario TOML with a [feeder] table")
+    p.add_argument("--federate", choices=[*FEDERATES, "all"], default="all", help="run one federate (default: all)")
+    p.add_argument("--broker", help="broker address tcp://HOST:PORT (default: start one on a free local port)")
+    p.add_argument("--broker-only", action="store_true", help="run just a broker (for federates on other machines)")
+    p.add_argument("--broker-host", default="127.0.0.1", help="interface of a started broker (0.0.0.0: all)")
+    p.add_argument(
+        "--broker-port", type=int, default=0, help=f"port of a started broker (0: free; e.g. {DEFAULT_PORT})"
+    )
+    p.add_argument("--no-weather", action="store_true", help="without the weather federate")
+    p.add_argument("--background-pv-kw", type=float, default=0.0, help="neighbours' PV per participant bus (kW)")
+    p.add_argument("--days", type=float, help="override the scenario's number of days")
+    p.add_argument("--rounds", type=int, help="stop after this many rounds")
+    p.add_argument("--ledger", default="sqlite:///microte-cosim.db", help="ledger of the market federate")
+    p.add_argument("--log-level", default="WARNING")
+
+
+def _options(args: argparse.Namespace, broker: str) -> Options:
+    return Options(
+        scenario=args.scenario,
+        broker=broker,
+        days=args.days,
+        rounds=args.rounds,
+        weather=not args.no_weather,
+        background_pv_kw=args.background_pv_kw,
+        ledger=args.ledger,
+        log_level=args.log_level,
+    )
+
+
+def run_one(kind: str, opts: Options) -> dict[str, Any]:
+    if kind == "market":
+        from controller import runloop
+
+        out: dict[str, Any] = {}
+
+        async def go() -> int:
+            out.update(await market_federate(opts))
+            return 0
+
+        runloop.run(go())
+        return out
+    if kind == "grid":
+        return grid_federate(opts)
+    if kind == "weather":
+        return weather_federate(opts)
+    raise ValueError(f"unknown federate {kind!r}")
+
+
+def run_all(args: argparse.Namespace, *, timeout: float = 600.0) -> dict[str, Any]:
+    """Broker in this process, every federate in its own subprocess; their summaries."""
+    kinds = ["market", "grid"] + ([] if args.no_weather else ["weather"])
+    port = args.broker_port or free_port()
+    broker = start_broker(port, len(kinds), args.broker_host)
+    address = f"tcp://{'127.0.0.1' if args.broker_host == '0.0.0.0' else args.broker_host}:{port}"
+    opts = _options(args, address)
+    procs = {
+        kind: subprocess.Popen(
+            [sys.executable, "-m", "controller.cosim", msgspec.json.encode(opts).decode(), kind],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for kind in kinds
+    }
+    out: dict[str, Any] = {"broker": address}
+    deadline = time.monotonic() + timeout
+    try:
+        for kind, proc in procs.items():
+            stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            if proc.returncode != 0:
+                raise RuntimeError(f"the {kind} federate failed (exit {proc.returncode})")
+            out[kind] = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        wait_broker(broker, 10_000)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.broker_only:
+        port = args.broker_port or DEFAULT_PORT
+        kinds = 2 if args.no_weather else 3
+        broker = start_broker(port, kinds, args.broker_host)
+        print(f"microte cosim broker on tcp://{args.broker_host}:{port} for {kinds} federates", flush=True)
+        wait_broker(broker)
+        return 0
+    if args.federate != "all":
+        broker = args.broker or f"tcp://127.0.0.1:{DEFAULT_PORT}"
+        print(json.dumps(run_one(args.federate, _options(args, broker))), flush=True)
+        return 0
+    result = run_all(args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _child(argv: Sequence[str]) -> int:
+    """`python -m controller.cosim OPTIONS_JSON KIND`: one federate of `run_all`."""
+    opts = msgspec.json.decode(argv[0], type=Options)
+    logging.basicConfig(level=opts.log_level.upper())
+    print(json.dumps(run_one(argv[1], opts)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
