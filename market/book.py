@@ -7,6 +7,7 @@ stores, cancels and hands a slot's entries to the clearing when the slot's gate 
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 import msgspec
@@ -55,10 +56,46 @@ class Entry(msgspec.Struct, frozen=True, gc=False):
         return (self.side, self.quantity, self.price, self.time_delivery, self.source)
 
 
+def bid_order(e: Entry) -> tuple[float, int, int]:
+    """Price-time priority of bids: highest price first, then earliest, then tie key."""
+    return (-e.price, e.time_submission, e.tie)
+
+
+def ask_order(e: Entry) -> tuple[float, int, int]:
+    return (e.price, e.time_submission, e.tie)
+
+
+class _Ranked(msgspec.Struct):
+    """One side of a slot kept in priority order as entries arrive, so that clearing at
+    gate closure does not sort (half of its time otherwise): O(log n) compares per entry."""
+
+    keys: list[tuple[float, int, int]] = []
+    entries: list[Entry] = []
+
+    def add(self, key: tuple[float, int, int], entry: Entry) -> None:
+        i = bisect_right(self.keys, key)
+        self.keys.insert(i, key)
+        self.entries.insert(i, entry)
+
+    def remove(self, key: tuple[float, int, int], uuid: str) -> None:
+        i = bisect_left(self.keys, key)
+        while self.entries[i].uuid != uuid:
+            i += 1
+        del self.keys[i]
+        del self.entries[i]
+
+
 class SlotBook(msgspec.Struct):
     bids: dict[str, Entry] = {}
     asks: dict[str, Entry] = {}
     client_keys: list[tuple[str, str]] = []
+    ranked_bids: _Ranked = msgspec.field(default_factory=_Ranked)
+    ranked_asks: _Ranked = msgspec.field(default_factory=_Ranked)
+
+    def side(self, entry: Entry) -> tuple[dict[str, Entry], _Ranked, tuple[float, int, int]]:
+        if entry.side == "bid":
+            return self.bids, self.ranked_bids, bid_order(entry)
+        return self.asks, self.ranked_asks, ask_order(entry)
 
 
 class Book:
@@ -85,13 +122,15 @@ class Book:
     def add(self, entry: Entry) -> None:
         slot = self._slots.get(entry.time_delivery[0])
         if slot is None:
-            slot = self._slots[entry.time_delivery[0]] = SlotBook({}, {}, [])
-        (slot.bids if entry.side == "bid" else slot.asks)[entry.uuid] = entry
+            slot = self._slots[entry.time_delivery[0]] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []))
+        by_uuid, ranked, rank = slot.side(entry)
+        by_uuid[entry.uuid] = entry
+        ranked.add(rank, entry)
         self._where[entry.uuid] = entry.time_delivery[0]
         if entry.id is not None:
-            key = (entry.participant, entry.id)
-            self._client[key] = entry
-            slot.client_keys.append(key)
+            client_key = (entry.participant, entry.id)
+            self._client[client_key] = entry
+            slot.client_keys.append(client_key)
 
     def get(self, uuid: str) -> Entry | None:
         start = self._where.get(uuid)
@@ -106,12 +145,15 @@ class Book:
             # Someone else's uuid is reported as unknown: existence is not leaked.
             raise MarketError("not_found", f"no open entry {uuid!r}")
         slot = self._slots[entry.time_delivery[0]]
-        del (slot.bids if entry.side == "bid" else slot.asks)[uuid]
+        by_uuid, ranked, rank = slot.side(entry)
+        del by_uuid[uuid]
+        ranked.remove(rank, uuid)
         del self._where[uuid]
         return entry
 
     def pop_slot(self, start: int) -> tuple[list[Entry], list[Entry]]:
-        """Remove a slot from the book (its gate closed): its bids and asks in submission order."""
+        """Remove a slot from the book (its gate closed): its bids by `bid_order` and its asks
+        by `ask_order` (the order clearing takes them in)."""
         slot = self._slots.pop(start, None)
         if slot is None:
             return [], []
@@ -119,7 +161,7 @@ class Book:
             del self._where[uuid]
         for key in slot.client_keys:
             self._client.pop(key, None)
-        return list(slot.bids.values()), list(slot.asks.values())
+        return slot.ranked_bids.entries, slot.ranked_asks.entries
 
     def slots_until(self, start: int) -> list[int]:
         """Starts of the open slots at or before `start`, in time order."""

@@ -23,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 from market.book import Entry
+from market.book import ask_order as ask_order  # re-exported: the orders clearing uses
+from market.book import bid_order as bid_order
 
 Pricing = Literal["midpoint", "pay_as_bid", "uniform"]
 PRICINGS: tuple[Pricing, ...] = ("midpoint", "pay_as_bid", "uniform")
@@ -42,14 +44,6 @@ class Fill(msgspec.Struct, frozen=True, gc=False):
     price_sell: float  # per kWh received by the seller
 
 
-def bid_order(e: Entry) -> tuple[float, int, int]:
-    return (-e.price, e.time_submission, e.tie)
-
-
-def ask_order(e: Entry) -> tuple[float, int, int]:
-    return (e.price, e.time_submission, e.tie)
-
-
 _PRICE = attrgetter("price")
 _TIME = attrgetter("time_submission")
 _TIE = attrgetter("tie")
@@ -64,10 +58,13 @@ def _sorted(entries: Sequence[Entry], descending: bool) -> list[Entry]:
     return out
 
 
-def clear(bids: Sequence[Entry], asks: Sequence[Entry], pricing: Pricing = "midpoint") -> list[Fill]:
-    """Fills of one slot, in commit order, priced by `pricing`."""
-    b = _sorted(bids, descending=True)
-    a = _sorted(asks, descending=False)
+def clear(
+    bids: Sequence[Entry], asks: Sequence[Entry], pricing: Pricing = "midpoint", *, ranked: bool = False
+) -> list[Fill]:
+    """Fills of one slot, in commit order, priced by `pricing`. `ranked`: the entries are
+    already in `bid_order` / `ask_order` (as `Book.pop_slot` gives them), so no sort."""
+    b = bids if ranked else _sorted(bids, descending=True)
+    a = asks if ranked else _sorted(asks, descending=False)
     return _price(b, a, _greedy(b, a), pricing)
 
 

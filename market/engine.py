@@ -213,7 +213,7 @@ class Market:
         elif state == "YELLOW" and self.config.yellow_fee > 0:
             fills = _clear_with_fee(bids, asks, self.config.pricing, self.config.yellow_fee)
         else:
-            fills = clear(bids, asks, self.config.pricing)
+            fills = clear(bids, asks, self.config.pricing, ranked=True)
         if self.capacity is not None and fills:
             fills = limit_fills(fills, self.capacity, slot[1] - slot[0], self.base_flows.get(slot[0]))
         self.base_flows.pop(slot[0], None)
@@ -452,7 +452,7 @@ def _clear_with_fee(bids: list[Entry], asks: list[Entry], pricing: Pricing, fee:
     raised = [msgspec.structs.replace(a, price=a.price + fee) for a in asks]
     return [
         msgspec.structs.replace(f, ask=own[f.ask.uuid], price_sell=max(own[f.ask.uuid].price, f.price_sell - fee))
-        for f in clear(bids, raised, pricing)
+        for f in clear(bids, raised, pricing, ranked=True)  # a constant fee keeps the asks' order
     ]
 
 

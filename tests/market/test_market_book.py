@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from market.book import Book, Entry, tie_key
+from market.book import Book, Entry, ask_order, bid_order, tie_key
 from market.errors import MarketError
 from market.protocol import Side
 from tests.market.builders import entry
@@ -134,3 +136,36 @@ def test_tie_key_is_stable_across_processes() -> None:
     assert tie_key("P1.0") != tie_key("P1.1")
     assert tie_key("P1.0") == 2351829774998634230
     assert 0 <= tie_key("anything") < 2**64
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["bid", "ask"]),
+            st.sampled_from([0.1, 0.125, 0.2, 0.3]),
+            st.sampled_from([0, 60, 120]),
+            st.booleans(),
+        ),
+        max_size=60,
+    )
+)
+def test_pop_slot_gives_each_side_in_clearing_order_after_adds_and_cancels(
+    ops: list[tuple[str, float, int, bool]],
+) -> None:
+    """The book keeps each side ranked as entries arrive (clearing does not sort): what it
+    hands over equals sorting the surviving entries by bid_order / ask_order."""
+    book = Book()
+    alive: dict[str, Entry] = {}
+    for n, (side, price, t, cancel) in enumerate(ops):
+        uuid = f"P{n % 3}.{n}"
+        e = Entry(uuid, None, f"P{n % 3}", side, 10, price, (900, 960), "solar", t, tie_key(uuid))  # type: ignore[arg-type]
+        book.add(e)
+        alive[uuid] = e
+        if cancel and n % 2:
+            victim = sorted(alive)[len(alive) // 2]
+            book.cancel(alive[victim].participant, victim)
+            del alive[victim]
+    bids, asks = book.pop_slot(900)
+    assert bids == sorted((e for e in alive.values() if e.side == "bid"), key=bid_order)
+    assert asks == sorted((e for e in alive.values() if e.side == "ask"), key=ask_order)
