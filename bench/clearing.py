@@ -359,8 +359,9 @@ def render(
         "",
         "### A slot of 1,000 bids and 1,000 asks through `clear()` (unsorted, and ranked as the book hands it over)",
         "",
-        "200 prosumers, prices to 3 decimals (many ties), submitted over 3 rounds; unsorted, or ranked by price and time as the book "
-        "hands a slot over since it keeps each side ranked on arrival; most orders cross, so almost every order is filled (the expensive case).",
+        "200 prosumers, prices to 3 decimals (many ties), submitted over 3 rounds; unsorted, or ranked by "
+        "price and time as the book hands a slot over (it keeps each side ranked on arrival); most orders "
+        "cross, so almost every order is filled (the expensive case).",
         "",
         "| book | fills | clears | mean ms | median ms | min ms | CPU mean ms | orders/s (mean) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
