@@ -12,7 +12,6 @@ from typing import Any
 import msgspec
 import pytest
 import socketio
-from aiohttp import web
 
 from controller.dso import DsoAgent, flow_record, forecast_injections, metered_injections, summary
 from controller.scenario import Scenario
@@ -23,6 +22,7 @@ from market.server import MarketServer
 from market.sink import MemorySink
 from participants.profiles import build_profiles
 from participants.spec import decode_specs
+from tests.e2e.conftest import serving
 
 pytest.importorskip("pandapower")
 
@@ -88,15 +88,8 @@ async def market(sink: MemorySink) -> AsyncIterator[tuple[str, MarketServer]]:
         {"participants": [{"id": p, "token": t, "role": roles.get(p, "prosumer")} for p, t in TOKENS.items()]}
     )
     server = MarketServer(scenario().market_config("sim", round_timeout=0.5), registry, sink)
-    runner = web.AppRunner(server.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        await runner.cleanup()
+    async with serving(server) as url:
+        yield url, server
 
 
 async def test_the_agent_sets_red_before_the_gate_and_records_flows(feeder: Feeder) -> None:

@@ -26,17 +26,26 @@ def registry() -> Registry:
 
 
 @asynccontextmanager
-async def running(config: MarketConfig, ledger_url: str) -> AsyncIterator[tuple[str, MarketServer]]:
-    server = MarketServer(config, registry(), open_sink(ledger_url))
+async def serving(server: MarketServer) -> AsyncIterator[str]:
+    """Serve `server` on 127.0.0.1 with an ephemeral port; yields its URL."""
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield f"http://127.0.0.1:{port}", server
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def running(
+    config: MarketConfig, ledger_url: str, reg: Registry | None = None
+) -> AsyncIterator[tuple[str, MarketServer]]:
+    server = MarketServer(config, reg or registry(), open_sink(ledger_url))
+    async with serving(server) as url:
+        yield url, server
 
 
 async def client(url: str, pid: str, namespace: str = "/market", token: str | None = None) -> socketio.AsyncClient:

@@ -6,19 +6,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import pytest
 import socketio
-from aiohttp import web
 
-import market.server as server_mod
 from ledger import open_sink
 from ledger.digest import read_rows
 from market.balancing import seal_of, verify_seal
-from market.balancing_ns import NAMESPACE, ROLES, BalancingNamespace
+from market.balancing_ns import NAMESPACE
 from market.engine import MarketConfig
 from market.registry import Registry
 from market.server import MarketServer
-from tests.e2e.conftest import client, refusal
+from tests.e2e.conftest import client, refusal, serving
 
 CONFIG = MarketConfig(duration=60, close_steps=2, round_timeout=2.0)
 TOKENS = {"OP": "tok-op", "P1": "tok-p1", "CTL": "tok-ctl"}
@@ -36,21 +33,10 @@ def registry() -> Registry:
 
 
 @asynccontextmanager
-async def running(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, MarketServer]]:
-    # What MarketServer.__init__ does once /balancing is wired in; harmless if it already is.
-    monkeypatch.setitem(server_mod.NAMESPACE_ROLES, NAMESPACE, ROLES)
+async def running(ledger_url: str) -> AsyncIterator[tuple[str, MarketServer]]:
     server = MarketServer(CONFIG, registry(), open_sink(ledger_url))
-    if NAMESPACE not in server.sio.namespace_handlers:
-        server.sio.register_namespace(BalancingNamespace(server))
-    runner = web.AppRunner(server.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        await runner.cleanup()
+    async with serving(server) as url:
+        yield url, server
 
 
 async def call(sio: socketio.AsyncClient, event: str, payload: Any) -> dict[str, Any]:
@@ -64,8 +50,8 @@ async def ok(sio: socketio.AsyncClient, event: str, payload: Any) -> dict[str, A
     return reply
 
 
-async def test_seed_example_over_socketio(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with running(ledger_url, monkeypatch) as (url, _server):
+async def test_seed_example_over_socketio(ledger_url: str) -> None:
+    async with running(ledger_url) as (url, _server):
         op = await client(url, "OP", NAMESPACE, token=TOKENS["OP"])
         # The seed's 5_balancing.js, call by call.
         asset = await ok(
@@ -132,8 +118,8 @@ async def test_seed_example_over_socketio(ledger_url: str, monkeypatch: pytest.M
     assert seals["seller1"] == seal_of("seller1", 1337, SEED_TRANSACTIONS[1:])
 
 
-async def test_bad_events_are_refused_and_change_nothing(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with running(ledger_url, monkeypatch) as (url, _server):
+async def test_bad_events_are_refused_and_change_nothing(ledger_url: str) -> None:
+    async with running(ledger_url) as (url, _server):
         op = await client(url, "OP", NAMESPACE, token=TOKENS["OP"])
         await ok(op, "asset.upsert", {"assetId": "seller1", "type": "balance", "balancerule": {"to": "bigbalancer"}})
         before = await ok(op, "balancing.get", {"assetId": "seller1", "epoch": 7})
@@ -158,8 +144,8 @@ async def test_bad_events_are_refused_and_change_nothing(ledger_url: str, monkey
         await op.disconnect()
 
 
-async def test_only_operators_may_use_balancing(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with running(ledger_url, monkeypatch) as (url, _server):
+async def test_only_operators_may_use_balancing(ledger_url: str) -> None:
+    async with running(ledger_url) as (url, _server):
         for pid in ("P1", "CTL"):
             message = await refusal(url, pid, NAMESPACE, token=TOKENS[pid])
             assert message.startswith("unauthorized"), message

@@ -10,18 +10,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar
 
-import pytest
 import socketio
-from aiohttp import web
 
-import market.server as server_mod
 from ledger import open_sink
 from ledger.digest import read_rows
 from market.engine import MarketConfig
-from market.flex_ns import NAMESPACE, ROLES, FlexNamespace
+from market.flex_ns import NAMESPACE
 from market.registry import Registry
 from market.server import MarketServer
-from tests.e2e.conftest import refusal
+from tests.e2e.conftest import refusal, serving
 
 CONFIG = MarketConfig(duration=900, close_steps=2, round_timeout=2.0)
 T0 = 1_800_000_000  # a multiple of 900
@@ -37,24 +34,15 @@ def registry() -> Registry:
 
 
 @asynccontextmanager
-async def running(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, MarketServer]]:
-    # What MarketServer.__init__ does once /flex is wired in; harmless if it already is.
-    monkeypatch.setitem(server_mod.NAMESPACE_ROLES, NAMESPACE, ROLES)
+async def running(ledger_url: str) -> AsyncIterator[tuple[str, MarketServer]]:
     server = MarketServer(CONFIG, registry(), open_sink(ledger_url))
-    if NAMESPACE not in server.sio.namespace_handlers:
-        server.sio.register_namespace(FlexNamespace(server))
-    runner = web.AppRunner(server.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        yield f"http://127.0.0.1:{port}", server
+        async with serving(server) as url:
+            yield url, server
     finally:
         for peer in Peer.live:  # a failed assertion must not leave clients behind
             await peer.sio.disconnect()
         Peer.live.clear()
-        await runner.cleanup()
 
 
 class Peer:
@@ -127,10 +115,8 @@ async def step(ctl: Peer, t: int) -> None:
     await ctl.ok("step", {"time": t})
 
 
-async def test_requests_allocation_delivery_rewards_and_reputation(
-    ledger_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async with running(ledger_url, monkeypatch) as (url, _server):
+async def test_requests_allocation_delivery_rewards_and_reputation(ledger_url: str) -> None:
+    async with running(ledger_url) as (url, _server):
         ctl = await Peer("CTL", "/simulation").connect(url)
         await step(ctl, T0)
         agg, dso = [await Peer(p).connect(url) for p in ("AGG", "DSO")]
@@ -363,8 +349,8 @@ async def test_requests_allocation_delivery_rewards_and_reputation(
     ]
 
 
-async def test_refusals_change_nothing_and_roles_are_enforced(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with running(ledger_url, monkeypatch) as (url, server):
+async def test_refusals_change_nothing_and_roles_are_enforced(ledger_url: str) -> None:
+    async with running(ledger_url) as (url, server):
         assert (await refusal(url, "CTL", NAMESPACE, token=TOKENS["CTL"])).startswith("unauthorized")
         assert (await refusal(url, "P1", NAMESPACE, token="wrong")).startswith("unauthorized")
         p1, dso, agg = [await Peer(p).connect(url) for p in ("P1", "DSO", "AGG")]

@@ -13,18 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import pytest
 import socketio
-from aiohttp import web
 
-import market.server as server_mod
 from ledger import open_sink
 from ledger.digest import read_rows
 from market.engine import MarketConfig
-from market.grid_ns import NAMESPACE, ROLES, GridNamespace
+from market.grid_ns import NAMESPACE, GridNamespace
 from market.registry import Registry
 from market.server import MarketServer
-from tests.e2e.conftest import refusal
+from tests.e2e.conftest import refusal, serving
 
 CONFIG = MarketConfig(duration=60, close_steps=2, round_timeout=2.0)
 T = 1_699_963_200  # 2023-11-14 12:00 UTC
@@ -42,26 +39,10 @@ def registry() -> Registry:
 
 
 @asynccontextmanager
-async def running(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[str, GridNamespace]]:
-    # What MarketServer does once /grid is wired in; harmless if it already is.
-    monkeypatch.setitem(server_mod.NAMESPACE_ROLES, NAMESPACE, ROLES)
+async def running(ledger_url: str) -> AsyncIterator[tuple[str, GridNamespace]]:
     server = MarketServer(CONFIG, registry(), open_sink(ledger_url))
-    wired = NAMESPACE in server.sio.namespace_handlers
-    if not wired:
-        server.sio.register_namespace(GridNamespace(server))
-    ns = server.sio.namespace_handlers[NAMESPACE]
-    assert isinstance(ns, GridNamespace)
-    runner = web.AppRunner(server.app(), access_log=None)
-    await runner.setup()  # the app's start-up: sink open, market resumed
-    if not wired:
-        await ns.start()  # resume /grid and start the hourly solver, as the server's lifetime does
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", ns
-    finally:
-        await runner.cleanup()
+    async with serving(server) as url:
+        yield url, server.grid
 
 
 async def connect(url: str, pid: str, *namespaces: str) -> socketio.AsyncClient:
@@ -126,12 +107,10 @@ def used(start: int, consumption: int, production: int) -> dict[str, Any]:
     return {"time_delivery": [start, start + Q], "consumption": consumption, "production": production}
 
 
-async def test_red_slot_clears_no_p2p_trade_and_meters_count_for_the_lem(
-    ledger_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_red_slot_clears_no_p2p_trade_and_meters_count_for_the_lem(ledger_url: str) -> None:
     """RED LEM [12:00, 12:15], GREEN LEM [12:15, 12:30]; P1 sells P2 1 kWh in both."""
     red, green = T, T + Q
-    async with running(ledger_url, monkeypatch) as (url, _ns):
+    async with running(ledger_url) as (url, _ns):
         ctl = await connect(url, "CTL", "/simulation")
         dso, agg = await connect(url, "DSO"), await connect(url, "AGG")
         p1, p2 = await connect(url, "P1", "/market", NAMESPACE), await connect(url, "P2", "/market", NAMESPACE)
@@ -271,8 +250,8 @@ PENALTIES = [
 FINAL = {"AGG": 680_000, "P1": -745_000, "P2": -15_000, "P3": -250_000, "P4": 330_000}
 
 
-async def test_seed_lem_and_sla_sequences(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with running(ledger_url, monkeypatch) as (url, ns):
+async def test_seed_lem_and_sla_sequences(ledger_url: str) -> None:
+    async with running(ledger_url) as (url, ns):
         ctl = await connect(url, "CTL", "/simulation")
         dso, agg, op = await connect(url, "DSO"), await connect(url, "AGG"), await connect(url, "OP")
         pr = {p: await connect(url, p) for p in ("P1", "P2", "P3", "P4")}
@@ -343,7 +322,7 @@ async def test_seed_lem_and_sla_sequences(ledger_url: str, monkeypatch: pytest.M
     assert len(read_rows(ledger_url, "lem_measures")) == 11 and len(read_rows(ledger_url, "kpi_values")) == 8
 
     # A restarted server resumes /grid from the ledger: same state, and nothing applies twice.
-    async with running(ledger_url, monkeypatch) as (url, ns):
+    async with running(ledger_url) as (url, ns):
         assert ns.core.snapshot() == snapshot
         agg = await connect(url, "AGG")
         assert (await ok(agg, "sla.solve", {"sla": SEED_SLA["id"]}))["duplicate"] is True
@@ -398,8 +377,8 @@ PAYLOADS: dict[str, Any] = {
 }
 
 
-async def test_each_event_only_for_its_roles(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with running(ledger_url, monkeypatch) as (url, ns):
+async def test_each_event_only_for_its_roles(ledger_url: str) -> None:
+    async with running(ledger_url) as (url, ns):
         assert (await refusal(url, "CTL", NAMESPACE, token=TOKENS["CTL"])).startswith("unauthorized")
         assert (await refusal(url, "P1", NAMESPACE, token="wrong")).startswith("unauthorized")
         clients = {p: await connect(url, p) for p in ("DSO", "AGG", "OP", "ORA", "P1")}
