@@ -18,6 +18,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check market participants controller ledger tests bench
 	$(BIN)/mypy market participants controller ledger
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 bench: $(STAMP)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from market.engine import Market, MarketConfig
-from market.feeder import Branch, CapacityLimits, Sensitivities
+from market.core.capacity import Branch, CapacityLimits, Sensitivities
+from market.core.engine import Market, MarketConfig
 from tests.market.builders import ask, bid
 
 SLOT = (1800, 2700)

@@ -33,10 +33,10 @@ sys.path[:] = [str(_ROOT), *(p for p in sys.path if Path(p or ".").resolve() != 
 
 import numpy as np  # noqa: E402
 
-from market.book import Entry, ask_order, bid_order, tie_key  # noqa: E402
-from market.clearing import Fill, clear, match_sorted  # noqa: E402
-from market.engine import Market, MarketConfig  # noqa: E402
-from market.protocol import ConsumptionMsg, EntryMsg, MeterMsg  # noqa: E402
+from market.core.book import Entry, ask_order, bid_order, tie_key  # noqa: E402
+from market.core.clearing import Fill, clear, match_sorted  # noqa: E402
+from market.core.engine import Market, MarketConfig  # noqa: E402
+from market.core.protocol import ConsumptionMsg, EntryMsg, MeterMsg  # noqa: E402
 
 DOC = _ROOT / "docs" / "benchmarks-clearing.md"
 BEGIN, END = "<!-- bench/clearing.py:begin -->", "<!-- bench/clearing.py:end -->"

@@ -20,7 +20,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT), *(p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench")]
 
 from ledger import DatasetSink, read_rows  # noqa: E402
-from market.records import Batch, Transaction, amount  # noqa: E402
+from market.core.records import Batch, Transaction, amount  # noqa: E402
 
 
 def make_batches(rows: int, size: int) -> list[Batch]:

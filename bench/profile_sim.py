@@ -158,8 +158,8 @@ def thread_cpu(pid: int) -> dict[int, float]:
 
 def _install_phase_timers(phases: dict[str, list[float]]) -> None:
     """Wrap the server's round phases with wall-clock timers (this process only)."""
-    import market.engine
-    import market.server
+    import market.core.engine
+    import market.server.app
 
     def wrap(cls: Any, name: str, key: str) -> None:
         orig = getattr(cls, name, None)
@@ -189,13 +189,13 @@ def _install_phase_timers(phases: dict[str, list[float]]) -> None:
             setattr(cls, name, timed)
         phases.setdefault(key, [])  # report in this order
 
-    server = market.server.MarketServer
+    server = market.server.app.MarketServer
     wrap(server, "step", "step (whole round in the server)")
-    wrap(market.engine.Market, "open_round", "· Market.open_round (close + clear slots)")
+    wrap(market.core.engine.Market, "open_round", "· Market.open_round (close + clear slots)")
     wrap(server, "_announce", "· _announce (emit settled + start_round)")
     wrap(server, "_await_readings", "· _await_readings (clients' work + their orders/meters)")
     wrap(server, "_finish", "· _finish (process + ledger + deliveries)")
-    wrap(market.engine.Market, "process", "· · Market.process (energy exchange)")
+    wrap(market.core.engine.Market, "process", "· · Market.process (energy exchange)")
     with contextlib.suppress(ImportError):
         from ledger.dataset_sink import DatasetSink
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import socketio
 
 from controller.sim import market_process
-from market import wire
+from market.core import wire
 
 D = 10  # slot duration (s): the first round opens within D seconds of start
 

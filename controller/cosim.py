@@ -208,7 +208,7 @@ def weather_federate(opts: Options) -> dict[str, Any]:
 
 def grid_federate(opts: Options) -> dict[str, Any]:
     """Power flows of the market's injections (forecast and metered) on the pandapower feeder."""
-    from market.feeder import Feeder, classify
+    from market.feeder.network import Feeder, classify
     from participants.spec import decode_specs
 
     sc = _scenario(opts)
@@ -272,9 +272,9 @@ async def market_federate(opts: Options, progress: bool = False) -> dict[str, An
     from controller.dso import flow_record, forecast_injections, metered_injections
     from controller.sim import CONTROLLER_ID, community, fresh_ledger, market_process, write_registry
     from ledger import open_sink
-    from market import wire
-    from market.feeder import FlowResult, load_net, map_participants
-    from market.records import Batch
+    from market.core import wire
+    from market.core.records import Batch
+    from market.feeder.network import FlowResult, load_net, map_participants
     from participants.fleet import Fleet
     from participants.profiles import build_profiles
 

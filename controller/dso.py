@@ -27,11 +27,11 @@ from typing import Any
 import socketio
 
 from controller.scenario import Scenario, load_scenario
-from market import wire
-from market.feeder import Feeder, FeederConfig, FlowResult, average_w, classify, worst
-from market.protocol import GridState
-from market.records import Batch, GridFlowRecord
-from market.sink import Sink
+from market.core import wire
+from market.core.protocol import GridState
+from market.core.records import Batch, GridFlowRecord
+from market.core.sink import Sink
+from market.feeder.network import Feeder, FeederConfig, FlowResult, average_w, classify, worst
 from participants.profiles import SiteProfiles, build_profiles
 from participants.spec import decode_specs
 

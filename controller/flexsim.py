@@ -26,16 +26,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 import numpy as np
 
-from market.flexibility import (
+from market.flexibility.contracts import energy_wh
+from market.flexibility.machine import Flexibility
+from market.flexibility.messages import (
     AnswerMsg,
     ContractRegisterMsg,
     ContractRenegotiateMsg,
     FlexConfig,
-    Flexibility,
     FlexMeterMsg,
     RequestMsg,
     RequestRefMsg,
-    energy_wh,
 )
 from participants.devices import Battery
 from participants.spec import BatterySpec, PvSpec, WindSpec

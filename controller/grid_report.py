@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from market.feeder import Thresholds
+from market.feeder.network import Thresholds
 
 STATE_COLOURS = {"GREEN": "#d9f2d9", "YELLOW": "#fff2b3", "RED": "#f7c6c6"}
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import msgspec
 
-from market.grid import GridTariff
-from market.records import GRID_ID, amount
+from market.core.grid import GridTariff
+from market.core.records import GRID_ID, amount
 
 
 class Bill(msgspec.Struct, frozen=True):

@@ -30,9 +30,9 @@ from typing import Annotated, Any
 
 import msgspec
 
-from market.engine import MarketConfig
-from market.feeder import FeederConfig
-from market.grid import GridTariff
+from market.core.engine import MarketConfig
+from market.core.grid import GridTariff
+from market.feeder.network import FeederConfig
 
 
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -13,9 +13,9 @@ from aiohttp import web
 from controller import runloop
 from controller.scenario import Scenario, load_scenario
 from ledger import open_sink
-from market.records import RunRecord
-from market.registry import Registry
-from market.server import MarketServer, canonical_config
+from market.core.records import RunRecord
+from market.core.registry import Registry
+from market.server.app import MarketServer, canonical_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from controller import runloop
 from controller.report import Summary, render, summarize
 from controller.scenario import Scenario, load_scenario
 from ledger import read_rows
-from market import wire
+from market.core import wire
 from participants.fleet import Fleet
 from participants.fleet_client import FleetClient
 from participants.spec import ParticipantSpec, decode_specs, synthetic_spec
@@ -136,7 +136,7 @@ async def run_sim(
     roles: dict[str, str] = {}
     feeder_task = None
     if scenario.feeder is not None:  # grid physics: a DSO agent runs power flows (controller/dso.py)
-        from market.feeder import Feeder
+        from market.feeder.network import Feeder
 
         tokens[scenario.feeder.dso_id] = secrets.token_urlsafe(18)
         roles[scenario.feeder.dso_id] = "dso"

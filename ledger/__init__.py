@@ -6,7 +6,7 @@ from typing import Any
 
 from ledger import digest as _digest
 from ledger.dataset_sink import DatasetSink
-from market.sink import MemorySink, Sink
+from market.core.sink import MemorySink, Sink
 
 __all__ = ["DatasetSink", "db_url", "ledger_digest", "open_sink", "read_rows"]
 

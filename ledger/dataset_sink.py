@@ -29,7 +29,7 @@ from tenacity import (
 )
 
 from ledger.schema import KEYS, TABLE_MAP, metadata
-from market.records import TABLES, Batch, Record
+from market.core.records import TABLES, Batch, Record
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class DatasetSink:
     async def write(self, batch: Batch) -> None:
         if not self._accepting or self._queue is None:
             raise RuntimeError("ledger sink is not open (call start(), not after close())")
-        # Exactly the record types of market.records: the columns follow their fields.
+        # Exactly the record types of market.core.records: the columns follow their fields.
         unknown = {type(r) for r in batch.records} - _RECORD_TYPES
         if unknown:
             names = sorted(t.__qualname__ for t in unknown)

@@ -53,7 +53,7 @@ from ledger.dataset_sink import DatasetSink
 from ledger.dataset_sink import is_transient as db_transient
 from ledger.evm import MAX_TRANSFERS_PER_TX, ChainError, EvmAnchor, interval_of, money_deltas, net_transfers
 from ledger.schema import KEYS, TABLE_MAP
-from market.records import Batch, Record, RoundRecord
+from market.core.records import Batch, Record, RoundRecord
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from web3.contract import Contract
 
 from ledger import merkle
 from ledger.schema import KEYS
-from market.records import Record
+from market.core.records import Record
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""SQL tables derived from the record structs of `market.records`.
+"""SQL tables derived from the record structs of `market.core.records`.
 
 The schema follows the structs, so a new field in a record is a new column here without
 a second list to keep in sync. Tables are declared explicitly (not left to `dataset`'s
@@ -13,7 +13,7 @@ import msgspec.inspect as mi
 import sqlalchemy as sa
 from sqlalchemy.types import TypeEngine
 
-from market.records import TABLES, Record
+from market.core.records import TABLES, Record
 
 # Every table is keyed by `id` except settlements, whose natural key is the fill itself.
 KEYS: dict[str, str] = {cls.TABLE: "id" for cls in TABLES} | {"settlements": "commit_id"}

@@ -12,7 +12,7 @@ from typing import Any
 import socketio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
-from market import wire
+from market.core import wire
 from participants.prosumer import Prosumer, Stats
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from typing import Any
 
 import socketio
 
-from market import wire
-from market.protocol import MAX_FLEET_ITEMS
+from market.core import wire
+from market.core.protocol import MAX_FLEET_ITEMS
 from participants.prosumer import Prosumer, Stats
 from participants.spec import ParticipantSpec
 

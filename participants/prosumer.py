@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from market.records import amount
+from market.core.records import amount
 from participants.devices import Battery, Commitment, meter_reading, split_own_use
 from participants.messages import Delivery, Settled, StartRound, parse
 from participants.profiles import SiteProfiles, build_profiles

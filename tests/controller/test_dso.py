@@ -15,11 +15,11 @@ import socketio
 
 from controller.dso import DsoAgent, flow_record, forecast_injections, metered_injections, summary
 from controller.scenario import Scenario
-from market.feeder import Feeder, FlowResult
-from market.records import Batch, GridFlowRecord, MeterRecord
-from market.registry import Registry
-from market.server import MarketServer
-from market.sink import MemorySink
+from market.core.records import Batch, GridFlowRecord, MeterRecord
+from market.core.registry import Registry
+from market.core.sink import MemorySink
+from market.feeder.network import Feeder, FlowResult
+from market.server.app import MarketServer
 from participants.profiles import build_profiles
 from participants.spec import decode_specs
 from tests.e2e.conftest import serving

@@ -11,9 +11,9 @@ import socketio
 from aiohttp import web
 
 from ledger import open_sink
-from market.engine import MarketConfig
-from market.registry import Registry
-from market.server import MarketServer
+from market.core.engine import MarketConfig
+from market.core.registry import Registry
+from market.server.app import MarketServer
 
 TOKENS = {"NOBODY": "", "P1": "tok-p1", "P2": "tok-p2", "P3": "tok-p3", "CTL": "tok-ctl", "DSO": "tok-dso"}
 ROLES = {"CTL": "controller", "DSO": "dso"}

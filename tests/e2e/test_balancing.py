@@ -10,11 +10,11 @@ import socketio
 
 from ledger import open_sink
 from ledger.digest import read_rows
-from market.balancing import seal_of, verify_seal
-from market.balancing_ns import NAMESPACE
-from market.engine import MarketConfig
-from market.registry import Registry
-from market.server import MarketServer
+from market.balancing.namespace import NAMESPACE
+from market.balancing.seals import seal_of, verify_seal
+from market.core.engine import MarketConfig
+from market.core.registry import Registry
+from market.server.app import MarketServer
 from tests.e2e.conftest import client, refusal, serving
 
 CONFIG = MarketConfig(duration=60, close_steps=2, round_timeout=2.0)

@@ -14,7 +14,7 @@ from controller.dso import metered_injections
 from controller.scenario import load_scenario
 from controller.sim import run_sim
 from ledger import read_rows
-from market.feeder import Feeder, classify
+from market.feeder.network import Feeder, classify
 
 pytest.importorskip("pandapower")
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import socketio
 
-from market.engine import MarketConfig
+from market.core.engine import MarketConfig
 from tests.e2e.conftest import TOKENS, client, running
 
 CONFIG = MarketConfig(duration=60, round_timeout=0.5)

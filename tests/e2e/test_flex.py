@@ -14,10 +14,10 @@ import socketio
 
 from ledger import open_sink
 from ledger.digest import read_rows
-from market.engine import MarketConfig
-from market.flex_ns import NAMESPACE
-from market.registry import Registry
-from market.server import MarketServer
+from market.core.engine import MarketConfig
+from market.core.registry import Registry
+from market.flexibility.namespace import NAMESPACE
+from market.server.app import MarketServer
 from tests.e2e.conftest import refusal, serving
 
 CONFIG = MarketConfig(duration=900, close_steps=2, round_timeout=2.0)

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from ledger import read_rows
-from market.engine import MarketConfig
-from market.server import MarketServer
+from market.core.engine import MarketConfig
+from market.server.app import MarketServer
 from tests.e2e.conftest import TOKENS, running
 
 CODES = {"invalid", "unauthorized", "forbidden", "closed", "conflict", "not_found", "too_large", "rate_limited"}

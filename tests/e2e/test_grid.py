@@ -17,10 +17,10 @@ import socketio
 
 from ledger import open_sink
 from ledger.digest import read_rows
-from market.engine import MarketConfig
-from market.grid_ns import NAMESPACE, GridNamespace
-from market.registry import Registry
-from market.server import MarketServer
+from market.community.namespace import NAMESPACE, GridNamespace
+from market.core.engine import MarketConfig
+from market.core.registry import Registry
+from market.server.app import MarketServer
 from tests.e2e.conftest import refusal, serving
 
 CONFIG = MarketConfig(duration=60, close_steps=2, round_timeout=2.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from market.engine import MarketConfig
+from market.core.engine import MarketConfig
 from participants.client import ParticipantClient
 from participants.prosumer import Prosumer
 from participants.spec import decode_spec

@@ -9,7 +9,7 @@ import pytest
 import socketio
 
 from ledger.digest import read_rows
-from market.engine import MarketConfig
+from market.core.engine import MarketConfig
 from tests.e2e.conftest import Inbox, client, refusal, running
 
 CONFIG = MarketConfig(duration=60, close_steps=2, round_timeout=2.0)

@@ -9,7 +9,7 @@ from typing import Any
 import socketio
 
 from ledger import read_rows
-from market.engine import MarketConfig
+from market.core.engine import MarketConfig
 from participants.fleet import Fleet
 from participants.spec import decode_specs
 from tests.e2e.conftest import TOKENS, client, running

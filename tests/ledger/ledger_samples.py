@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from market.records import (
+from market.core.records import (
     BalanceSeal,
     BalanceTransaction,
     Batch,

@@ -27,7 +27,7 @@ from controller.sim import run_sim
 from ledger import DatasetSink, ledger_digest, merkle, open_sink, read_rows
 from ledger.dual import DualSink, parse_url
 from ledger.evm import CLEARING_ADDRESS, ChainError, EvmAnchor, money_deltas, net_transfers, participant_address
-from market.records import GRID_ID, Batch, MeterRecord, Record, RoundRecord, Transaction, amount
+from market.core.records import GRID_ID, Batch, MeterRecord, Record, RoundRecord, Transaction, amount
 
 SCENARIO = Path(__file__).parents[2] / "scenarios" / "community.toml"
 PEOPLE = ("H01", "H02", "H03", "Hé-4")

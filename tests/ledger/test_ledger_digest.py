@@ -8,7 +8,7 @@ import pytest
 from ledger_samples import every_kind, settlement, transaction
 
 from ledger import DatasetSink, ledger_digest, read_rows
-from market.records import Batch, Record, RunRecord
+from market.core.records import Batch, Record, RunRecord
 
 
 async def write_ledger(path: Path, batches: list[Batch]) -> str:

@@ -10,7 +10,7 @@ from sqlalchemy.schema import CreateTable
 
 from ledger import DatasetSink, open_sink
 from ledger.schema import TABLE_MAP
-from market.sink import MemorySink
+from market.core.sink import MemorySink
 
 
 def test_backend_by_url(tmp_path: Path) -> None:

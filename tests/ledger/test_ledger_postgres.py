@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from controller.sim import run_sim
 from ledger import DatasetSink, ledger_digest, open_sink, read_rows
 from ledger.schema import DIGEST_TABLES, KEYS, TABLE_MAP
-from market.records import TABLES, Batch, MeterRecord, Record, Transaction
+from market.core.records import TABLES, Batch, MeterRecord, Record, Transaction
 from tests.pg import PostgresServer, connect
 
 SCENARIO = Path(__file__).parents[2] / "scenarios" / "community.toml"

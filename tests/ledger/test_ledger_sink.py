@@ -15,7 +15,7 @@ from ledger_samples import every_kind, settlement, transaction
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ledger import DatasetSink, read_rows
-from market.records import TABLES, Batch, Transaction
+from market.core.records import TABLES, Batch, Transaction
 
 
 @pytest.fixture

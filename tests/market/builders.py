@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from market.book import Entry
-from market.clearing import Fill
-from market.engine import Market, MarketConfig
-from market.protocol import ConsumptionMsg, EntryMsg, MeterMsg, Side
-from market.records import Settlement, Transaction, amount
-from market.timing import Slot
+from market.core.book import Entry
+from market.core.clearing import Fill
+from market.core.engine import Market, MarketConfig
+from market.core.protocol import ConsumptionMsg, EntryMsg, MeterMsg, Side
+from market.core.records import Settlement, Transaction, amount
+from market.core.timing import Slot
 
 SLOT: Slot = (0, 60)
 Row = tuple[Any, ...]  # (participant, quantity, price[, source])

@@ -1,7 +1,7 @@
 """A deterministic market day for 20 (or more) synthetic prosumers, without sockets.
 
 `run()` drives `Prosumer.on_round` / `on_settled` / `on_delivery` with payloads built the
-way `market.engine` builds them (`start_round_payload`, `_settled_events`, `_deliveries`),
+way `market.core.engine` builds them (`start_round_payload`, `_settled_events`, `_deliveries`),
 with a small stand-in clearing, and returns everything the prosumers produced: the exact
 `(meter, orders)` of every round and the final stats. `digest()` hashes it; the golden test
 pins that hash so optimizations of the participants package cannot change behaviour.
@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import msgspec
 import numpy as np
 
-from market.records import amount
+from market.core.records import amount
 from participants.prosumer import Prosumer
 from participants.spec import ParticipantSpec, synthetic_spec
 
@@ -45,7 +45,7 @@ def grid_state(start: int) -> str:
 
 
 def start_round_payload(t: int, mode: str, tz: str, last_round: tuple[int, int] | None) -> dict[str, Any]:
-    """As `market.engine.Market.start_round_payload` (with `market.timing.round_times`)."""
+    """As `market.core.engine.Market.start_round_payload` (with `market.core.timing.round_times`)."""
     c = CLOSE_STEPS
     current, next_settle, last_settle = (t, t + D), (t + c * D, t + (c + 1) * D), (t + (c - 1) * D, t + c * D)
     slots = dict.fromkeys([current, last_settle, next_settle])

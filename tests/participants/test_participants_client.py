@@ -8,7 +8,7 @@ import pytest
 import socketio
 from aiohttp import web
 
-from market.protocol import MeterMsg, OrdersMsg, decode
+from market.core.protocol import MeterMsg, OrdersMsg, decode
 from participants.client import ParticipantClient
 from participants.fleet import Fleet, run_participants
 from participants.prosumer import Prosumer

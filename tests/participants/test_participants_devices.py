@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from market.protocol import MeterMsg, decode
+from market.core.protocol import MeterMsg, decode
 from participants.devices import Battery, Commitment, Plan, meter_reading, split_own_use
 from participants.spec import BatterySpec
 

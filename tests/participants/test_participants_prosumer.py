@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from market.protocol import MeterMsg, OrdersMsg, decode
-from market.records import amount
+from market.core.protocol import MeterMsg, OrdersMsg, decode
+from market.core.records import amount
 from participants.prosumer import Prosumer
 from participants.spec import (
     BatterySpec,

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from market.protocol import OrdersMsg, decode
+from market.core.protocol import OrdersMsg, decode
 from participants.devices import Battery, Commitment
 from participants.spec import BatteryTrader, FixedPriceTrader, NoTrader, RandomPriceTrader
 from participants.traders import DRAWING, TRADERS, Observation, draws, inside, trader_for

@@ -1,0 +1,221 @@
+"""The `/grid` namespace (PROTOCOL.md, seed 000): a thin adapter over `market.community`.
+
+Event names contain dots (`grid_state.set`, `lem.solve`); `trigger_event` maps each to its
+`on_<name with underscores>` handler and answers any other event `invalid`. Roles `dso`,
+`aggregator`, `operator`, `prosumer` and `oracle` may connect (others are refused at
+connect); each event checks its own roles and answers `forbidden` to the rest.
+
+One lock serializes every event and the periodic solver, so an action is validated, its
+records made durable (`await sink.write`), and only then applied and acknowledged, with
+nothing in between. "Before" and "after" a slot are judged by the market clock
+(`server.clock.now()`: the last `step` in sim mode, the wall clock in rt mode).
+
+A DSO's grid state also reaches the auction: every auction slot overlapping the LEM slot
+gets the most severe state of the LEM slots it overlaps (`Market.grid_states`), so a RED
+slot clears no P2P fill and `start_round.market_info` carries the state. The auction
+honours it for slots whose gate has not closed yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+
+from market.community.messages import (
+    GridStateSetMsg,
+    KpiMeasureMsg,
+    LemDefaultsSetMsg,
+    LemMeasureMsg,
+    LemSetMsg,
+    LemSolveMsg,
+    ParityConfig,
+    SlaSetMsg,
+    SlaSolveMsg,
+)
+from market.community.parity import PARITY_RECORDS, Parity
+from market.community.solver import measurements_from_meters
+from market.community.state import Change, Measurement
+from market.core.protocol import EmptyMsg, decode
+from market.core.records import Batch, MeterRecord, Record
+from market.core.registry import Role
+from market.dispatch.base import Namespace, ServerPort, replying
+
+log = logging.getLogger("microte.grid")
+
+NAMESPACE = "/grid"
+ROLES: frozenset[Role] = frozenset({"dso", "aggregator", "operator", "prosumer", "oracle"})
+SEE_ALL: frozenset[Role] = frozenset({"aggregator", "operator"})  # tokens.balances of every account
+SOLVER_ID = "solver"  # `by` of the periodic solver in logs
+
+# wire event -> handler suffix (`on_<suffix>`)
+EVENTS: dict[str, str] = {
+    "grid_state.set": "grid_state_set",
+    "lem.defaults.set": "lem_defaults_set",
+    "lem.set": "lem_set",
+    "lem.measure": "lem_measure",
+    "lem.solve": "lem_solve",
+    "tokens.balances": "tokens_balances",
+    "sla.set": "sla_set",
+    "kpi.measure": "kpi_measure",
+    "sla.solve": "sla_solve",
+}
+
+
+class GridNamespace(Namespace):
+    NAME = NAMESPACE
+    ROLES = ROLES
+    EVENTS = EVENTS
+
+    def __init__(self, server: ServerPort, config: ParityConfig | None = None) -> None:
+        super().__init__(server)
+        self.core = Parity(config, role_of=server.registry.role)
+        # One event at a time (core call, then ledger write), shared with the periodic solver.
+        self._lock = self._serial = asyncio.Lock()
+        self.periodic_solves = 0  # boundaries the periodic solver has handled
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume from the ledger, then start the periodic solver (if configured) as a task
+        the server owns (cancelled with its other tasks at shutdown). Call it once the sink
+        is open and the market resumed: in `MarketServer._lifetime`, after `_resume()`."""
+        await self.resume()
+        if self.core.config.solve_every > 0:
+            self.ms.spawn(self.solve_periodically())
+
+    async def resume(self) -> None:
+        """Rebuild grid states, LEMs, measurements, results, accounts and SLAs from the
+        ledger, and hand the states of slots not yet started back to the auction."""
+        records: list[Record] = []
+        for cls in PARITY_RECORDS:
+            records += [msgspec.convert(row, cls) for row in await self.ms.sink.read(cls.TABLE)]
+        if not records:
+            return
+        self.core.restore(records)
+        now, d = self.ms.clock.now(), self.core.config.lem_duration
+        for start in self.core.grid_states():
+            if start + d > now:
+                self._to_auction(start, start + d)
+        log.info("resumed /grid from the ledger: %d records", len(records))
+
+    async def solve_periodically(self) -> None:
+        """At every `solve_every` boundary of the market clock plus `solve_delay`, solve the
+        unsolved LEMs that ended by the boundary (hourly: at 13:01 those up to 13:00)."""
+        cfg = self.core.config
+        every, delay = cfg.solve_every, cfg.solve_delay
+        last: int | None = None
+        while True:
+            now = self.ms.clock.now()
+            boundary = (now - delay) // every * every
+            if boundary >= 0 and (last is None or boundary > last):
+                try:
+                    async with self._lock:
+                        reply = await self._solve(0, boundary)
+                    if reply["lems"]:
+                        log.info(
+                            "periodic solve up to %d: lems=%d transfers=%d",
+                            boundary,
+                            len(reply["lems"]),
+                            len(reply["transfers"]),
+                        )
+                except Exception:
+                    log.exception("periodic solve up to %d failed; the next boundary retries", boundary)
+                last = boundary
+                self.periodic_solves += 1
+            due = boundary + every + delay
+            await asyncio.sleep(max(0.001, min(cfg.poll, due - self.ms.clock.now())))
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def _commit(self, change: Change) -> dict[str, Any]:
+        """Make the change's records durable, then apply them; the reply follows."""
+        if change.records:
+            await self.ms.sink.write(Batch(change.records))
+            self.core.apply(change.records)
+        return change.reply
+
+    def _now(self) -> int:
+        return self.ms.clock.now()
+
+    def _to_auction(self, start: int, end: int) -> None:
+        """Give every auction slot overlapping [start, end) its state from the LEM slots."""
+        market = self.ms.market
+        d = market.times.duration if market.times is not None else self.ms.config.duration
+        for slot in range(start // d * d, end, d):
+            market.grid_states.set(slot, self.core.auction_state(slot, d))
+
+    async def _meter_measures(self, start: int, end: int) -> dict[int, dict[str, Measurement]]:
+        """The auction's meter readings of the LEMs a solve of [start, end] will take."""
+        lems = self.core.pending(start, end, self._now())
+        if not lems:
+            return {}
+        lo, hi = lems[0].start, lems[-1].end
+        rows = await self.ms.sink.read("meters", ("time_interval_start", lo - 1))
+        meters = [msgspec.convert(r, MeterRecord) for r in rows if r["time_interval_end"] <= hi]
+        return measurements_from_meters(meters, self.core.config.lem_duration)
+
+    async def _solve(self, start: int, end: int) -> dict[str, Any]:
+        fallback = await self._meter_measures(start, end)
+        return await self._commit(self.core.solve(start, end, self._now(), fallback))
+
+    # -- events ----------------------------------------------------------------------------
+
+    @replying
+    async def on_grid_state_set(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "dso")
+        msg = decode(data, GridStateSetMsg)
+        reply = await self._commit(self.core.set_grid_state(pid, msg, self._now()))
+        self._to_auction(*msg.time_delivery)
+        log.info("grid state %s for %s by %s", msg.state, list(msg.time_delivery), pid)
+        return reply
+
+    @replying
+    async def on_lem_defaults_set(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "operator")
+        return await self._commit(self.core.set_defaults(pid, decode(data, LemDefaultsSetMsg), self._now()))
+
+    @replying
+    async def on_lem_set(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "aggregator")
+        return await self._commit(self.core.set_lem(pid, decode(data, LemSetMsg), self._now()))
+
+    @replying
+    async def on_lem_measure(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        return await self._commit(self.core.measure(pid, decode(data, LemMeasureMsg), self._now()))
+
+    @replying
+    async def on_lem_solve(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "aggregator", "operator")
+        msg = decode(data, LemSolveMsg)
+        reply = await self._solve(msg.start, msg.end)
+        log.info("lem.solve [%d, %d] by %s: lems=%d", msg.start, msg.end, pid, len(reply["lems"]))
+        return reply
+
+    @replying
+    async def on_tokens_balances(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid)
+        decode(data, EmptyMsg)
+        everyone = self.sessions.role_of[sid] in SEE_ALL
+        return {"balances": self.core.balances(None if everyone else pid)}
+
+    @replying
+    async def on_sla_set(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "aggregator")
+        return await self._commit(self.core.set_sla(pid, decode(data, SlaSetMsg), self._now()))
+
+    @replying
+    async def on_kpi_measure(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "oracle", "prosumer")
+        return await self._commit(self.core.measure_kpi(pid, decode(data, KpiMeasureMsg), self._now()))
+
+    @replying
+    async def on_sla_solve(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "aggregator", "operator")
+        msg = decode(data, SlaSolveMsg)
+        reply = await self._commit(self.core.solve_sla(pid, msg.sla, self._now()))
+        log.info("sla.solve %s by %s: penalties=%d", msg.sla, pid, len(reply["penalties"]))
+        return reply

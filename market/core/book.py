@@ -1,0 +1,177 @@
+"""Open bids and asks per delivery slot, with idempotent client ids.
+
+The book never decides whether an entry is acceptable (the engine validates first); it
+stores, cancels and hands a slot's entries to the clearing when the slot's gate closes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from bisect import bisect_left, bisect_right
+from typing import Any
+
+import msgspec
+
+from market.core.errors import MarketError
+from market.core.protocol import Side
+from market.core.timing import Slot
+
+
+def tie_key(uuid: str) -> int:
+    """Order of entries submitted in the same second: a hash of the uuid, so that it does
+    not depend on network races and the same scenario clears the same way every run."""
+    return int.from_bytes(hashlib.blake2b(uuid.encode(), digest_size=8).digest(), "big")
+
+
+class Entry(msgspec.Struct, frozen=True, gc=False):
+    """An open bid or ask. `gc=False`: its fields are strings, numbers and a tuple of ints,
+    so it can be in no reference cycle; big books then cost the garbage collector nothing."""
+
+    uuid: str
+    id: str | None  # the client's own id, if it sent one
+    participant: str
+    side: Side
+    quantity: int
+    price: float
+    time_delivery: Slot
+    source: str | None
+    time_submission: int
+    tie: int
+
+    def reply(self) -> dict[str, Any]:
+        """The `entry` object of PROTOCOL.md replies."""
+        return {
+            "uuid": self.uuid,
+            "id": self.id,
+            "side": self.side,
+            "quantity": self.quantity,
+            "price": self.price,
+            "time_delivery": list(self.time_delivery),
+            "source": self.source,
+            "time_submission": self.time_submission,
+        }
+
+    def content(self) -> tuple[object, ...]:
+        """What a client id stands for: a resubmission must repeat exactly this."""
+        return (self.side, self.quantity, self.price, self.time_delivery, self.source)
+
+
+def bid_order(e: Entry) -> tuple[float, int, int]:
+    """Price-time priority of bids: highest price first, then earliest, then tie key."""
+    return (-e.price, e.time_submission, e.tie)
+
+
+def ask_order(e: Entry) -> tuple[float, int, int]:
+    return (e.price, e.time_submission, e.tie)
+
+
+class _Ranked(msgspec.Struct):
+    """One side of a slot kept in priority order as entries arrive, so that clearing at
+    gate closure does not sort (half of its time otherwise): O(log n) compares per entry."""
+
+    keys: list[tuple[float, int, int]] = []
+    entries: list[Entry] = []
+
+    def add(self, key: tuple[float, int, int], entry: Entry) -> None:
+        i = bisect_right(self.keys, key)
+        self.keys.insert(i, key)
+        self.entries.insert(i, entry)
+
+    def remove(self, key: tuple[float, int, int], uuid: str) -> None:
+        i = bisect_left(self.keys, key)
+        while self.entries[i].uuid != uuid:
+            i += 1
+        del self.keys[i]
+        del self.entries[i]
+
+
+class SlotBook(msgspec.Struct):
+    bids: dict[str, Entry] = {}
+    asks: dict[str, Entry] = {}
+    client_keys: list[tuple[str, str]] = []
+    ranked_bids: _Ranked = msgspec.field(default_factory=_Ranked)
+    ranked_asks: _Ranked = msgspec.field(default_factory=_Ranked)
+
+    def side(self, entry: Entry) -> tuple[dict[str, Entry], _Ranked, tuple[float, int, int]]:
+        if entry.side == "bid":
+            return self.bids, self.ranked_bids, bid_order(entry)
+        return self.asks, self.ranked_asks, ask_order(entry)
+
+
+class Book:
+    def __init__(self) -> None:
+        self._slots: dict[int, SlotBook] = {}
+        self._where: dict[str, int] = {}  # uuid -> slot start
+        self._client: dict[tuple[str, str], Entry] = {}  # (participant, client id) -> first entry
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def find_duplicate(self, candidate: Entry) -> Entry | None:
+        """The first entry with the candidate's client id, or None if the id is new.
+        Raises `conflict` if the id was used for different content."""
+        if candidate.id is None:
+            return None
+        first = self._client.get((candidate.participant, candidate.id))
+        if first is None:
+            return None
+        if first.content() != candidate.content():
+            raise MarketError("conflict", f"client id {candidate.id!r} was used for another entry")
+        return first
+
+    def add(self, entry: Entry) -> None:
+        slot = self._slots.get(entry.time_delivery[0])
+        if slot is None:
+            slot = self._slots[entry.time_delivery[0]] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []))
+        by_uuid, ranked, rank = slot.side(entry)
+        by_uuid[entry.uuid] = entry
+        ranked.add(rank, entry)
+        self._where[entry.uuid] = entry.time_delivery[0]
+        if entry.id is not None:
+            client_key = (entry.participant, entry.id)
+            self._client[client_key] = entry
+            slot.client_keys.append(client_key)
+
+    def get(self, uuid: str) -> Entry | None:
+        start = self._where.get(uuid)
+        if start is None:
+            return None
+        slot = self._slots[start]
+        return slot.bids.get(uuid) or slot.asks.get(uuid)
+
+    def cancel(self, participant: str, uuid: str) -> Entry:
+        entry = self.get(uuid)
+        if entry is None or entry.participant != participant:
+            # Someone else's uuid is reported as unknown: existence is not leaked.
+            raise MarketError("not_found", f"no open entry {uuid!r}")
+        slot = self._slots[entry.time_delivery[0]]
+        by_uuid, ranked, rank = slot.side(entry)
+        del by_uuid[uuid]
+        ranked.remove(rank, uuid)
+        del self._where[uuid]
+        return entry
+
+    def pop_slot(self, start: int) -> tuple[list[Entry], list[Entry]]:
+        """Remove a slot from the book (its gate closed): its bids by `bid_order` and its asks
+        by `ask_order` (the order clearing takes them in)."""
+        slot = self._slots.pop(start, None)
+        if slot is None:
+            return [], []
+        for uuid in (*slot.bids, *slot.asks):
+            del self._where[uuid]
+        for key in slot.client_keys:
+            self._client.pop(key, None)
+        return slot.ranked_bids.entries, slot.ranked_asks.entries
+
+    def slots_until(self, start: int) -> list[int]:
+        """Starts of the open slots at or before `start`, in time order."""
+        return sorted(s for s in self._slots if s <= start)
+
+    def entries(self) -> list[Entry]:
+        """Every open entry, by slot then submission (for snapshots and resume)."""
+        return [e for s in sorted(self._slots) for e in (*self._slots[s].bids.values(), *self._slots[s].asks.values())]
+
+    def clear(self) -> None:
+        self._slots.clear()
+        self._where.clear()
+        self._client.clear()

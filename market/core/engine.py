@@ -1,0 +1,558 @@
+"""The MicroTE market as a state machine over plain data: no sockets, clock or database.
+
+Each delivery slot moves through the phases of `TRANSITIONS`: open (in the book) ->
+matched (gate closed, cleared) -> delivering (the current round: meter readings accepted)
+-> processed (energy exchanged, records produced). Methods return the events and records
+they produced; the server emits and stores them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+from market.core.book import Book, Entry, tie_key
+from market.core.capacity import CapacityLimits, limit_fills
+from market.core.clearing import Fill, Pricing, clear
+from market.core.errors import IllegalTransition, MarketError
+from market.core.exchange import EXTERNAL, exchange
+from market.core.grid import GridStates, GridTariff
+from market.core.protocol import MAX_QUANTITY, ConsumptionMsg, EntryMsg, MeterMsg, OrdersMsg, Side
+from market.core.records import (
+    CancelRecord,
+    EntryRecord,
+    MeterRecord,
+    Record,
+    RoundRecord,
+    Settlement,
+    Transaction,
+    amount,
+)
+from market.core.timing import RoundTimes, Slot, is_aligned, round_times
+
+
+class Phase(enum.Enum):
+    OPEN = "open"
+    MATCHED = "matched"
+    DELIVERING = "delivering"
+    PROCESSED = "processed"
+
+
+# The only legal moves of a slot; anything else raises IllegalTransition and changes nothing.
+TRANSITIONS: dict[tuple[Phase, str], Phase] = {
+    (Phase.OPEN, "close"): Phase.MATCHED,
+    (Phase.MATCHED, "deliver"): Phase.DELIVERING,
+    (Phase.DELIVERING, "process"): Phase.PROCESSED,
+}
+
+
+class MarketConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    mode: Literal["sim", "rt"] = "sim"
+    duration: Annotated[int, msgspec.Meta(gt=0, le=86400)] = 60
+    close_steps: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
+    horizon: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 96  # slots accepted beyond next_settle
+    pricing: Pricing = "midpoint"
+    max_quantity: Annotated[int, msgspec.Meta(gt=0, le=MAX_QUANTITY)] = MAX_QUANTITY
+    price_min: float = 0.0
+    price_max: float = 10.0
+    non_dispatch: tuple[str, ...] = ("solar", "wind")
+    dispatch: tuple[str, ...] = ("bess",)
+    round_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    meter_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
+    rate_per_second: Annotated[float, msgspec.Meta(gt=0)] = 2000.0  # events per participant, sustained
+    rate_burst: Annotated[int, msgspec.Meta(gt=0)] = 10000
+    timezone: str = "UTC"
+    grid: GridTariff = GridTariff()
+    # Grid fee per kWh on P2P fills of slots the DSO marked YELLOW (/grid `grid_state.set`):
+    # a pair trades only if the bid covers the ask plus the fee; the buyer pays the fee on
+    # top of what the seller receives, and the difference is the market operator's.
+    yellow_fee: Annotated[float, msgspec.Meta(ge=0, le=1e3)] = 0.0
+    # When acknowledged entries and readings become durable: "ack" before each reply (rt
+    # default), "round" with the round's records before the `step` reply (sim default).
+    durability: Literal["ack", "round"] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.price_min < self.price_max:
+            raise ValueError("price_min must be below price_max")
+        if set(self.non_dispatch) & set(self.dispatch) or EXTERNAL in self.sources:
+            raise ValueError("a source is either dispatch or non-dispatch, and not 'external'")
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, KeyError):
+            raise ValueError(f"unknown timezone {self.timezone!r}") from None
+        if self.grid.timezone != self.timezone:
+            raise ValueError("the grid tariff's timezone must be the market's timezone")
+
+    @property
+    def ack_durable(self) -> bool:
+        return (self.durability or ("ack" if self.mode == "rt" else "round")) == "ack"
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.dispatch + self.non_dispatch
+
+
+class RoundOpen(msgspec.Struct, frozen=True):
+    """What opening a round produced: the broadcast, private fills, and settlement records."""
+
+    times: RoundTimes
+    start_round: dict[str, Any]
+    settled: list[tuple[str, dict[str, Any]]]  # (participant, `settled` payload), in commit order
+    settlements: list[Settlement]
+
+
+class SlotResult(msgspec.Struct, frozen=True):
+    slot: Slot
+    transactions: list[Transaction]
+    meters: list[MeterRecord]
+    metered: list[str]
+    deliveries: dict[str, dict[str, Any]]  # participant -> `delivery` payload
+
+
+class _Delivering(msgspec.Struct):
+    settlements: list[Settlement]
+    meters: dict[str, MeterMsg]
+    records: dict[str, MeterRecord]
+
+
+class Recovered(msgspec.Struct, frozen=True):
+    """What the ledger holds of a market that stopped: see `Market.restore`."""
+
+    last_round: RoundRecord | None  # the latest processed round
+    entries: list[EntryRecord]  # entries of slots that were still open
+    cancels: list[CancelRecord]
+    settlements: list[Settlement]  # fills of slots not yet processed
+    meters: list[MeterRecord]  # acknowledged readings of slots not yet processed
+
+
+class Market:
+    def __init__(
+        self,
+        config: MarketConfig,
+        grid_states: GridStates | None = None,
+        capacity: CapacityLimits | None = None,
+    ) -> None:
+        self.config = config
+        self.grid_states = grid_states or GridStates()
+        # Capacity-aware clearing (docs/grid.md): fills that would push a feeder branch past
+        # its limit are curtailed at gate closure; `base_flows` per slot (W per branch, e.g.
+        # the DSO's forecast) are what the branches carry before trading (zero if unset).
+        self.capacity = capacity
+        self.base_flows: dict[int, list[float]] = {}
+        self.book = Book()
+        self.times: RoundTimes | None = None
+        self._phase: dict[int, Phase] = {}
+        self._matched: dict[int, list[Settlement]] = {}
+        self._delivering: dict[int, _Delivering] = {}
+        self._processed_until = -1  # slots starting at or before this are done
+        self._counters: dict[int, dict[str, int]] = {}  # slot -> participant -> entries so far
+        self._early_meters: dict[int, dict[str, MeterRecord]] = {}  # recovered, for slots not delivering yet
+        self.journal: list[Record] = []  # records of acknowledged actions, for the caller to persist
+        self._known_sources = frozenset(config.sources)
+
+    def take_journal(self) -> list[Record]:
+        """Records to make durable before the acknowledgement of the action that made them."""
+        out, self.journal = self.journal, []
+        return out
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def phase(self, start: int) -> Phase:
+        known = self._phase.get(start)
+        if known is not None:
+            return known
+        return Phase.PROCESSED if start <= self._processed_until else Phase.OPEN
+
+    def _move(self, start: int, event: str) -> None:
+        nxt = TRANSITIONS.get((self.phase(start), event))
+        if nxt is None:
+            raise IllegalTransition(f"slot {start}: {event!r} in phase {self.phase(start).value}")
+        self._phase[start] = nxt
+
+    def open_round(self, t: int, duration: int | None = None) -> RoundOpen:
+        """Start the round at `t`: close and clear every slot up to `last_settle`, and start
+        delivering `current_round`."""
+        d = self._check_round(t, duration)
+        times = round_times(t, d, self.config.close_steps, self.times.current_round if self.times else None)
+        closing = sorted({*self.book.slots_until(times.last_settle[0]), times.last_settle[0], t})
+        settlements: list[Settlement] = []
+        for start in closing:
+            if self.phase(start) is Phase.OPEN:
+                settlements += self._close((start, start + d), t)
+        # A step that jumps over matched slots delivers them too (nobody metered them), so
+        # no fill is left stranded; the caller processes every delivering slot before `t`.
+        for start in sorted(s for s, ph in self._phase.items() if ph is Phase.MATCHED and s < t):
+            self._deliver(start)
+        self._deliver(t)
+        self.times = times
+        return RoundOpen(times, self.start_round_payload(), _settled_events(settlements), settlements)
+
+    def _deliver(self, start: int) -> None:
+        self._move(start, "deliver")
+        early = self._early_meters.pop(start, {})
+        self._delivering[start] = _Delivering(
+            self._matched.pop(start, []), {p: _meter_msg(r) for p, r in early.items()}, early
+        )
+
+    def _check_round(self, t: int, duration: int | None) -> int:
+        d = duration or (self.times.duration if self.times else self.config.duration)
+        if self.times is not None and t <= self.times.time:
+            raise MarketError("invalid", f"round time {t} does not advance past {self.times.time}")
+        if t % d:
+            raise MarketError("invalid", f"round time {t} is not aligned to duration {d}")
+        if (
+            self.times is not None
+            and d != self.times.duration
+            and (len(self.book) or self._delivering or self._matched)
+        ):
+            raise MarketError("invalid", "duration can change only when no entry or slot is pending")
+        return d
+
+    def _close(self, slot: Slot, now: int) -> list[Settlement]:
+        bids, asks = self.book.pop_slot(slot[0])
+        self._move(slot[0], "close")
+        self._counters.pop(slot[0], None)
+        state = self.grid_states.get(slot[0])
+        if state == "RED":
+            fills: list[Fill] = []  # the DSO forbids P2P trade in this slot: all settle with the grid
+        elif state == "YELLOW" and self.config.yellow_fee > 0:
+            fills = _clear_with_fee(bids, asks, self.config.pricing, self.config.yellow_fee)
+        else:
+            fills = clear(bids, asks, self.config.pricing, ranked=True)
+        if self.capacity is not None and fills:
+            fills = limit_fills(fills, self.capacity, slot[1] - slot[0], self.base_flows.get(slot[0]))
+        self.base_flows.pop(slot[0], None)
+        records = [self._settlement(slot, i, f, now) for i, f in enumerate(fills)]
+        self._matched[slot[0]] = records
+        return records
+
+    def _settlement(self, slot: Slot, seq: int, f: Fill, now: int) -> Settlement:
+        source = f.ask.source or ""
+        return Settlement(
+            commit_id=f"c{slot[0]}-{seq}",
+            time_delivery_start=slot[0],
+            time_delivery_end=slot[1],
+            seller_id=f.ask.participant,
+            buyer_id=f.bid.participant,
+            bid_uuid=f.bid.uuid,
+            ask_uuid=f.ask.uuid,
+            bid_id=f.bid.id,
+            ask_id=f.ask.id,
+            energy_source=source,
+            quantity=f.quantity,
+            price_buy=f.price_buy,
+            price_sell=f.price_sell,
+            amount_buy=amount(f.quantity, f.price_buy),
+            amount_sell=amount(f.quantity, f.price_sell),
+            dispatch=source in self.config.dispatch,
+            seq=seq,
+            time_creation=now,
+        )
+
+    def market_info(self, slots: Iterable[Slot]) -> list[dict[str, Any]]:
+        info = []
+        for s in slots:
+            buy, sell = self.config.grid.prices(s[0])
+            info.append(
+                {
+                    "time_delivery": list(s),
+                    "grid": {"buy_price": buy, "sell_price": sell},
+                    "grid_state": self.grid_states.get(s[0]),
+                }
+            )
+        return info
+
+    def start_round_payload(self) -> dict[str, Any]:
+        r = self._require_round()
+        slots = dict.fromkeys([r.current_round, r.last_settle, r.next_settle])
+        return {
+            "mode": self.config.mode,
+            "time": r.time,
+            "duration": r.duration,
+            "timezone": self.config.timezone,
+            "current_round": list(r.current_round),
+            "last_round": list(r.last_round),
+            "next_settle": list(r.next_settle),
+            "last_settle": list(r.last_settle),
+            "market_info": self.market_info(slots),
+        }
+
+    def _require_round(self) -> RoundTimes:
+        if self.times is None:
+            raise MarketError("unavailable", "the market has not started its first round")
+        return self.times
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def submit(self, participant: str, side: Side, msg: EntryMsg) -> dict[str, Any]:
+        """Add a bid or ask; the ok reply's fields (`entry`, and `duplicate` on a resubmission)."""
+        r = self._require_round()
+        self._check_entry(side, msg, r)
+        counters = self._counters.setdefault(msg.time_delivery[0], {})
+        n = counters.get(participant, 0)
+        uuid = f"{participant}.{msg.time_delivery[0]}.{n}"
+        entry = Entry(
+            uuid=uuid,
+            id=msg.id,
+            participant=participant,
+            side=side,
+            quantity=msg.quantity,
+            price=msg.price,
+            time_delivery=msg.time_delivery,
+            source=msg.source,
+            time_submission=r.time,
+            tie=tie_key(uuid),
+        )
+        first = self.book.find_duplicate(entry)
+        if first is not None:
+            return {"entry": first.reply(), "duplicate": True}
+        self.book.add(entry)
+        counters[participant] = n + 1
+        self.journal.append(_entry_record(entry, n))
+        return {"entry": entry.reply()}
+
+    def _check_entry(self, side: Side, msg: EntryMsg, r: RoundTimes) -> None:
+        c = self.config
+        if not is_aligned(msg.time_delivery, r.duration):
+            raise MarketError(
+                "invalid",
+                f"time_delivery {list(msg.time_delivery)} is not an aligned {r.duration} s slot",
+            )
+        start = msg.time_delivery[0]
+        if start < r.next_settle[0]:
+            raise MarketError("closed", f"the gate of slot {start} has closed (next open slot {r.next_settle[0]})")
+        if start > r.next_settle[0] + c.horizon * r.duration:
+            raise MarketError("invalid", f"slot {start} is beyond the horizon of {c.horizon} slots")
+        if msg.quantity > c.max_quantity:
+            raise MarketError("invalid", f"quantity above max_quantity {c.max_quantity}")
+        if not c.price_min <= msg.price <= c.price_max:
+            raise MarketError("invalid", f"price outside [{c.price_min}, {c.price_max}]")
+        if side == "ask" and msg.source is None:
+            raise MarketError("invalid", "an ask needs a source")
+        if msg.source is not None and msg.source not in c.sources:
+            raise MarketError("invalid", f"unknown source {msg.source!r} (known: {', '.join(c.sources)})")
+
+    def submit_orders(self, participant: str, msg: OrdersMsg) -> list[dict[str, Any]]:
+        """Each order on its own: one refused order does not undo the others."""
+        results = []
+        for order in msg.orders:
+            try:
+                results.append({"ok": True, **self.submit(participant, order.side, order.entry())})
+            except MarketError as err:
+                results.append(err.reply())
+        return results
+
+    def cancel(self, participant: str, uuid: str) -> dict[str, Any]:
+        r = self._require_round()
+        entry = self.book.get(uuid)
+        if entry is not None and entry.participant == participant and entry.time_delivery[0] < r.next_settle[0]:
+            raise MarketError("closed", "the entry's slot is past gate closure")
+        entry = self.book.cancel(participant, uuid)
+        self.journal.append(CancelRecord(uuid, participant, entry.time_delivery[0], r.time))
+        return {"entry": entry.reply()}
+
+    # -- meters and delivery ---------------------------------------------------------------
+
+    def meter(self, participant: str, msg: MeterMsg) -> dict[str, Any]:
+        r = self._require_round()
+        slot = msg.time_interval
+        if not is_aligned(slot, r.duration):
+            raise MarketError("invalid", f"time_interval {list(slot)} is not an aligned {r.duration} s slot")
+        self._check_meter_sources(msg)
+        phase = self.phase(slot[0])
+        if phase is not Phase.DELIVERING:
+            if phase is Phase.PROCESSED or slot[0] < r.current_round[0]:
+                raise MarketError("closed", f"interval {slot[0]} is already processed")
+            raise MarketError("invalid", f"interval {slot[0]} has not been delivered yet")
+        delivering = self._delivering[slot[0]]
+        first = delivering.meters.get(participant)
+        if first is not None:
+            if first != msg:
+                raise MarketError("conflict", f"a different reading for interval {slot[0]} was already accepted")
+            return {"duplicate": True}
+        delivering.meters[participant] = msg
+        record = delivering.records[participant] = _meter_record(participant, slot, msg, r.time)
+        self.journal.append(record)
+        return {}
+
+    def _check_meter_sources(self, msg: MeterMsg) -> None:
+        known = self._known_sources
+        for where, keys in (
+            ("generation", msg.generation),
+            ("consumption.bess", msg.consumption.bess),
+            ("consumption.other", msg.consumption.other),
+        ):
+            unknown = keys.keys() - known
+            if unknown and (where != "consumption.other" or unknown != {EXTERNAL}):
+                bad = sorted(unknown - ({EXTERNAL} if where == "consumption.other" else set()))
+                raise MarketError("invalid", f"unknown source {bad[0]!r} in {where}")
+
+    def metered(self, slot_start: int) -> list[str]:
+        d = self._delivering.get(slot_start)
+        return sorted(d.meters) if d else []
+
+    def delivering(self) -> list[int]:
+        return sorted(self._delivering)
+
+    def process(self, slot_start: int, now: int) -> SlotResult:
+        """Exchange the energy of a delivered slot: its records, and each party's `delivery`."""
+        self._move(slot_start, "process")
+        d = self._delivering.pop(slot_start)
+        self._phase.pop(slot_start, None)
+        self._processed_until = max(self._processed_until, slot_start)
+        duration = self._require_round().duration
+        slot = (slot_start, slot_start + duration)
+        buy, sell = self.config.grid.prices(slot_start)
+        rows = exchange(slot, d.settlements, d.meters, buy, sell, now, self.config.non_dispatch)
+        self.grid_states.forget_before(slot_start)
+        return SlotResult(
+            slot=slot,
+            transactions=rows,
+            meters=[d.records[p] for p in sorted(d.records)],
+            metered=sorted(d.meters),
+            deliveries=_deliveries(slot, rows),
+        )
+
+    def reset(self) -> None:
+        """Forget books, fills and readings (a new simulation); ids keep counting."""
+        self.book.clear()
+        self._phase.clear()
+        self._matched.clear()
+        self._delivering.clear()
+        self._processed_until = -1
+        self._early_meters.clear()
+        self.times = None
+
+    def restore(self, rec: Recovered) -> None:
+        """Resume after a restart: the last processed round, open entries, fills and
+        readings of unprocessed slots, exactly as the ledger recorded them."""
+        if rec.last_round is None:
+            return
+        last = rec.last_round
+        self.times = round_times(last.time, last.duration, self.config.close_steps)
+        self._processed_until = last.current_round_start
+        d, gate = last.duration, self.times.last_settle[0]
+        for start in range(self._processed_until + d, gate + d, d):
+            self._phase[start] = Phase.MATCHED  # cleared before the stop (with or without fills)
+            self._matched.setdefault(start, [])
+        for s in sorted(rec.settlements, key=lambda s: (s.time_delivery_start, s.seq)):
+            self._matched.setdefault(s.time_delivery_start, []).append(s)
+        cancelled = {c.id for c in rec.cancels}
+        for e in rec.entries:
+            if e.time_delivery_start <= gate:
+                continue
+            counters = self._counters.setdefault(e.time_delivery_start, {})
+            counters[e.participant_id] = max(counters.get(e.participant_id, 0), e.seq + 1)
+            if e.id not in cancelled:
+                self.book.add(_entry_from_record(e))
+        for m in rec.meters:
+            self._early_meters.setdefault(m.time_interval_start, {})[m.participant_id] = m
+
+
+def _clear_with_fee(bids: list[Entry], asks: list[Entry], pricing: Pricing, fee: float) -> list[Fill]:
+    """Clear with every ask raised by `fee`, then give each seller its fill's price less the
+    fee (never below its own ask): nobody pays above its bid or receives below its ask, and
+    the buyer pays `fee` per kWh more than the seller receives."""
+    own = {a.uuid: a for a in asks}
+    raised = [msgspec.structs.replace(a, price=a.price + fee) for a in asks]
+    return [
+        msgspec.structs.replace(f, ask=own[f.ask.uuid], price_sell=max(own[f.ask.uuid].price, f.price_sell - fee))
+        for f in clear(bids, raised, pricing, ranked=True)  # a constant fee keeps the asks' order
+    ]
+
+
+def _settled_events(settlements: list[Settlement]) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for s in settlements:
+        common = {
+            "commit_id": s.commit_id,
+            "quantity": s.quantity,
+            "source": s.energy_source,
+            "time_delivery": [s.time_delivery_start, s.time_delivery_end],
+        }
+        events.append(
+            (
+                s.buyer_id,
+                {**common, "uuid": s.bid_uuid, "id": s.bid_id, "side": "bid", "price": s.price_buy},
+            )
+        )
+        events.append(
+            (
+                s.seller_id,
+                {
+                    **common,
+                    "uuid": s.ask_uuid,
+                    "id": s.ask_id,
+                    "side": "ask",
+                    "price": s.price_sell,
+                },
+            )
+        )
+    return events
+
+
+def _deliveries(slot: Slot, rows: list[Transaction]) -> dict[str, dict[str, Any]]:
+    by_party: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        data = row.row()  # one dict per row, shared by both parties' payloads
+        by_party.setdefault(row.seller_id, []).append(data)
+        if row.buyer_id != row.seller_id:
+            by_party.setdefault(row.buyer_id, []).append(data)
+    return {p: {"time_delivery": list(slot), "transactions": txs} for p, txs in by_party.items()}
+
+
+def _entry_record(e: Entry, seq: int) -> EntryRecord:
+    return EntryRecord(
+        id=e.uuid,
+        client_id=e.id,
+        participant_id=e.participant,
+        side=e.side,
+        quantity=e.quantity,
+        price=e.price,
+        time_delivery_start=e.time_delivery[0],
+        time_delivery_end=e.time_delivery[1],
+        source=e.source,
+        time_submission=e.time_submission,
+        seq=seq,
+    )
+
+
+def _entry_from_record(r: EntryRecord) -> Entry:
+    side: Side = "bid" if r.side == "bid" else "ask"
+    return Entry(
+        uuid=r.id,
+        id=r.client_id,
+        participant=r.participant_id,
+        side=side,
+        quantity=r.quantity,
+        price=r.price,
+        time_delivery=(r.time_delivery_start, r.time_delivery_end),
+        source=r.source,
+        time_submission=r.time_submission,
+        tie=tie_key(r.id),
+    )
+
+
+def _meter_msg(r: MeterRecord) -> MeterMsg:
+    return MeterMsg(
+        time_interval=(r.time_interval_start, r.time_interval_end),
+        generation=msgspec.json.decode(r.generation, type=dict[str, int]),
+        consumption=msgspec.json.decode(r.consumption, type=ConsumptionMsg),
+    )
+
+
+def _meter_record(participant: str, slot: Slot, m: MeterMsg, now: int) -> MeterRecord:
+    enc = msgspec.json.Encoder(order="sorted")
+    return MeterRecord(
+        id=f"m{slot[0]}-{participant}",
+        participant_id=participant,
+        time_interval_start=slot[0],
+        time_interval_end=slot[1],
+        generation=enc.encode(m.generation).decode(),
+        consumption=enc.encode(m.consumption).decode(),
+        time_creation=now,
+    )

@@ -1,0 +1,164 @@
+"""Energy exchange of a delivered slot (PROTOCOL.md section Energy exchange), pure.
+
+Settlements are taken dispatch sources first, then in commit order; each is covered by
+what its seller metered and its buyer imported. What remains afterwards is
+self-consumption, sold to the grid or bought from it. Every metered Wh ends in exactly
+one energy record: generation in p2p, bess_compensation, an `extra` financial record,
+self or grid_sell; imports in p2p, bess_compensation or grid_buy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from market.core.protocol import MeterMsg
+from market.core.records import GRID_ID, Settlement, Transaction, TransactionKind, amount
+from market.core.timing import Slot
+
+EXTERNAL = "external"
+BESS = "bess"
+
+
+class _Remainders:
+    """What each participant still has to account for in the slot."""
+
+    def __init__(self, meters: Mapping[str, MeterMsg]) -> None:
+        self.generation: dict[str, dict[str, int]] = {p: dict(m.generation) for p, m in meters.items()}
+        self.external: dict[str, int] = {p: m.consumption.other.get(EXTERNAL, 0) for p, m in meters.items()}
+
+    def gen(self, participant: str) -> dict[str, int]:
+        return self.generation.setdefault(participant, {})
+
+
+class _Writer:
+    def __init__(self, slot: Slot, now: int) -> None:
+        self.slot = slot
+        self.now = now
+        self.rows: list[Transaction] = []
+
+    def add(
+        self,
+        kind: TransactionKind,
+        seller: str,
+        buyer: str,
+        source: str,
+        quantity: int,
+        price_buy: float,
+        price_sell: float,
+        commit_id: str | None = None,
+    ) -> None:
+        self.rows.append(
+            Transaction(
+                id=f"t{self.slot[0]}-{len(self.rows)}",
+                kind=kind,
+                time_delivery_start=self.slot[0],
+                time_delivery_end=self.slot[1],
+                seller_id=seller,
+                buyer_id=buyer,
+                energy_source=source,
+                quantity=quantity,
+                price_buy=price_buy,
+                price_sell=price_sell,
+                amount_buy=amount(quantity, price_buy),
+                amount_sell=amount(quantity, price_sell),
+                commit_id=commit_id,
+                time_creation=self.now,
+            )
+        )
+
+
+def exchange(
+    slot: Slot,
+    settlements: Sequence[Settlement],
+    meters: Mapping[str, MeterMsg],
+    grid_buy: float,
+    grid_sell: float,
+    now: int,
+    non_dispatch: Iterable[str] = ("solar", "wind"),
+) -> list[Transaction]:
+    """Ledger transactions of `slot`. Participants without a meter reading count as zero."""
+    rest = _Remainders(meters)
+    out = _Writer(slot, now)
+    nd = frozenset(non_dispatch)
+    for s in sorted(settlements, key=lambda s: (not s.dispatch, s.seq)):
+        _settle(s, rest, out, grid_buy, s.energy_source in nd)
+    for p in sorted(meters):
+        m = meters[p]
+        for src, q in sorted(m.consumption.bess.items()):
+            if q:
+                out.add("self", p, p, src, q, 0.0, 0.0)
+        for src, q in sorted(m.consumption.other.items()):
+            if q and src != EXTERNAL:
+                out.add("self", p, p, src, q, 0.0, 0.0)
+        for src, q in sorted(rest.gen(p).items()):
+            if q:
+                out.add("grid_sell", p, GRID_ID, src, q, grid_sell, grid_sell)
+        if rest.external.get(p, 0):
+            out.add("grid_buy", GRID_ID, p, GRID_ID, rest.external[p], grid_buy, grid_buy)
+    return out.rows
+
+
+def _settle(s: Settlement, rest: _Remainders, out: _Writer, grid_buy: float, non_dispatch: bool) -> None:
+    seller_gen = rest.gen(s.seller_id)
+    g = seller_gen.get(s.energy_source, 0)
+    c = rest.external.get(s.buyer_id, 0)
+    q = s.quantity
+    physical = min(q, g, c)
+    short = max(0, min(q, c) - g)
+    extra = max(0, min(q, g) - c)
+    if physical:
+        out.add(
+            "p2p",
+            s.seller_id,
+            s.buyer_id,
+            s.energy_source,
+            physical,
+            s.price_buy,
+            s.price_sell,
+            s.commit_id,
+        )
+        seller_gen[s.energy_source] = g - physical
+        rest.external[s.buyer_id] = c - physical
+    if short:
+        if non_dispatch:
+            bess = seller_gen.get(BESS, 0)
+            comp = min(short, bess)
+            if comp:
+                out.add(
+                    "bess_compensation",
+                    s.seller_id,
+                    s.buyer_id,
+                    BESS,
+                    comp,
+                    s.price_buy,
+                    s.price_sell,
+                    s.commit_id,
+                )
+                seller_gen[BESS] = bess - comp
+                rest.external[s.buyer_id] -= comp
+                short -= comp
+        if short:
+            # The seller pays the buyer for energy the buyer had to take from the grid.
+            out.add(
+                "financial",
+                s.seller_id,
+                s.buyer_id,
+                GRID_ID,
+                short,
+                -grid_buy,
+                -grid_buy,
+                s.commit_id,
+            )
+    if extra:
+        # The buyer pays for energy it bought and did not take; the seller may not sell it again.
+        out.add(
+            "financial",
+            s.seller_id,
+            s.buyer_id,
+            s.energy_source,
+            extra,
+            s.price_buy,
+            s.price_sell,
+            s.commit_id,
+        )
+        seller_gen[s.energy_source] -= extra

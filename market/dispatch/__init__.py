@@ -1,0 +1,1 @@
+"""The dispatch base of every namespace adapter: `ServerPort`, `Sessions`, `Namespace`, `replying`."""

@@ -1,0 +1,748 @@
+"""Flexibility (seed 001, Energy Web) as a pure core: docs/flexibility.md is its contract.
+
+Each prosumer has at most one active **contract** with its aggregator: the production and
+consumption it expects (its baseline), the flexibility it guarantees up (more production
+or less consumption) and down (less production or more consumption), for how long, the
+longest delay it needs between notice and delivery, a price per kWh for each direction,
+and an expiry. Contracts are registered, renegotiated (a downward renegotiation costs
+reputation), cancelled and expire; every change is a ledger record.
+
+A grid operator (`dso`) **requests** +/-P W from an aggregator over `[start, end]`. The
+request is offered to the aggregator's prosumers whose contract can serve it; those that
+accept before the deadline are the candidates of the aggregator's **allocation strategy**
+(`fair` or `reputation`, or any other `Strategy`); one request is handled at a time.
+After the window, each allocated prosumer's meter data is **checked** against its
+baseline (met within a 10 % margin or not); rewards and penalties move tokens (integer
+micro-currency) and reputation follows (+ compliance, + participation, - downward
+renegotiation, - penalties).
+
+Nothing here touches a socket, clock or database: every method takes `now` (market time),
+returns its reply, and leaves ledger records and server-to-client notices in an outbox
+(`take_outbox`) that the namespace handler writes and emits. `snapshot`/`restore` let the
+handler undo an event whose records could not be made durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any, Literal
+
+import msgspec
+
+from market.core.errors import MarketError
+from market.core.records import (
+    FlexAllocationRecord,
+    FlexAnswerRecord,
+    FlexContractRecord,
+    FlexDeliveryRecord,
+    FlexReputationRecord,
+    FlexRequestRecord,
+    FlexTokenRecord,
+    Record,
+)
+from market.flexibility.contracts import (
+    Allotment,
+    Contract,
+    Delivery,
+    Opened,
+    Request,
+    _State,
+    check_delivery,
+    energy_wh,
+)
+from market.flexibility.messages import (
+    Answer,
+    AnswerMsg,
+    ContractRefMsg,
+    ContractRegisterMsg,
+    ContractRenegotiateMsg,
+    Direction,
+    FlexConfig,
+    FlexMeterMsg,
+    Notice,
+    RequestMsg,
+    RequestRefMsg,
+    ResultsMsg,
+    StrategyMsg,
+)
+from market.flexibility.strategies import Candidate, Strategy, default_strategies
+
+# -- the core --------------------------------------------------------------------------------
+
+
+class Flexibility:
+    """Contracts, requests, allocations, deliveries, tokens and reputation of the aggregators
+    of one server."""
+
+    def __init__(self, config: FlexConfig | None = None, strategies: Mapping[str, Strategy] | None = None) -> None:
+        self.config = config or FlexConfig()
+        self.strategies: dict[str, Strategy] = dict(strategies or default_strategies(self.config))
+        if self.config.strategy not in self.strategies:
+            raise ValueError(f"unknown default strategy {self.config.strategy!r}")
+        self._s = _State()
+
+    # -- outbox and undo -----------------------------------------------------------------
+
+    def take_outbox(self) -> tuple[list[Record], list[Notice]]:
+        """Ledger records and server-to-client notices produced since the last call."""
+        records, notices = self._s.records, self._s.notices
+        self._s.records, self._s.notices = [], []
+        return records, notices
+
+    def snapshot(self) -> _State:
+        return self._s.copy()
+
+    def restore(self, state: _State) -> None:
+        self._s = state.copy()
+
+    def _emit(self, pid: str, event: str, payload: dict[str, Any]) -> None:
+        self._s.notices.append((pid, event, payload))
+
+    # -- reading -------------------------------------------------------------------------
+
+    def reputation(self, pid: str) -> int:
+        return self._s.reputation.get(pid, self.config.reputation.initial)
+
+    def tokens(self, pid: str) -> int:
+        return self._s.tokens.get(pid, 0)
+
+    def contract(self, contract_id: str) -> Contract:
+        found = self._s.contracts.get(contract_id)
+        if found is None:
+            raise MarketError("not_found", f"unknown contract {contract_id!r}")
+        return found
+
+    def active_contract(self, prosumer: str) -> Contract | None:
+        cid = self._s.active.get(prosumer)
+        return None if cid is None else self._s.contracts[cid]
+
+    def contracts(self, aggregator: str | None = None) -> list[Contract]:
+        """Every contract (of one aggregator), oldest first, ended ones included."""
+        return [c for c in self._s.contracts.values() if aggregator is None or c.aggregator == aggregator]
+
+    def request(self, request_id: str) -> Request:
+        found = self._s.requests.get(request_id)
+        if found is None:
+            raise MarketError("not_found", f"unknown request {request_id!r}")
+        return found
+
+    def requests(self) -> list[Request]:
+        return list(self._s.requests.values())
+
+    def strategy_of(self, aggregator: str) -> str:
+        return self._s.strategies.get(aggregator, self.config.strategy)
+
+    def allotments(self, request_id: str) -> list[Allotment]:
+        return [self._s.allotments[(request_id, p)] for p in self._s.by_request.get(request_id, ())]
+
+    def delivery(self, request_id: str, prosumer: str) -> Delivery | None:
+        return self._s.deliveries.get((request_id, prosumer))
+
+    def answers(self, request_id: str) -> dict[str, Answer]:
+        r = self.request(request_id)
+        return {p: self._s.answers[(r.id, p)] for p in r.offered if (r.id, p) in self._s.answers}
+
+    # -- reputation and tokens -----------------------------------------------------------
+
+    def _reputation(self, pid: str, reason: str, delta: int, ref: str, now: int) -> int:
+        rules = self.config.reputation
+        before = self.reputation(pid)
+        score = rules.clamp(before + delta)
+        n = self._s.reputation_seq.get(pid, 0) + 1
+        self._s.reputation_seq[pid] = n
+        self._s.reputation[pid] = score
+        self._s.records.append(FlexReputationRecord(f"{pid}.{n}", pid, reason, score - before, score, ref, now))
+        return score
+
+    def _transfer(self, request: str, src: str, dst: str, micro: int, reason: str, prosumer: str, now: int) -> None:
+        if micro <= 0:
+            return
+        self._s.tokens[src] = self.tokens(src) - micro
+        self._s.tokens[dst] = self.tokens(dst) + micro
+        self._s.records.append(FlexTokenRecord(f"{request}.{prosumer}.{reason}", request, src, dst, micro, reason, now))
+
+    # -- contracts -----------------------------------------------------------------------
+
+    def expire(self, now: int) -> int:
+        """End every active contract whose expiry is at or before `now`; returns how many."""
+        due = [cid for cid in self._s.active.values() if self._s.contracts[cid].expires <= now]
+        for cid in sorted(due, key=lambda c: self._s.contracts[c].seq):
+            old = self._s.contracts[cid]
+            self._end(old, "expired", now)
+        return len(due)
+
+    def _end(self, old: Contract, status: Literal["cancelled", "expired"], now: int) -> Contract:
+        new = msgspec.structs.replace(old, status=status, version=old.version + 1)
+        self._s.contracts[new.id] = new
+        self._s.active.pop(new.prosumer, None)
+        self._contract_event(new, status, now)
+        return new
+
+    def _contract_event(self, c: Contract, event: str, now: int, downward: bool = False) -> None:
+        self._s.records.append(c.record(event, now, downward))
+        payload = {"event": event, "contract": c.wire(), "downward": downward}
+        self._emit(c.prosumer, "flex.contract", payload)
+        self._emit(c.aggregator, "flex.contract", payload)
+
+    def register(self, prosumer: str, msg: ContractRegisterMsg, now: int) -> dict[str, Any]:
+        if msg.aggregator == prosumer:
+            raise MarketError("invalid", "a prosumer cannot be its own aggregator")
+        if msg.flex_up == 0 and msg.flex_down == 0:
+            raise MarketError("invalid", "a contract guarantees some flexibility: flex_up or flex_down > 0")
+        if msg.expires <= now:
+            raise MarketError("invalid", f"expires {msg.expires} is not after now ({now})")
+        current = self.active_contract(prosumer)
+        if current is not None:
+            if _terms(current) == _terms_of(msg):
+                return {"contract": current.wire(), "duplicate": True}
+            raise MarketError("conflict", f"contract {current.id!r} is active: renegotiate or cancel it first")
+        if len(self._s.contracts) >= self.config.max_contracts:
+            raise MarketError("too_large", f"at most {self.config.max_contracts} contracts")
+        seq = self._s.next_contract
+        c = Contract(
+            id=f"fc{seq}",
+            prosumer=prosumer,
+            aggregator=msg.aggregator,
+            source=msg.source,
+            production=msg.production,
+            consumption=msg.consumption,
+            flex_up=msg.flex_up,
+            flex_down=msg.flex_down,
+            duration=msg.duration,
+            notice=msg.notice,
+            price_up=msg.price_up,
+            price_down=msg.price_down,
+            expires=msg.expires,
+            status="active",
+            version=1,
+            seq=seq,
+        )
+        self._s.next_contract += 1
+        self._s.contracts[c.id] = c
+        self._s.active[prosumer] = c.id
+        self._contract_event(c, "registered", now)
+        return {"contract": c.wire()}
+
+    def renegotiate(self, prosumer: str, msg: ContractRenegotiateMsg, now: int) -> dict[str, Any]:
+        old = self._s.contracts.get(msg.id)
+        if old is None or old.prosumer != prosumer:
+            raise MarketError("not_found", f"unknown contract {msg.id!r}")
+        if old.status != "active":
+            raise MarketError("closed", f"contract {msg.id!r} is {old.status}")
+        changes = {
+            k: v for k, v in msgspec.structs.asdict(msg).items() if k != "id" and v is not None and v != getattr(old, k)
+        }
+        if not changes:
+            return {"contract": old.wire(), "duplicate": True}
+        new = msgspec.structs.replace(old, version=old.version + 1, **changes)
+        if new.flex_up == 0 and new.flex_down == 0:
+            raise MarketError("invalid", "a contract guarantees some flexibility: flex_up or flex_down > 0")
+        if new.expires <= now:
+            raise MarketError("invalid", f"expires {new.expires} is not after now ({now}): cancel instead")
+        downward = new.downward_from(old)
+        self._s.contracts[new.id] = new
+        self._contract_event(new, "renegotiated", now, downward)
+        if downward:
+            self._reputation(prosumer, "renegotiation", -self.config.reputation.renegotiation, new.id, now)
+        return {"contract": new.wire(), "downward": downward, "reputation": self.reputation(prosumer)}
+
+    def cancel(self, by: str, msg: ContractRefMsg, now: int) -> dict[str, Any]:
+        old = self._s.contracts.get(msg.id)
+        if old is None or by not in (old.prosumer, old.aggregator):
+            raise MarketError("not_found", f"unknown contract {msg.id!r}")
+        if old.status != "active":
+            raise MarketError("closed", f"contract {msg.id!r} is {old.status}")
+        return {"contract": self._end(old, "cancelled", now).wire()}
+
+    def set_strategy(self, aggregator: str, msg: StrategyMsg) -> dict[str, Any]:
+        if msg.strategy not in self.strategies:
+            raise MarketError("invalid", f"unknown strategy {msg.strategy!r}; known: {sorted(self.strategies)}")
+        self._s.strategies[aggregator] = msg.strategy
+        return {"strategy": msg.strategy}
+
+    # -- requests ------------------------------------------------------------------------
+
+    def eligible(self, aggregator: str, direction: Direction, start: int, end: int, now: int) -> list[Contract]:
+        """Active contracts of the aggregator that can serve the window, oldest first: some
+        flexibility in the direction, long enough, notice short enough, valid until `end`,
+        and their prosumer not allocated in an overlapping window still unsettled."""
+        busy: set[str] = set()
+        for r in self._s.requests.values():
+            if r.status == "allocated" and r.start < end and start < r.end:
+                busy.update(a.prosumer for a in self.allotments(r.id) if a.status == "allocated")
+        out = [
+            c
+            for c in (self._s.contracts[cid] for cid in self._s.active.values())
+            if c.aggregator == aggregator
+            and c.capacity(direction) > 0
+            and c.duration >= end - start
+            and start - now >= c.notice
+            and c.expires >= end
+            and c.prosumer not in busy
+        ]
+        return sorted(out, key=lambda c: c.seq)
+
+    def open_request(self, dso: str, msg: RequestMsg, now: int, reachable: Collection[str] | None = None) -> Opened:
+        """Open a request and offer it to the eligible prosumers (those in `reachable`, if
+        given). Only one request is open at a time; `allocate` closes it."""
+        if msg.id is not None:
+            rid = self._s.client_ids.get((dso, msg.id))
+            if rid is not None:
+                old = self._s.requests[rid]
+                if not old.same_ask(msg):
+                    raise MarketError("conflict", f"request id {msg.id!r} was used for another request")
+                if old.status == "open":
+                    raise MarketError("unavailable", f"request {rid!r} is still collecting answers")
+                return Opened(old, {"request": self.request_wire(old), "duplicate": True})
+        if self._s.open_request is not None:
+            raise MarketError("unavailable", f"request {self._s.open_request!r} is being handled: one at a time")
+        if msg.power == 0:
+            raise MarketError("invalid", "power must not be 0")
+        slot = self.config.slot
+        if not msg.start < msg.end or msg.start % slot or msg.end % slot:
+            raise MarketError("invalid", f"[start, end] must be a non-empty window aligned to {slot} s")
+        if msg.end - msg.start > self.config.max_window:
+            raise MarketError("invalid", f"the window is longer than {self.config.max_window} s")
+        if msg.start < now:
+            raise MarketError("closed", f"the window starts before now ({now})")
+        if len(self._s.requests) >= self.config.max_requests:
+            raise MarketError("too_large", f"at most {self.config.max_requests} requests")
+        direction: Direction = "up" if msg.power > 0 else "down"
+        offered = tuple(
+            c.prosumer
+            for c in self.eligible(msg.aggregator, direction, msg.start, msg.end, now)
+            if reachable is None or c.prosumer in reachable
+        )
+        rid = f"fr{self._s.next_request}"
+        self._s.next_request += 1
+        request = Request(
+            id=rid,
+            dso=dso,
+            aggregator=msg.aggregator,
+            client_id=msg.id,
+            power=msg.power,
+            start=msg.start,
+            end=msg.end,
+            strategy=self.strategy_of(msg.aggregator),
+            created=now,
+            offered=offered,
+            answer_within=msg.answer_within,
+        )
+        self._s.requests[rid] = request
+        if msg.id is not None:
+            self._s.client_ids[(dso, msg.id)] = rid
+        self._s.open_request = rid
+        within = msg.answer_within if msg.answer_within is not None else self.config.answer_timeout
+        for pid in offered:
+            c = self._s.contracts[self._s.active[pid]]
+            self._emit(
+                pid,
+                "flex.offer",
+                {
+                    "request": rid,
+                    "aggregator": msg.aggregator,
+                    "direction": direction,
+                    "power": msg.power,
+                    "start": msg.start,
+                    "end": msg.end,
+                    "answer_within": within,
+                    "capacity": c.capacity(direction),
+                    "price": c.price(direction),
+                },
+            )
+        return Opened(request)
+
+    def abandon(self, request_id: str) -> None:
+        """Forget the open request (its allocation could not be stored): the next may open."""
+        if self._s.open_request == request_id:
+            self._s.open_request = None
+            self._s.requests.pop(request_id, None)
+            self._s.client_ids = {k: v for k, v in self._s.client_ids.items() if v != request_id}
+
+    def pending(self, request_id: str) -> list[str]:
+        """Offered prosumers that have not answered the open request yet."""
+        r = self._s.requests.get(request_id)
+        if r is None or r.status != "open":
+            return []
+        return [p for p in r.offered if (r.id, p) not in self._s.answers]
+
+    def answer(self, prosumer: str, msg: AnswerMsg, now: int) -> dict[str, Any]:
+        r = self._s.requests.get(msg.request)
+        if r is None or prosumer not in r.offered:
+            raise MarketError("not_found", f"no request {msg.request!r} was offered to you")
+        given: Answer = "accept" if msg.accept else "decline"
+        first = self._s.answers.get((r.id, prosumer))
+        if first is not None and first != "silent":
+            if first != given:
+                raise MarketError("conflict", f"you already answered {first!r}")
+            return {"answer": given, "duplicate": True}
+        if r.status != "open":
+            raise MarketError("closed", f"request {r.id!r} no longer takes answers")
+        self._s.answers[(r.id, prosumer)] = given
+        self._s.records.append(FlexAnswerRecord(f"{r.id}.{prosumer}", r.id, prosumer, given, now))
+        if msg.accept:
+            self._reputation(prosumer, "participation", self.config.reputation.participation, r.id, now)
+        return {"answer": given}
+
+    def allocate(self, request_id: str, now: int) -> dict[str, Any]:
+        """Close the answers of the open request (the silent declined) and allocate it."""
+        r = self.request(request_id)
+        if r.status != "open":
+            raise MarketError("closed", f"request {r.id!r} is already allocated")
+        candidates: list[Candidate] = []
+        contracts: dict[str, Contract] = {}
+        for pid in r.offered:
+            ans = self._s.answers.get((r.id, pid))
+            if ans is None:
+                self._s.answers[(r.id, pid)] = "silent"
+                self._s.records.append(FlexAnswerRecord(f"{r.id}.{pid}", r.id, pid, "silent", now))
+                continue
+            c = self.active_contract(pid)
+            if ans != "accept" or c is None or c.aggregator != r.aggregator:
+                continue  # declined, or the contract ended while answering
+            contracts[pid] = c
+            candidates.append(
+                Candidate(pid, c.capacity(r.direction), self.reputation(pid), c.price(r.direction), c.seq)
+            )
+        strategy = self.strategies[r.strategy]
+        result = strategy.allocate(r.need, candidates)
+        sign = 1 if r.power > 0 else -1
+        order: list[str] = []
+        for share in result.shares:
+            c = contracts[share.prosumer]
+            if share.power > c.capacity(r.direction):
+                raise AssertionError(f"strategy {strategy.name} gave {share.prosumer} more than its contract")
+            a = Allotment(
+                r.id,
+                share.prosumer,
+                c.id,
+                "allocated",
+                sign * share.power,
+                energy_wh(share.power, r.seconds),
+                energy_wh(c.baseline_w, r.seconds),
+                c.price(r.direction),
+                self.reputation(share.prosumer),
+            )
+            self._s.allotments[(r.id, a.prosumer)] = a
+            order.append(a.prosumer)
+            self._s.records.append(a.record(now))
+            self._emit(
+                a.prosumer,
+                "flex.allocation",
+                {
+                    "request": r.id,
+                    "power": a.power,
+                    "start": r.start,
+                    "end": r.end,
+                    "expected_wh": a.expected,
+                    "baseline_wh": a.baseline,
+                    "price": a.price,
+                },
+            )
+        for pid in result.displaced:
+            c = contracts[pid]
+            a = Allotment(r.id, pid, c.id, "displaced", 0, 0, 0, c.price(r.direction), self.reputation(pid))
+            self._s.allotments[(r.id, pid)] = a
+            order.append(pid)
+            self._s.records.append(a.record(now))
+            why = f"not needed: the request is covered by prosumers ranked higher ({r.strategy})"
+            self._emit(pid, "flex.displaced", {"request": r.id, "reason": why})
+        if not result.shares and not result.displaced and not r.offered:
+            reason: str | None = "no eligible prosumer is reachable"
+        else:
+            reason = result.reason
+        new = msgspec.structs.replace(
+            r,
+            status="allocated",
+            accepted=len(candidates),
+            allocated=result.allocated,
+            shortfall=result.shortfall,
+            reason=reason,
+        )
+        self._s.requests[r.id] = new
+        self._s.by_request[r.id] = tuple(order)
+        self._s.open_request = None
+        self._s.records.append(new.record(now))
+        if not result.shares:
+            self._settle(new, now)  # nothing to deliver: settled at once
+        return {"request": self.request_wire(self._s.requests[r.id])}
+
+    # -- delivery ------------------------------------------------------------------------
+
+    def meter(self, prosumer: str, msg: FlexMeterMsg, now: int) -> dict[str, Any]:
+        """A prosumer's energy over an allocated window; the last missing one settles it."""
+        r = self._s.requests.get(msg.request)
+        a = self._s.allotments.get((msg.request, prosumer))
+        if r is None or a is None or a.status != "allocated":
+            raise MarketError("not_found", f"you have no allocation in request {msg.request!r}")
+        if tuple(msg.time_interval) != (r.start, r.end):
+            raise MarketError("invalid", f"time_interval must be the request's window [{r.start}, {r.end}]")
+        reading = (msg.production, msg.consumption)
+        first = self._s.readings.get((r.id, prosumer))
+        if first is not None:
+            if first != reading:
+                raise MarketError("conflict", "a different reading for this window was already accepted")
+            return {"duplicate": True}
+        if r.status == "settled":
+            raise MarketError("closed", f"request {r.id!r} is already settled")
+        if now < r.end:
+            raise MarketError("invalid", f"the window ends at {r.end}: meter it afterwards (now {now})")
+        self._s.readings[(r.id, prosumer)] = reading
+        allocated = [p for p in self._s.by_request.get(r.id, ()) if self._s.allotments[(r.id, p)].status == "allocated"]
+        if all((r.id, p) in self._s.readings for p in allocated):
+            self._settle(r, now)
+            return {"settled": True}
+        return {"settled": False}
+
+    def settle(self, by: str, msg: RequestRefMsg, now: int) -> dict[str, Any]:
+        """Settle a request after its window, readings missing or not (missing: not delivered)."""
+        r = self._s.requests.get(msg.request)
+        if r is None or by not in (r.aggregator, r.dso):
+            raise MarketError("not_found", f"unknown request {msg.request!r}")
+        if r.status == "settled":
+            raise MarketError("closed", f"request {r.id!r} is already settled")
+        if r.status == "open":
+            raise MarketError("invalid", f"request {r.id!r} is still collecting answers")
+        if now < r.end:
+            raise MarketError("invalid", f"the window ends at {r.end} (now {now})")
+        self._settle(r, now)
+        return {"request": self.request_wire(self._s.requests[r.id])}
+
+    def _settle(self, r: Request, now: int) -> None:
+        rules = self.config.reputation
+        for a in self.allotments(r.id):
+            if a.status != "allocated":
+                continue
+            reading = self._s.readings.get((r.id, a.prosumer))
+            check = check_delivery(
+                power=a.power,
+                seconds=r.seconds,
+                baseline=a.baseline,
+                price=a.price,
+                reading=reading,
+                margin_pct=self.config.margin_pct,
+                penalty_rate=self.config.penalty_rate,
+            )
+            production, consumption = reading if reading is not None else (0, 0)
+            self._s.records.append(
+                FlexDeliveryRecord(
+                    id=f"{r.id}.{a.prosumer}",
+                    request_id=r.id,
+                    prosumer_id=a.prosumer,
+                    metered=reading is not None,
+                    production=production,
+                    consumption=consumption,
+                    baseline=check.baseline,
+                    expected=check.expected,
+                    delivered=check.delivered,
+                    met=check.met,
+                    reward=check.reward,
+                    penalty=check.penalty,
+                    time=now,
+                )
+            )
+            self._transfer(r.id, r.aggregator, a.prosumer, check.reward, "reward", a.prosumer, now)
+            self._transfer(r.id, a.prosumer, r.aggregator, check.penalty, "penalty", a.prosumer, now)
+            if check.met:
+                score = self._reputation(a.prosumer, "compliance", rules.compliance, r.id, now)
+            else:
+                score = self._reputation(a.prosumer, "penalty", -rules.penalty, r.id, now)
+            d = Delivery(r.id, a.prosumer, reading is not None, production, consumption, check, score)
+            self._s.deliveries[(r.id, a.prosumer)] = d
+            self._emit(a.prosumer, "flex.delivery", {**d.wire(), "tokens": self.tokens(a.prosumer)})
+        settled = msgspec.structs.replace(r, status="settled")
+        self._s.requests[r.id] = settled
+        summary = self.request_wire(settled)
+        self._emit(r.aggregator, "flex.settled", {"request": summary})
+        if r.dso != r.aggregator:
+            self._emit(r.dso, "flex.settled", {"request": summary})
+
+    # -- results -------------------------------------------------------------------------
+
+    def request_wire(self, r: Request) -> dict[str, Any]:
+        answers = {p: self._s.answers.get((r.id, p)) for p in r.offered}
+        allotted = self.allotments(r.id)
+        deliveries = [d for d in (self._s.deliveries.get((r.id, a.prosumer)) for a in allotted) if d is not None]
+        return {
+            "id": r.id,
+            "dso": r.dso,
+            "aggregator": r.aggregator,
+            "power": r.power,
+            "start": r.start,
+            "end": r.end,
+            "strategy": r.strategy,
+            "status": r.status,
+            "offered": list(r.offered),
+            "accepted": [p for p, a in answers.items() if a == "accept"],
+            "declined": [p for p, a in answers.items() if a == "decline"],
+            "silent": [p for p, a in answers.items() if a == "silent"],
+            "allocations": [
+                {"prosumer": a.prosumer, "power": a.power, "expected_wh": a.expected, "baseline_wh": a.baseline}
+                for a in allotted
+                if a.status == "allocated"
+            ],
+            "displaced": [a.prosumer for a in allotted if a.status == "displaced"],
+            "allocated": r.allocated,
+            "shortfall": r.shortfall,
+            "reason": r.reason,
+            "requested_wh": energy_wh(r.need, r.seconds),
+            "expected_wh": sum(a.expected for a in allotted),
+            "delivered_wh": sum(d.check.credited for d in deliveries),
+            "met": sum(1 for d in deliveries if d.check.met),
+            "failed": sum(1 for d in deliveries if not d.check.met),
+            "rewards": sum(d.check.reward for d in deliveries),
+            "penalties": sum(d.check.penalty for d in deliveries),
+            "deliveries": [d.wire() for d in deliveries],
+        }
+
+    def results(self, by: str, msg: ResultsMsg) -> dict[str, Any]:
+        """Aggregated results of the requests `by` made (dso) or received (aggregator)."""
+        if msg.request is not None:
+            r = self._s.requests.get(msg.request)
+            if r is None or by not in (r.dso, r.aggregator):
+                raise MarketError("not_found", f"unknown request {msg.request!r}")
+            chosen = [r]
+        else:
+            chosen = [r for r in self._s.requests.values() if by in (r.dso, r.aggregator)]
+        wires = [self.request_wire(r) for r in chosen]
+        totals = {
+            key: sum(w[key] for w in wires)
+            for key in ("requested_wh", "expected_wh", "delivered_wh", "met", "failed", "rewards", "penalties")
+        }
+        return {"requests": wires, "totals": {"requests": len(wires), **totals}}
+
+    def status(self, pid: str, role: str) -> dict[str, Any]:
+        """A prosumer's own contract and standing; an aggregator's contracts and prosumers."""
+        if role == "aggregator":
+            mine = self.contracts(pid)
+            prosumers = sorted({c.prosumer for c in mine})
+            return {
+                "strategy": self.strategy_of(pid),
+                "contracts": [c.wire() for c in mine],
+                "prosumers": [self._standing(p) for p in prosumers],
+                "tokens": self.tokens(pid),
+            }
+        c = self.active_contract(pid)
+        return {"contract": None if c is None else c.wire(), **self._standing(pid)}
+
+    def _standing(self, pid: str) -> dict[str, Any]:
+        return {"id": pid, "reputation": self.reputation(pid), "tokens": self.tokens(pid)}
+
+    # -- resuming from the ledger --------------------------------------------------------
+
+    def resume(self, rows: Mapping[str, Iterable[Mapping[str, Any]]]) -> None:
+        """Rebuild contracts, reputation, tokens, id counters and the allocations still to
+        settle from ledger rows by table (what `take_outbox` produced in earlier runs)."""
+        s = _State()
+        contract_rows = sorted(
+            (msgspec.convert(r, FlexContractRecord) for r in rows.get("flex_contracts", ())),
+            key=lambda r: (_number(r.contract_id), r.version),
+        )
+        for rec in contract_rows:
+            seq = _number(rec.contract_id)
+            c = Contract.from_record(rec, seq)
+            s.contracts[c.id] = c
+            if c.status == "active":
+                s.active[c.prosumer] = c.id
+            elif s.active.get(c.prosumer) == c.id:
+                del s.active[c.prosumer]
+            s.next_contract = max(s.next_contract, seq + 1)
+        reps = sorted(
+            (msgspec.convert(r, FlexReputationRecord) for r in rows.get("flex_reputation", ())),
+            key=lambda r: (r.participant_id, _number(r.id)),
+        )
+        for rep in reps:
+            s.reputation[rep.participant_id] = rep.score
+            s.reputation_seq[rep.participant_id] = _number(rep.id)
+        for t in (msgspec.convert(r, FlexTokenRecord) for r in rows.get("flex_tokens", ())):
+            s.tokens[t.from_id] = s.tokens.get(t.from_id, 0) - t.amount
+            s.tokens[t.to_id] = s.tokens.get(t.to_id, 0) + t.amount
+        delivered = {(d["request_id"], d["prosumer_id"]) for d in rows.get("flex_deliveries", ())}
+        allotments = [msgspec.convert(r, FlexAllocationRecord) for r in rows.get("flex_allocations", ())]
+        for req in sorted(
+            (msgspec.convert(r, FlexRequestRecord) for r in rows.get("flex_requests", ())), key=lambda r: _number(r.id)
+        ):
+            mine = [a for a in allotments if a.request_id == req.id]
+            offered = tuple(a.prosumer_id for a in mine)
+            done = all((req.id, a.prosumer_id) in delivered for a in mine if a.status == "allocated")
+            request = Request(
+                id=req.id,
+                dso=req.dso_id,
+                aggregator=req.aggregator_id,
+                client_id=req.client_id,
+                power=req.power,
+                start=req.time_delivery_start,
+                end=req.time_delivery_end,
+                strategy=req.strategy,
+                created=req.time,
+                offered=offered,
+                status="settled" if done else "allocated",
+                accepted=req.accepted,
+                allocated=req.allocated,
+                shortfall=req.shortfall,
+                reason=req.reason,
+            )
+            s.requests[req.id] = request
+            if req.client_id is not None:
+                s.client_ids[(req.dso_id, req.client_id)] = req.id
+            s.next_request = max(s.next_request, _number(req.id) + 1)
+            if done:
+                continue  # settled: its details stay in the ledger
+            for a in mine:
+                status: Literal["allocated", "displaced"] = "allocated" if a.status == "allocated" else "displaced"
+                s.answers[(req.id, a.prosumer_id)] = "accept"
+                s.allotments[(req.id, a.prosumer_id)] = Allotment(
+                    req.id,
+                    a.prosumer_id,
+                    a.contract_id,
+                    status,
+                    a.power,
+                    a.expected,
+                    a.baseline,
+                    a.price,
+                    a.reputation,
+                )
+            s.by_request[req.id] = offered
+        self._s = s
+
+
+def _number(text: str) -> int:
+    """The trailing integer of an id (`fc12` -> 12, `P1.7` -> 7)."""
+    digits = ""
+    for ch in reversed(text):
+        if not ch.isdigit():
+            break
+        digits = ch + digits
+    return int(digits) if digits else 0
+
+
+def _terms(c: Contract) -> tuple[Any, ...]:
+    return (
+        c.aggregator,
+        c.source,
+        c.production,
+        c.consumption,
+        c.flex_up,
+        c.flex_down,
+        c.duration,
+        c.notice,
+        c.price_up,
+        c.price_down,
+        c.expires,
+    )
+
+
+def _terms_of(msg: ContractRegisterMsg) -> tuple[Any, ...]:
+    return (
+        msg.aggregator,
+        msg.source,
+        msg.production,
+        msg.consumption,
+        msg.flex_up,
+        msg.flex_down,
+        msg.duration,
+        msg.notice,
+        msg.price_up,
+        msg.price_down,
+        msg.expires,
+    )

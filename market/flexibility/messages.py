@@ -1,0 +1,143 @@
+"""Energy Web flexibility: the wire messages of `/flex`, their value types, and the settings."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from market.core.protocol import ClientId, Interval, Message, Source, Time, Wh
+
+MAX_POWER = 10**9  # W
+YEAR = 366 * 86400
+
+PowerW = Annotated[int, msgspec.Meta(ge=0, le=MAX_POWER)]
+SignedPowerW = Annotated[int, msgspec.Meta(ge=-MAX_POWER, le=MAX_POWER)]
+Seconds = Annotated[int, msgspec.Meta(ge=0, le=YEAR)]
+Duration = Annotated[int, msgspec.Meta(gt=0, le=YEAR)]
+FlexPrice = Annotated[float, msgspec.Meta(ge=0, le=1e6)]  # per kWh; NaN and inf fail the bounds
+PartyId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+RefId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+StrategyName = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_]*$")]
+Direction = Literal["up", "down"]
+ContractStatus = Literal["active", "cancelled", "expired"]
+RequestStatus = Literal["open", "allocated", "settled"]
+Answer = Literal["accept", "decline", "silent"]
+Notice = tuple[str, str, dict[str, Any]]  # (participant id, server-to-client event, payload)
+
+
+# -- wire messages ---------------------------------------------------------------------------
+
+
+class ContractRegisterMsg(Message, frozen=True):
+    """`flex.contract.register` (prosumer)."""
+
+    aggregator: PartyId
+    source: Source
+    production: PowerW
+    consumption: PowerW
+    flex_up: PowerW
+    flex_down: PowerW
+    duration: Duration
+    notice: Seconds
+    price_up: FlexPrice
+    price_down: FlexPrice
+    expires: Time
+
+
+class ContractRenegotiateMsg(Message, frozen=True):
+    """`flex.contract.renegotiate` (prosumer): the terms given replace the contract's."""
+
+    id: RefId
+    production: PowerW | None = None
+    consumption: PowerW | None = None
+    flex_up: PowerW | None = None
+    flex_down: PowerW | None = None
+    duration: Duration | None = None
+    notice: Seconds | None = None
+    price_up: FlexPrice | None = None
+    price_down: FlexPrice | None = None
+    expires: Time | None = None
+
+
+class ContractRefMsg(Message, frozen=True):
+    """`flex.contract.cancel` (the prosumer or its aggregator)."""
+
+    id: RefId
+
+
+class StrategyMsg(Message, frozen=True):
+    """`flex.strategy` (aggregator)."""
+
+    strategy: StrategyName
+
+
+class RequestMsg(Message, frozen=True):
+    """`flex.request` (dso): `power` W over `[start, end]`, > 0 up, < 0 down."""
+
+    aggregator: PartyId
+    power: SignedPowerW
+    start: Time
+    end: Time
+    answer_within: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    id: ClientId | None = None
+
+
+class AnswerMsg(Message, frozen=True):
+    """`flex.answer` (prosumer)."""
+
+    request: RefId
+    accept: bool
+
+
+class FlexMeterMsg(Message, frozen=True):
+    """`flex.meter` (prosumer): energy metered over the request's window."""
+
+    request: RefId
+    time_interval: Interval
+    production: Wh
+    consumption: Wh
+
+
+class RequestRefMsg(Message, frozen=True):
+    """`flex.settle` (aggregator, dso)."""
+
+    request: RefId
+
+
+class ResultsMsg(Message, frozen=True):
+    """`flex.results` (aggregator, dso): one request or all."""
+
+    request: RefId | None = None
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+class ReputationRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Reputation points: every prosumer starts at `initial`; scores stay in [floor, ceiling]."""
+
+    initial: int = 100
+    compliance: int = 10  # + a delivery met within the margin
+    participation: int = 2  # + an accepted request
+    renegotiation: int = 5  # - a downward renegotiation
+    penalty: int = 10  # - a delivery not met
+    floor: int = 0
+    ceiling: int = 1000
+
+    def clamp(self, score: int) -> int:
+        return max(self.floor, min(self.ceiling, score))
+
+
+class FlexConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    slot: Annotated[int, msgspec.Meta(gt=0, le=86400)] = 900  # request windows align to it (seed: 15 min)
+    max_window: Annotated[int, msgspec.Meta(gt=0, le=7 * 86400)] = 86400
+    answer_timeout: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0  # default answer deadline, s
+    margin_pct: Annotated[int, msgspec.Meta(ge=0, le=100)] = 10  # delivery met within this margin
+    penalty_rate: Annotated[float, msgspec.Meta(ge=0, le=100)] = 1.0  # penalty per kWh missed / price
+    strategy: StrategyName = "fair"  # of aggregators that never chose one
+    max_modulation_pct: Annotated[int, msgspec.Meta(gt=0, le=100)] = 25  # fair: seed's simplification
+    price_weight: Annotated[int, msgspec.Meta(ge=0, le=10**6)] = 100  # reputation points per currency/kWh
+    reputation: ReputationRules = ReputationRules()
+    max_contracts: Annotated[int, msgspec.Meta(gt=0)] = 100_000
+    max_requests: Annotated[int, msgspec.Meta(gt=0)] = 100_000

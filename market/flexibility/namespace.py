@@ -1,0 +1,248 @@
+"""The `/flex` namespace (docs/flexibility.md, seed 001): a thin adapter over `market.flexibility.machine`.
+
+Event names contain dots (`flex.request`); `trigger_event` maps each to its
+`on_<name with underscores>` handler and answers any other event `invalid`. Roles
+`prosumer`, `aggregator` and `dso` may connect; each event checks who may send it.
+
+Every event runs as one transaction under a lock: expire due contracts, call the core,
+make its ledger records durable, then emit its notices; if the records cannot be stored the
+core is restored to where it was, so a failed event changes no state. A `flex.request`
+holds a second lock for its whole life (requests are handled one at a time): it opens the
+request (offers go out), waits for the answers of the offered prosumers that are online,
+never longer than the deadline (a silent prosumer counts as declined), then allocates it;
+the state lock is free while it waits, so answers and other events go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from market.core.errors import MarketError
+from market.core.protocol import EmptyMsg, decode
+from market.core.records import Batch
+from market.core.registry import Role
+from market.dispatch.base import Namespace, ServerPort, replying
+from market.flexibility.machine import Flexibility
+from market.flexibility.messages import (
+    AnswerMsg,
+    ContractRefMsg,
+    ContractRegisterMsg,
+    ContractRenegotiateMsg,
+    FlexConfig,
+    FlexMeterMsg,
+    RequestMsg,
+    RequestRefMsg,
+    ResultsMsg,
+    StrategyMsg,
+)
+
+log = logging.getLogger("microte.flex")
+
+NAMESPACE = "/flex"
+ROLES: frozenset[Role] = frozenset({"prosumer", "aggregator", "dso"})
+TABLES = (
+    "flex_contracts",
+    "flex_requests",
+    "flex_allocations",
+    "flex_deliveries",
+    "flex_tokens",
+    "flex_reputation",
+)
+
+# wire event -> handler suffix (`on_<suffix>`)
+EVENTS: dict[str, str] = {
+    "flex.contract.register": "contract_register",
+    "flex.contract.renegotiate": "contract_renegotiate",
+    "flex.contract.cancel": "contract_cancel",
+    "flex.strategy": "strategy",
+    "flex.request": "request",
+    "flex.answer": "answer",
+    "flex.meter": "meter",
+    "flex.settle": "settle",
+    "flex.status": "status",
+    "flex.results": "results",
+}
+
+
+class FlexNamespace(Namespace):
+    NAME = NAMESPACE
+    ROLES = ROLES
+    EVENTS = EVENTS
+
+    def __init__(self, server: ServerPort, config: FlexConfig | None = None) -> None:
+        super().__init__(server)
+        # By default request windows align to the market's slot duration.
+        self.core = Flexibility(config or FlexConfig(slot=server.config.duration))
+        self._state = asyncio.Lock()  # one event's core call + ledger write at a time
+        self._one_request = asyncio.Lock()  # one flex.request at a time, answers included
+        self._loaded = False
+        self._open: str | None = None  # the request collecting answers
+        self._answered = asyncio.Event()
+
+    async def on_disconnect(self, sid: str, *reason: Any) -> None:
+        await super().on_disconnect(sid, *reason)
+        self._wake()  # a prosumer that left will not answer
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[int]:
+        """Yield market time; afterwards store the core's records and emit its notices, or,
+        if anything failed, put the core back as it was."""
+        async with self._state:
+            if not self._loaded:
+                await self._resume()
+            saved = self.core.snapshot()
+            try:
+                now = self.ms.clock.now()
+                self.core.expire(now)
+                yield now
+                records, notices = self.core.take_outbox()
+                if records:
+                    await self.ms.sink.write(Batch(tuple(records)))
+            except BaseException:
+                self.core.restore(saved)
+                raise
+            for pid, event, payload in notices:
+                sid = self.sessions.sid_of.get(pid)
+                if sid is not None:
+                    await self.ms.sio.emit(event, payload, to=sid, namespace=NAMESPACE)
+
+    async def _resume(self) -> None:
+        rows = {table: await self.ms.sink.read(table) for table in TABLES}
+        self.core.resume(rows)
+        self._loaded = True
+        if any(rows.values()):
+            log.info(
+                "flex resumed from the ledger: contracts=%d requests=%d",
+                len(self.core.contracts()),
+                len(self.core.requests()),
+            )
+
+    def _pending(self, request_id: str) -> list[str]:
+        return [p for p in self.core.pending(request_id) if p in self.sessions.sid_of]
+
+    def _wake(self) -> None:
+        if self._open is not None and not self._pending(self._open):
+            self._answered.set()
+
+    def _check_aggregator(self, pid: str) -> None:
+        if self.ms.registry.role(pid) != "aggregator":
+            raise MarketError("not_found", f"unknown aggregator {pid!r}")
+
+    def _online_prosumers(self) -> set[str]:
+        return {p for sid, p in self.sessions.pid_of.items() if self.sessions.role_of.get(sid) == "prosumer"}
+
+    # -- contracts -----------------------------------------------------------------------
+
+    @replying
+    async def on_contract_register(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        msg = decode(data, ContractRegisterMsg)
+        self._check_aggregator(msg.aggregator)
+        async with self._transaction() as now:
+            return self.core.register(pid, msg, now)
+
+    @replying
+    async def on_contract_renegotiate(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        msg = decode(data, ContractRenegotiateMsg)
+        async with self._transaction() as now:
+            return self.core.renegotiate(pid, msg, now)
+
+    @replying
+    async def on_contract_cancel(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer", "aggregator")
+        msg = decode(data, ContractRefMsg)
+        async with self._transaction() as now:
+            return self.core.cancel(pid, msg, now)
+
+    @replying
+    async def on_strategy(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "aggregator")
+        msg = decode(data, StrategyMsg)
+        async with self._transaction():
+            return self.core.set_strategy(pid, msg)
+
+    # -- requests ------------------------------------------------------------------------
+
+    @replying
+    async def on_request(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "dso")
+        msg = decode(data, RequestMsg)
+        self._check_aggregator(msg.aggregator)
+        async with self._one_request:
+            async with self._transaction() as now:
+                opened = self.core.open_request(pid, msg, now, reachable=self._online_prosumers())
+            if opened.duplicate is not None:
+                return opened.duplicate
+            rid = opened.request.id
+            within = msg.answer_within if msg.answer_within is not None else self.core.config.answer_timeout
+            allocated = False
+            try:
+                self._open = rid
+                self._answered.clear()
+                self._wake()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._answered.wait(), within)
+                self._open = None
+                async with self._transaction() as now:
+                    reply = self.core.allocate(rid, now)
+                allocated = True
+            finally:
+                self._open = None
+                if not allocated:  # failed or cancelled: let the next request open
+                    async with self._state:
+                        self.core.abandon(rid)
+            log.info(
+                "request=%s aggregator=%s power=%d allocated=%d shortfall=%d",
+                rid,
+                msg.aggregator,
+                msg.power,
+                reply["request"]["allocated"],
+                reply["request"]["shortfall"],
+            )
+            return reply
+
+    @replying
+    async def on_answer(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        msg = decode(data, AnswerMsg)
+        async with self._transaction() as now:
+            reply = self.core.answer(pid, msg, now)
+        self._wake()
+        return reply
+
+    # -- delivery and results --------------------------------------------------------------
+
+    @replying
+    async def on_meter(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        msg = decode(data, FlexMeterMsg)
+        async with self._transaction() as now:
+            return self.core.meter(pid, msg, now)
+
+    @replying
+    async def on_settle(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "aggregator", "dso")
+        msg = decode(data, RequestRefMsg)
+        async with self._transaction() as now:
+            return self.core.settle(pid, msg, now)
+
+    @replying
+    async def on_status(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer", "aggregator")
+        decode(data, EmptyMsg)
+        async with self._transaction():
+            return self.core.status(pid, self.sessions.role_of[sid])
+
+    @replying
+    async def on_results(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "aggregator", "dso")
+        msg = decode(data, ResultsMsg) if data is not None else ResultsMsg()
+        async with self._transaction():
+            return self.core.results(pid, msg)

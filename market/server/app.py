@@ -1,0 +1,335 @@
+"""The socket.io shell around the market engine (PROTOCOL.md namespaces /market, /simulation).
+
+Handlers decode, call the core and emit what it returned; nothing here decides prices or
+energy. The round loop (sim: driven by `step`; rt: by the wall clock) waits for meter
+readings no longer than its deadline and replies or moves on only once the round's
+records are durable in the sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
+
+import cuid
+import msgspec
+import socketio
+from aiohttp import web
+
+from market.balancing.namespace import BalancingNamespace
+from market.community.namespace import GridNamespace
+from market.core import wire
+from market.core.engine import Market, MarketConfig, Recovered, RoundOpen, SlotResult
+from market.core.records import (
+    Batch,
+    CancelRecord,
+    EntryRecord,
+    MeterRecord,
+    Record,
+    RoundRecord,
+    RunRecord,
+    Settlement,
+)
+from market.core.registry import Registry
+from market.core.sink import Sink
+from market.core.timing import RealTimeClock, SimClock
+from market.dispatch.base import Namespace, Sessions
+from market.dispatch.ratelimit import RateLimiter
+from market.flexibility.namespace import FlexNamespace
+from market.server.fleet_ns import FleetNamespace
+from market.server.market_ns import MarketNamespace
+from market.server.outbox import Outbox
+from market.server.simulation_ns import SimulationNamespace
+
+log = logging.getLogger("microte.market")
+
+MAX_PAYLOAD = 1_000_000  # bytes per socket.io message; larger ones close the connection
+
+
+class _MeterWait:
+    """Readings still expected for one slot, and an event set when none are."""
+
+    def __init__(self, expected: set[str]) -> None:
+        self.expected = expected
+        self.done = asyncio.Event()
+        if not expected:
+            self.done.set()
+
+    def arrived(self, pid: str) -> None:
+        self.expected.discard(pid)
+        if not self.expected:
+            self.done.set()
+
+
+class MarketServer:
+    def __init__(
+        self,
+        config: MarketConfig,
+        registry: Registry,
+        sink: Sink,
+        *,
+        serializer: str = "json",
+        run: RunRecord | None = None,
+    ) -> None:
+        self.config = config
+        self.market = Market(config)
+        self.registry = registry
+        self.sink = sink
+        self.clock: SimClock | RealTimeClock = SimClock() if config.mode == "sim" else RealTimeClock()
+        self.sio = socketio.AsyncServer(
+            async_mode="aiohttp",
+            async_handlers=False,  # one client's events are handled in the order it sent them
+            serializer=wire.serializer(serializer),
+            max_http_buffer_size=MAX_PAYLOAD,
+            cors_allowed_origins="*",
+        )
+        self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
+        self.fleet = FleetNamespace(self)
+        self.grid = GridNamespace(self)
+        # Every namespace of PROTOCOL.md; each owns its sessions and its core.
+        self.namespaces: tuple[Namespace, ...] = (
+            MarketNamespace(self),
+            SimulationNamespace(self),
+            BalancingNamespace(self),
+            self.fleet,
+            FlexNamespace(self),
+            self.grid,
+        )
+        self.sessions: dict[str, Sessions] = {ns.NAME: ns.sessions for ns in self.namespaces}
+        for ns in self.namespaces:
+            self.sio.register_namespace(ns)
+        self.outbox = Outbox()
+        self._waits: dict[int, _MeterWait] = {}
+        self._round_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_round: RoundRecord | None = None
+        self.run = run or RunRecord(
+            id=cuid.cuid(), scenario="", seed=0, started=int(time.time()), config=canonical_config(config)
+        )
+
+    # -- app -------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        self.sio.attach(app)
+        app.cleanup_ctx.append(self._lifetime)
+        return app
+
+    async def _lifetime(self, _app: web.Application) -> AsyncIterator[None]:
+        await self.sink.start()
+        await self._resume()
+        for ns in self.namespaces:  # resume each from the ledger, start its periodic tasks
+            await ns.start()
+        await self.sink.write(Batch((self.run,)))
+        if self.config.mode == "rt":
+            self.spawn(self._rt_loop())
+        yield
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.sink.close()
+
+    async def _resume(self) -> None:
+        """Pick up where the ledger ends: the last processed round, the open book, and the
+        fills and readings of slots not processed yet (after a crash or a restart)."""
+        rounds = await self.sink.read("rounds")
+        if not rounds:
+            return
+        last = msgspec.convert(max(rounds, key=lambda r: (r["time"], r["current_round_start"])), RoundRecord)
+        after = last.current_round_start
+        rec = Recovered(
+            last_round=last,
+            entries=[
+                msgspec.convert(r, EntryRecord) for r in await self.sink.read("entries", ("time_delivery_start", after))
+            ],
+            cancels=[
+                msgspec.convert(r, CancelRecord)
+                for r in await self.sink.read("cancels", ("time_delivery_start", after))
+            ],
+            settlements=[
+                msgspec.convert(r, Settlement)
+                for r in await self.sink.read("settlements", ("time_delivery_start", after))
+            ],
+            meters=[
+                msgspec.convert(r, MeterRecord) for r in await self.sink.read("meters", ("time_interval_start", after))
+            ],
+        )
+        self.market.restore(rec)
+        self._last_round = last
+        if isinstance(self.clock, SimClock):
+            self.clock.set(last.time)
+        log.info(
+            "resumed from the ledger: last round=%s slot=%s open entries=%d fills=%d readings=%d",
+            last.time,
+            last.current_round_start,
+            len(self.market.book),
+            len(rec.settlements),
+            len(rec.meters),
+        )
+
+    async def persist(self) -> None:
+        """Make the records of acknowledged actions durable before the acknowledgement."""
+        if not self.config.ack_durable:
+            return  # sim: they go with the round's records, before the `step` reply
+        records = self.market.take_journal()
+        if records:
+            await self.sink.write(Batch(tuple(records)))
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    async def step(self, t: int, duration: int | None) -> dict[str, Any]:
+        """One sim round: open it, wait for the current round's readings (bounded), process
+        and store it. Returns the `round` object of the `step` reply."""
+        async with self._round_lock:
+            assert isinstance(self.clock, SimClock)
+            last = self._last_round
+            if last is not None and t == last.time and last.current_round_start == t:
+                return _round_reply(last)  # a retried step (say, after a restart): same answer
+            opened = self.market.open_round(t, duration)
+            self.clock.set(t)
+            wait = self._expect(t)
+            await self._announce(opened)
+            for skipped in [s for s in self.market.delivering() if s < t]:  # a step that jumped ahead
+                await self._finish(opened, skipped, [])
+            await self._await_readings(wait, self.config.round_timeout)
+            return await self._finish(opened, t, opened.settlements)
+
+    async def _rt_loop(self) -> None:
+        """rt mode: open a round at every multiple of the duration, whatever clients do;
+        the slot that just ended is processed when its readings are in or its grace ends."""
+        assert isinstance(self.clock, RealTimeClock)
+        d = self.config.duration
+        while True:
+            await asyncio.sleep(self.clock.seconds_to_next(d) + 0.001)
+            t = self.clock.now() // d * d
+            if self.market.times is not None and t <= self.market.times.time:
+                continue  # woke a hair early: this boundary's round is already open
+            try:
+                async with self._round_lock:
+                    opened = self.market.open_round(t)
+                    wait = self._expect(t - d) if (t - d) in self.market.delivering() else None
+                    await self._announce(opened)
+            except Exception:
+                log.exception("round=%s could not open; the next boundary will try again", t)
+                continue
+            if wait is not None:
+                self.spawn(self._rt_process(opened, t - d, wait))
+
+    async def _rt_process(self, opened: RoundOpen, slot: int, wait: _MeterWait) -> None:
+        await self._await_readings(wait, self.config.meter_grace)
+        try:
+            async with self._round_lock:
+                await self._finish(opened, slot, opened.settlements)
+        except Exception:
+            log.exception("slot=%s could not be processed", slot)
+
+    def online(self) -> list[str]:
+        """Participants connected to /market or through a fleet connection."""
+        return sorted({*self.sessions["/market"].sid_of, *self.fleet.sid_of})
+
+    def _expect(self, slot: int) -> _MeterWait:
+        prosumers = {p for p in self.online() if self.registry.role(p) == "prosumer"}
+        wait = self._waits[slot] = _MeterWait(prosumers - set(self.market.metered(slot)))
+        return wait
+
+    async def _await_readings(self, wait: _MeterWait, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wait.done.wait(), timeout)
+
+    async def _announce(self, opened: RoundOpen) -> None:
+        await self._send_private("settled", opened.settled)
+        await self.sio.emit("start_round", opened.start_round, namespace="/market")
+        if self.fleet.members:
+            await self.sio.emit("start_round", opened.start_round, namespace="/fleet")
+        log.info("round=%s start trades=%d", opened.times.time, len(opened.settlements))
+
+    async def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> dict[str, Any]:
+        """Process `slot` and make its records durable, with `fills` (the round's clearing)."""
+        self._waits.pop(slot, None)
+        result = self.market.process(slot, self.clock.now())
+        metered = set(result.metered)
+        missing = [p for p in self.registry.ids("prosumer") if p not in metered]
+        # Entries and cancels acknowledged since the last round and not yet durable (readings
+        # are among result.meters).
+        journal = [r for r in self.market.take_journal() if not isinstance(r, MeterRecord)]
+        records: list[Record] = [*journal, *fills, *result.meters, *result.transactions]
+        summary = RoundRecord(
+            id=f"r{opened.times.time}-{slot}",
+            time=opened.times.time,
+            duration=opened.times.duration,
+            current_round_start=slot,
+            matched_slot_start=opened.times.last_settle[0],
+            trades=len(fills),
+            metered=len(result.metered),
+            missing=msgspec.json.encode(missing).decode(),
+            records=len(records),
+        )
+        await self.sink.write(Batch((*records, summary)))
+        self._last_round = summary
+        await self._deliver(result)
+        log.info(
+            "round=%s slot=%s metered=%d missing=%d records=%d",
+            opened.times.time,
+            slot,
+            len(result.metered),
+            len(missing),
+            len(records),
+        )
+        return _round_reply(summary)
+
+    async def _deliver(self, result: SlotResult) -> None:
+        await self._send_private("delivery", list(result.deliveries.items()))
+
+    async def _send_private(self, event: str, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Send each participant its private events: one message each on /market, one
+        batch per fleet connection on /fleet. Each is kept (numbered) for `resume`."""
+        market_sids = self.sessions["/market"].sid_of
+        batches: dict[str, list[dict[str, Any]]] = {}
+        for pid, payload in items:
+            numbered = self.outbox.push(pid, event, payload)
+            sid = market_sids.get(pid)
+            if sid is not None:
+                await self.sio.emit(event, numbered, to=sid, namespace="/market")
+            elif (fleet_sid := self.fleet.sid_of.get(pid)) is not None:
+                batches.setdefault(fleet_sid, []).append({"participant": pid, **numbered})
+        for fleet_sid, events in batches.items():
+            await self.sio.emit(event, {"events": events}, to=fleet_sid, namespace="/fleet")
+
+    # -- events of the /market namespace ----------------------------------------------------
+
+    def meter_arrived(self, pid: str, slot: int) -> None:
+        wait = self._waits.get(slot)
+        if wait is not None:
+            wait.arrived(pid)
+
+    def participant_left(self, pid: str) -> None:
+        for wait in self._waits.values():
+            wait.arrived(pid)
+
+    async def reset(self) -> None:
+        async with self._round_lock:
+            self.market.reset()
+            self._waits.clear()
+
+
+def _round_reply(r: RoundRecord) -> dict[str, Any]:
+    return {
+        "current_round": [r.current_round_start, r.current_round_start + r.duration],
+        "metered": r.metered,
+        "missing": msgspec.json.decode(r.missing),
+        "trades": r.trades,
+        "records": r.records,
+    }
+
+
+def canonical_config(config: MarketConfig) -> str:
+    return msgspec.json.encode(msgspec.to_builtins(config, order="sorted")).decode()

@@ -1,0 +1,71 @@
+"""Namespace `/market` (PROTOCOL.md): orders, cancels, meter readings and `resume` of one prosumer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from market.core.errors import MarketError
+from market.core.protocol import CancelMsg, EntryMsg, MeterMsg, OrdersMsg, ResumeMsg, decode
+from market.core.registry import Role
+from market.dispatch.base import Namespace, replying
+from market.server.port import MarketPort
+
+
+class MarketNamespace(Namespace):
+    ms: MarketPort
+
+    NAME = "/market"
+    ROLES = frozenset[Role]({"prosumer", "dso", "aggregator", "oracle", "operator", "controller"})
+
+    def __init__(self, server: MarketPort) -> None:
+        super().__init__(server)
+
+    def participant_left(self, pid: str) -> None:
+        self.ms.participant_left(pid)  # its readings are no longer awaited
+
+    @replying
+    async def on_bid(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        reply = self.ms.market.submit(pid, "bid", decode(data, EntryMsg))
+        await self.ms.persist()
+        return reply
+
+    @replying
+    async def on_ask(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        reply = self.ms.market.submit(pid, "ask", decode(data, EntryMsg))
+        await self.ms.persist()
+        return reply
+
+    @replying
+    async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        OrdersMsg.check_size(data)
+        results = self.ms.market.submit_orders(pid, decode(data, OrdersMsg))
+        await self.ms.persist()
+        return {"results": results}
+
+    @replying
+    async def on_cancel(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        reply = self.ms.market.cancel(pid, decode(data, CancelMsg).uuid)
+        await self.ms.persist()
+        return reply
+
+    @replying
+    async def on_resume(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid)
+        since = decode(data, ResumeMsg).since
+        try:
+            return {"events": self.ms.outbox.since(pid, since)}
+        except LookupError as err:
+            raise MarketError("not_found", str(err)) from None
+
+    @replying
+    async def on_meter(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "prosumer")
+        msg = decode(data, MeterMsg)
+        reply = self.ms.market.meter(pid, msg)
+        await self.ms.persist()
+        self.ms.meter_arrived(pid, msg.time_interval[0])
+        return reply

@@ -1,0 +1,20 @@
+"""What the server's own namespaces (`/market`, `/simulation`, `/fleet`) use of it: the
+`ServerPort` of every adapter plus the round loop's controls and the private-event outbox."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from market.dispatch.base import ServerPort, Sessions
+from market.server.outbox import Outbox
+
+
+class MarketPort(ServerPort, Protocol):
+    outbox: Outbox
+    sessions: dict[str, Sessions]  # namespace -> its sessions
+
+    async def step(self, t: int, duration: int | None) -> dict[str, Any]: ...
+
+    async def reset(self) -> None: ...
+
+    def online(self) -> list[str]: ...
