@@ -132,6 +132,27 @@ class Book:
             self._client[client_key] = entry
             slot.client_keys.append(client_key)
 
+    def remember(self, entry: Entry) -> None:
+        """Know a cancelled entry's client id (after a restart) without booking it: a retry
+        of that id answers `duplicate`, never becomes a new order."""
+        if entry.id is None:
+            return
+        slot = self._slots.get(entry.time_delivery[0])
+        if slot is None:
+            slot = self._slots[entry.time_delivery[0]] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []))
+        key = (entry.participant, entry.id)
+        self._client[key] = entry
+        slot.client_keys.append(key)
+
+    def forget(self, uuid: str) -> None:
+        """Remove an entry as if it had never been added (its write failed)."""
+        entry = self.get(uuid)
+        if entry is None:
+            return
+        self.cancel(entry.participant, uuid)
+        if entry.id is not None and self._client.get((entry.participant, entry.id)) is entry:
+            del self._client[entry.participant, entry.id]
+
     def get(self, uuid: str) -> Entry | None:
         start = self._where.get(uuid)
         if start is None:

@@ -152,6 +152,7 @@ class Market:
         self._counters: dict[int, dict[str, int]] = {}  # slot -> participant -> entries so far
         self._early_meters: dict[int, dict[str, MeterRecord]] = {}  # recovered, for slots not delivering yet
         self.journal: list[Record] = []  # records of acknowledged actions, for the caller to persist
+        self._cancelled: dict[str, Entry] = {}  # uuid -> entry cancelled but not yet durable (for `undo`)
         self._known_sources = frozenset(config.sources)
 
     def take_journal(self) -> list[Record]:
@@ -349,9 +350,16 @@ class Market:
     def cancel(self, participant: str, uuid: str) -> dict[str, Any]:
         r = self._require_round()
         entry = self.book.get(uuid)
-        if entry is not None and entry.participant == participant and entry.time_delivery[0] < r.next_settle[0]:
+        if entry is None:
+            # Its own entry of a slot whose gate closed has left the book: PROTOCOL.md says
+            # `closed`. Uuids are `participant.slot.n`, so the slot is known without it.
+            owner, _, rest = uuid.rpartition(".")[0].rpartition(".")
+            if owner == participant and rest.isdigit() and int(rest) < r.next_settle[0]:
+                raise MarketError("closed", "the entry's slot is past gate closure")
+        elif entry.participant == participant and entry.time_delivery[0] < r.next_settle[0]:
             raise MarketError("closed", "the entry's slot is past gate closure")
         entry = self.book.cancel(participant, uuid)
+        self._cancelled[uuid] = entry
         self.journal.append(CancelRecord(uuid, participant, entry.time_delivery[0], r.time))
         return {"entry": entry.reply()}
 
@@ -425,32 +433,67 @@ class Market:
         self._delivering.clear()
         self._processed_until = -1
         self._early_meters.clear()
+        self._cancelled.clear()
         self.times = None
 
     def restore(self, rec: Recovered) -> None:
-        """Resume after a restart: the last processed round, open entries, fills and
-        readings of unprocessed slots, exactly as the ledger recorded them."""
-        if rec.last_round is None:
-            return
+        """Resume after a restart from everything the ledger holds (docs/protocol.md, *Resume
+        and catch-up*): the last processed slot, the fills of every slot cleared but not
+        processed (such a slot is matched again, with exactly those fills), and every
+        acknowledged entry of a slot not cleared yet (back in the book, cancelled ones
+        remembered by client id). Entry counters continue after the highest recorded
+        sequence, so no uuid is ever given twice. A slot whose gate closed while the market
+        was down is cleared at the first round after the restart, from the same book."""
         last = rec.last_round
-        self.times = round_times(last.time, last.duration, self.config.close_steps)
-        self._processed_until = last.current_round_start
-        d, gate = last.duration, self.times.last_settle[0]
-        for start in range(self._processed_until + d, gate + d, d):
-            self._phase[start] = Phase.MATCHED  # cleared before the stop (with or without fills)
-            self._matched.setdefault(start, [])
+        gate = -1  # slots starting at or before this were cleared before the stop
+        if last is not None:
+            self.times = round_times(last.time, last.duration, self.config.close_steps)
+            self._processed_until = last.current_round_start
+            d, gate = last.duration, self.times.last_settle[0]
+            for start in range(self._processed_until + d, gate + d, d):
+                self._phase[start] = Phase.MATCHED  # cleared before the stop (with or without fills)
+                self._matched.setdefault(start, [])
         for s in sorted(rec.settlements, key=lambda s: (s.time_delivery_start, s.seq)):
+            if s.time_delivery_start <= self._processed_until:
+                continue
+            self._phase[s.time_delivery_start] = Phase.MATCHED
             self._matched.setdefault(s.time_delivery_start, []).append(s)
         cancelled = {c.id for c in rec.cancels}
-        for e in rec.entries:
-            if e.time_delivery_start <= gate:
+        for e in sorted(rec.entries, key=lambda e: (e.time_delivery_start, e.participant_id, e.seq)):
+            start = e.time_delivery_start
+            if start <= gate or start <= self._processed_until or start in self._matched:
                 continue
-            counters = self._counters.setdefault(e.time_delivery_start, {})
+            counters = self._counters.setdefault(start, {})
             counters[e.participant_id] = max(counters.get(e.participant_id, 0), e.seq + 1)
-            if e.id not in cancelled:
+            if e.id in cancelled:
+                self.book.remember(_entry_from_record(e))
+            else:
                 self.book.add(_entry_from_record(e))
         for m in rec.meters:
-            self._early_meters.setdefault(m.time_interval_start, {})[m.participant_id] = m
+            if m.time_interval_start > self._processed_until:
+                self._early_meters.setdefault(m.time_interval_start, {})[m.participant_id] = m
+
+    def undo(self, records: Iterable[Record]) -> None:
+        """Take back acknowledged-to-be actions whose records could not be made durable: the
+        state is as if they never happened (entry counters stay advanced: ids are never
+        given twice). Only for records from `take_journal` of slots still in their phase."""
+        for r in reversed(list(records)):
+            if isinstance(r, EntryRecord):
+                self.book.forget(r.id)
+            elif isinstance(r, CancelRecord):
+                entry = self._cancelled.pop(r.id, None)
+                if entry is not None:
+                    self.book.add(entry)
+            elif isinstance(r, MeterRecord):
+                d = self._delivering.get(r.time_interval_start)
+                if d is not None and d.records.get(r.participant_id) is r:
+                    del d.records[r.participant_id], d.meters[r.participant_id]
+
+    def durable(self, records: Iterable[Record]) -> None:
+        """The records are stored: their actions can no longer be undone."""
+        for r in records:
+            if isinstance(r, CancelRecord):
+                self._cancelled.pop(r.id, None)
 
 
 def _clear_with_fee(bids: list[Entry], asks: list[Entry], pricing: Pricing, fee: float) -> list[Fill]:

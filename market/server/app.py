@@ -24,6 +24,7 @@ from market.balancing.namespace import BalancingNamespace
 from market.community.namespace import GridNamespace
 from market.core import wire
 from market.core.engine import Market, MarketConfig, Recovered, RoundOpen, SlotResult
+from market.core.errors import MarketError
 from market.core.records import (
     Batch,
     CancelRecord,
@@ -40,6 +41,7 @@ from market.core.timing import RealTimeClock, SimClock
 from market.dispatch.base import Namespace, Sessions
 from market.dispatch.ratelimit import RateLimiter
 from market.flexibility.namespace import FlexNamespace
+from market.server.commit import GroupCommit
 from market.server.fleet_ns import FleetNamespace
 from market.server.market_ns import MarketNamespace
 from market.server.outbox import Outbox
@@ -107,6 +109,10 @@ class MarketServer:
         self._round_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_round: RoundRecord | None = None
+        self.commits = GroupCommit(self.sink.write)
+        self._admit = asyncio.Event()  # cleared while a round opens: new actions wait (ack durability)
+        self._admit.set()
+        self.caught_up = 0  # slots processed after a boundary later than their own (stall, restart)
         self.run = run or RunRecord(
             id=cuid.cuid(), scenario="", seed=0, started=int(time.time()), config=canonical_config(config)
         )
@@ -117,7 +123,16 @@ class MarketServer:
         app = web.Application()
         self.sio.attach(app)
         app.cleanup_ctx.append(self._lifetime)
+        app.on_shutdown.append(self._close_connections)
         return app
+
+    async def _close_connections(self, _app: web.Application) -> None:
+        """Close every socket.io connection at shutdown, so the server exits in seconds
+        instead of waiting for clients to leave."""
+        with contextlib.suppress(Exception):
+            if self.sio.eio.sockets:  # engine.io closes every client when given no sid
+                await asyncio.wait_for(self.sio.eio.disconnect(), 2)
+            await asyncio.wait_for(self.sio.shutdown(), 2)
 
     async def _lifetime(self, _app: web.Application) -> AsyncIterator[None]:
         await self.sink.start()
@@ -126,21 +141,32 @@ class MarketServer:
             await ns.start()
         await self.sink.write(Batch((self.run,)))
         if self.config.mode == "rt":
+            # Orders are accepted as soon as the server listens: the round the wall clock is
+            # in opens now (catching up any slot left from before a restart).
+            await self._rt_boundary(self.clock.now() // self.config.duration * self.config.duration)
             self.spawn(self._rt_loop())
         yield
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.commits.drain()
+        # What the market acknowledged and has not stored yet (`round` durability: the
+        # entries, cancels and readings since the last round) is written before exit.
+        journal = self.market.take_journal()
+        if journal:
+            await self.sink.write(Batch(tuple(journal)))
         await self.sink.close()
 
     async def _resume(self) -> None:
-        """Pick up where the ledger ends: the last processed round, the open book, and the
-        fills and readings of slots not processed yet (after a crash or a restart)."""
+        """Pick up where the ledger ends: the last processed round (if any), the open book,
+        and the fills and readings of slots not processed yet (after a crash or a restart)."""
         rounds = await self.sink.read("rounds")
-        if not rounds:
-            return
-        last = msgspec.convert(max(rounds, key=lambda r: (r["time"], r["current_round_start"])), RoundRecord)
-        after = last.current_round_start
+        last = (
+            msgspec.convert(max(rounds, key=lambda r: (r["current_round_start"], r["time"])), RoundRecord)
+            if rounds
+            else None
+        )
+        after = last.current_round_start if last is not None else -(2**62)
         rec = Recovered(
             last_round=last,
             entries=[
@@ -158,26 +184,38 @@ class MarketServer:
                 msgspec.convert(r, MeterRecord) for r in await self.sink.read("meters", ("time_interval_start", after))
             ],
         )
+        if last is None and not (rec.entries or rec.settlements or rec.meters):
+            return
         self.market.restore(rec)
         self._last_round = last
-        if isinstance(self.clock, SimClock):
+        if isinstance(self.clock, SimClock) and last is not None:
             self.clock.set(last.time)
         log.info(
             "resumed from the ledger: last round=%s slot=%s open entries=%d fills=%d readings=%d",
-            last.time,
-            last.current_round_start,
+            last.time if last else None,
+            last.current_round_start if last else None,
             len(self.market.book),
             len(rec.settlements),
             len(rec.meters),
         )
 
     async def persist(self) -> None:
-        """Make the records of acknowledged actions durable before the acknowledgement."""
+        """Make the records of acknowledged actions durable before the acknowledgement. If
+        the write fails the action is undone completely and the client hears `unavailable`."""
         if not self.config.ack_durable:
             return  # sim: they go with the round's records, before the `step` reply
         records = self.market.take_journal()
-        if records:
-            await self.sink.write(Batch(tuple(records)))
+        try:
+            await self.commits.commit(records, undo=lambda: self.market.undo(records))
+        except Exception as err:
+            log.warning("ledger write failed, %d record(s) undone: %s", len(records), err)
+            raise MarketError("unavailable", "the ledger could not store it: nothing changed, retry later") from None
+        self.market.durable(records)
+
+    async def admit(self) -> None:
+        """Wait while a round opens (ack durability): gate closure sees only durable entries."""
+        if not self._admit.is_set():
+            await self._admit.wait()
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -194,7 +232,12 @@ class MarketServer:
             last = self._last_round
             if last is not None and t == last.time and last.current_round_start == t:
                 return _round_reply(last)  # a retried step (say, after a restart): same answer
-            opened = self.market.open_round(t, duration)
+            self._admit.clear()
+            try:
+                await self.commits.drain()
+                opened = self.market.open_round(t, duration)
+            finally:
+                self._admit.set()
             self.clock.set(t)
             wait = self._expect(t)
             await self._announce(opened)
@@ -204,33 +247,62 @@ class MarketServer:
             return await self._finish(opened, t, opened.settlements)
 
     async def _rt_loop(self) -> None:
-        """rt mode: open a round at every multiple of the duration, whatever clients do;
-        the slot that just ended is processed when its readings are in or its grace ends."""
+        """rt mode: open a round at every multiple of the duration, whatever clients do."""
         assert isinstance(self.clock, RealTimeClock)
         d = self.config.duration
         while True:
             await asyncio.sleep(self.clock.seconds_to_next(d) + 0.001)
-            t = self.clock.now() // d * d
-            if self.market.times is not None and t <= self.market.times.time:
-                continue  # woke a hair early: this boundary's round is already open
-            try:
-                async with self._round_lock:
-                    opened = self.market.open_round(t)
-                    wait = self._expect(t - d) if (t - d) in self.market.delivering() else None
-                    await self._announce(opened)
-            except Exception:
-                log.exception("round=%s could not open; the next boundary will try again", t)
-                continue
-            if wait is not None:
-                self.spawn(self._rt_process(opened, t - d, wait))
+            await self._rt_boundary(self.clock.now() // d * d)
 
-    async def _rt_process(self, opened: RoundOpen, slot: int, wait: _MeterWait) -> None:
-        await self._await_readings(wait, self.config.meter_grace)
+    async def _rt_boundary(self, t: int) -> None:
+        """Open the round at boundary `t` (its fills stored before they are announced), then
+        process every slot still delivering before `t`, oldest first, each exactly once:
+        the one that just ended and any left by a stall or a restart (docs/protocol.md,
+        *Resume and catch-up*)."""
+        if self.market.times is not None and t <= self.market.times.time:
+            return  # woke a hair early: this boundary's round is already open
         try:
             async with self._round_lock:
-                await self._finish(opened, slot, opened.settlements)
+                self._admit.clear()
+                try:
+                    await self.commits.drain()
+                    opened = self.market.open_round(t)
+                finally:
+                    self._admit.set()
+                late = [s for s in self.market.delivering() if s < t]
+                waits = [self._expect(s) for s in late]
+                # Entries and readings acknowledged so far (`round` durability) and the fills
+                # go to the ledger before anyone hears of the fills.
+                journal = [r for r in self.market.take_journal() if not isinstance(r, MeterRecord)]
+                if journal or opened.settlements:
+                    await self.sink.write(Batch((*journal, *opened.settlements)))
+                await self._announce(opened)
         except Exception:
-            log.exception("slot=%s could not be processed", slot)
+            log.exception("round=%s could not open; the next boundary will try again", t)
+            return
+        if late:
+            self.spawn(self._rt_process(opened, late, waits))
+
+    async def _rt_process(self, opened: RoundOpen, slots: list[int], waits: list[_MeterWait]) -> None:
+        # One grace for all: readings of a slot are asked for by this round's announcement.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.meter_grace
+        for wait in waits:
+            await self._await_readings(wait, max(0.0, deadline - loop.time()))
+        d = opened.times.duration
+        for slot in slots:
+            try:
+                async with self._round_lock:
+                    if slot not in self.market.delivering():
+                        continue  # processed by a later boundary's catch-up: once only
+                    trades = len(opened.settlements) if slot == opened.times.time - d else 0
+                    await self._finish(opened, slot, [], trades=trades)
+                    if opened.times.time > slot + d:
+                        self.caught_up += 1
+                        log.warning("slot=%s processed late, at round=%s", slot, opened.times.time)
+            except Exception:
+                log.exception("slot=%s could not be processed; the next boundary retries", slot)
+                return
 
     def online(self) -> list[str]:
         """Participants connected to /market or through a fleet connection."""
@@ -252,7 +324,9 @@ class MarketServer:
             await self.sio.emit("start_round", opened.start_round, namespace="/fleet")
         log.info("round=%s start trades=%d", opened.times.time, len(opened.settlements))
 
-    async def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> dict[str, Any]:
+    async def _finish(
+        self, opened: RoundOpen, slot: int, fills: Sequence[Settlement], *, trades: int | None = None
+    ) -> dict[str, Any]:
         """Process `slot` and make its records durable, with `fills` (the round's clearing)."""
         self._waits.pop(slot, None)
         result = self.market.process(slot, self.clock.now())
@@ -268,7 +342,7 @@ class MarketServer:
             duration=opened.times.duration,
             current_round_start=slot,
             matched_slot_start=opened.times.last_settle[0],
-            trades=len(fills),
+            trades=len(fills) if trades is None else trades,
             metered=len(result.metered),
             missing=msgspec.json.encode(missing).decode(),
             records=len(records),

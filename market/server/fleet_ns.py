@@ -84,6 +84,7 @@ class FleetNamespace(Namespace):
     async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
         members = self._fleet(sid)
         results = []
+        await self.ms.admit()
         for order in decode(data, FleetOrdersMsg).orders:
             try:
                 self._member(members, sid, order.participant)
@@ -98,6 +99,7 @@ class FleetNamespace(Namespace):
         members = self._fleet(sid)
         results: list[dict[str, Any]] = []
         arrived = []
+        await self.ms.admit()
         for reading in decode(data, FleetMetersMsg).readings:
             try:
                 self._member(members, sid, reading.participant)

@@ -26,6 +26,7 @@ class MarketNamespace(Namespace):
     @replying
     async def on_bid(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
+        await self.ms.admit()
         reply = self.ms.market.submit(pid, "bid", decode(data, EntryMsg))
         await self.ms.persist()
         return reply
@@ -33,6 +34,7 @@ class MarketNamespace(Namespace):
     @replying
     async def on_ask(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
+        await self.ms.admit()
         reply = self.ms.market.submit(pid, "ask", decode(data, EntryMsg))
         await self.ms.persist()
         return reply
@@ -41,6 +43,7 @@ class MarketNamespace(Namespace):
     async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
         OrdersMsg.check_size(data)
+        await self.ms.admit()
         results = self.ms.market.submit_orders(pid, decode(data, OrdersMsg))
         await self.ms.persist()
         return {"results": results}
@@ -48,6 +51,7 @@ class MarketNamespace(Namespace):
     @replying
     async def on_cancel(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
+        await self.ms.admit()
         reply = self.ms.market.cancel(pid, decode(data, CancelMsg).uuid)
         await self.ms.persist()
         return reply
@@ -65,6 +69,7 @@ class MarketNamespace(Namespace):
     async def on_meter(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
         msg = decode(data, MeterMsg)
+        await self.ms.admit()
         reply = self.ms.market.meter(pid, msg)
         await self.ms.persist()
         self.ms.meter_arrived(pid, msg.time_interval[0])

@@ -1,0 +1,65 @@
+"""A write that fails leaves no trace: under `ack` durability an event answered
+`unavailable` (the ledger could not store it, say the disk is full) is undone completely:
+not in the book, not filled, and its retry is a new entry that reaches the ledger."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ledger import open_sink, read_rows
+from market.core.engine import MarketConfig
+from market.core.records import Batch
+from market.server.app import MarketServer
+from tests.e2e.conftest import client, registry, serving
+
+
+class FlakySink:
+    """A real ledger whose writes fail while `failing` is set (as with a full disk)."""
+
+    def __init__(self, url: str) -> None:
+        self.inner = open_sink(url)
+        self.failing = False
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def write(self, batch: Batch) -> None:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        await self.inner.write(batch)
+
+    async def read(self, table: str, after: Any = None) -> list[dict[str, Any]]:
+        return await self.inner.read(table, after)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_bid_refused_for_a_failed_write_changes_nothing(ledger_url: str) -> None:
+    sink = FlakySink(ledger_url)
+    server = MarketServer(MarketConfig(mode="rt", duration=60, durability="ack"), registry(), sink)
+    async with serving(server) as url:
+        p1 = await client(url, "P1")
+        slot = (int(time.time()) // 60 + 4) * 60
+        bid = {"id": "b1", "quantity": 10, "price": 0.2, "time_delivery": [slot, slot + 60]}
+        sink.failing = True
+        refused = await p1.call("bid", bid, namespace="/market")
+        assert refused["error"]["code"] == "unavailable", refused
+        assert len(server.market.book) == 0  # undone: nothing can fill it
+        cancel = await p1.call("cancel", {"uuid": f"P1.{slot}.0"}, namespace="/market")
+        assert cancel["error"]["code"] == "not_found", cancel
+        sink.failing = False
+        retried = await p1.call("bid", bid, namespace="/market")
+        assert retried["ok"] and not retried.get("duplicate"), retried
+        assert len(server.market.book) == 1
+        # A cancel whose write fails leaves the entry open.
+        sink.failing = True
+        failed_cancel = await p1.call("cancel", {"uuid": retried["entry"]["uuid"]}, namespace="/market")
+        assert failed_cancel["error"]["code"] == "unavailable", failed_cancel
+        assert server.market.book.get(retried["entry"]["uuid"]) is not None
+        sink.failing = False
+        await p1.disconnect()
+    stored = [r["id"] for r in read_rows(ledger_url, "entries")]
+    assert stored == [retried["entry"]["uuid"]]
+    assert read_rows(ledger_url, "cancels") == []
