@@ -20,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--days", type=float, help="override the scenario's number of days")
     s.add_argument("--fleet", type=int, default=0, metavar="K", help="serve the participants over K /fleet connections")
     s.add_argument("--serializer", choices=["json", "msgpack"], default="json")
+    serve.add_parity_arguments(s)
     flexsim.add_arguments(
         sub.add_parser("flexsim", help="simulate aggregator flexibility: fair vs reputation (seed 001)")
     )
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sim":
         from controller import sim  # the client stack and progress bar: only for this command
 
-        return sim.main(args.scenario, args.ledger, args.participants, args.days, args.serializer, args.fleet)
+        lem = serve.parity_flags(args)
+        return sim.main(args.scenario, args.ledger, args.participants, args.days, args.serializer, args.fleet, lem)
     if args.command == "flexsim":
         return flexsim.main(args)
     if args.command == "dso":

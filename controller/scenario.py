@@ -18,6 +18,10 @@ id = "H01"
 ...
 [feeder]                          # optional: market.feeder.FeederConfig (docs/grid.md)
 network = "kerber_landnetz_kabel_1"
+[parity]                          # optional: /grid, market.community.ParityConfig (docs/parity.md)
+lem_duration = 900                # LEM slot length, s
+solve_every = 3600                # periodic LEM solver: every hour of the market clock (0: off)
+solve_delay = 60                  # ... a minute after the boundary
 ```
 """
 
@@ -30,6 +34,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from market.community.messages import ParityConfig
 from market.core.engine import MarketConfig
 from market.core.grid import GridTariff
 from market.feeder.network import FeederConfig
@@ -46,6 +51,7 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     grid: GridTariff = GridTariff()
     participants: list[dict[str, Any]] = []
     feeder: FeederConfig | None = None  # grid physics: the DSO agent runs power flows on it
+    parity: ParityConfig = ParityConfig()  # the /grid market: LEM length, periodic solver
 
     @property
     def start_time(self) -> int:
@@ -74,6 +80,14 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         }
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return msgspec.convert(fields, MarketConfig, strict=False)
+
+    def parity_config(self, **overrides: Any) -> ParityConfig:
+        """The `[parity]` table with the given fields replaced (None: keep the table's)."""
+        fields = {**msgspec.to_builtins(self.parity), **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            return msgspec.convert(fields, ParityConfig)
+        except msgspec.ValidationError as exc:
+            raise SystemExit(f"[parity] or --lem-* flags: {exc}") from None
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -16,6 +16,7 @@ from ledger import open_sink
 from market.core.records import RunRecord
 from market.core.registry import Registry
 from market.server.app import MarketServer, canonical_config
+from market.server.guard import ConnectionGuard
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--serializer", choices=["json", "msgpack"], default="json")
     p.add_argument("--log-level", default="INFO")
+    # Connection bounds (docs/reliability.md, Bounds).
+    p.add_argument("--auth-timeout", type=float, default=5.0, help="seconds a connection has to log in (then closed)")
+    p.add_argument(
+        "--max-pending", type=int, default=512, help="connections not logged in kept at once (the oldest is closed)"
+    )
+    p.add_argument("--max-per-address", type=int, default=4096, help="connections one client address may hold")
+    add_parity_arguments(p)
+
+
+PARITY_FLAGS = {  # ParityConfig field -> flag
+    "lem_duration": "--lem-duration",
+    "solve_every": "--lem-solve-every",
+    "solve_delay": "--lem-solve-delay",
+}
+
+
+def add_parity_arguments(p: argparse.ArgumentParser) -> None:
+    """The /grid flags (ParityConfig; they override the scenario's `[parity]` table)."""
+    p.add_argument("--lem-duration", type=int, help="/grid: LEM slot length in seconds (default 900)")
+    p.add_argument(
+        "--lem-solve-every",
+        type=int,
+        help="/grid: the periodic LEM solver runs every this many seconds of the market clock (default 3600; 0: off)",
+    )
+    p.add_argument("--lem-solve-delay", type=int, help="/grid: ... this many seconds after each boundary (default 60)")
+
+
+def parity_overrides(args: argparse.Namespace) -> dict[str, int | None]:
+    """ParityConfig fields given on the command line (None: not given)."""
+    return {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in PARITY_FLAGS.items()}
+
+
+def parity_flags(args: argparse.Namespace) -> list[str]:
+    """The /grid flags given, as `microte market` arguments (`microte sim` passes them on)."""
+    return [a for f, v in parity_overrides(args).items() if v is not None for a in (PARITY_FLAGS[f], str(v))]
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -49,6 +85,7 @@ async def serve(args: argparse.Namespace) -> int:
         meter_grace=args.meter_grace,
         durability=args.durability,
     )
+    parity = scenario.parity_config(**parity_overrides(args))
     run = RunRecord(
         id=f"{scenario.name}-{scenario.seed}-{int(time.time())}",
         scenario=scenario.name,
@@ -56,10 +93,21 @@ async def serve(args: argparse.Namespace) -> int:
         started=int(time.time()),
         config=canonical_config(config),
     )
-    server = MarketServer(
-        config, Registry.from_toml(args.registry), open_sink(args.ledger), serializer=args.serializer, run=run
+    guard = ConnectionGuard(
+        auth_timeout=args.auth_timeout, max_pending=args.max_pending, max_per_address=args.max_per_address
     )
-    runner = web.AppRunner(server.app(), handle_signals=False, access_log=None)
+    server = MarketServer(
+        config,
+        Registry.from_toml(args.registry),
+        open_sink(args.ledger),
+        serializer=args.serializer,
+        run=run,
+        guard=guard,
+    )
+    server.grid.configure(parity)
+    # Connections are closed at shutdown (MarketServer._close_connections); a handler still
+    # running 1 s later is cancelled, so SIGTERM exits in about 2 s.
+    runner = web.AppRunner(server.app(), handle_signals=False, access_log=None, shutdown_timeout=1)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()

@@ -125,9 +125,11 @@ async def run_sim(
     progress: bool = True,
     serializer: str = "json",
     fleets: int = 0,
+    market_args: Sequence[str] = (),
 ) -> SimResult:
     """Run a scenario; `fleets` > 0 serves the participants over that many `/fleet`
-    connections instead of one connection each."""
+    connections instead of one connection each; `market_args` go to `microte market`
+    (the `--lem-*` flags)."""
     scenario = load_scenario(scenario_path)
     if days is not None:
         scenario = msgspec.structs.replace(scenario, days=days)
@@ -164,6 +166,7 @@ async def run_sim(
             "WARNING",
             "--serializer",
             serializer,
+            *market_args,
         ]
         async with market_process(server_args) as url:
             members = [(s, tokens[s.id]) for s in specs]
@@ -264,7 +267,13 @@ async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: boo
 
 
 def main(
-    scenario: str, ledger: str, participants: int | None, days: float | None, serializer: str, fleets: int = 0
+    scenario: str,
+    ledger: str,
+    participants: int | None,
+    days: float | None,
+    serializer: str,
+    fleets: int = 0,
+    market_args: Sequence[str] = (),
 ) -> int:
     result = runloop.run(
         run_sim(
@@ -274,6 +283,7 @@ def main(
             days=days,
             serializer=serializer,
             fleets=fleets,
+            market_args=market_args,
         )
     )
     print(render(result.summary, ledger))

@@ -19,10 +19,15 @@ after it are kept apart as `late` and never change it. The `seal` is the sha256 
 canonical JSON of (assetId, epoch, transactions), so anyone holding the transactions can
 check it (`verify_seal`). Nothing here touches a socket, clock or database: methods return
 replies, balances and ledger records; the namespace handler stores and emits them.
+
+Every accepted change is also one journal record (`BalanceEventRecord`, in the order
+accepted) left in an outbox (`take_records`); `restore(records)` rebuilds the whole state
+from the journal and the seal rows, so a restarted server continues where the ledger ends.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -30,14 +35,28 @@ import msgspec
 from market.balancing.messages import (
     AddSettlementMsg,
     AssetUpsertMsg,
+    BalanceRefMsg,
     ContractAddMsg,
     ContractCancelMsg,
     ContractUpdateMsg,
 )
-from market.balancing.seals import seal_of
+from market.balancing.seals import seal_of, verify_seal
 from market.balancing.state import Asset, Balance, BalancingConfig, Contract, Flow, LateEntry, _Reading
 from market.core.errors import MarketError
-from market.core.records import BalanceSeal, BalanceTransaction, MeterRecord, Record
+from market.core.records import BalanceEventRecord, BalanceSeal, BalanceTransaction, MeterRecord, Record
+
+# The ledger records `Balancing.restore` rebuilds the state from.
+BALANCING_RECORDS: tuple[type[Record], ...] = (BalanceEventRecord, BalanceSeal, BalanceTransaction)
+
+# Journal event -> the message its payload holds.
+EVENT_MESSAGES: dict[str, type[msgspec.Struct]] = {
+    "asset.upsert": AssetUpsertMsg,
+    "contract.add": ContractAddMsg,
+    "contract.update": ContractUpdateMsg,
+    "contract.cancel": ContractCancelMsg,
+    "balancing.addSettlement": AddSettlementMsg,
+    "balancing.seal": BalanceRefMsg,
+}
 
 # -- the core --------------------------------------------------------------------------------
 
@@ -56,6 +75,8 @@ class Balancing:
         self._sealed: dict[tuple[str, int], Balance] = {}
         self._inflows: dict[tuple[str, int], list[Flow]] = {}  # from sealed balances, on time
         self._late: dict[tuple[str, int], list[LateEntry]] = {}
+        self._seq = 0  # journal: the last event's number
+        self._outbox: list[Record] = []  # ledger records not yet taken by the caller
 
     # -- epochs --------------------------------------------------------------------------
 
@@ -74,7 +95,10 @@ class Balancing:
             raise MarketError("invalid", "an asset cannot be balanced from or to itself")
         if msg.asset_id not in self._assets and len(self._assets) >= self.config.max_assets:
             raise MarketError("too_large", f"at most {self.config.max_assets} assets")
-        asset = self._assets[msg.asset_id] = Asset(msg.asset_id, rule.from_, rule.to)
+        asset = Asset(msg.asset_id, rule.from_, rule.to)
+        if self._assets.get(asset.id) != asset:  # the same rule again changes nothing
+            self._assets[asset.id] = asset
+            self._journal("asset.upsert", msg)
         return {"asset": asset.wire()}
 
     def asset(self, asset_id: str) -> Asset:
@@ -104,6 +128,7 @@ class Balancing:
         _check_contract(contract)
         self._next_contract += 1
         self._contracts[contract.id] = contract
+        self._journal("contract.add", msg)
         return {"contract": contract.wire()}
 
     def update_contract(self, msg: ContractUpdateMsg) -> dict[str, Any]:
@@ -120,7 +145,9 @@ class Balancing:
         }
         new = msgspec.structs.replace(old, **{k: v for k, v in changes.items() if v is not None})
         _check_contract(new)
-        self._contracts[new.id] = new
+        if new != old:
+            self._contracts[new.id] = new
+            self._journal("contract.update", msg)
         return {"contract": new.wire()}
 
     def cancel_contract(self, msg: ContractCancelMsg) -> dict[str, Any]:
@@ -128,6 +155,7 @@ class Balancing:
         if old.status == "cancelled":
             raise MarketError("closed", f"contract {msg.id!r} is already cancelled")
         new = self._contracts[old.id] = msgspec.structs.replace(old, status="cancelled")
+        self._journal("contract.cancel", msg)
         return {"contract": new.wire()}
 
     def _contract(self, contract_id: str) -> Contract:
@@ -166,6 +194,7 @@ class Balancing:
         self._n_settlements += 1
         if late:
             self._late.setdefault(key, []).append(LateEntry("settlement", msg.meter_id, msg.consumption, msg.label))
+        self._journal("balancing.addSettlement", msg)
         return {"late": late}
 
     def metered(self, asset_id: str, epoch: int) -> int:
@@ -206,11 +235,11 @@ class Balancing:
 
     def balance(self, asset_id: str, epoch: int) -> Balance:
         """The sealed balance (with what arrived late), or a preview of sealing it now."""
-        self.asset(asset_id)
         key = (asset_id, epoch)
         sealed = self._sealed.get(key)
         if sealed is not None:
             return msgspec.structs.replace(sealed, late=tuple(self._late.get(key, ())))
+        self.asset(asset_id)
         return Balance(asset_id, epoch, self.epoch_interval(epoch), self.derive(asset_id, epoch))
 
     def is_sealed(self, asset_id: str, epoch: int) -> bool:
@@ -218,21 +247,28 @@ class Balancing:
 
     def propose_seal(self, asset_id: str, epoch: int) -> Balance:
         """The sealed balance, not yet committed: store its `records()`, then `commit_seal()`."""
-        self.asset(asset_id)
         if (asset_id, epoch) in self._sealed:
             raise MarketError("closed", f"epoch {epoch} of {asset_id!r} is already sealed (balancing.get reads it)")
+        self.asset(asset_id)
         flows = self.derive(asset_id, epoch)
         seal = seal_of(asset_id, epoch, (f.wire() for f in flows))
         return Balance(asset_id, epoch, self.epoch_interval(epoch), flows, seal)
 
     def commit_seal(self, balance: Balance) -> None:
         """Make a proposed seal final; its deliveries to other assets count for their epoch
-        (or are late there, if that epoch is sealed already)."""
+        (or are late there, if that epoch is sealed already). Its `records()` and journal
+        entry go to the outbox."""
         key = (balance.asset, balance.epoch)
         if balance.seal is None or key in self._sealed:
             raise MarketError("closed", f"epoch {balance.epoch} of {balance.asset!r} is already sealed")
         if balance != self.propose_seal(*key):
             raise MarketError("conflict", "the balance changed since the seal was proposed")
+        self._apply_seal(balance)
+        self._journal("balancing.seal", BalanceRefMsg(asset_id=balance.asset, epoch=balance.epoch))
+        self._outbox.extend(self.records(balance))
+
+    def _apply_seal(self, balance: Balance) -> None:
+        key = (balance.asset, balance.epoch)
         self._sealed[key] = balance
         for flow in balance.transactions:
             if flow.to == balance.asset:
@@ -290,12 +326,143 @@ class Balancing:
                 "contracts": list(self._contracts.values()),
                 "next_contract": self._next_contract,
                 "settlements": [[*k, list(v.items())] for k, v in self._settlements.items()],
+                "n_settlements": self._n_settlements,
                 "sealed": list(self._sealed.values()),
                 "inflows": [[*k, v] for k, v in self._inflows.items()],
                 "late": [[*k, v] for k, v in self._late.items()],
+                "seq": self._seq,
             }
         )
         return state
+
+    # -- journal, undo and restore -------------------------------------------------------
+
+    def _journal(self, event: str, msg: msgspec.Struct) -> None:
+        self._seq += 1
+        payload = msgspec.json.encode(msg).decode()
+        self._outbox.append(BalanceEventRecord(id=f"e{self._seq}", seq=self._seq, event=event, payload=payload))
+
+    def take_records(self) -> list[Record]:
+        """Ledger records produced since the last call: journal entries and seal rows."""
+        records, self._outbox = self._outbox, []
+        return records
+
+    def checkpoint(self) -> _Checkpoint:
+        """The whole state, to `rollback` to when the records of an event cannot be stored."""
+        return _Checkpoint(
+            assets=dict(self._assets),
+            contracts=dict(self._contracts),
+            next_contract=self._next_contract,
+            settlements={k: dict(v) for k, v in self._settlements.items()},
+            n_settlements=self._n_settlements,
+            sealed=dict(self._sealed),
+            inflows={k: list(v) for k, v in self._inflows.items()},
+            late={k: list(v) for k, v in self._late.items()},
+            seq=self._seq,
+            outbox=list(self._outbox),
+        )
+
+    def rollback(self, saved: _Checkpoint) -> None:
+        self._assets = dict(saved.assets)
+        self._contracts = dict(saved.contracts)
+        self._next_contract = saved.next_contract
+        self._settlements = {k: dict(v) for k, v in saved.settlements.items()}
+        self._n_settlements = saved.n_settlements
+        self._sealed = dict(saved.sealed)
+        self._inflows = {k: list(v) for k, v in saved.inflows.items()}
+        self._late = {k: list(v) for k, v in saved.late.items()}
+        self._seq = saved.seq
+        self._outbox = list(saved.outbox)
+
+    def restore(self, records: Iterable[Record]) -> None:
+        """Rebuild the state from the ledger's records (of `BALANCING_RECORDS`, any order):
+        the journal is replayed in order; a seal takes its balance as stored (`BalanceSeal`
+        and its `BalanceTransaction` rows, checked against the seal), so a sealed epoch stays
+        sealed exactly as published. Seals without a journal entry (a ledger written before
+        the journal) are restored after it, as stored. Records that do not fit together
+        raise ValueError and change nothing."""
+        events: list[BalanceEventRecord] = []
+        seals: dict[tuple[str, int], BalanceSeal] = {}
+        rows: dict[tuple[str, int], list[BalanceTransaction]] = {}
+        for r in records:
+            if isinstance(r, BalanceEventRecord):
+                events.append(r)
+            elif isinstance(r, BalanceSeal):
+                seals[(r.asset_id, r.epoch)] = r
+            elif isinstance(r, BalanceTransaction):
+                rows.setdefault((r.asset_id, r.epoch), []).append(r)
+        orphans = sorted(set(rows) - set(seals))
+        if orphans:
+            raise ValueError(f"balance transactions without a seal: {orphans}")
+        stored = {key: _stored_balance(seal, rows.get(key, [])) for key, seal in seals.items()}
+        events.sort(key=lambda e: e.seq)
+        if len({e.seq for e in events}) != len(events):
+            raise ValueError("the balancing journal numbers two events alike")
+        core = Balancing(self.config)
+        for event in events:
+            try:
+                core._replay(event, stored)
+            except (MarketError, msgspec.ValidationError, msgspec.DecodeError) as err:
+                raise ValueError(f"journal event {event.id} ({event.event}) does not replay: {err}") from err
+        for key in sorted(set(stored) - set(core._sealed), key=lambda k: (k[1], k[0])):
+            core._apply_seal(stored[key])
+        core._seq = max([core._seq, *(e.seq for e in events)])
+        core._outbox = []
+        self.rollback(core.checkpoint())
+
+    def _replay(self, event: BalanceEventRecord, stored: dict[tuple[str, int], Balance]) -> None:
+        kind = EVENT_MESSAGES.get(event.event)
+        if kind is None:
+            raise ValueError(f"journal event {event.id}: unknown event {event.event!r}")
+        msg = msgspec.json.decode(event.payload, type=kind)
+        self._seq = event.seq - 1  # the replayed event gets its own number again
+        if isinstance(msg, AssetUpsertMsg):
+            self.upsert_asset(msg)
+        elif isinstance(msg, ContractAddMsg):
+            self.add_contract(msg)
+        elif isinstance(msg, ContractUpdateMsg):
+            self.update_contract(msg)
+        elif isinstance(msg, ContractCancelMsg):
+            self.cancel_contract(msg)
+        elif isinstance(msg, AddSettlementMsg):
+            self.add_settlement(msg)
+        elif isinstance(msg, BalanceRefMsg):
+            key = (msg.asset_id, msg.epoch)
+            balance = stored.get(key)
+            if balance is None:
+                raise ValueError(f"journal event {event.id} seals {key}, but the ledger has no such seal")
+            if key in self._sealed:
+                raise ValueError(f"journal event {event.id} seals {key} a second time")
+            self.asset(msg.asset_id)
+            self._apply_seal(balance)
+            self._seq = event.seq
+        self._outbox = []
+
+
+class _Checkpoint(msgspec.Struct, frozen=True):
+    assets: dict[str, Asset]
+    contracts: dict[str, Contract]
+    next_contract: int
+    settlements: dict[tuple[str, int], dict[str, _Reading]]
+    n_settlements: int
+    sealed: dict[tuple[str, int], Balance]
+    inflows: dict[tuple[str, int], list[Flow]]
+    late: dict[tuple[str, int], list[LateEntry]]
+    seq: int
+    outbox: list[Record]
+
+
+def _stored_balance(seal: BalanceSeal, rows: list[BalanceTransaction]) -> Balance:
+    """A sealed balance as the ledger holds it; ValueError if its rows do not match the seal."""
+    rows = sorted(rows, key=lambda r: r.seq)
+    key = (seal.asset_id, seal.epoch)
+    if [r.seq for r in rows] != list(range(seal.transactions)) or any(r.seal != seal.seal for r in rows):
+        raise ValueError(f"the ledger's transactions of sealed balance {key} are incomplete")
+    flows = tuple(Flow(r.from_id, r.to_id, r.energy) for r in rows)
+    balance = Balance(seal.asset_id, seal.epoch, (seal.epoch_start, seal.epoch_end), flows, seal.seal)
+    if sum(f.energy for f in flows) != seal.energy or not verify_seal(balance):
+        raise ValueError(f"the seal of balance {key} does not match its transactions")
+    return balance
 
 
 def _check_contract(c: Contract) -> None:

@@ -3,17 +3,21 @@
 Event names follow the EAF API and contain dots (`asset.upsert`, `balancing.seal`);
 `trigger_event` maps each to its `on_<name with underscores>` handler, and answers any
 other event `invalid`. Only the `operator` role may connect. Events are serialized by one
-lock, so a seal is derived, written to the ledger and committed with nothing in between;
-its reply is sent only once its records are durable.
+lock; each is applied to the core, its records (the journal entry, and a seal's rows) are
+made durable, and only then is it answered; if they cannot be stored the core is rolled
+back, so a failed event changes nothing. `start()` rebuilds the core from the ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from market.balancing.balance import Balancing
+import msgspec
+
+from market.balancing.balance import BALANCING_RECORDS, Balancing
 from market.balancing.messages import (
     AddSettlementMsg,
     AssetUpsertMsg,
@@ -24,11 +28,12 @@ from market.balancing.messages import (
 )
 from market.balancing.state import BalancingConfig
 from market.core.protocol import decode
-from market.core.records import Batch
+from market.core.records import Batch, Record
 from market.core.registry import Role
 from market.dispatch.base import Namespace, ServerPort, replying
 
 log = logging.getLogger("microte.balancing")
+T = TypeVar("T")
 
 NAMESPACE = "/balancing"
 ROLES: frozenset[Role] = frozenset({"operator"})
@@ -56,38 +61,69 @@ class BalancingNamespace(Namespace):
         self.core = Balancing(config or BalancingConfig(epoch_duration=server.config.duration))
         self._serial = asyncio.Lock()  # one event at a time: core call, then ledger write
 
+    # -- lifetime and plumbing -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Rebuild assets, contracts, settlements and sealed balances from the ledger."""
+        records: list[Record] = []
+        for cls in BALANCING_RECORDS:
+            records += [msgspec.convert(row, cls) for row in await self.ms.sink.read(cls.TABLE)]
+        if not records:
+            return
+        self.core.restore(records)
+        log.info("resumed /balancing from the ledger: %d records", len(records))
+
+    async def _commit(self, change: Callable[[], T]) -> T:
+        """Apply `change` to the core and make its records durable; undo it if either fails."""
+        saved = self.core.checkpoint()
+        try:
+            result = change()
+            records = self.core.take_records()
+            if records:
+                await self.ms.sink.write(Batch(tuple(records)))
+        except BaseException:
+            self.core.rollback(saved)
+            raise
+        return result
+
+    # -- events ----------------------------------------------------------------------------
+
     @replying
     async def on_asset_upsert(self, sid: str, data: Any) -> dict[str, Any]:
         self._who(sid, "operator")
-        return self.core.upsert_asset(decode(data, AssetUpsertMsg))
+        msg = decode(data, AssetUpsertMsg)
+        return await self._commit(lambda: self.core.upsert_asset(msg))
 
     @replying
     async def on_contract_add(self, sid: str, data: Any) -> dict[str, Any]:
         self._who(sid, "operator")
-        return self.core.add_contract(decode(data, ContractAddMsg))
+        msg = decode(data, ContractAddMsg)
+        return await self._commit(lambda: self.core.add_contract(msg))
 
     @replying
     async def on_contract_update(self, sid: str, data: Any) -> dict[str, Any]:
         self._who(sid, "operator")
-        return self.core.update_contract(decode(data, ContractUpdateMsg))
+        msg = decode(data, ContractUpdateMsg)
+        return await self._commit(lambda: self.core.update_contract(msg))
 
     @replying
     async def on_contract_cancel(self, sid: str, data: Any) -> dict[str, Any]:
         self._who(sid, "operator")
-        return self.core.cancel_contract(decode(data, ContractCancelMsg))
+        msg = decode(data, ContractCancelMsg)
+        return await self._commit(lambda: self.core.cancel_contract(msg))
 
     @replying
     async def on_balancing_add_settlement(self, sid: str, data: Any) -> dict[str, Any]:
         self._who(sid, "operator")
-        return self.core.add_settlement(decode(data, AddSettlementMsg))
+        msg = decode(data, AddSettlementMsg)
+        return await self._commit(lambda: self.core.add_settlement(msg))
 
     @replying
     async def on_balancing_seal(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "operator")
         msg = decode(data, BalanceRefMsg)
-        balance = self.core.propose_seal(msg.asset_id, msg.epoch)
-        await self.ms.sink.write(Batch(self.core.records(balance)))
-        self.core.commit_seal(balance)
+        # A sealed epoch answers `closed` before anything is stored: a re-seal writes nothing.
+        balance = await self._commit(lambda: self.core.seal(msg.asset_id, msg.epoch))
         log.info(
             "seal asset=%s epoch=%d transactions=%d by=%s seal=%s",
             balance.asset,

@@ -139,13 +139,13 @@ SEED_DEFAULTS: dict[GridState, LemParams] = {
 class ParityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`lem_duration`: LEM slot length (s), slots aligned to it. The periodic solver runs at
     every `solve_every` boundary of the market clock plus `solve_delay` (3600 and 60: at
-    13:01 it solves the LEMs that ended by 13:00; 86400: daily; 0: no periodic solver) and
-    looks at the market clock every `poll` wall seconds (sim mode moves it by `step`)."""
+    13:01 it solves the LEMs that ended by 13:00; 86400: daily; 0: no periodic solver). The
+    market clock is `step` in sim mode, the wall clock in rt mode. Set from the scenario's
+    `[parity]` table and the `--lem-duration`, `--lem-solve-every`, `--lem-solve-delay` flags."""
 
     lem_duration: Annotated[int, msgspec.Meta(gt=0, le=86400)] = 900
     solve_every: Annotated[int, msgspec.Meta(ge=0, le=366 * 86400)] = 3600
     solve_delay: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 60
-    poll: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 1.0
     defaults: dict[GridState, LemParams] = msgspec.field(default_factory=lambda: dict(SEED_DEFAULTS))
     max_lems: Annotated[int, msgspec.Meta(gt=0)] = 1_000_000
     max_slas: Annotated[int, msgspec.Meta(gt=0)] = 100_000

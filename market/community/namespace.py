@@ -10,6 +10,12 @@ records made durable (`await sink.write`), and only then applied and acknowledge
 nothing in between. "Before" and "after" a slot are judged by the market clock
 (`server.clock.now()`: the last `step` in sim mode, the wall clock in rt mode).
 
+The periodic solver is driven by the market clock too, never by polling it: in sim mode the
+server calls `on_time(t)` after each `step` to `t` (before it replies), in rt mode a task
+sleeps until the next `k*solve_every + solve_delay` of the wall clock and calls it. Either
+way `on_time` solves the boundaries that became due, one by one in order, each once, so the
+LEMs solved together depend only on the market clock, not on the machine's speed.
+
 A DSO's grid state also reaches the auction: every auction slot overlapping the LEM slot
 gets the most severe state of the LEM slots it overlaps (`Market.grid_states`), so a RED
 slot clears no P2P fill and `start_round.market_info` carries the state. The auction
@@ -41,6 +47,7 @@ from market.community.state import Change, Measurement
 from market.core.protocol import EmptyMsg, decode
 from market.core.records import Batch, MeterRecord, Record
 from market.core.registry import Role
+from market.core.timing import RealTimeClock
 from market.dispatch.base import Namespace, ServerPort, replying
 
 log = logging.getLogger("microte.grid")
@@ -74,17 +81,37 @@ class GridNamespace(Namespace):
         self.core = Parity(config, role_of=server.registry.role)
         # One event at a time (core call, then ledger write), shared with the periodic solver.
         self._lock = self._serial = asyncio.Lock()
-        self.periodic_solves = 0  # boundaries the periodic solver has handled
+        self._started = False
+        # The periodic solver: every boundary <= `_handled` is done (None: none yet, so the
+        # first `on_time` starts at the boundary of the earliest unsolved LEM).
+        self._handled: int | None = None
+        self.periodic_solves = 0  # boundaries the periodic solver has solved (or tried to)
+        # boundary -> starts of the LEMs its periodic solve solved (boundaries with none are left out)
+        self.solved_at_boundary: dict[int, tuple[int, ...]] = {}
 
     # -- lifetime --------------------------------------------------------------------------
 
+    def configure(self, config: ParityConfig) -> None:
+        """Use `config` (the scenario's `[parity]` table and the `--lem-*` flags) instead of
+        the one given at construction. Only before `start()`: the state is rebuilt empty."""
+        if self._started:
+            raise RuntimeError("GridNamespace.configure() after start()")
+        self.core = Parity(config, role_of=self.ms.registry.role)
+
     async def start(self) -> None:
-        """Resume from the ledger, then start the periodic solver (if configured) as a task
-        the server owns (cancelled with its other tasks at shutdown). Call it once the sink
-        is open and the market resumed: in `MarketServer._lifetime`, after `_resume()`."""
+        """Resume from the ledger, then catch up the periodic solver on the market clock
+        (boundaries that became due before a restart are solved now, one by one). In rt
+        mode, start the task that follows the wall clock (owned by the server, cancelled at
+        shutdown); in sim mode the server's `step` drives it through `on_time`. Call it once
+        the sink is open and the market resumed: in `MarketServer._lifetime`, after `_resume()`."""
+        self._started = True
         await self.resume()
-        if self.core.config.solve_every > 0:
-            self.ms.spawn(self.solve_periodically())
+        if self.core.config.solve_every <= 0:
+            return
+        if isinstance(self.ms.clock, RealTimeClock):
+            self.ms.spawn(self.follow_wall_clock())
+        else:
+            await self.on_time(self.ms.clock.now())
 
     async def resume(self) -> None:
         """Rebuild grid states, LEMs, measurements, results, accounts and SLAs from the
@@ -101,32 +128,68 @@ class GridNamespace(Namespace):
                 self._to_auction(start, start + d)
         log.info("resumed /grid from the ledger: %d records", len(records))
 
-    async def solve_periodically(self) -> None:
-        """At every `solve_every` boundary of the market clock plus `solve_delay`, solve the
-        unsolved LEMs that ended by the boundary (hourly: at 13:01 those up to 13:00)."""
+    async def on_time(self, now: int) -> None:
+        """The market clock is at `now`: run every periodic solve due by then.
+
+        Boundary `b` (a multiple of `solve_every`) is due at `b + solve_delay`; its solve
+        takes the unsolved LEMs that ended by `b`. Due boundaries are handled in order, each
+        exactly once (a `step` that jumps ahead solves them one by one; boundaries with no
+        LEM to solve are skipped without work); calling again with the same or an earlier
+        time does nothing. The records' `time_creation` is `now`. A failed solve is logged;
+        its LEMs are retried at the next boundary. Sim mode: the server calls this after
+        each `step` has set the clock (and stored the round), before it replies."""
         cfg = self.core.config
         every, delay = cfg.solve_every, cfg.solve_delay
-        last: int | None = None
+        if every <= 0:
+            return
+        latest = (now - delay) // every * every  # the last boundary due by `now`
+        if self._handled is not None and latest <= self._handled:
+            return  # nothing new (every step between two boundaries): no lock, no work
+        async with self._lock:
+            while self._handled is None or self._handled < latest:
+                first_end = self.core.first_unsolved_end()
+                if first_end is None:
+                    self._handled = latest  # nothing to solve up to `latest`
+                    break
+                boundary = -(-first_end // every) * every  # the first boundary after that LEM
+                if self._handled is not None:
+                    boundary = max(boundary, self._handled + every)
+                if boundary > latest:
+                    self._handled = latest
+                    break
+                await self._solve_boundary(boundary, now)
+                self._handled = boundary
+
+    async def _solve_boundary(self, boundary: int, now: int) -> None:
+        self.periodic_solves += 1
+        try:
+            reply = await self._solve(0, boundary, now)
+        except Exception:
+            log.exception("periodic solve up to %d failed; the next boundary retries", boundary)
+            return
+        if reply["lems"]:
+            self.solved_at_boundary[boundary] = tuple(x["time_delivery"][0] for x in reply["lems"])
+            log.info(
+                "periodic solve up to %d at %d: lems=%d transfers=%d",
+                boundary,
+                now,
+                len(reply["lems"]),
+                len(reply["transfers"]),
+            )
+
+    async def follow_wall_clock(self) -> None:
+        """rt mode: sleep until the next `k*solve_every + solve_delay` of the wall clock,
+        then `on_time` (no polling in between). It starts by catching up what is due."""
+        clock = self.ms.clock
+        assert isinstance(clock, RealTimeClock)
+        every, delay = self.core.config.solve_every, self.core.config.solve_delay
         while True:
-            now = self.ms.clock.now()
-            boundary = (now - delay) // every * every
-            if boundary >= 0 and (last is None or boundary > last):
-                try:
-                    async with self._lock:
-                        reply = await self._solve(0, boundary)
-                    if reply["lems"]:
-                        log.info(
-                            "periodic solve up to %d: lems=%d transfers=%d",
-                            boundary,
-                            len(reply["lems"]),
-                            len(reply["transfers"]),
-                        )
-                except Exception:
-                    log.exception("periodic solve up to %d failed; the next boundary retries", boundary)
-                last = boundary
-                self.periodic_solves += 1
-            due = boundary + every + delay
-            await asyncio.sleep(max(0.001, min(cfg.poll, due - self.ms.clock.now())))
+            try:
+                await self.on_time(clock.now())
+            except Exception:  # on_time logs failed solves itself; this is a last resort
+                log.exception("periodic solver failed at %d", clock.now())
+            # Seconds to the next instant k*every + delay, a hair after it (never before).
+            await asyncio.sleep((clock.seconds_to_next(every) + delay) % every + 0.001)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -147,9 +210,9 @@ class GridNamespace(Namespace):
         for slot in range(start // d * d, end, d):
             market.grid_states.set(slot, self.core.auction_state(slot, d))
 
-    async def _meter_measures(self, start: int, end: int) -> dict[int, dict[str, Measurement]]:
-        """The auction's meter readings of the LEMs a solve of [start, end] will take."""
-        lems = self.core.pending(start, end, self._now())
+    async def _meter_measures(self, start: int, end: int, now: int) -> dict[int, dict[str, Measurement]]:
+        """The auction's meter readings of the LEMs a solve of [start, end] at `now` will take."""
+        lems = self.core.pending(start, end, now)
         if not lems:
             return {}
         lo, hi = lems[0].start, lems[-1].end
@@ -157,9 +220,9 @@ class GridNamespace(Namespace):
         meters = [msgspec.convert(r, MeterRecord) for r in rows if r["time_interval_end"] <= hi]
         return measurements_from_meters(meters, self.core.config.lem_duration)
 
-    async def _solve(self, start: int, end: int) -> dict[str, Any]:
-        fallback = await self._meter_measures(start, end)
-        return await self._commit(self.core.solve(start, end, self._now(), fallback))
+    async def _solve(self, start: int, end: int, now: int) -> dict[str, Any]:
+        fallback = await self._meter_measures(start, end, now)
+        return await self._commit(self.core.solve(start, end, now, fallback))
 
     # -- events ----------------------------------------------------------------------------
 
@@ -191,7 +254,7 @@ class GridNamespace(Namespace):
     async def on_lem_solve(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "aggregator", "operator")
         msg = decode(data, LemSolveMsg)
-        reply = await self._solve(msg.start, msg.end)
+        reply = await self._solve(msg.start, msg.end, self._now())
         log.info("lem.solve [%d, %d] by %s: lems=%d", msg.start, msg.end, pid, len(reply["lems"]))
         return reply
 

@@ -17,8 +17,9 @@ get a result row with amount 0 and no tokens move. After a solve, each player's 
 over the solved LEMs moves as one token transfer: a negative total is paid to the LEM's
 aggregator, a positive one paid by it.
 
-SLAs carry KPIs (rule `gt`/`lt`, limit, penalty in micro-currency, players, resolution);
-players save one value per resolution period, and checking the SLA after its end costs
+SLAs carry KPIs (rule `gt`/`lt`, limit, penalty in micro-currency, players, resolution),
+set before their period starts; players save one value per resolution period of the SLA
+once that period has ended (by the market clock), and checking the SLA after its end costs
 each breaking value its KPI's penalty, paid to the SLA's aggregator, exactly once.
 
 Every accepted action is a `Change`: the ledger records it produces and its reply. Nothing
@@ -161,6 +162,10 @@ class Parity:
             for s, lem in sorted(self._lems.items())
             if s >= start and lem.end <= end and lem.end <= now and s not in self._results
         ]
+
+    def first_unsolved_end(self) -> int | None:
+        """The earliest end of an unsolved LEM (None: every LEM is solved)."""
+        return min((lem.end for s, lem in self._lems.items() if s not in self._results), default=None)
 
     def balances(self, participant: str | None = None) -> dict[str, int]:
         """Every account (None), or one participant's alone (0 if it has none yet)."""
@@ -362,6 +367,11 @@ class Parity:
     def set_sla(self, aggregator: str, msg: SlaSetMsg, now: int) -> Change:
         if msg.start >= msg.end:
             raise MarketError("invalid", f"start {msg.start} must be before end {msg.end}")
+        if msg.start <= now:
+            raise MarketError(
+                "invalid",
+                f"start {msg.start} must be after the market time {now}: an SLA is set before its period starts",
+            )
         if msg.id in self._slas:
             raise MarketError("conflict", f"SLA {msg.id!r} is already set")
         if len(self._slas) >= self.config.max_slas:
@@ -405,6 +415,12 @@ class Parity:
             )
         if sla.id in self._sla_results:
             raise MarketError("closed", f"SLA {sla.id!r} is already checked")
+        if end > now:
+            raise MarketError(
+                "invalid",
+                f"time_interval {[start, end]} ends after the market time {now}: "
+                f"a KPI value is saved once its period has ended",
+            )
         key = (sla.id, kpi.id, participant, start)
         if key in self._kpi_values:
             raise MarketError("conflict", f"{participant} already saved KPI {kpi.id!r} for {[start, end]}")

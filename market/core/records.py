@@ -491,3 +491,20 @@ class GridFlowRecord(Record, frozen=True):
 
 
 TABLES = (*TABLES, GridFlowRecord)
+
+
+# -- balancing journal (seed 002; docs/balancing.md, section Ledger) ---------------------------
+
+
+class BalanceEventRecord(Record, frozen=True):
+    """One accepted `/balancing` event that changed its state, in the order accepted: what a
+    restarted server replays to rebuild assets, contracts, settlements and seals."""
+
+    TABLE: ClassVar[str] = "balance_events"
+    id: str  # f"e{seq}"
+    seq: int  # 1, 2, ... in the order the events were accepted
+    event: str  # the event name: asset.upsert, contract.add, ..., balancing.addSettlement, balancing.seal
+    payload: str  # the accepted message as JSON (wire field names)
+
+
+TABLES = (*TABLES, BalanceEventRecord)

@@ -48,6 +48,9 @@ class ServerPort(Protocol):
 
     def participant_left(self, pid: str) -> None: ...
 
+    def authenticated(self, sid: str, namespace: str) -> None:
+        """The session `sid` logged in: its connection is no longer held to the login deadline."""
+
 
 class Sessions:
     """Authenticated sessions of one namespace: one live session per participant id."""
@@ -137,6 +140,7 @@ class Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if role not in self.ROLES:
             raise socketio.exceptions.ConnectionRefusedError(f"unauthorized: role {role} may not use {self.namespace}")
         old = self.sessions.add(sid, pid, role)
+        self.ms.authenticated(sid, self.namespace)
         if old is not None:
             # One live session per id: the newest login wins, the old one is closed.
             self.sessions.pid_of.pop(old, None)

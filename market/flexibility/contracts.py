@@ -183,9 +183,7 @@ class Request(msgspec.Struct, frozen=True):
     start: int
     end: int
     strategy: str
-    created: int
-    offered: tuple[str, ...]
-    answer_within: float | None = None
+    offered: tuple[str, ...]  # in contract order
     status: RequestStatus = "open"
     accepted: int = 0
     allocated: int = 0

@@ -19,12 +19,13 @@ renegotiation, - penalties).
 Nothing here touches a socket, clock or database: every method takes `now` (market time),
 returns its reply, and leaves ledger records and server-to-client notices in an outbox
 (`take_outbox`) that the namespace handler writes and emits. `snapshot`/`restore` let the
-handler undo an event whose records could not be made durable.
+handler undo an event whose records could not be made durable; `resume(records)` rebuilds
+the state from the ledger's records after a restart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -44,6 +45,7 @@ from market.flexibility.contracts import (
     Allotment,
     Contract,
     Delivery,
+    DeliveryCheck,
     Opened,
     Request,
     _State,
@@ -66,6 +68,17 @@ from market.flexibility.messages import (
     StrategyMsg,
 )
 from market.flexibility.strategies import Candidate, Strategy, default_strategies
+
+# The ledger records `Flexibility.resume` rebuilds the state from.
+FLEX_RECORDS: tuple[type[Record], ...] = (
+    FlexContractRecord,
+    FlexRequestRecord,
+    FlexAnswerRecord,
+    FlexAllocationRecord,
+    FlexDeliveryRecord,
+    FlexTokenRecord,
+    FlexReputationRecord,
+)
 
 # -- the core --------------------------------------------------------------------------------
 
@@ -293,7 +306,7 @@ class Flexibility:
                     raise MarketError("conflict", f"request id {msg.id!r} was used for another request")
                 if old.status == "open":
                     raise MarketError("unavailable", f"request {rid!r} is still collecting answers")
-                return Opened(old, {"request": self.request_wire(old), "duplicate": True})
+                return Opened(old, {"request": self.request_wire(old, as_allocated=True), "duplicate": True})
         if self._s.open_request is not None:
             raise MarketError("unavailable", f"request {self._s.open_request!r} is being handled: one at a time")
         if msg.power == 0:
@@ -324,9 +337,7 @@ class Flexibility:
             start=msg.start,
             end=msg.end,
             strategy=self.strategy_of(msg.aggregator),
-            created=now,
             offered=offered,
-            answer_within=msg.answer_within,
         )
         self._s.requests[rid] = request
         if msg.id is not None:
@@ -460,7 +471,10 @@ class Flexibility:
             reason=reason,
         )
         self._s.requests[r.id] = new
-        self._s.by_request[r.id] = tuple(order)
+        # Allotments are kept (and listed) in contract order, the order of the offer: what
+        # the ledger rebuilds after a restart. The strategy's ranking decided who got what.
+        have = set(order)
+        self._s.by_request[r.id] = tuple(p for p in r.offered if p in have)
         self._s.open_request = None
         self._s.records.append(new.record(now))
         if not result.shares:
@@ -559,10 +573,16 @@ class Flexibility:
 
     # -- results -------------------------------------------------------------------------
 
-    def request_wire(self, r: Request) -> dict[str, Any]:
+    def request_wire(self, r: Request, as_allocated: bool = False) -> dict[str, Any]:
+        """The request `R` of docs/flexibility.md; `as_allocated`: as it was when allocated
+        (the first reply to the dso: before any delivery), whatever happened since."""
         answers = {p: self._s.answers.get((r.id, p)) for p in r.offered}
         allotted = self.allotments(r.id)
         deliveries = [d for d in (self._s.deliveries.get((r.id, a.prosumer)) for a in allotted) if d is not None]
+        status = r.status
+        if as_allocated and status == "settled":
+            deliveries = []
+            status = "allocated" if any(a.status == "allocated" for a in allotted) else "settled"
         return {
             "id": r.id,
             "dso": r.dso,
@@ -571,7 +591,7 @@ class Flexibility:
             "start": r.start,
             "end": r.end,
             "strategy": r.strategy,
-            "status": r.status,
+            "status": status,
             "offered": list(r.offered),
             "accepted": [p for p, a in answers.items() if a == "accept"],
             "declined": [p for p, a in answers.items() if a == "decline"],
@@ -630,42 +650,85 @@ class Flexibility:
 
     # -- resuming from the ledger --------------------------------------------------------
 
-    def resume(self, rows: Mapping[str, Iterable[Mapping[str, Any]]]) -> None:
-        """Rebuild contracts, reputation, tokens, id counters and the allocations still to
-        settle from ledger rows by table (what `take_outbox` produced in earlier runs)."""
+    def resume(self, records: Iterable[Record]) -> None:
+        """Rebuild the state from the ledger's records (of `FLEX_RECORDS`, any order; what
+        `take_outbox` produced in earlier runs): contracts, reputation, tokens, id counters,
+        and every allocated request with its answers, allotments and deliveries, settled or
+        not, so `results` and a retried request id answer as before the restart.
+
+        Not in the ledger, so not rebuilt: an aggregator's `flex.strategy` choice (back to
+        the default), a request still collecting answers (never acknowledged; its answers
+        and their reputation stay, and its id is not reused), and the readings of requests
+        not yet settled (they are sent again)."""
+        by_type: dict[type[Record], list[Any]] = {cls: [] for cls in FLEX_RECORDS}
+        for r in records:
+            if type(r) in by_type:
+                by_type[type(r)].append(r)
+        contract_rows: list[FlexContractRecord] = by_type[FlexContractRecord]
+        request_rows: list[FlexRequestRecord] = by_type[FlexRequestRecord]
+        answer_rows: list[FlexAnswerRecord] = by_type[FlexAnswerRecord]
+        allocation_rows: list[FlexAllocationRecord] = by_type[FlexAllocationRecord]
+        delivery_rows: list[FlexDeliveryRecord] = by_type[FlexDeliveryRecord]
+        token_rows: list[FlexTokenRecord] = by_type[FlexTokenRecord]
+        reputation_rows: list[FlexReputationRecord] = by_type[FlexReputationRecord]
         s = _State()
-        contract_rows = sorted(
-            (msgspec.convert(r, FlexContractRecord) for r in rows.get("flex_contracts", ())),
-            key=lambda r: (_number(r.contract_id), r.version),
-        )
-        for rec in contract_rows:
+        registered: dict[str, int] = {}  # contract id -> time of its registration
+        for rec in sorted(contract_rows, key=lambda r: (_number(r.contract_id), r.version)):
             seq = _number(rec.contract_id)
             c = Contract.from_record(rec, seq)
             s.contracts[c.id] = c
+            if rec.version == 1:
+                registered[c.id] = rec.time
             if c.status == "active":
                 s.active[c.prosumer] = c.id
             elif s.active.get(c.prosumer) == c.id:
                 del s.active[c.prosumer]
             s.next_contract = max(s.next_contract, seq + 1)
-        reps = sorted(
-            (msgspec.convert(r, FlexReputationRecord) for r in rows.get("flex_reputation", ())),
-            key=lambda r: (r.participant_id, _number(r.id)),
-        )
-        for rep in reps:
+        after_check: dict[tuple[str, str], int] = {}  # (request, prosumer) -> reputation after its delivery check
+        for rep in sorted(reputation_rows, key=lambda r: (r.participant_id, _number(r.id))):
             s.reputation[rep.participant_id] = rep.score
             s.reputation_seq[rep.participant_id] = _number(rep.id)
-        for t in (msgspec.convert(r, FlexTokenRecord) for r in rows.get("flex_tokens", ())):
+            if rep.reason in ("compliance", "penalty"):
+                after_check[(rep.ref, rep.participant_id)] = rep.score
+        for t in token_rows:
             s.tokens[t.from_id] = s.tokens.get(t.from_id, 0) - t.amount
             s.tokens[t.to_id] = s.tokens.get(t.to_id, 0) + t.amount
-        delivered = {(d["request_id"], d["prosumer_id"]) for d in rows.get("flex_deliveries", ())}
-        allotments = [msgspec.convert(r, FlexAllocationRecord) for r in rows.get("flex_allocations", ())]
-        for req in sorted(
-            (msgspec.convert(r, FlexRequestRecord) for r in rows.get("flex_requests", ())), key=lambda r: _number(r.id)
-        ):
-            mine = [a for a in allotments if a.request_id == req.id]
-            offered = tuple(a.prosumer_id for a in mine)
-            done = all((req.id, a.prosumer_id) in delivered for a in mine if a.status == "allocated")
-            request = Request(
+        answered: dict[str, list[FlexAnswerRecord]] = {}
+        for ans in answer_rows:
+            s.answers[(ans.request_id, ans.prosumer_id)] = _answer(ans.answer)
+            answered.setdefault(ans.request_id, []).append(ans)
+            s.next_request = max(s.next_request, _number(ans.request_id) + 1)  # an abandoned request's too
+        allotted: dict[str, dict[str, FlexAllocationRecord]] = {}
+        for a in allocation_rows:
+            allotted.setdefault(a.request_id, {})[a.prosumer_id] = a
+        delivered = {(d.request_id, d.prosumer_id): d for d in delivery_rows}
+        contracts_of: dict[str, list[Contract]] = {}  # prosumer -> its contracts, oldest first
+        for c in s.contracts.values():
+            contracts_of.setdefault(c.prosumer, []).append(c)
+        for req in sorted(request_rows, key=lambda r: _number(r.id)):
+            mine = allotted.get(req.id, {})
+            offered = _offer_order(req, answered.get(req.id, []), mine, contracts_of, registered)
+            for p in mine:
+                if p not in offered:
+                    raise ValueError(f"request {req.id}: {p} has an allocation but was not offered")
+            for a in mine.values():
+                status: Literal["allocated", "displaced"] = "allocated" if a.status == "allocated" else "displaced"
+                s.allotments[(req.id, a.prosumer_id)] = Allotment(
+                    req.id, a.prosumer_id, a.contract_id, status, a.power, a.expected, a.baseline, a.price, a.reputation
+                )
+                d = delivered.get((req.id, a.prosumer_id))
+                if d is None or status != "allocated":
+                    continue
+                credited = min(max(d.delivered, 0), d.expected)
+                check = DeliveryCheck(d.expected, d.baseline, d.delivered, credited, d.met, d.reward, d.penalty)
+                score = after_check.get((req.id, d.prosumer_id), self.config.reputation.initial)
+                s.deliveries[(req.id, d.prosumer_id)] = Delivery(
+                    req.id, d.prosumer_id, d.metered, d.production, d.consumption, check, score
+                )
+                if d.metered:
+                    s.readings[(req.id, d.prosumer_id)] = (d.production, d.consumption)
+            settled = all((req.id, p) in delivered for p, a in mine.items() if a.status == "allocated")
+            s.requests[req.id] = Request(
                 id=req.id,
                 dso=req.dso_id,
                 aggregator=req.aggregator_id,
@@ -674,36 +737,50 @@ class Flexibility:
                 start=req.time_delivery_start,
                 end=req.time_delivery_end,
                 strategy=req.strategy,
-                created=req.time,
                 offered=offered,
-                status="settled" if done else "allocated",
+                status="settled" if settled else "allocated",
                 accepted=req.accepted,
                 allocated=req.allocated,
                 shortfall=req.shortfall,
                 reason=req.reason,
             )
-            s.requests[req.id] = request
+            s.by_request[req.id] = tuple(p for p in offered if p in mine)
             if req.client_id is not None:
                 s.client_ids[(req.dso_id, req.client_id)] = req.id
             s.next_request = max(s.next_request, _number(req.id) + 1)
-            if done:
-                continue  # settled: its details stay in the ledger
-            for a in mine:
-                status: Literal["allocated", "displaced"] = "allocated" if a.status == "allocated" else "displaced"
-                s.answers[(req.id, a.prosumer_id)] = "accept"
-                s.allotments[(req.id, a.prosumer_id)] = Allotment(
-                    req.id,
-                    a.prosumer_id,
-                    a.contract_id,
-                    status,
-                    a.power,
-                    a.expected,
-                    a.baseline,
-                    a.price,
-                    a.reputation,
-                )
-            s.by_request[req.id] = offered
         self._s = s
+
+
+def _offer_order(
+    req: FlexRequestRecord,
+    answers: Sequence[FlexAnswerRecord],
+    allotted: Mapping[str, FlexAllocationRecord],
+    contracts_of: Mapping[str, Sequence[Contract]],
+    registered: Mapping[str, int],
+) -> tuple[str, ...]:
+    """The offered prosumers of a request (each has an answer row: accept, decline or
+    silent) in the order of the offer: their contracts' order. A prosumer's contract is its
+    allocation's, else its latest with that aggregator registered by the time it answered."""
+
+    def contract_seq(ans: FlexAnswerRecord) -> int:
+        a = allotted.get(ans.prosumer_id)
+        if a is not None:
+            return _number(a.contract_id)
+        mine = [c for c in contracts_of.get(ans.prosumer_id, ()) if c.aggregator == req.aggregator_id]
+        known = [c for c in mine if registered.get(c.id, ans.time) <= ans.time] or mine
+        return known[-1].seq if known else 0
+
+    return tuple(a.prosumer_id for a in sorted(answers, key=lambda a: (contract_seq(a), a.prosumer_id)))
+
+
+_ANSWERS: dict[str, Answer] = {"accept": "accept", "decline": "decline", "silent": "silent"}
+
+
+def _answer(text: str) -> Answer:
+    found = _ANSWERS.get(text)
+    if found is None:
+        raise ValueError(f"unknown answer {text!r} in the ledger")
+    return found
 
 
 def _number(text: str) -> int:

@@ -11,6 +11,8 @@ holds a second lock for its whole life (requests are handled one at a time): it 
 request (offers go out), waits for the answers of the offered prosumers that are online,
 never longer than the deadline (a silent prosumer counts as declined), then allocates it;
 the state lock is free while it waits, so answers and other events go on.
+
+`start()` rebuilds the core from the ledger's flexibility tables (`Flexibility.resume`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
+
 from market.core.errors import MarketError
 from market.core.protocol import EmptyMsg, decode
-from market.core.records import Batch
+from market.core.records import Batch, Record
 from market.core.registry import Role
 from market.dispatch.base import Namespace, ServerPort, replying
-from market.flexibility.machine import Flexibility
+from market.flexibility.machine import FLEX_RECORDS, Flexibility
 from market.flexibility.messages import (
     AnswerMsg,
     ContractRefMsg,
@@ -44,14 +48,7 @@ log = logging.getLogger("microte.flex")
 
 NAMESPACE = "/flex"
 ROLES: frozenset[Role] = frozenset({"prosumer", "aggregator", "dso"})
-TABLES = (
-    "flex_contracts",
-    "flex_requests",
-    "flex_allocations",
-    "flex_deliveries",
-    "flex_tokens",
-    "flex_reputation",
-)
+TABLES = tuple(cls.TABLE for cls in FLEX_RECORDS)
 
 # wire event -> handler suffix (`on_<suffix>`)
 EVENTS: dict[str, str] = {
@@ -83,6 +80,12 @@ class FlexNamespace(Namespace):
         self._open: str | None = None  # the request collecting answers
         self._answered = asyncio.Event()
 
+    async def start(self) -> None:
+        """Resume from the ledger before the server accepts connections."""
+        async with self._state:
+            if not self._loaded:
+                await self._resume()
+
     async def on_disconnect(self, sid: str, *reason: Any) -> None:
         await super().on_disconnect(sid, *reason)
         self._wake()  # a prosumer that left will not answer
@@ -113,10 +116,12 @@ class FlexNamespace(Namespace):
                     await self.ms.sio.emit(event, payload, to=sid, namespace=NAMESPACE)
 
     async def _resume(self) -> None:
-        rows = {table: await self.ms.sink.read(table) for table in TABLES}
-        self.core.resume(rows)
+        records: list[Record] = []
+        for cls in FLEX_RECORDS:
+            records += [msgspec.convert(row, cls) for row in await self.ms.sink.read(cls.TABLE)]
+        self.core.resume(records)
         self._loaded = True
-        if any(rows.values()):
+        if records:
             log.info(
                 "flex resumed from the ledger: contracts=%d requests=%d",
                 len(self.core.contracts()),

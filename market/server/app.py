@@ -17,7 +17,6 @@ from typing import Any
 
 import cuid
 import msgspec
-import socketio
 from aiohttp import web
 
 from market.balancing.namespace import BalancingNamespace
@@ -43,6 +42,7 @@ from market.dispatch.ratelimit import RateLimiter
 from market.flexibility.namespace import FlexNamespace
 from market.server.commit import GroupCommit
 from market.server.fleet_ns import FleetNamespace
+from market.server.guard import ConnectionGuard, GuardedServer, client_address, install_repeat_filter, raise_fd_limit
 from market.server.market_ns import MarketNamespace
 from market.server.outbox import Outbox
 from market.server.simulation_ns import SimulationNamespace
@@ -76,19 +76,25 @@ class MarketServer:
         *,
         serializer: str = "json",
         run: RunRecord | None = None,
+        guard: ConnectionGuard | None = None,
     ) -> None:
         self.config = config
         self.market = Market(config)
         self.registry = registry
         self.sink = sink
         self.clock: SimClock | RealTimeClock = SimClock() if config.mode == "sim" else RealTimeClock()
-        self.sio = socketio.AsyncServer(
+        self.sio = GuardedServer(
             async_mode="aiohttp",
             async_handlers=False,  # one client's events are handled in the order it sent them
             serializer=wire.serializer(serializer),
             max_http_buffer_size=MAX_PAYLOAD,
             cors_allowed_origins="*",
         )
+        self.sio.text_only = serializer == "json"
+        self.guard = guard or ConnectionGuard()
+        self._eio_connect, self._eio_disconnect = self.sio._handle_eio_connect, self.sio._handle_eio_disconnect
+        self.sio.eio.on("connect", self._on_eio_connect)
+        self.sio.eio.on("disconnect", self._on_eio_disconnect)
         self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
         self.fleet = FleetNamespace(self)
         self.grid = GridNamespace(self)
@@ -110,6 +116,8 @@ class MarketServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_round: RoundRecord | None = None
         self.commits = GroupCommit(self.sink.write)
+        self._unannounced: list[tuple[str, dict[str, Any]]] = []  # `settled` events whose fills await the ledger
+        self._backlog: list[Record] = []  # round records the ledger refused, written with the next batch
         self._admit = asyncio.Event()  # cleared while a round opens: new actions wait (ack durability)
         self._admit.set()
         self.caught_up = 0  # slots processed after a boundary later than their own (stall, restart)
@@ -134,7 +142,52 @@ class MarketServer:
                 await asyncio.wait_for(self.sio.eio.disconnect(), 2)
             await asyncio.wait_for(self.sio.shutdown(), 2)
 
+    async def _on_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> bool:
+        accepted, evict = self.guard.opened(eio_sid, client_address(environ), time.monotonic())
+        for old in evict:  # the oldest connections that have not logged in make room
+            self.spawn(self._drop(old))
+        if not accepted:
+            log.warning("connection refused: its address holds %d connections", self.guard.max_per_address)
+            return False
+        await self._eio_connect(eio_sid, environ)
+        return True
+
+    async def _on_eio_disconnect(self, eio_sid: str, *reason: Any) -> None:
+        self.guard.closed(eio_sid)
+        await self._eio_disconnect(eio_sid, *reason)
+
+    async def _drop(self, eio_sid: str) -> None:
+        """Close an engine.io connection without waiting for the client: a polling session
+        whose client never polls again would otherwise be kept forever."""
+        sock = self.sio.eio.sockets.pop(eio_sid, None)
+        if sock is None:
+            return
+        with contextlib.suppress(Exception):
+            await sock.close(wait=False, abort=not sock.upgraded)  # a websocket hears CLOSE
+        self.guard.closed(eio_sid)
+
+    def authenticated(self, sid: str, namespace: str) -> None:
+        eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
+        if eio_sid is not None:
+            self.guard.authenticated(eio_sid)
+
+    async def _sweep_unauthenticated(self) -> None:
+        """Close connections that did not log in within the guard's `auth_timeout`."""
+        while True:
+            await asyncio.sleep(min(1.0, self.guard.auth_timeout / 2))
+            stale = self.guard.expired(time.monotonic())
+            for eio_sid in stale:
+                await self._drop(eio_sid)
+            if stale:
+                log.warning(
+                    "closed %d connection(s) that did not log in within %.1f s", len(stale), self.guard.auth_timeout
+                )
+
     async def _lifetime(self, _app: web.Application) -> AsyncIterator[None]:
+        limit = raise_fd_limit()
+        install_repeat_filter()
+        log.info("open files limit: %d", limit)
+        self.spawn(self._sweep_unauthenticated())
         await self.sink.start()
         await self._resume()
         for ns in self.namespaces:  # resume each from the ledger, start its periodic tasks
@@ -152,9 +205,8 @@ class MarketServer:
         await self.commits.drain()
         # What the market acknowledged and has not stored yet (`round` durability: the
         # entries, cancels and readings since the last round) is written before exit.
-        journal = self.market.take_journal()
-        if journal:
-            await self.sink.write(Batch(tuple(journal)))
+        if not await self._store(self.market.take_journal()):
+            log.error("shutdown: %d record(s) could not be stored", len(self._backlog))
         await self.sink.close()
 
     async def _resume(self) -> None:
@@ -244,7 +296,10 @@ class MarketServer:
             for skipped in [s for s in self.market.delivering() if s < t]:  # a step that jumped ahead
                 await self._finish(opened, skipped, [])
             await self._await_readings(wait, self.config.round_timeout)
-            return await self._finish(opened, t, opened.settlements)
+            reply = await self._finish(opened, t, opened.settlements)
+            # /grid's periodic solver follows the market clock, after the slot's readings are stored.
+            await self.grid.on_time(t)
+            return reply
 
     async def _rt_loop(self) -> None:
         """rt mode: open a round at every multiple of the duration, whatever clients do."""
@@ -274,14 +329,34 @@ class MarketServer:
                 # Entries and readings acknowledged so far (`round` durability) and the fills
                 # go to the ledger before anyone hears of the fills.
                 journal = [r for r in self.market.take_journal() if not isinstance(r, MeterRecord)]
-                if journal or opened.settlements:
-                    await self.sink.write(Batch((*journal, *opened.settlements)))
+                if not await self._store([*journal, *opened.settlements]):
+                    self._unannounced += opened.settled  # sent once stored, at a later boundary
+                    return
+                if self._unannounced:
+                    await self._send_private("settled", self._unannounced)
+                    self._unannounced = []
                 await self._announce(opened)
         except Exception:
             log.exception("round=%s could not open; the next boundary will try again", t)
             return
         if late:
             self.spawn(self._rt_process(opened, late, waits))
+
+    async def _store(self, records: Sequence[Record]) -> bool:
+        """Write `records` after any the ledger refused before (in order: fills before the
+        rows that settle them); on failure keep them all for the next write. The market's
+        state has moved on, so what it produced must reach the ledger eventually."""
+        batch = [*self._backlog, *records]
+        if not batch:
+            return True
+        try:
+            await self.sink.write(Batch(tuple(batch)))
+        except Exception as err:
+            self._backlog = batch
+            log.error("ledger write failed (%s); %d record(s) kept for the next write", err, len(batch))
+            return False
+        self._backlog = []
+        return True
 
     async def _rt_process(self, opened: RoundOpen, slots: list[int], waits: list[_MeterWait]) -> None:
         # One grace for all: readings of a slot are asked for by this round's announcement.
@@ -347,8 +422,9 @@ class MarketServer:
             missing=msgspec.json.encode(missing).decode(),
             records=len(records),
         )
-        await self.sink.write(Batch((*records, summary)))
         self._last_round = summary
+        if not await self._store([*records, summary]):
+            raise MarketError("unavailable", f"slot {slot} is processed but the ledger could not store it yet")
         await self._deliver(result)
         log.info(
             "round=%s slot=%s metered=%d missing=%d records=%d",

@@ -6,12 +6,16 @@ comments (docs/flexibility.md has the formulas)."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import socketio
 
+from controller.sim import LISTENING
 from ledger import open_sink
 from ledger.digest import read_rows
 from market.core.engine import MarketConfig
@@ -403,3 +407,155 @@ async def test_refusals_change_nothing_and_roles_are_enforced(ledger_url: str) -
         for p in (p1, dso, agg):
             await p.sio.disconnect()
     assert [r["id"] for r in read_rows(ledger_url, "flex_contracts")] == ["fc1.1"]
+
+
+# -- restart: what /flex served before a kill -9 it serves after -------------------------------
+
+FLEX_TABLES = (
+    "flex_contracts",
+    "flex_requests",
+    "flex_answers",
+    "flex_allocations",
+    "flex_deliveries",
+    "flex_tokens",
+    "flex_reputation",
+)
+
+
+async def start_market(tmp: Path, ledger: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`microte market` as a subprocess on an ephemeral port, on `ledger`; returns it and its URL."""
+    reg = tmp / "registry.toml"
+    reg.write_text(
+        "".join(
+            f'[[participants]]\nid = "{p}"\ntoken = "{t}"\nrole = "{ROLE_OF.get(p, "prosumer")}"\n'
+            for p, t in TOKENS.items()
+        )
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "controller", "market", "--registry", str(reg), "--port", "0", "--ledger", ledger),
+        *("--duration", str(CONFIG.duration), "--round-timeout", "1", "--log-level", "WARNING"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+    assert line.startswith(LISTENING), line
+    return proc, line.removeprefix(LISTENING).strip()
+
+
+async def kill9(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+
+def ledger_ids(ledger: str) -> dict[str, list[str]]:
+    return {t: sorted(r["id"] for r in read_rows(ledger, t)) for t in FLEX_TABLES}
+
+
+async def served(peers: dict[str, Peer]) -> dict[str, Any]:
+    """Everything /flex serves the aggregator, the dso and each prosumer."""
+    return {
+        "agg.results": await peers["AGG"].ok("flex.results", {}),
+        "dso.results": await peers["DSO"].ok("flex.results", {}),
+        "agg.status": await peers["AGG"].ok("flex.status", {}),
+        **{f"{p}.status": await peers[p].ok("flex.status", {}) for p in ("P1", "P2", "P3", "P4")},
+        **{f"{r}.result": await peers["DSO"].ok("flex.results", {"request": r}) for r in ("fr1", "fr2", "fr3")},
+    }
+
+
+async def request(peers: dict[str, Peer], ask: dict[str, Any], answers: dict[str, bool | None]) -> dict[str, Any]:
+    """A dso request; each offered prosumer answers as `answers` says (None: silent)."""
+    pending = asyncio.ensure_future(peers["DSO"].call("flex.request", ask))
+    for pid, yes in answers.items():
+        offer = await peers[pid].next("flex.offer")
+        if yes is not None:
+            await peers[pid].ok("flex.answer", {"request": offer["request"], "accept": yes})
+    reply = await pending
+    assert reply["ok"] is True, reply
+    return reply
+
+
+async def test_state_survives_a_kill9_restart_and_retries_get_their_first_reply(tmp_path: Path) -> None:
+    ledger = f"sqlite:///{tmp_path}/ledger.db"
+    proc, url = await start_market(tmp_path, ledger)
+    try:
+        peers = {p: await Peer(p, "/simulation" if p == "CTL" else NAMESPACE).connect(url) for p in TOKENS}
+        await step(peers["CTL"], T0)
+        p1 = terms(production=4000, consumption=500, flex_up=2000, flex_down=1000, notice=600, price_up=0.30)
+        await peers["P1"].ok("flex.contract.register", p1)
+        p2 = terms(source="bess", consumption=1000, flex_up=4000, flex_down=4000, price_up=0.25, price_down=0.05)
+        await peers["P2"].ok("flex.contract.register", p2)
+        await peers["P3"].ok("flex.contract.register", terms(source="wind", production=3000))
+        await peers["P4"].ok("flex.contract.register", terms(production=1000, flex_up=500))
+
+        # fr1, fair: P1 333 W, P2 667 W (the worked example); P3 declines, P4 silent.
+        ask1 = {"aggregator": "AGG", "power": 1000, "start": T0 + 900, "end": T0 + 1800, "answer_within": 1.0}
+        first1 = await request(peers, ask1, {"P1": True, "P2": True, "P3": False, "P4": None})
+        await step(peers["CTL"], T0 + 1800)
+        window1 = [T0 + 900, T0 + 1800]
+        meter1 = {"request": "fr1", "time_interval": window1, "production": 1080, "consumption": 125}
+        await peers["P1"].ok("flex.meter", meter1)
+        await peers["P2"].ok("flex.meter", {**meter1, "production": 0, "consumption": 200})
+        # fr2, reputation, a client id: P1 2000 W, P3 500 W, P2 displaced; settled by the aggregator.
+        await peers["AGG"].ok("flex.strategy", {"strategy": "reputation"})
+        ask2 = {"aggregator": "AGG", "power": 2500, "start": T0 + 2700, "end": T0 + 3600, "id": "dso-2"}
+        first2 = await request(peers, ask2, {"P1": True, "P2": True, "P3": True, "P4": False})
+        assert [a["prosumer"] for a in first2["request"]["allocations"]] == ["P1", "P3"]
+        await step(peers["CTL"], T0 + 3600)
+        meter2 = {"request": "fr2", "time_interval": [T0 + 2700, T0 + 3600], "production": 1500, "consumption": 125}
+        await peers["P1"].ok("flex.meter", meter2)
+        await peers["AGG"].ok("flex.settle", {"request": "fr2"})
+        # fr3, still to deliver at the crash: P2 alone, 500 W down.
+        ask3 = {"aggregator": "AGG", "power": -500, "start": T0 + 4500, "end": T0 + 5400, "id": "dso-3"}
+        first3 = await request(peers, ask3, {"P1": False, "P2": True})
+        assert first3["request"]["status"] == "allocated"
+        await peers["P2"].ok("flex.contract.renegotiate", {"id": "fc2", "flex_up": 3000})  # downward: -5
+        await peers["P4"].ok("flex.contract.cancel", {"id": "fc4"})
+
+        before = await served(peers)
+        assert before["agg.results"]["totals"] == {
+            "requests": 3,
+            "requested_wh": 250 + 625 + 125,
+            "expected_wh": 83 + 167 + 500 + 125 + 125,
+            "delivered_wh": 80 + 50 + 500,
+            "met": 2,
+            "failed": 2,
+            "rewards": 24000 + 12500 + 150000,
+            "penalties": 29250 + 25000,
+        }
+        retried2 = await peers["DSO"].call("flex.request", ask2)
+        assert retried2 == first2 | {"duplicate": True}  # its first reply, though settled since
+        rows = ledger_ids(ledger)
+        await kill9(proc)  # no graceful shutdown, no flush
+        for peer in Peer.live:
+            await peer.sio.disconnect()
+        Peer.live.clear()
+
+        proc, url = await start_market(tmp_path, ledger)
+        peers = {p: await Peer(p, "/simulation" if p == "CTL" else NAMESPACE).connect(url) for p in TOKENS}
+        after = await served(peers)
+        # The aggregator's strategy choice is not kept across restarts (docs/flexibility.md).
+        assert after["agg.status"]["strategy"] == "fair"
+        after["agg.status"]["strategy"] = before["agg.status"]["strategy"]
+        assert after == before
+        for ask, first in ((ask1, first1), (ask2, first2), (ask3, first3)):
+            if "id" in ask:  # a retried client id gets its first reply
+                assert await peers["DSO"].call("flex.request", ask) == first | {"duplicate": True}
+        assert await peers["P1"].call("flex.meter", meter1) == {"ok": True, "duplicate": True}
+        assert ledger_ids(ledger) == rows  # retries stored nothing
+        # The allocation made before the crash settles after it: P2 consumes 375 Wh against a
+        # baseline of 250 (net -250): 125 Wh more consumption, as asked: met.
+        await step(peers["CTL"], T0 + 5400)
+        meter3 = {"request": "fr3", "time_interval": [T0 + 4500, T0 + 5400], "production": 0, "consumption": 375}
+        assert await peers["P2"].ok("flex.meter", meter3) == {"ok": True, "settled": True}
+        settled = (await peers["DSO"].ok("flex.results", {"request": "fr3"}))["requests"][0]
+        assert (settled["status"], settled["delivered_wh"], settled["met"]) == ("settled", 125, 1)
+        for peer in Peer.live:
+            await peer.sio.disconnect()
+        Peer.live.clear()
+    finally:
+        await kill9(proc)
+        for peer in Peer.live:
+            await peer.sio.disconnect()
+        Peer.live.clear()

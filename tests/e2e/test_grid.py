@@ -4,20 +4,30 @@ the auction, aggregator LEMs, community pricing, token settlement on the ledger,
 Times: T is 12:00 UTC. The market clock is the controller's `step` (sim mode), so "12:15"
 in the seed's sequence is a `step` to 12:15; actions "before the slot starts" happen a
 minute before it. Every expected balance is computed by hand in the comments.
+
+The periodic solver follows `step`: the server calls `GridNamespace.on_time(t)` after each
+step to `t`, before it replies (`SimServer` below makes that call; calling it twice is
+harmless, so it also works with a server that makes it itself).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import socketio
 
-from ledger import open_sink
+from controller.sim import market_process
+from ledger import ledger_digest, open_sink
 from ledger.digest import read_rows
+from market.community.messages import ParityConfig
 from market.community.namespace import NAMESPACE, GridNamespace
+from market.community.parity import PARITY_RECORDS
 from market.core.engine import MarketConfig
 from market.core.registry import Registry
 from market.server.app import MarketServer
@@ -38,9 +48,22 @@ def registry() -> Registry:
     )
 
 
+class SimServer(MarketServer):
+    """The market server, telling /grid of each new market time after a `step`."""
+
+    async def step(self, t: int, duration: int | None) -> dict[str, Any]:
+        reply = await super().step(t, duration)
+        await self.grid.on_time(t)
+        return reply
+
+
 @asynccontextmanager
-async def running(ledger_url: str) -> AsyncIterator[tuple[str, GridNamespace]]:
-    server = MarketServer(CONFIG, registry(), open_sink(ledger_url))
+async def running(
+    ledger_url: str, config: MarketConfig = CONFIG, parity: ParityConfig | None = None
+) -> AsyncIterator[tuple[str, GridNamespace]]:
+    server = SimServer(config, registry(), open_sink(ledger_url))
+    if parity is not None:
+        server.grid.configure(parity)
     async with serving(server) as url:
         yield url, server.grid
 
@@ -283,9 +306,9 @@ async def test_seed_lem_and_sla_sequences(ledger_url: str) -> None:
             )
         assert (await ok(agg, "tokens.balances"))["balances"] == {}  # nothing solved at 13:00
 
-        await step(ctl, T + H + 60)  # 13:01: the hourly solver solves the four LEMs
-        balances = await wait_for_balances(agg, LEM_BALANCES)
-        assert balances == LEM_BALANCES
+        await step(ctl, T + H + 60)  # 13:01: the hourly solver solves the four LEMs, before the reply
+        assert (await ok(agg, "tokens.balances"))["balances"] == LEM_BALANCES
+        assert ns.solved_at_boundary == {T + H: (T, T + Q, T + 2 * Q, T + 3 * Q)}
         for p in ("P1", "P2", "P3", "P4"):
             assert (await ok(pr[p], "tokens.balances"))["balances"] == {p: LEM_BALANCES[p]}
         assert (await ok(op, "lem.solve", {"start": T, "end": T + H}))["lems"] == []  # nothing left
@@ -336,19 +359,6 @@ async def save(pr: dict[str, socketio.AsyncClient], lems: list[Any], start: int)
     for p, (c, e) in energies.items():
         if c >= 0:  # (-1, -1): this player saves nothing
             await ok(pr[p], "lem.measure", used(start, c, e))
-
-
-async def wait_for_balances(
-    sio: socketio.AsyncClient, expected: dict[str, int], timeout: float = 10.0
-) -> dict[str, int]:
-    """The periodic solver runs on its own (it looks at the market clock every second)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        balances: dict[str, int] = (await ok(sio, "tokens.balances"))["balances"]
-        if balances == expected or loop.time() > deadline:
-            return balances
-        await asyncio.sleep(0.1)
 
 
 # -- roles and refusals ----------------------------------------------------------------------
@@ -443,6 +453,8 @@ async def test_each_event_only_for_its_roles(ledger_url: str) -> None:
             (ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "kpi": "K9"}, "not_found"),
             (ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "sla": "nope"}, "not_found"),
             (ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "value": "high"}, "invalid"),
+            (ora, "kpi.measure", PAYLOADS["kpi.measure"], "invalid"),  # its period has not ended
+            (agg, "sla.set", {**sla, "id": "late", "start": T - H}, "invalid"),  # its period has started
             (agg, "sla.solve", {"sla": "sla"}, "invalid"),  # the SLA has not ended
             (agg, "sla.solve", {"sla": "nope"}, "not_found"),
             (agg, "lem_set", lem(T + Q, ["P1"]), "invalid"),  # only the dotted names exist
@@ -453,11 +465,173 @@ async def test_each_event_only_for_its_roles(ledger_url: str) -> None:
         assert ns.core.snapshot() == before
 
         # Duplicate saves: the first one stands, the second is refused.
-        await ok(ora, "kpi.measure", PAYLOADS["kpi.measure"])
-        await refused(ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "value": 2.0}, "conflict")
         await step(ctl, T + Q)
         await ok(p1, "lem.measure", used(T, 300, 0))
         await refused(p1, "lem.measure", used(T, 300, 0), "conflict")
         assert ns.core.measurement(T, "P1") is not None and ns.core.measurement(T, "P1").consumption == 300  # type: ignore[union-attr]
+        await step(ctl, T + H)  # the KPI's period [12:00, 13:00] has ended
+        await ok(ora, "kpi.measure", PAYLOADS["kpi.measure"])
+        await refused(ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "value": 2.0}, "conflict")
         for c in (*clients.values(), p2, ctl):
             await c.disconnect()
+
+
+# -- the periodic solver follows the market clock --------------------------------------------
+
+STEPPED = MarketConfig(duration=Q, close_steps=2, round_timeout=5.0)  # one auction slot per LEM slot
+FLOW_STATES = ["GREEN", "YELLOW", "GREEN", "RED", "YELLOW", "GREEN"]  # by LEM slot, cycling
+
+
+def grid_digest(ledger_url: str) -> str:
+    """sha256 of every /grid table (`ledger_digest` covers the auction's tables only)."""
+    digest = hashlib.sha256()
+    for cls in PARITY_RECORDS:
+        digest.update(json.dumps([cls.TABLE, read_rows(ledger_url, cls.TABLE)], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def solves(ledger_url: str) -> dict[str, list[int]]:
+    """Solve id -> the LEMs it solved (from the ledger's results)."""
+    found: dict[str, set[int]] = {}
+    for r in read_rows(ledger_url, "lem_results"):
+        found.setdefault(r["solve_id"], set()).add(r["time_delivery_start"])
+    return {k: sorted(v) for k, v in sorted(found.items())}
+
+
+async def parity_flow(ledger_url: str, pause: float) -> tuple[dict[int, tuple[int, ...]], dict[str, int]]:
+    """Three hours of Parity, one `step` per LEM slot: before each slot the DSO sets its
+    state and the aggregator its LEM (P1, P2, P3); P1 and P2 send meter readings (the auction),
+    P3 measures each LEM after it ends (`lem.measure`). `pause`: wall seconds the controller
+    sleeps after some steps (a slow machine, a busy controller)."""
+    async with running(ledger_url, STEPPED) as (url, ns):
+        ctl, dso, agg = await connect(url, "CTL", "/simulation"), await connect(url, "DSO"), await connect(url, "AGG")
+        p1, p2 = await connect(url, "P1", "/market", NAMESPACE), await connect(url, "P2", "/market", NAMESPACE)
+        p3 = await connect(url, "P3")
+        slots = [T + k * Q for k in range(12)]
+        meters_and_rounds(
+            p1,
+            {
+                s: {**ZERO, "consumption": {"bess": {}, "other": {"external": 400 + 90 * k}}}
+                for k, s in enumerate(slots)
+            },
+            [],
+        )
+        meters_and_rounds(p2, {s: {**ZERO, "generation": {"solar": 700 - 40 * k}} for k, s in enumerate(slots)}, [])
+        for i, t in enumerate(range(T - Q, T + 3 * H + 2 * Q, Q)):
+            await step(ctl, t)
+            if t + Q in slots:  # the next slot: its grid state and its LEM, before it starts
+                k = slots.index(t + Q)
+                state = FLOW_STATES[k % len(FLOW_STATES)]
+                await ok(dso, "grid_state.set", {"time_delivery": [t + Q, t + 2 * Q], "state": state})
+                await ok(agg, "lem.set", lem(t + Q, ["P1", "P2", "P3"]))
+            if t - Q in slots:  # the slot that just ended
+                k = slots.index(t - Q)
+                await ok(p3, "lem.measure", used(t - Q, 100 * (k % 3), 250 * (k % 2)))
+            if pause and (i % 4 == 1 or i % 5 == 0):  # after each step at hh:15, and some others
+                await asyncio.sleep(pause)
+        solved, balances = dict(ns.solved_at_boundary), ns.core.balances()
+        for c in (ctl, dso, agg, p1, p2, p3):
+            await c.disconnect()
+    return solved, balances
+
+
+async def test_periodic_solver_follows_step_not_the_machine_speed(tmp_path: Path) -> None:
+    """The issue's determinism test: the same flow, once as fast as it goes and once with the
+    controller sleeping (longer than the old solver's 1 s poll) after some steps, gives the
+    same ledger, and the same LEMs are solved at each boundary: hour by hour at hh:01 of the
+    market clock, whatever the wall clock did."""
+    fast, slow = f"sqlite:///{tmp_path}/fast.db", f"sqlite:///{tmp_path}/slow.db"
+    solved_fast, balances_fast = await parity_flow(fast, 0.0)
+    solved_slow, balances_slow = await parity_flow(slow, 1.3)
+    hours = {T + h * H: tuple(T + h * H + k * Q for k in range(4)) for h in range(3)}
+    expected = {b + H: lems for b, lems in hours.items()}  # the LEMs of 12:00-13:00 at 13:00, ...
+    assert solved_fast == expected and solved_slow == expected
+    assert solves(fast) == solves(slow) == {f"s{b}-{b + H}": list(lems) for b, lems in hours.items()}
+    assert ledger_digest(fast) == ledger_digest(slow)
+    assert grid_digest(fast) == grid_digest(slow)
+    assert balances_fast == balances_slow and any(balances_fast.values())
+    created = {r["solve_id"]: r["time_creation"] for r in read_rows(fast, "lem_results")}
+    assert created == {f"s{b}-{b + H}": b + H + Q for b in hours}  # solved by the step to hh:15, before its reply
+
+
+async def test_a_step_that_jumps_ahead_solves_each_boundary_once_in_order(ledger_url: str) -> None:
+    async with running(ledger_url, STEPPED) as (url, ns):
+        ctl, agg = await connect(url, "CTL", "/simulation"), await connect(url, "AGG")
+        await step(ctl, T - Q)
+        hours = (0, 1, 3)  # nothing in 14:00-15:00
+        for h in hours:
+            for k in range(4):
+                await ok(agg, "lem.set", lem(T + h * H + k * Q, ["P1", "P2"]))
+        await step(ctl, T + 4 * H + Q)  # 11:45 -> 16:15: boundaries 13:00, 14:00, 15:00, 16:00 at once
+        expected = {T + (h + 1) * H: tuple(T + h * H + k * Q for k in range(4)) for h in hours}
+        assert ns.solved_at_boundary == expected
+        assert ns.periodic_solves == 3  # 15:00 had nothing to solve
+        assert (await ok(agg, "lem.solve", {"start": T, "end": T + 5 * H}))["lems"] == []  # each solved once
+        await step(ctl, T + 4 * H + 2 * Q)  # nothing new is due
+        assert ns.periodic_solves == 3
+        for c in (ctl, agg):
+            await c.disconnect()
+    assert solves(ledger_url) == {f"s{T + h * H}-{T + (h + 1) * H}": list(expected[T + (h + 1) * H]) for h in hours}
+    assert all(r["time_creation"] == T + 4 * H + Q for r in read_rows(ledger_url, "lem_results"))
+
+
+async def test_sla_and_kpi_are_judged_by_the_market_clock(ledger_url: str) -> None:
+    """An SLA whose period has started and a KPI value for a period that has not ended are
+    `invalid` (the message names the field and the bound); nothing is written."""
+    sla: dict[str, Any] = {**SEED_SLA, "kpis": [SEED_SLA["kpis"][0]]}
+    kpi = {"sla": sla["id"], "kpi": "KPI1", "time_interval": [T, T + H], "value": 11.0}
+    async with running(ledger_url) as (url, ns):
+        ctl, agg, p1 = await connect(url, "CTL", "/simulation"), await connect(url, "AGG"), await connect(url, "P1")
+        await step(ctl, T)  # 12:00: the SLA of [12:00, 14:00] has started
+        before = ns.core.snapshot()
+        reply = await call(agg, "sla.set", sla)
+        assert reply["error"]["code"] == "invalid" and f"start {T}" in reply["error"]["message"]
+        assert f"market time {T}" in reply["error"]["message"]
+        await step(ctl, T + 3 * H)  # long after it
+        await refused(agg, "sla.set", sla, "invalid")
+        assert ns.core.snapshot() == before and read_rows(ledger_url, "slas") == []
+        await ok(agg, "sla.set", {**sla, "id": "next", "start": T + 4 * H, "end": T + 6 * H})  # ahead: fine
+        next_kpi = {**kpi, "sla": "next", "time_interval": [T + 4 * H, T + 5 * H]}
+        await step(ctl, T + 4 * H + 60)  # inside the first period
+        before = ns.core.snapshot()
+        reply = await call(p1, "kpi.measure", next_kpi)
+        assert reply["error"]["code"] == "invalid" and "time_interval" in reply["error"]["message"]
+        assert f"market time {T + 4 * H + 60}" in reply["error"]["message"]
+        await refused(p1, "kpi.measure", {**next_kpi, "time_interval": [T + 5 * H, T + 6 * H]}, "invalid")
+        assert ns.core.snapshot() == before
+        await step(ctl, T + 5 * H)  # the first period has ended
+        await ok(p1, "kpi.measure", next_kpi)
+        await refused(p1, "kpi.measure", {**next_kpi, "time_interval": [T + 5 * H, T + 6 * H]}, "invalid")
+        for c in (ctl, agg, p1):
+            await c.disconnect()
+    assert [r["id"] for r in read_rows(ledger_url, "kpi_values")] == [f"kv/next/KPI1/P1/{T + 4 * H}"]
+
+
+async def test_market_command_takes_the_lem_flags(tmp_path: Path) -> None:
+    """`microte market --lem-duration 300 --lem-solve-every 300 --lem-solve-delay 0`: 5-minute
+    LEMs, solved at each 5-minute boundary of the market clock (here by the restarted server,
+    which catches up on the boundaries that passed before it started)."""
+    reg = tmp_path / "registry.toml"
+    reg.write_text(
+        "\n".join(
+            f'[[participants]]\nid = "{p}"\ntoken = "{TOKENS[p]}"\nrole = "{ROLE_OF.get(p, "prosumer")}"\n'
+            for p in ("CTL", "AGG", "P1")
+        )
+    )
+    ledger = f"sqlite:///{tmp_path}/cli.db"
+    args = ["--registry", str(reg), "--port", "0", "--ledger", ledger, "--duration", "300", "--round-timeout", "1"]
+    flags = ["--lem-duration", "300", "--lem-solve-every", "300", "--lem-solve-delay", "0"]
+    async with market_process([*args, *flags]) as url:
+        ctl, agg = await connect(url, "CTL", "/simulation"), await connect(url, "AGG")
+        await step(ctl, T - 300)
+        reply = await call(agg, "lem.set", lem(T, ["P1"]))  # a 900 s slot
+        assert reply["error"]["code"] == "invalid" and "300 s LEM slot" in reply["error"]["message"]
+        await ok(agg, "lem.set", {"time_delivery": [T, T + 300], "players": ["P1"]})
+        await step(ctl, T + 300)  # the LEM has ended: its boundary 12:05 is due (delay 0)
+        for c in (ctl, agg):
+            await c.disconnect()
+    async with market_process([*args, *flags]) as url:
+        agg = await connect(url, "AGG")
+        assert (await ok(agg, "lem.solve", {"start": T, "end": T + H}))["lems"] == []  # solved at 12:05
+        await agg.disconnect()
+    assert solves(ledger) == {f"s{T}-{T + 300}": [T]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from market.core.records import (
+    BalanceEventRecord,
     BalanceSeal,
     BalanceTransaction,
     Batch,
@@ -143,6 +144,7 @@ def every_kind() -> Batch:
             energy=500,
             seal="ab" * 32,
         ),
+        BalanceEventRecord(id="e1", seq=1, event="balancing.seal", payload='{"assetId":"seller1","epoch":1337}'),
         # Parity market (/grid)
         GridStateRecord(
             id=f"g{T0 - 100}.0",

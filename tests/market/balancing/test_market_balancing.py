@@ -22,7 +22,7 @@ from market.balancing.seals import seal_of, verify_seal
 from market.balancing.state import Balance, BalancingConfig, Flow
 from market.core.errors import MarketError
 from market.core.protocol import decode
-from market.core.records import BalanceSeal, BalanceTransaction, MeterRecord
+from market.core.records import BalanceEventRecord, BalanceSeal, BalanceTransaction, MeterRecord
 
 EPOCH = 1337
 
@@ -575,3 +575,181 @@ def test_an_epoch_can_be_one_market_slot() -> None:
     with pytest.raises(MarketError) as info:
         settlement_from_meter(reading, 900)
     assert info.value.code == "invalid"
+
+
+# -- the journal and restoring from the ledger -------------------------------------------------
+
+
+def busy_day(core: Balancing, after_each: Callable[[], None] = lambda: None) -> None:
+    """Every kind of event, seals in both orders, late readings and transfers, retries."""
+    steps: list[Callable[[], Any]] = [
+        lambda: upsert(core, "production1", to="seller1"),
+        lambda: upsert(core, "seller1", **{"from": "bigbalancer", "to": "bigbalancer"}),
+        lambda: upsert(core, "production1", to="seller1"),  # the same again: nothing new
+        lambda: ppa(core, "seller1", "buyer1", 200, priority=1),
+        lambda: ppa(core, "seller1", "buyer2", 300, priority=2),
+        lambda: ppa(core, "seller1", "buyer3", 100),
+        lambda: core.update_contract(decode({"id": "c2", "energy": 250}, ContractUpdateMsg)),
+        lambda: core.cancel_contract(decode({"id": "c3"}, ContractCancelMsg)),
+        lambda: settle(core, "production1", 500, label="v1"),
+        lambda: settle(core, "production1", 40, label="v2"),
+        lambda: settle(core, "production1", 500, label="v1"),  # a retry: nothing new
+        lambda: settle(core, "production1", 700, epoch=EPOCH + 1),
+        lambda: settle(core, "production1", 400, epoch=EPOCH + 2),
+        lambda: core.seal("production1", EPOCH),
+        lambda: core.seal("seller1", EPOCH),
+        lambda: core.seal("seller1", EPOCH + 1),  # before its source: the transfer is late
+        lambda: core.seal("production1", EPOCH + 1),
+        lambda: settle(core, "production1", 80),  # late
+        lambda: settle(core, "seller1", 5, epoch=EPOCH + 1, label="x"),  # late
+    ]
+    for step in steps:
+        step()
+        after_each()
+
+
+def test_every_accepted_change_is_one_journal_record_and_retries_none() -> None:
+    core = Balancing()
+    busy_day(core)
+    records = core.take_records()
+    events = [r for r in records if isinstance(r, BalanceEventRecord)]
+    assert [(e.id, e.seq, e.event) for e in events] == [
+        (f"e{n}", n, name)
+        for n, name in enumerate(
+            ["asset.upsert"] * 2
+            + ["contract.add"] * 3
+            + ["contract.update", "contract.cancel"]
+            + ["balancing.addSettlement"] * 4
+            + ["balancing.seal"] * 4
+            + ["balancing.addSettlement"] * 2,
+            start=1,
+        )
+    ]
+    assert events[0].payload == '{"assetId":"production1","type":"balance","balancerule":{"from":null,"to":"seller1"}}'
+    assert events[11].payload == '{"assetId":"production1","epoch":1337}'
+    seals = [r.id for r in records if isinstance(r, BalanceSeal)]
+    assert seals == ["s1337-production1", "s1337-seller1", "s1338-seller1", "s1338-production1"]
+    assert core.take_records() == []
+
+
+def test_restore_of_the_records_written_so_far_gives_the_same_state() -> None:
+    live, written = Balancing(), []
+
+    def restart() -> None:
+        written.extend(live.take_records())
+        resumed = Balancing()
+        resumed.restore(written)
+        assert resumed.snapshot() == live.snapshot()
+
+    busy_day(live, after_each=restart)
+    resumed = Balancing()
+    resumed.restore(reversed(written))  # the ledger's order does not matter
+    assert resumed.snapshot() == live.snapshot()
+    for asset, epoch in [
+        ("production1", EPOCH),
+        ("seller1", EPOCH),
+        ("seller1", EPOCH + 1),
+        ("production1", EPOCH + 2),
+    ]:
+        assert resumed.balance(asset, epoch) == live.balance(asset, epoch)
+    assert verify_seal(resumed.balance("seller1", EPOCH))
+    assert [e.wire() for e in resumed.balance("seller1", EPOCH + 1).late] == [
+        {"source": "transfer", "from": "production1", "energy": 700, "label": None},
+        {"source": "settlement", "from": "seller1", "energy": 5, "label": "x"},
+    ]
+    # Sealed stays sealed and writes nothing; a retried reading is a duplicate again.
+    with pytest.raises(MarketError) as info:
+        resumed.seal("production1", EPOCH)
+    assert info.value.code == "closed"
+    assert settle(resumed, "production1", 500, label="v1") == {"late": False, "duplicate": True}
+    assert settle(resumed, "production1", 80) == {"late": True, "duplicate": True}
+    assert resumed.take_records() == []
+    # Ids and the journal continue where the ledger ends.
+    assert ppa(resumed, "seller1", "buyer4", 10) == "c4"
+    assert [r.id for r in resumed.take_records()] == ["e18"]  # 17 events were journalled
+    assert resumed.seal("production1", EPOCH + 2) == live.seal("production1", EPOCH + 2)
+
+
+def test_late_entries_keep_their_arrival_order_across_a_restore() -> None:
+    live, written = Balancing(), []
+    upsert(live, "a", to="b")
+    upsert(live, "b", to="c")
+    live.seal("b", 1)
+    settle(live, "b", 3, epoch=1, label="first")
+    settle(live, "a", 10, epoch=1)
+    live.seal("a", 1)  # its transfer to b is late, after b's late reading
+    settle(live, "b", 4, epoch=1, label="last")
+    written += live.take_records()
+    resumed = Balancing()
+    resumed.restore(written)
+    assert [(e.source, e.energy) for e in resumed.balance("b", 1).late] == [
+        ("settlement", 3),
+        ("transfer", 10),
+        ("settlement", 4),
+    ]
+    assert resumed.snapshot() == live.snapshot()
+
+
+def test_seals_written_before_the_journal_stay_sealed() -> None:
+    live = seed_example()
+    production, seller = live.seal("production1", EPOCH), live.seal("seller1", EPOCH)
+    rows = [*live.records(production), *live.records(seller)]  # no journal records
+    resumed = Balancing()
+    resumed.restore(rows)
+    assert resumed.balance("seller1", EPOCH) == seller and verify_seal(resumed.balance("production1", EPOCH))
+    with pytest.raises(MarketError) as info:
+        resumed.seal("seller1", EPOCH)
+    assert info.value.code == "closed"  # though the asset itself was never journalled
+    upsert(resumed, "seller1", to="bigbalancer")
+    with pytest.raises(MarketError) as info:
+        resumed.seal("seller1", EPOCH)
+    assert info.value.code == "closed"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (
+            lambda rs: [
+                r.__class__(**{**r.row(), "energy": 501}) if isinstance(r, BalanceTransaction) else r for r in rs
+            ],
+            "does not match",
+        ),
+        (lambda rs: [r for r in rs if not isinstance(r, BalanceSeal)], "without a seal"),
+        (lambda rs: [r for r in rs if not (isinstance(r, BalanceTransaction) and r.seq == 1)], "incomplete"),
+        (lambda rs: [r for r in rs if not isinstance(r, BalanceTransaction | BalanceSeal)], "no such seal"),
+        (lambda rs: [*rs, BalanceEventRecord("e99", 1, "asset.upsert", "{}")], "alike"),
+        (lambda rs: [*rs, BalanceEventRecord("e99", 99, "asset.delete", "{}")], "unknown event"),
+        (lambda rs: [*rs, BalanceEventRecord("e99", 99, "contract.cancel", '{"id":"c7"}')], "does not replay"),
+        (lambda rs: [*rs, BalanceEventRecord("e99", 99, "contract.cancel", '{"id":7}')], "does not replay"),
+        (
+            lambda rs: [*rs, BalanceEventRecord("e99", 99, "balancing.seal", '{"assetId":"seller1","epoch":1337}')],
+            "second time",
+        ),
+    ],
+)
+def test_records_that_do_not_fit_are_refused_and_change_nothing(
+    tamper: Callable[[list[Any]], list[Any]], message: str
+) -> None:
+    live = seed_example()
+    live.seal("production1", EPOCH)
+    live.seal("seller1", EPOCH)
+    records = list(live.take_records())
+    core = Balancing()
+    upsert(core, "other", to="x")
+    before = core.snapshot()
+    with pytest.raises(ValueError, match=message):
+        core.restore(tamper(records))
+    assert core.snapshot() == before
+
+
+def test_rollback_undoes_an_event_whose_records_could_not_be_stored() -> None:
+    core = seed_example()
+    core.take_records()
+    saved, before = core.checkpoint(), core.snapshot()
+    core.seal("production1", EPOCH)
+    settle(core, "production1", 9, label="late")
+    ppa(core, "seller1", "buyer9", 10)
+    core.rollback(saved)
+    assert core.snapshot() == before and core.take_records() == []
+    assert core.seal("production1", EPOCH).seal is not None  # as if nothing had happened

@@ -447,6 +447,31 @@ def test_sla_penalties_gt_and_lt_applied_once() -> None:
     assert err.value.code == "closed"
 
 
+def test_sla_is_set_before_its_period_and_kpi_values_after_theirs() -> None:
+    """The market clock judges both: an SLA whose period has started (or passed) and a KPI
+    value for a period that has not ended are `invalid`, naming the field and the bound."""
+    core = new_core()
+    for now in (T, T + 1, T + 3 * 3600):  # at its start, during it, after its end
+        with pytest.raises(MarketError) as err:
+            core.set_sla("AGG", decode(SLA, SlaSetMsg), now=now)
+        assert err.value.code == "invalid"
+        assert f"start {T}" in err.value.message and f"market time {now}" in err.value.message
+    assert core.snapshot() == new_core().snapshot()
+    commit(core, core.set_sla("AGG", decode(SLA, SlaSetMsg), now=T - 1))  # a second before: fine
+    before = core.snapshot()
+    first, second = [T, T + 3600], [T + 3600, T + 7200]
+    for interval, now in ((first, T - 1), (first, T), (first, T + 3599), (second, T + 3600), (second, T + 7199)):
+        msg = decode({"sla": "sla1", "kpi": "KPI1", "time_interval": interval, "value": 1.0}, KpiMeasureMsg)
+        with pytest.raises(MarketError) as err:
+            core.measure_kpi("P1", msg, now=now)
+        assert err.value.code == "invalid"
+        assert f"time_interval {interval}" in err.value.message and f"market time {now}" in err.value.message
+    assert core.snapshot() == before
+    for interval, now in ((first, T + 3600), (second, T + 9 * 3600)):  # once ended (even after the SLA's end)
+        msg = decode({"sla": "sla1", "kpi": "KPI1", "time_interval": interval, "value": 1.0}, KpiMeasureMsg)
+        commit(core, core.measure_kpi("P1", msg, now=now))
+
+
 # -- refusals change nothing -----------------------------------------------------------------
 
 
@@ -454,7 +479,7 @@ def test_refused_actions_change_nothing() -> None:
     core = new_core()
     set_lem(core, T, ["P1", "P2"])
     measure(core, "P1", T, 100, 0)
-    commit(core, core.set_sla("AGG", decode(SLA, SlaSetMsg), now=T))
+    commit(core, core.set_sla("AGG", decode(SLA, SlaSetMsg), now=T - 60))
     kpi(core, "P1", "KPI1", T, 1.0)
     before = core.snapshot()
     lem_msg = {"time_delivery": [T, T + Q], "consumption": 1, "production": 0}
@@ -530,7 +555,9 @@ def test_refused_actions_change_nothing() -> None:
         (lambda: decode({**lem_msg, "consumption": -1}, LemMeasureMsg), "invalid"),
         (lambda: decode({**lem_msg, "consumption": 1.5}, LemMeasureMsg), "invalid"),
         (lambda: core.solve(T + Q, T, T + Q), "invalid"),
-        (lambda: core.set_sla("AGG", decode(SLA, SlaSetMsg), T), "conflict"),
+        (lambda: core.set_sla("AGG", decode(SLA, SlaSetMsg), T - 60), "conflict"),
+        (lambda: core.set_sla("AGG", decode({**SLA, "id": "s2"}, SlaSetMsg), T), "invalid"),  # has started
+        (lambda: core.measure_kpi("P2", decode(kpi_msg, KpiMeasureMsg), T + 3599), "invalid"),  # not ended
         (lambda: core.set_sla("AGG", decode({**SLA, "id": "s2", "end": T + 5000}, SlaSetMsg), T), "invalid"),
         (lambda: core.set_sla("AGG", decode({**SLA, "id": "s2", "end": T}, SlaSetMsg), T), "invalid"),
         (
@@ -609,7 +636,7 @@ def test_restore_from_records_gives_the_same_state() -> None:
             )
         )
     keep(core.solve(T, T + 2 * Q, T + 2 * Q))
-    keep(core.set_sla("AGG", decode(SLA, SlaSetMsg), T))
+    keep(core.set_sla("AGG", decode(SLA, SlaSetMsg), T - 1))
     msg = decode({"sla": "sla1", "kpi": "KPI1", "time_interval": [T, T + 3600], "value": 9.0}, KpiMeasureMsg)
     keep(core.measure_kpi("P1", msg, T + 3600))
     keep(core.solve_sla("AGG", "sla1", T + 7200))

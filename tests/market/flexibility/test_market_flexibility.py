@@ -3,6 +3,7 @@ contract and request lifecycles. Plain data in, plain data out; numbers worked b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -367,10 +368,11 @@ def test_full_cycle_tokens_reputation_and_results() -> None:
     core.answer("P1", AnswerMsg(rid, True), T0)
     core.answer("P2", AnswerMsg(rid, True), T0)
     # scores: P1 102 - 30 = 72, P2 102 - 25 = 77: P2 first (2000 W), P1 the remaining 1000 W.
+    # Allocations are listed in contract order (what a restart rebuilds from the ledger).
     req = core.allocate(rid, T0)["request"]
     assert [(a["prosumer"], a["power"], a["expected_wh"]) for a in req["allocations"]] == [
-        ("P2", 2000, 500),
         ("P1", 1000, 250),
+        ("P2", 2000, 500),
     ]
     window = (T0 + 900, T0 + 1800)
     with pytest.raises(MarketError) as err:
@@ -392,9 +394,9 @@ def test_full_cycle_tokens_reputation_and_results() -> None:
     records = outbox(core)
     tokens = [(r.from_id, r.to_id, r.amount, r.reason) for r in records if isinstance(r, FlexTokenRecord)]
     assert tokens == [
+        ("AGG", "P1", 75_000, "reward"),
         ("AGG", "P2", 100_000, "reward"),
         ("P2", "AGG", 25_000, "penalty"),
-        ("AGG", "P1", 75_000, "reward"),
     ]
     assert (core.tokens("P1"), core.tokens("P2"), core.tokens("AGG")) == (75_000, 75_000, -150_000)
     assert (core.reputation("P1"), core.reputation("P2")) == (112, 92)
@@ -444,12 +446,9 @@ def test_resume_from_ledger_rows_continues_ids_and_pending_settlements() -> None
     core.answer("P1", AnswerMsg(rid, True), T0)
     core.allocate(rid, T0)  # fair, P1 alone: its 25 % limit, 500 W of the 1000 W asked
     core.renegotiate("P2", ContractRenegotiateMsg("fc2", flex_up=100), T0)
-    rows: dict[str, list[dict[str, Any]]] = {}
-    for r in outbox(core):
-        rows.setdefault(r.TABLE, []).append(r.row())
 
     resumed = Flexibility(FlexConfig(slot=SLOT))
-    resumed.resume(rows)
+    resumed.resume(outbox(core))
     assert (resumed.reputation("P1"), resumed.reputation("P2")) == (102, 95)
     p2 = resumed.active_contract("P2")
     assert p2 is not None and (p2.flex_up, p2.version) == (100, 2)
@@ -483,3 +482,113 @@ def test_unknown_strategy_and_custom_strategy() -> None:
     core.answer("P2", AnswerMsg(rid, True), T0)
     req = core.allocate(rid, T0)["request"]
     assert (req["strategy"], req["allocations"][0]["power"], req["displaced"]) == ("everything", 1500, ["P2"])
+
+
+# -- restoring from the ledger ---------------------------------------------------------------
+
+
+def durable(core: Flexibility) -> Any:
+    """The state without what the ledger does not keep (docs/flexibility.md, State): the
+    strategy choices and the readings of requests not settled yet."""
+    s = core.snapshot()
+    settled = {rid for rid, r in s.requests.items() if r.status == "settled"}
+    readings = {k: v for k, v in s.readings.items() if k[0] in settled}
+    return msgspec.structs.replace(s, strategies={}, readings=readings, records=[], notices=[])
+
+
+def resumed_from(records: list[Any]) -> Flexibility:
+    core = Flexibility(FlexConfig(slot=SLOT))
+    core.resume(records)
+    return core
+
+
+def test_resume_of_the_records_written_so_far_gives_the_same_state() -> None:
+    live, written, replies = Flexibility(FlexConfig(slot=SLOT)), [], {}
+
+    def restart() -> None:
+        written.extend(outbox(live))
+        if live.snapshot().open_request is None:  # an open request was never acknowledged
+            assert durable(resumed_from(written)) == durable(live)
+
+    def request(name: str, msg: RequestMsg, answers: dict[str, bool | None], now: int = T0) -> None:
+        rid = live.open_request("DSO", msg, now).request.id
+        restart()
+        for pid, yes in answers.items():
+            if yes is not None:
+                live.answer(pid, AnswerMsg(rid, yes), now)
+                restart()
+        replies[name] = live.allocate(rid, now)
+
+    window1, window2, window5 = (T0 + 900, T0 + 1800), (T0 + 1800, T0 + 2700), (T0 + 2700, T0 + 3600)
+    steps: list[Callable[[], Any]] = [
+        lambda: live.register("P9", terms(), T0),  # fc1: ids are not in contract order
+        lambda: live.register("P1", terms(price_up=0.25), T0),  # fc2
+        lambda: live.register("P3", terms(source="wind"), T0),  # fc3
+        lambda: live.cancel("P3", ContractRefMsg("fc3"), T0),
+        lambda: live.register("P4", terms(flex_up=500, expires=T0 + 3600), T0),  # fc4
+        lambda: live.register("P3", terms(source="wind", price_up=0.2), T0),  # fc5: P3 is offered after P4
+        lambda: request("fr1", ask(id="a"), {"P9": True, "P1": True, "P3": False, "P4": None}),
+        lambda: live.set_strategy("AGG", StrategyMsg("reputation")),
+        # reputation: P3 102 - 20 = 82, P1 102 - 25 = 77, P9 102 - 30 = 72: P3, P1 2000 W each, P9 displaced
+        lambda: request("fr2", ask(4000, *window2, id="b"), {"P9": True, "P1": True, "P3": True, "P4": False}),
+        lambda: live.meter("P9", FlexMeterMsg("fr1", window1, 1000, 125), T0 + 1800),  # fr1 still open
+        lambda: live.meter("P1", FlexMeterMsg("fr1", window1, 1200, 125), T0 + 1800),  # settles fr1
+        lambda: live.renegotiate("P1", ContractRenegotiateMsg("fc2", flex_up=1500), T0 + 1800),
+        lambda: request("fr3", RequestMsg(aggregator="NOBODY", power=-100, start=T0 + 2700, end=T0 + 3600), {}),
+        lambda: live.open_request("DSO", ask(500, *window5), T0 + 1800),  # fr4: answered, then abandoned
+        lambda: live.answer("P4", AnswerMsg("fr4", True), T0 + 1800),
+        lambda: live.abandon("fr4"),
+        lambda: live.meter("P3", FlexMeterMsg("fr2", window2, 900, 0), T0 + 2700),
+        lambda: live.settle("AGG", RequestRefMsg("fr2"), T0 + 2700),  # P1 never metered
+        lambda: request("fr5", ask(-800, *window5, id="e"), {"P9": True, "P1": True}, now=T0 + 1800),
+        lambda: live.expire(T0 + 3600),  # P4's contract
+        lambda: live.register("P4", terms(flex_up=500), T0 + 3600),  # fc6: fr1 was offered to P4 by fc4
+    ]
+    for step in steps:
+        step()
+        restart()
+
+    resumed = resumed_from(written)
+    req2 = replies["fr2"]["request"]
+    assert [a["prosumer"] for a in req2["allocations"]] == ["P1", "P3"] and req2["displaced"] == ["P9"]
+    assert resumed.request("fr1").offered == ("P9", "P1", "P4", "P3")
+    assert resumed.results("AGG", ResultsMsg()) == live.results("AGG", ResultsMsg())
+    assert resumed.results("DSO", ResultsMsg()) == live.results("DSO", ResultsMsg())
+    for pid in ("P1", "P3", "P4", "P9"):
+        assert resumed.status(pid, "prosumer") == live.status(pid, "prosumer")
+    assert resumed.status("AGG", "aggregator") == live.status("AGG", "aggregator") | {"strategy": "fair"}
+    # A retried request id gets its first reply, settled since or not; a retried reading is a duplicate.
+    for name, client_id in (("fr1", "a"), ("fr2", "b"), ("fr5", "e")):
+        msg = next(
+            m for m in (ask(id="a"), ask(4000, *window2, id="b"), ask(-800, *window5, id="e")) if m.id == client_id
+        )
+        first = replies[name] | {"duplicate": True}
+        assert resumed.open_request("DSO", msg, T0 + 3600).duplicate == first
+        assert live.open_request("DSO", msg, T0 + 3600).duplicate == first
+    assert resumed.meter("P9", FlexMeterMsg("fr1", window1, 1000, 125), T0 + 3600) == {"duplicate": True}
+    assert outbox(resumed) == [] and outbox(live) == []
+    # The request pending at the restart settles after it exactly as it would have without one.
+    (allotted,) = replies["fr5"]["request"]["allocations"]
+    reading = FlexMeterMsg("fr5", window5, 3500, 900)
+    assert resumed.meter(allotted["prosumer"], reading, T0 + 3600) == {"settled": True}
+    assert live.meter(allotted["prosumer"], reading, T0 + 3600) == {"settled": True}
+    assert outbox(resumed) == outbox(live)
+    assert resumed.results("DSO", ResultsMsg("fr5")) == live.results("DSO", ResultsMsg("fr5"))
+    assert resumed.open_request("DSO", ask(start=T0 + 4500, end=T0 + 5400), T0 + 3600).request.id == "fr6"
+
+
+def test_resume_refuses_rows_that_do_not_fit_and_changes_nothing() -> None:
+    core = community(P1={})
+    rid = core.open_request("DSO", ask(), T0).request.id
+    core.answer("P1", AnswerMsg(rid, True), T0)
+    core.allocate(rid, T0)
+    records = outbox(core)
+    target = community(P2={})
+    before = durable(target)
+    no_answer = [r for r in records if not isinstance(r, FlexAnswerRecord)]
+    with pytest.raises(ValueError, match="not offered"):
+        target.resume(no_answer)
+    bad = [msgspec.structs.replace(r, answer="maybe") if isinstance(r, FlexAnswerRecord) else r for r in records]
+    with pytest.raises(ValueError, match="unknown answer"):
+        target.resume(bad)
+    assert durable(target) == before

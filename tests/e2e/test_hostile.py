@@ -1,0 +1,107 @@
+"""Hostile clients cannot exhaust the server: connections that never log in are bounded in
+number and age (websocket and polling alike), reserved event names and binary attachments
+are refused without a trace in the state, and real participants keep trading meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from ledger import open_sink
+from market.core.engine import MarketConfig
+from market.server.app import MarketServer
+from market.server.guard import ConnectionGuard
+from tests.e2e.conftest import client, registry, serving
+
+
+def server_with(ledger_url: str, **limits: float) -> MarketServer:
+    guard = ConnectionGuard(**limits)  # type: ignore[arg-type]
+    return MarketServer(
+        MarketConfig(mode="rt", duration=60, durability="ack"), registry(), open_sink(ledger_url), guard=guard
+    )
+
+
+async def bid_ok(url: str, pid: str = "P1") -> None:
+    p = await client(url, pid)
+    slot = (int(time.time()) // 60 + 4) * 60
+    reply = await p.call("bid", {"quantity": 10, "price": 0.2, "time_delivery": [slot, slot + 60]}, namespace="/market")
+    assert reply["ok"], reply
+    await p.disconnect()
+
+
+async def test_two_thousand_idle_sockets_do_not_lock_participants_out(ledger_url: str) -> None:
+    server = server_with(ledger_url, max_pending=200, auth_timeout=30)
+    async with serving(server) as url, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        ws_url = url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+        hostile = []
+        for _ in range(20):  # 2,000 in batches of 100
+            hostile += await asyncio.gather(*(http.ws_connect(ws_url) for _ in range(100)))
+        await asyncio.sleep(0.5)
+        assert server.guard.pending <= 200
+        assert len(server.sio.eio.sockets) <= 200  # the oldest were closed to make room
+        await bid_ok(url)  # a real participant connects and trades
+        for ws in hostile:
+            await ws.close()
+
+
+async def test_connections_that_never_log_in_are_closed_after_the_deadline(ledger_url: str) -> None:
+    server = server_with(ledger_url, auth_timeout=1.0)
+    async with serving(server) as url, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        ws_url = url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+        idle = [await http.ws_connect(ws_url) for _ in range(50)]
+        for _ in range(300):  # polling handshakes: engine.io sessions without a socket
+            async with http.get(url + "/socket.io/?EIO=4&transport=polling") as r:
+                assert r.status == 200
+        assert len(server.sio.eio.sockets) == 350
+        p2 = await client(url, "P2")  # logged in: kept
+        await asyncio.sleep(2.5)
+        assert len(server.sio.eio.sockets) == 1, len(server.sio.eio.sockets)
+        assert server.guard.closed_unauthenticated >= 350
+        assert p2.connected
+        await p2.disconnect()
+        for ws in idle:
+            await ws.close()
+
+
+async def test_one_address_is_capped(ledger_url: str) -> None:
+    server = server_with(ledger_url, max_per_address=20, auth_timeout=30)
+    async with serving(server) as url, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        for _ in range(25):
+            async with http.get(url + "/socket.io/?EIO=4&transport=polling") as r:
+                pass
+        assert server.guard.connections == 20 and server.guard.refused == 5
+        assert r.status != 200  # the 25th was refused
+
+
+async def test_reserved_event_names_are_answered_invalid_and_change_nothing(ledger_url: str) -> None:
+    server = server_with(ledger_url)
+    async with serving(server) as url:
+        p1 = await client(url, "P1")
+        for name in ("disconnect", "connect", "connect_error"):
+            reply = await p1.call(name, {}, namespace="/market", timeout=5)
+            assert reply["error"]["code"] == "invalid", (name, reply)
+        assert server.sessions["/market"].online() == ["P1"]  # the session survived
+        slot = (int(time.time()) // 60 + 4) * 60
+        ok = await p1.call(
+            "bid", {"quantity": 10, "price": 0.2, "time_delivery": [slot, slot + 60]}, namespace="/market"
+        )
+        assert ok["ok"], ok
+        await p1.disconnect()
+
+
+async def test_binary_attachments_are_refused_and_not_kept(ledger_url: str) -> None:
+    server = server_with(ledger_url)
+    async with serving(server) as url:
+        p1 = await client(url, "P1")
+        await p1.emit("bid", {"blob": b"\x00" * 100_000}, namespace="/market")
+        for _ in range(50):
+            if not p1.connected:
+                break
+            await asyncio.sleep(0.1)
+        assert not p1.connected  # the connection is closed
+        assert server.sio._binary_packet == {}  # nothing buffered
+        assert len(server.market.book) == 0
+        await p1.disconnect()
+        await bid_ok(url)  # the participant can log in again
