@@ -119,15 +119,19 @@ class ParticipantClient:
             task.add_done_callback(self._resuming.discard)
 
     async def _resume(self) -> None:
-        reply = await self._reply(await self._emit("resume", {"since": self.last_seq}))
-        if not (isinstance(reply, dict) and reply.get("ok")):
-            log.warning("%s: resume failed: %s", self.prosumer.spec.id, reply)
-            self.stats.errors += 1
-            return
-        for item in reply.get("events", []):
-            handler = {"settled": self._on_settled, "delivery": self._on_delivery}.get(item.get("event"))
-            if handler is not None:
-                await handler(item.get("data"))
+        more = True
+        while more:  # the server pages its reply (`more`: ask again after what arrived)
+            since = self.last_seq
+            reply = await self._reply(await self._emit("resume", {"since": since}))
+            if not (isinstance(reply, dict) and reply.get("ok")):
+                log.warning("%s: resume failed: %s", self.prosumer.spec.id, reply)
+                self.stats.errors += 1
+                return
+            for item in reply.get("events", []):
+                handler = {"settled": self._on_settled, "delivery": self._on_delivery}.get(item.get("event"))
+                if handler is not None:
+                    await handler(item.get("data"))
+            more = bool(reply.get("more")) and self.last_seq > since
 
     async def _on_connect_error(self, data: Any = None) -> None:
         self.refusal = data.get("message") if isinstance(data, dict) else str(data)

@@ -93,10 +93,15 @@ class MeterMsg(Message, frozen=True):
     consumption: ConsumptionMsg = ConsumptionMsg()
 
 
+RESUME_PAGE = 64  # `resume` events per reply by default: a 40-byte request never returns megabytes
+RESUME_PAGE_MAX = 512
+
+
 class ResumeMsg(Message, frozen=True):
     """`resume` (extension): the private events after `since` (the last `seq` received)."""
 
     since: Annotated[int, msgspec.Meta(ge=0, le=2**53)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=1, le=RESUME_PAGE_MAX)] = RESUME_PAGE  # events per reply (paged)
 
 
 ParticipantRef = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]

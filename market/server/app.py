@@ -178,6 +178,11 @@ class MarketServer:
             stale = self.guard.expired(time.monotonic())
             for eio_sid in stale:
                 await self._drop(eio_sid)
+            slow = [s for s in list(self.sio.eio.sockets) if self.sio.queued(s) > self.sio.max_queued]
+            for eio_sid in slow:  # readers that stopped reading broadcasts
+                await self.sio.drop_slow(eio_sid)
+            if slow:
+                log.warning("closed %d slow reader(s) (more than %d packets unsent)", len(slow), self.sio.max_queued)
             if stale:
                 log.warning(
                     "closed %d connection(s) that did not log in within %.1f s", len(stale), self.guard.auth_timeout

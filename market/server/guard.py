@@ -101,6 +101,7 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
     private dispatch methods of python-socketio 5 (checked by tests/e2e/test_hostile.py)."""
 
     text_only = True  # json serializer: binary frames are never part of the protocol
+    max_queued = 256  # packets waiting to be sent to one client; past it the client is a slow reader
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if self.text_only and (
@@ -114,7 +115,29 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
             log.warning("malformed packet from a client: %s", str(err)[:80])
             await self.eio.disconnect(eio_sid)
 
+    def queued(self, eio_sid: str) -> int:
+        sock = self.eio.sockets.get(eio_sid)
+        return sock.queue.qsize() if sock is not None else 0
+
+    async def drop_slow(self, eio_sid: str) -> None:
+        """Close a client that does not read what it is sent, and free what waits for it
+        (its private events stay in the outbox for `resume`)."""
+        sock = self.eio.sockets.pop(eio_sid, None)
+        if sock is None:
+            return
+        while not sock.queue.empty():
+            sock.queue.get_nowait()
+            sock.queue.task_done()
+        try:
+            await sock.close(wait=False, abort=True)
+        except Exception:  # already closing: nothing more to free
+            return
+
     async def _handle_event(self, eio_sid: str, namespace: str | None, id: int | None, data: Any) -> None:
+        if self.queued(eio_sid) > self.max_queued:
+            log.warning("slow reader: closed a connection with more than %d packets unsent", self.max_queued)
+            await self.drop_slow(eio_sid)
+            return
         if isinstance(data, list) and data and data[0] in RESERVED:
             if id is not None:
                 reply = MarketError("invalid", f"unknown event {data[0]!r}").reply()

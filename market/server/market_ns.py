@@ -59,9 +59,10 @@ class MarketNamespace(Namespace):
     @replying
     async def on_resume(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid)
-        since = decode(data, ResumeMsg).since
+        msg = decode(data, ResumeMsg)
         try:
-            return {"events": self.ms.outbox.since(pid, since)}
+            events, more = self.ms.outbox.since(pid, msg.since, msg.limit)
+            return {"events": events, "more": more}
         except LookupError as err:
             raise MarketError("not_found", str(err)) from None
 

@@ -3,6 +3,7 @@ participant that reconnects can ask for what it missed (`resume`)."""
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import Any
 
@@ -24,9 +25,12 @@ class Outbox:
         box.append((seq, event, numbered))
         return numbered
 
-    def since(self, pid: str, seq: int) -> list[dict[str, Any]]:
-        """Events after `seq`, oldest first; raises LookupError if some were already dropped."""
+    def since(self, pid: str, seq: int, limit: int = 1 << 30) -> tuple[list[dict[str, Any]], bool]:
+        """At most `limit` events after `seq`, oldest first, and whether more follow; raises
+        LookupError if some were already dropped."""
         box = self._sent.get(pid, deque())
         if box and seq < box[0][0] - 1:
             raise LookupError(f"events after {seq} are no longer kept (oldest kept: {box[0][0]})")
-        return [{"event": e, "data": d} for s, e, d in box if s > seq]
+        start = max(0, seq - box[0][0] + 1) if box else 0  # seqs in a box are contiguous
+        page = [{"event": e, "data": d} for _, e, d in itertools.islice(box, start, start + limit)]
+        return page, start + limit < len(box)

@@ -105,3 +105,38 @@ async def test_binary_attachments_are_refused_and_not_kept(ledger_url: str) -> N
         assert len(server.market.book) == 0
         await p1.disconnect()
         await bid_ok(url)  # the participant can log in again
+
+
+async def test_a_slow_reader_is_closed_before_it_grows_the_server(ledger_url: str) -> None:
+    import json
+    import resource
+
+    server = server_with(ledger_url)
+    for i in range(4096):  # P1 has a full outbox: every `resume` page is ~130 KB
+        server.outbox.push("P1", "delivery", {"time_delivery": [i, i + 60], "pad": "x" * 2000})
+    async with serving(server) as url, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket")
+        await ws.receive()  # engine.io open
+        await ws.send_str("40/market," + json.dumps({"id": "P1", "token": "tok-p1"}))
+        await ws.receive()  # socket.io connect ack
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # A resume paged to 64 events per reply, asked 3,000 times by a client that never reads.
+        for n in range(3000):
+            try:
+                await ws.send_str(f'42/market,{n}["resume",{{"since":0}}]')
+            except ConnectionError:
+                break
+            if n % 100 == 0:
+                await asyncio.sleep(0)
+        for _ in range(100):
+            if not server.sio.eio.sockets:
+                break
+            await asyncio.sleep(0.05)
+        assert not server.sio.eio.sockets, "the slow reader is still connected"
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+        assert grown_mb < 150, f"the server grew by {grown_mb:.0f} MB"
+        p1 = await client(url, "P1")  # the participant can come back and page through
+        page = await p1.call("resume", {"since": 0}, namespace="/market")
+        assert page["ok"] and len(page["events"]) == 64 and page["more"] is True
+        await p1.disconnect()
+        await ws.close()
