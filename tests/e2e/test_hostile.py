@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 
@@ -140,3 +141,23 @@ async def test_a_slow_reader_is_closed_before_it_grows_the_server(ledger_url: st
         assert page["ok"] and len(page["events"]) == 64 and page["more"] is True
         await p1.disconnect()
         await ws.close()
+
+
+async def test_malformed_frames_log_no_tracebacks_and_few_lines(ledger_url: str, caplog: Any) -> None:
+    import logging
+
+    server = server_with(ledger_url)
+    caplog.set_level(logging.INFO)
+    async with serving(server) as url, aiohttp.ClientSession() as http:
+        ws_url = url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+        for frame in ("4{not json", "4" + "9" * 50, "42/nope,[1,2", "4x", "47"):
+            for _ in range(40):  # 200 malformed frames, on fresh unauthenticated connections
+                ws = await http.ws_connect(ws_url)
+                await ws.receive()
+                await ws.send_str(frame)
+                await ws.close()
+        await bid_ok(url)  # the market still works
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert not tracebacks, tracebacks[0].getMessage()
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(noisy) < 100, f"{len(noisy)} warning lines for 200 bad frames"
