@@ -1,13 +1,15 @@
 """A load process of the soak test: `python soak_worker.py URL TOKENS_JSON OUT` connects the
 prosumers of TOKENS_JSON (id -> token) and, at every `start_round`, has each trade 20 Wh
 for `next_settle` (even ids sell solar, odd ids buy) and meter the slot just started. Every
-acknowledged entry uuid is appended to OUT (one per line) once its reply arrives."""
+acknowledged entry uuid is appended to OUT once its reply arrives, with its acknowledgement
+latency in ms (`uuid ms` per line)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 import socketio
@@ -22,9 +24,11 @@ async def prosumer(url: str, pid: str, token: str, seller: bool, out: Any) -> No
         if seller:
             order["source"] = "solar"
         try:
+            t0 = time.perf_counter()
             r = await sio.call("ask" if seller else "bid", order, namespace="/market", timeout=5)
+            ms = (time.perf_counter() - t0) * 1000
             if r.get("ok") and not r.get("duplicate"):
-                out.write(r["entry"]["uuid"] + "\n")
+                out.write(f"{r['entry']['uuid']} {ms:.3f}\n")
                 out.flush()
             await sio.call("meter", {"time_interval": msg["current_round"], **reading}, namespace="/market", timeout=5)
         except Exception:  # the server is stopped or restarting: the next round trades again
