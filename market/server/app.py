@@ -44,6 +44,7 @@ from market.server.commit import GroupCommit
 from market.server.fleet_ns import FleetNamespace
 from market.server.guard import ConnectionGuard, GuardedServer, client_address, install_repeat_filter, raise_fd_limit
 from market.server.market_ns import MarketNamespace
+from market.server.observe import Metrics, attach
 from market.server.outbox import Outbox
 from market.server.simulation_ns import SimulationNamespace
 
@@ -115,7 +116,12 @@ class MarketServer:
         self._round_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_round: RoundRecord | None = None
-        self.commits = GroupCommit(self.sink.write)
+        self.ledger_ok = True  # the last ledger write succeeded (/healthz)
+        self.ledger_failures = 0  # ledger writes that failed (/metrics)
+        self.rounds_processed = 0  # slots processed and stored (/metrics)
+        self.heartbeat = time.monotonic()  # rt: the round loop's last boundary (/healthz)
+        self.metrics: Metrics | None = None  # set by app()
+        self.commits = GroupCommit(self._write)
         self._unannounced: list[tuple[str, dict[str, Any]]] = []  # `settled` events whose fills await the ledger
         self._backlog: list[Record] = []  # round records the ledger refused, written with the next batch
         self._admit = asyncio.Event()  # cleared while a round opens: new actions wait (ack durability)
@@ -132,7 +138,28 @@ class MarketServer:
         self.sio.attach(app)
         app.cleanup_ctx.append(self._lifetime)
         app.on_shutdown.append(self._close_connections)
+        self.metrics = attach(app, self)  # GET /healthz, GET /metrics (docs/operations.md)
         return app
+
+    def replied(self, seconds: float, reply: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_ack(seconds)
+            if not reply.get("ok"):
+                self.metrics.refused(str(reply.get("error", {}).get("code", "other")))
+
+    def last_processed(self) -> RoundRecord | None:
+        """The last processed round (/healthz)."""
+        return self._last_round
+
+    async def _write(self, batch: Batch) -> None:
+        """Every ledger write of the server: `ledger_ok` says whether the last one succeeded."""
+        try:
+            await self.sink.write(batch)
+        except Exception:
+            self.ledger_ok = False
+            self.ledger_failures += 1
+            raise
+        self.ledger_ok = True
 
     async def _close_connections(self, _app: web.Application) -> None:
         """Close every socket.io connection at shutdown, so the server exits in seconds
@@ -197,7 +224,7 @@ class MarketServer:
         await self._resume()
         for ns in self.namespaces:  # resume each from the ledger, start its periodic tasks
             await ns.start()
-        await self.sink.write(Batch((self.run,)))
+        await self._write(Batch((self.run,)))
         if self.config.mode == "rt":
             # Orders are accepted as soon as the server listens: the round the wall clock is
             # in opens now (catching up any slot left from before a restart).
@@ -319,6 +346,7 @@ class MarketServer:
         process every slot still delivering before `t`, oldest first, each exactly once:
         the one that just ended and any left by a stall or a restart (docs/protocol.md,
         *Resume and catch-up*)."""
+        self.heartbeat = time.monotonic()
         if self.market.times is not None and t <= self.market.times.time:
             return  # woke a hair early: this boundary's round is already open
         try:
@@ -355,7 +383,7 @@ class MarketServer:
         if not batch:
             return True
         try:
-            await self.sink.write(Batch(tuple(batch)))
+            await self._write(Batch(tuple(batch)))
         except Exception as err:
             self._backlog = batch
             log.error("ledger write failed (%s); %d record(s) kept for the next write", err, len(batch))
@@ -430,6 +458,7 @@ class MarketServer:
         self._last_round = summary
         if not await self._store([*records, summary]):
             raise MarketError("unavailable", f"slot {slot} is processed but the ledger could not store it yet")
+        self.rounds_processed += 1
         await self._deliver(result)
         log.info(
             "round=%s slot=%s metered=%d missing=%d records=%d",
