@@ -91,6 +91,7 @@ class SlotBook(msgspec.Struct):
     client_keys: list[tuple[str, str]] = []
     ranked_bids: _Ranked = msgspec.field(default_factory=_Ranked)
     ranked_asks: _Ranked = msgspec.field(default_factory=_Ranked)
+    open: dict[str, int] = {}  # participant -> its entries in this slot (bids and asks)
 
     def side(self, entry: Entry) -> tuple[dict[str, Entry], _Ranked, tuple[float, int, int]]:
         if entry.side == "bid":
@@ -103,6 +104,10 @@ class Book:
         self._slots: dict[int, SlotBook] = {}
         self._where: dict[str, int] = {}  # uuid -> slot start
         self._client: dict[tuple[str, str], Entry] = {}  # (participant, client id) -> first entry
+        # participant -> its open entries in all slots. Kept by `add`, `cancel`, `pop_slot` and
+        # `clear` themselves (as is `SlotBook.open`), so whatever fills the book (a submit,
+        # an undo, `Market.restore`) keeps the counts exact.
+        self._open: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._where)
@@ -122,11 +127,14 @@ class Book:
     def add(self, entry: Entry) -> None:
         slot = self._slots.get(entry.time_delivery[0])
         if slot is None:
-            slot = self._slots[entry.time_delivery[0]] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []))
+            slot = self._slots[entry.time_delivery[0]] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []), {})
         by_uuid, ranked, rank = slot.side(entry)
         by_uuid[entry.uuid] = entry
         ranked.add(rank, entry)
         self._where[entry.uuid] = entry.time_delivery[0]
+        who = entry.participant
+        slot.open[who] = slot.open.get(who, 0) + 1
+        self._open[who] = self._open.get(who, 0) + 1
         if entry.id is not None:
             client_key = (entry.participant, entry.id)
             self._client[client_key] = entry
@@ -170,6 +178,8 @@ class Book:
         del by_uuid[uuid]
         ranked.remove(rank, uuid)
         del self._where[uuid]
+        _decrement(slot.open, participant, 1)
+        _decrement(self._open, participant, 1)
         return entry
 
     def pop_slot(self, start: int) -> tuple[list[Entry], list[Entry]]:
@@ -182,7 +192,15 @@ class Book:
             del self._where[uuid]
         for key in slot.client_keys:
             self._client.pop(key, None)
+        for who, n in slot.open.items():
+            _decrement(self._open, who, n)
         return slot.ranked_bids.entries, slot.ranked_asks.entries
+
+    def open_count(self, participant: str, start: int) -> tuple[int, int]:
+        """The participant's open entries (bids and asks): in the slot at `start`, and in all
+        slots. O(1)."""
+        slot = self._slots.get(start)
+        return (slot.open.get(participant, 0) if slot is not None else 0), self._open.get(participant, 0)
 
     def slots_until(self, start: int) -> list[int]:
         """Starts of the open slots at or before `start`, in time order."""
@@ -196,3 +214,12 @@ class Book:
         self._slots.clear()
         self._where.clear()
         self._client.clear()
+        self._open.clear()
+
+
+def _decrement(counts: dict[str, int], key: str, n: int) -> None:
+    left = counts[key] - n
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]  # only participants with open entries are kept

@@ -2,8 +2,9 @@
 
 Bids are taken by price descending, asks ascending, ties by submission (time, then the
 entry's tie key). The best bid meets the cheapest compatible ask while bid price >= ask
-price: a pair of the same participant is skipped, and a bid with a `source` only meets
-asks of that source. Each meeting fills min(remaining quantities) (partial fills).
+price: a pair of the same owner is skipped (self-trades and wash trades: `owners` maps a
+participant to its owner, by default the participant itself), and a bid with a `source`
+only meets asks of that source. Each meeting fills min(remaining quantities) (partial fills).
 
 `clear` runs a greedy scan over the sorted entries (linear after the sort). `match_sorted`
 is the same rule as a numpy kernel over arrays (cumsum + searchsorted, no participant or
@@ -14,7 +15,7 @@ entry than the scan itself; see docs/benchmarks-clearing.md), so `clear` does no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from operator import attrgetter
 from typing import Literal
 
@@ -59,28 +60,42 @@ def _sorted(entries: Sequence[Entry], descending: bool) -> list[Entry]:
 
 
 def clear(
-    bids: Sequence[Entry], asks: Sequence[Entry], pricing: Pricing = "midpoint", *, ranked: bool = False
+    bids: Sequence[Entry],
+    asks: Sequence[Entry],
+    pricing: Pricing = "midpoint",
+    *,
+    ranked: bool = False,
+    owners: Mapping[str, str] | None = None,
 ) -> list[Fill]:
     """Fills of one slot, in commit order, priced by `pricing`. `ranked`: the entries are
-    already in `bid_order` / `ask_order` (as `Book.pop_slot` gives them), so no sort."""
+    already in `bid_order` / `ask_order` (as `Book.pop_slot` gives them), so no sort.
+    `owners`: participant -> owner for accounts that share one (the registry's `owner`);
+    a participant it does not name is its own owner. No bid meets an ask of its owner."""
     b = bids if ranked else _sorted(bids, descending=True)
     a = asks if ranked else _sorted(asks, descending=False)
-    return _price(b, a, _greedy(b, a), pricing)
+    return _price(b, a, _greedy(b, a, owners), pricing)
 
 
-def _greedy(bids: Sequence[Entry], asks: Sequence[Entry]) -> list[tuple[int, int, int]]:
+def _greedy(
+    bids: Sequence[Entry], asks: Sequence[Entry], owners: Mapping[str, str] | None = None
+) -> list[tuple[int, int, int]]:
     """Greedy scan over sorted entries: each bid, best first, takes the cheapest asks it may
-    meet (not its own; only its source's if it names one) while it can pay them; it stops
-    at the first bid that cannot pay the cheapest open ask.
+    meet (not its owner's; only its source's if it names one) while it can pay them; it
+    stops at the first bid that cannot pay the cheapest open ask.
 
     Linear in practice: each source's asks keep a cursor past exhausted asks, and each
-    (source, participant) a cursor past asks that are exhausted or its own (both only move
-    forward), so a participant's bids never rescan its own asks."""
+    (source, owner) a cursor past asks that are exhausted or its owner's (both only move
+    forward), so an owner's bids never rescan its own asks. Without `owners` (or with an
+    empty one) the owner is the participant, at no cost per entry."""
     n = len(asks)
+    owners = owners or None
     # A sentinel ask at the end (never exhausted, never affordable) ends every scan.
     price = [a.price for a in asks]
     price.append(float("inf"))
-    owner = [a.participant for a in asks]
+    if owners is None:
+        owner = [a.participant for a in asks]
+    else:
+        owner = [owners.get(a.participant, a.participant) for a in asks]
     owner.append("")
     remaining = [a.quantity for a in asks]
     remaining.append(1)
@@ -93,8 +108,8 @@ def _greedy(bids: Sequence[Entry], asks: Sequence[Entry]) -> list[tuple[int, int
         for indices in lanes.values():
             indices.append(n)
         cursors = dict.fromkeys(lanes, 0)
-    own_any: dict[str, int] = {}  # participant -> position among all asks
-    own_lane: dict[tuple[str, str], int] = {}  # (source, participant) -> position in the lane
+    own_any: dict[str, int] = {}  # owner -> position among all asks
+    own_lane: dict[tuple[str, str], int] = {}  # (source, owner) -> position in the lane
     pairs: list[tuple[int, int, int]] = []
     add = pairs.append
     first = 0  # the cheapest ask that is not exhausted
@@ -105,7 +120,7 @@ def _greedy(bids: Sequence[Entry], asks: Sequence[Entry]) -> list[tuple[int, int
         if price[first] > limit:
             break  # no later (cheaper) bid can pay the cheapest open ask either
         need = bid.quantity
-        who = bid.participant
+        who = bid.participant if owners is None else owners.get(bid.participant, bid.participant)
         src = bid.source
         if src is None:
             j = own_any.get(who, 0)
@@ -155,19 +170,26 @@ def _greedy(bids: Sequence[Entry], asks: Sequence[Entry]) -> list[tuple[int, int
     return pairs
 
 
-def _merge_unless_self_pair(bids: Sequence[Entry], asks: Sequence[Entry]) -> list[tuple[int, int, int]] | None:
-    """`match_sorted` on sorted entries without bid sources; None when it would pair a
-    participant with itself (the greedy scan, which skips such pairs, must decide then).
+def _merge_unless_self_pair(
+    bids: Sequence[Entry], asks: Sequence[Entry], owners: Mapping[str, str] | None = None
+) -> list[tuple[int, int, int]] | None:
+    """`match_sorted` on sorted entries without bid sources; None when it would pair an
+    owner with itself (the greedy scan, which skips such pairs, must decide then).
     Gives exactly the fills of `_greedy` otherwise (tests/market check it)."""
+    own = owners or {}
     bi, ai, q = match_sorted(
         np.fromiter((e.price for e in bids), np.float64, len(bids)),
         np.fromiter((e.quantity for e in bids), np.int64, len(bids)),
         np.fromiter((e.price for e in asks), np.float64, len(asks)),
         np.fromiter((e.quantity for e in asks), np.int64, len(asks)),
     )
-    owners: dict[str, int] = {}
-    bo = np.fromiter((owners.setdefault(e.participant, len(owners)) for e in bids), np.int64, len(bids))
-    ao = np.fromiter((owners.setdefault(e.participant, len(owners)) for e in asks), np.int64, len(asks))
+    ids: dict[str, int] = {}
+    bo = np.fromiter(
+        (ids.setdefault(own.get(e.participant, e.participant), len(ids)) for e in bids), np.int64, len(bids)
+    )
+    ao = np.fromiter(
+        (ids.setdefault(own.get(e.participant, e.participant), len(ids)) for e in asks), np.int64, len(asks)
+    )
     if np.any(bo[bi] == ao[ai]):
         return None
     return list(zip(bi.tolist(), ai.tolist(), q.tolist(), strict=True))

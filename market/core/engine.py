@@ -9,7 +9,7 @@ they produced; the server emits and stores them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -65,6 +65,10 @@ class MarketConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     meter_grace: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 5.0
     rate_per_second: Annotated[float, msgspec.Meta(gt=0)] = 2000.0  # events per participant, sustained
     rate_burst: Annotated[int, msgspec.Meta(gt=0)] = 10000
+    # Open entries (bids and asks) one participant may have: in one slot, and in all slots.
+    # Past either, a new entry is refused `invalid` (docs/protocol.md, *Limits and integrity*).
+    max_open_per_slot: Annotated[int, msgspec.Meta(gt=0)] = 1000
+    max_open_total: Annotated[int, msgspec.Meta(gt=0)] = 10000
     timezone: str = "UTC"
     grid: GridTariff = GridTariff()
     # Grid fee per kWh on P2P fills of slots the DSO marked YELLOW (/grid `grid_state.set`):
@@ -154,6 +158,9 @@ class Market:
         self.journal: list[Record] = []  # records of acknowledged actions, for the caller to persist
         self._cancelled: dict[str, Entry] = {}  # uuid -> entry cancelled but not yet durable (for `undo`)
         self._known_sources = frozenset(config.sources)
+        # participant -> owner for accounts that share one (the registry's `owner`; set by the
+        # server): the clearing never pairs a bid and an ask of one owner (wash trades).
+        self.owners: Mapping[str, str] = {}
 
     def take_journal(self) -> list[Record]:
         """Records to make durable before the acknowledgement of the action that made them."""
@@ -221,9 +228,9 @@ class Market:
         if state == "RED":
             fills: list[Fill] = []  # the DSO forbids P2P trade in this slot: all settle with the grid
         elif state == "YELLOW" and self.config.yellow_fee > 0:
-            fills = _clear_with_fee(bids, asks, self.config.pricing, self.config.yellow_fee)
+            fills = _clear_with_fee(bids, asks, self.config.pricing, self.config.yellow_fee, self.owners)
         else:
-            fills = clear(bids, asks, self.config.pricing, ranked=True)
+            fills = clear(bids, asks, self.config.pricing, ranked=True, owners=self.owners)
         if self.capacity is not None and fills:
             fills = limit_fills(fills, self.capacity, slot[1] - slot[0], self.base_flows.get(slot[0]))
         self.base_flows.pop(slot[0], None)
@@ -311,6 +318,7 @@ class Market:
         first = self.book.find_duplicate(entry)
         if first is not None:
             return {"entry": first.reply(), "duplicate": True}
+        self._check_open(participant, msg.time_delivery[0])
         self.book.add(entry)
         counters[participant] = n + 1
         self.journal.append(_entry_record(entry, n))
@@ -336,6 +344,24 @@ class Market:
             raise MarketError("invalid", "an ask needs a source")
         if msg.source is not None and msg.source not in c.sources:
             raise MarketError("invalid", f"unknown source {msg.source!r} (known: {', '.join(c.sources)})")
+
+    def _check_open(self, participant: str, start: int) -> None:
+        """Refuse an entry past the participant's caps of open entries (counted by the book,
+        so exact through cancels, gate closure, undo and restore; O(1))."""
+        c = self.config
+        in_slot, total = self.book.open_count(participant, start)
+        if in_slot >= c.max_open_per_slot:
+            raise MarketError(
+                "invalid",
+                f"{in_slot} open entries in slot {start}: at most max_open_per_slot = {c.max_open_per_slot}"
+                " per participant (cancel one first)",
+            )
+        if total >= c.max_open_total:
+            raise MarketError(
+                "invalid",
+                f"{total} open entries: at most max_open_total = {c.max_open_total} per participant"
+                " (cancel one, or wait for a gate to close)",
+            )
 
     def submit_orders(self, participant: str, msg: OrdersMsg) -> list[dict[str, Any]]:
         """Each order on its own: one refused order does not undo the others."""
@@ -496,7 +522,9 @@ class Market:
                 self._cancelled.pop(r.id, None)
 
 
-def _clear_with_fee(bids: list[Entry], asks: list[Entry], pricing: Pricing, fee: float) -> list[Fill]:
+def _clear_with_fee(
+    bids: list[Entry], asks: list[Entry], pricing: Pricing, fee: float, owners: Mapping[str, str]
+) -> list[Fill]:
     """Clear with every ask raised by `fee`, then give each seller its fill's price less the
     fee (never below its own ask): nobody pays above its bid or receives below its ask, and
     the buyer pays `fee` per kWh more than the seller receives."""
@@ -504,7 +532,7 @@ def _clear_with_fee(bids: list[Entry], asks: list[Entry], pricing: Pricing, fee:
     raised = [msgspec.structs.replace(a, price=a.price + fee) for a in asks]
     return [
         msgspec.structs.replace(f, ask=own[f.ask.uuid], price_sell=max(own[f.ask.uuid].price, f.price_sell - fee))
-        for f in clear(bids, raised, pricing, ranked=True)  # a constant fee keeps the asks' order
+        for f in clear(bids, raised, pricing, ranked=True, owners=owners)  # a constant fee keeps the asks' order
     ]
 
 

@@ -2,6 +2,11 @@
 
 Tokens are kept only as SHA-256 digests and compared in constant time. A registry file
 may give `token` (hashed on load) or `token_sha256` (never stored in clear).
+
+`owner` (optional) names who stands behind an account: accounts of one owner never trade
+with each other (the clearing treats such a pair as a self-trade). By default an account
+is its own owner; owners share the namespace of ids, so `owner = "P1"` groups an account
+with participant P1.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class RegistryEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     role: Role = "prosumer"
     token: str | None = None
     token_sha256: str | None = None
+    owner: ParticipantId | None = None  # default: the id itself
 
 
 def token_digest(token: str) -> str:
@@ -33,6 +39,7 @@ class Registry:
     def __init__(self, entries: list[RegistryEntry]) -> None:
         self._digest: dict[str, str] = {}
         self._role: dict[str, Role] = {}
+        self._owner: dict[str, str] = {}  # only accounts whose owner is not their own id
         for e in entries:
             if e.id in self._role:
                 raise ValueError(f"participant {e.id!r} is registered twice")
@@ -41,6 +48,8 @@ class Registry:
                 raise ValueError(f"participant {e.id!r} has no token")
             self._digest[e.id] = digest
             self._role[e.id] = e.role
+            if e.owner is not None and e.owner != e.id:
+                self._owner[e.id] = e.owner
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Registry:
@@ -68,6 +77,15 @@ class Registry:
 
     def role(self, pid: str) -> Role | None:
         return self._role.get(pid)
+
+    def owner(self, pid: str) -> str:
+        """Who stands behind `pid`: its registry `owner`, else `pid` itself."""
+        return self._owner.get(pid, pid)
+
+    def owners(self) -> dict[str, str]:
+        """participant -> owner for the accounts whose owner is not their own id (the lookup
+        the clearing takes; a participant it does not name is its own owner)."""
+        return dict(self._owner)
 
     def ids(self, role: Role | None = None) -> list[str]:
         return sorted(p for p, r in self._role.items() if role is None or r == role)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+import math
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, ClassVar, Protocol
 
 import socketio
@@ -47,6 +49,9 @@ class ServerPort(Protocol):
     def meter_arrived(self, pid: str, slot: int) -> None: ...
 
     def participant_left(self, pid: str) -> None: ...
+
+    def replied(self, seconds: float, reply: dict[str, Any]) -> None:
+        """An event was answered after `seconds` (acknowledgement latency, refusals by code)."""
 
     def authenticated(self, sid: str, namespace: str) -> None:
         """The session `sid` logged in: its connection is no longer held to the login deadline."""
@@ -85,16 +90,19 @@ def replying(fn: Callable[..., Awaitable[dict[str, Any]]]) -> Handler:
     unexpected error escape into the socket layer."""
 
     async def handler(self: Namespace, sid: str, data: Any = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
         try:
-            return ok(**await fn(self, sid, data))
+            reply = ok(**await fn(self, sid, data))
         except MarketError as err:
-            return err.reply()
+            reply = err.reply()
         except IllegalTransition as err:
             log.error("illegal transition: %s", err)
-            return MarketError("unavailable", "the market cannot do that now").reply()
+            reply = MarketError("unavailable", "the market cannot do that now").reply()
         except Exception:
             log.exception("handler %s failed", fn.__name__)
-            return MarketError("unavailable", "internal error").reply()
+            reply = MarketError("unavailable", "internal error").reply()
+        self.ms.replied(time.perf_counter() - t0, reply)
+        return reply
 
     handler.__name__ = fn.__name__
     return handler  # type: ignore[return-value]
@@ -131,12 +139,17 @@ class Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
     def participant_left(self, pid: str) -> None:
         """A participant's last session of this namespace closed."""
 
-    async def on_connect(self, sid: str, _environ: dict[str, Any], auth: Any = None) -> None:
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        logins = self.ms.limiter.logins
+        keys = login_keys(environ, [auth.get("id") if isinstance(auth, dict) else None])
+        refuse_throttled(logins.wait(keys), self.namespace)
         who = self.ms.registry.authenticate(auth)
         if who is None:
+            logins.failed(keys)
             log.warning("ns=%s refused: bad credentials", self.namespace)
             raise socketio.exceptions.ConnectionRefusedError("unauthorized: unknown id or wrong token")
         pid, role = who
+        logins.succeeded(f"id:{pid}")
         if role not in self.ROLES:
             raise socketio.exceptions.ConnectionRefusedError(f"unauthorized: role {role} may not use {self.namespace}")
         old = self.sessions.add(sid, pid, role)
@@ -153,12 +166,56 @@ class Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
             log.info("ns=%s disconnect participant=%s", self.namespace, pid)
             self.participant_left(pid)
 
-    def _who(self, sid: str, *roles: Role) -> str:
+    def _who(self, sid: str, *roles: Role, cost: int = 1) -> str:
+        """The session's participant, if its role may act and its bucket can pay `cost`
+        tokens (1 per event; a batch pays 1 per item)."""
         pid = self.sessions.pid_of.get(sid)
         if pid is None:
             raise MarketError("unauthorized", "no authenticated session")
         if roles and self.sessions.role_of[sid] not in roles:
             raise MarketError("forbidden", f"role {self.sessions.role_of[sid]} may not do this")
-        if not self.ms.limiter.allow(pid):
-            raise MarketError("rate_limited", "too many events: slow down")
+        if cost == 1:
+            if not self.ms.limiter.allow(pid):
+                raise MarketError("rate_limited", "too many events: slow down")
+        else:
+            self._charge({pid: cost})
         return pid
+
+    def _charge(self, costs: Mapping[str, int]) -> None:
+        """Take each participant's cost from its bucket, all or nothing; `rate_limited` (and
+        nothing taken) if one cannot pay."""
+        limiter = self.ms.limiter
+        if limiter.allow_all(costs):
+            return
+        what = ", ".join(f"{p} {c}" for p, c in sorted(costs.items())[:5])
+        raise MarketError(
+            "rate_limited",
+            f"too many events: a batch costs one token per item ({what}{', ...' if len(costs) > 5 else ''});"
+            f" burst {int(limiter.burst)}, refill {limiter.rate:g} per second: slow down or split the batch",
+        )
+
+
+def login_keys(environ: dict[str, Any], ids: list[Any]) -> list[str]:
+    """The keys a login is throttled by: the peer address and each participant id it names
+    (an id longer than any registered one is not tracked: it cannot be right)."""
+    keys = [f"addr:{peer_address(environ)}"]
+    keys += [f"id:{i}" for i in ids if isinstance(i, str) and 0 < len(i) <= 64]
+    return keys
+
+
+def peer_address(environ: dict[str, Any]) -> str:
+    """The peer address, read as `market.server.guard.client_address` reads it (repeated
+    here: the dispatch layer may not import the server)."""
+    request = environ.get("aiohttp.request")
+    remote = getattr(request, "remote", None)
+    return str(remote or environ.get("REMOTE_ADDR") or "?")
+
+
+def refuse_throttled(wait: float, namespace: str) -> None:
+    """Refuse a login while its address or id backs off from failed logins (even one with
+    the right token: otherwise a guess would still be checked)."""
+    if wait > 0:
+        log.warning("ns=%s refused: login backing off after failed logins", namespace)
+        raise socketio.exceptions.ConnectionRefusedError(
+            f"unauthorized: too many failed logins from this address or for this id; retry in {math.ceil(wait)} s"
+        )

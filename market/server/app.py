@@ -81,6 +81,7 @@ class MarketServer:
     ) -> None:
         self.config = config
         self.market = Market(config)
+        self.market.owners = registry.owners()  # same-owner pairs never trade (wash trades)
         self.registry = registry
         self.sink = sink
         self.clock: SimClock | RealTimeClock = SimClock() if config.mode == "sim" else RealTimeClock()

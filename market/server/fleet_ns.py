@@ -10,6 +10,8 @@ items name their participant, which must be one of its members (docs/protocol.md
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import socketio
@@ -17,7 +19,7 @@ import socketio
 from market.core.errors import MarketError
 from market.core.protocol import FleetMetersMsg, FleetOrdersMsg, decode
 from market.core.registry import Role
-from market.dispatch.base import Namespace, replying
+from market.dispatch.base import Namespace, login_keys, refuse_throttled, replying
 from market.server.port import MarketPort
 
 log = logging.getLogger("microte.market")
@@ -35,20 +37,28 @@ class FleetNamespace(Namespace):
         self.members: dict[str, frozenset[str]] = {}  # fleet sid -> its participants
         self.sid_of: dict[str, str] = {}  # participant -> fleet sid
 
-    async def on_connect(self, sid: str, _environ: dict[str, Any], auth: Any = None) -> None:
+    async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        logins = self.ms.limiter.logins
+        address = login_keys(environ, [])
+        refuse_throttled(logins.wait(address), self.namespace)  # before any member is checked
         creds = auth.get("fleet") if isinstance(auth, dict) else None
         if not isinstance(creds, list) or not 0 < len(creds) <= MAX_MEMBERS:
             raise socketio.exceptions.ConnectionRefusedError(
                 f"unauthorized: auth must be {{'fleet': [{{'id', 'token'}}, ...]}} with 1 to {MAX_MEMBERS} members"
             )
+        ids = [cred.get("id") if isinstance(cred, dict) else None for cred in creds]
+        refuse_throttled(logins.wait(login_keys(environ, ids)), self.namespace)
         pids = []
-        for cred in creds:
+        for cred, name in zip(creds, ids, strict=True):
             who = self.ms.registry.authenticate(cred)
             if who is None or who[1] != "prosumer":
-                name = cred.get("id") if isinstance(cred, dict) else None
+                if who is None:  # a wrong token (a prosumer-only namespace is no guess)
+                    logins.failed(login_keys(environ, [name]))
                 log.warning("ns=/fleet refused: bad credentials for %r", name)
                 raise socketio.exceptions.ConnectionRefusedError(f"unauthorized: member {name!r}")
             pids.append(who[0])
+        for pid in pids:
+            logins.succeeded(f"id:{pid}")
         members = frozenset(pids)
         market_sessions = self.ms.sessions["/market"]
         for pid in members:
@@ -77,6 +87,14 @@ class FleetNamespace(Namespace):
             raise MarketError("rate_limited", "too many events: slow down")
         return members
 
+    def _charge_members(self, sid: str, members: frozenset[str], participants: Iterable[str]) -> None:
+        """One rate token per item from each member's own bucket (the one its `/market`
+        events use), all or nothing: `rate_limited` before any change if one cannot pay.
+        Items of non-members are refused one by one and charge nobody."""
+        costs = Counter(p for p in participants if p in members and self.sid_of.get(p) == sid)
+        if costs:
+            self._charge(costs)
+
     def _member(self, members: frozenset[str], sid: str, pid: str) -> None:
         if pid not in members or self.sid_of.get(pid) != sid:
             raise MarketError("unauthorized", f"{pid!r} is not a member of this fleet connection")
@@ -84,9 +102,11 @@ class FleetNamespace(Namespace):
     @replying
     async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
         members = self._fleet(sid)
+        orders = decode(data, FleetOrdersMsg).orders
+        self._charge_members(sid, members, (o.participant for o in orders))
         results = []
         await self.ms.admit()
-        for order in decode(data, FleetOrdersMsg).orders:
+        for order in orders:
             try:
                 self._member(members, sid, order.participant)
                 results.append({"ok": True, **self.ms.market.submit(order.participant, order.side, order.entry())})
@@ -98,10 +118,12 @@ class FleetNamespace(Namespace):
     @replying
     async def on_meters(self, sid: str, data: Any) -> dict[str, Any]:
         members = self._fleet(sid)
+        readings = decode(data, FleetMetersMsg).readings
+        self._charge_members(sid, members, (r.participant for r in readings))
         results: list[dict[str, Any]] = []
         arrived = []
         await self.ms.admit()
-        for reading in decode(data, FleetMetersMsg).readings:
+        for reading in readings:
             try:
                 self._member(members, sid, reading.participant)
                 results.append({"ok": True, **self.ms.market.meter(reading.participant, reading.meter())})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from market.core.errors import MarketError
-from market.core.protocol import CancelMsg, EntryMsg, MeterMsg, OrdersMsg, ResumeMsg, decode
+from market.core.protocol import MAX_ORDERS, CancelMsg, EntryMsg, MeterMsg, OrdersMsg, ResumeMsg, decode
 from market.core.registry import Role
 from market.dispatch.base import Namespace, replying
 from market.server.port import MarketPort
@@ -19,6 +19,7 @@ class MarketNamespace(Namespace):
 
     def __init__(self, server: MarketPort) -> None:
         super().__init__(server)
+        # Accounts the registry says share an owner never trade with each other (wash trades).
 
     def participant_left(self, pid: str) -> None:
         self.ms.participant_left(pid)  # its readings are no longer awaited
@@ -41,7 +42,7 @@ class MarketNamespace(Namespace):
 
     @replying
     async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
-        pid = self._who(sid, "prosumer")
+        pid = self._who(sid, "prosumer", cost=batch_size(data, "orders", MAX_ORDERS))  # a token per order
         OrdersMsg.check_size(data)
         await self.ms.admit()
         results = self.ms.market.submit_orders(pid, decode(data, OrdersMsg))
@@ -75,3 +76,10 @@ class MarketNamespace(Namespace):
         await self.ms.persist()
         self.ms.meter_arrived(pid, msg.time_interval[0])
         return reply
+
+
+def batch_size(data: Any, key: str, limit: int) -> int:
+    """Items of a batch payload `{key: [...]}`, what it costs in rate tokens; 1 for anything
+    that is refused before any work (not a list, empty, above `limit`)."""
+    items = data.get(key) if isinstance(data, dict) else None
+    return len(items) if isinstance(items, list) and 0 < len(items) <= limit else 1
