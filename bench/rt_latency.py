@@ -458,7 +458,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace, commit: tuple[float, float]) -> None:
-    cmd = "python bench/rt_latency.py " + shlex.join(args.argv)
+    cmd = " ".join(["python bench/rt_latency.py", *([shlex.join(args.argv)] if args.argv else [])])
     print(
         f"# rt bid acknowledgement latency ({platform.platform()}, Python {platform.python_version()}, "
         f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')})\n"
