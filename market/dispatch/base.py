@@ -204,8 +204,7 @@ def login_keys(environ: dict[str, Any], ids: list[Any]) -> list[str]:
 
 
 def peer_address(environ: dict[str, Any]) -> str:
-    """The peer address, read as `market.server.guard.client_address` reads it (repeated
-    here: the dispatch layer may not import the server)."""
+    """The peer address (engine.io's aiohttp driver leaves REMOTE_ADDR at 127.0.0.1)."""
     request = environ.get("aiohttp.request")
     remote = getattr(request, "remote", None)
     return str(remote or environ.get("REMOTE_ADDR") or "?")

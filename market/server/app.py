@@ -37,12 +37,12 @@ from market.core.records import (
 from market.core.registry import Registry
 from market.core.sink import Sink
 from market.core.timing import RealTimeClock, SimClock
-from market.dispatch.base import Namespace, Sessions
+from market.dispatch.base import Namespace, Sessions, peer_address
 from market.dispatch.ratelimit import RateLimiter
 from market.flexibility.namespace import FlexNamespace
 from market.server.commit import GroupCommit
 from market.server.fleet_ns import FleetNamespace
-from market.server.guard import ConnectionGuard, GuardedServer, client_address, install_repeat_filter, raise_fd_limit
+from market.server.guard import ConnectionGuard, GuardedServer, install_repeat_filter, raise_fd_limit
 from market.server.market_ns import MarketNamespace
 from market.server.observe import Metrics, attach
 from market.server.outbox import Outbox
@@ -171,7 +171,7 @@ class MarketServer:
             await asyncio.wait_for(self.sio.shutdown(), 2)
 
     async def _on_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> bool:
-        accepted, evict = self.guard.opened(eio_sid, client_address(environ), time.monotonic())
+        accepted, evict = self.guard.opened(eio_sid, peer_address(environ), time.monotonic())
         for old in evict:  # the oldest connections that have not logged in make room
             self.spawn(self._drop(old))
         if not accepted:

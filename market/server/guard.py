@@ -89,13 +89,6 @@ class ConnectionGuard:
         return len(self._address)
 
 
-def client_address(environ: dict[str, Any]) -> str:
-    """The peer address (engine.io's aiohttp driver leaves REMOTE_ADDR at 127.0.0.1)."""
-    request = environ.get("aiohttp.request")
-    remote = getattr(request, "remote", None)
-    return str(remote or environ.get("REMOTE_ADDR") or "?")
-
-
 class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
     """python-socketio's server, refusing what PROTOCOL.md does not define. Overrides two
     private dispatch methods of python-socketio 5 (checked by tests/e2e/test_hostile.py)."""

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from ledger import open_sink
 from market.core.engine import MarketConfig
+from market.core.records import Batch
 from market.core.registry import Registry
 from market.server.app import MarketServer
 
@@ -97,3 +98,25 @@ async def refusal(url: str, pid: str, namespace: str = "/market", token: str | N
     assert errors, "no connect_error received"
     data = errors[0]
     return str(data.get("message") if isinstance(data, dict) else data)
+
+
+class FlakySink:
+    """A real ledger whose writes fail while `failing` is set (as with a full disk)."""
+
+    def __init__(self, url: str) -> None:
+        self.inner = open_sink(url)
+        self.failing = False
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def write(self, batch: Batch) -> None:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        await self.inner.write(batch)
+
+    async def read(self, table: str, after: Any = None) -> list[dict[str, Any]]:
+        return await self.inner.read(table, after)
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -17,10 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ledger import open_sink
 from market.core.engine import MarketConfig
-from market.core.records import Batch
 from market.server import observe
 from market.server.app import MarketServer
-from tests.e2e.conftest import client, registry
+from tests.e2e.conftest import FlakySink, client, registry
 
 RT = MarketConfig(mode="rt", duration=2, meter_grace=0.2)
 FIELDS = {
@@ -56,28 +55,6 @@ METRICS = {
     "microte_ack_latency_seconds_sum",
     "microte_refused_total",
 }
-
-
-class FlakySink:
-    """A real ledger whose writes fail while `failing` is set (as with a full disk)."""
-
-    def __init__(self, url: str) -> None:
-        self.inner = open_sink(url)
-        self.failing = False
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def write(self, batch: Batch) -> None:
-        if self.failing:
-            raise OSError(28, "No space left on device")
-        await self.inner.write(batch)
-
-    async def read(self, table: str, after: Any = None) -> list[dict[str, Any]]:
-        return await self.inner.read(table, after)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 @asynccontextmanager

@@ -5,35 +5,11 @@ not in the book, not filled, and its retry is a new entry that reaches the ledge
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from ledger import open_sink, read_rows
+from ledger import read_rows
 from market.core.engine import MarketConfig
-from market.core.records import Batch
 from market.server.app import MarketServer
-from tests.e2e.conftest import client, registry, serving
-
-
-class FlakySink:
-    """A real ledger whose writes fail while `failing` is set (as with a full disk)."""
-
-    def __init__(self, url: str) -> None:
-        self.inner = open_sink(url)
-        self.failing = False
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def write(self, batch: Batch) -> None:
-        if self.failing:
-            raise OSError(28, "No space left on device")
-        await self.inner.write(batch)
-
-    async def read(self, table: str, after: Any = None) -> list[dict[str, Any]]:
-        return await self.inner.read(table, after)
-
-    async def close(self) -> None:
-        await self.inner.close()
+from tests.e2e.conftest import FlakySink, client, registry, serving
 
 
 async def test_a_bid_refused_for_a_failed_write_changes_nothing(ledger_url: str) -> None:
