@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from array import array
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,7 @@ def measure(
             conn.send((start, args.seconds, args.warmup))
         time.sleep(max(0.0, start - time.time()))
         load0, cpu0, snap0 = loadavg(), proc_cpu(server_pid), all_cpu()
+        writes0 = group_writes(url) if name != "bare" else None
         spy = None
         if profile is not None and shutil.which("py-spy", path=str(Path(sys.executable).parent)):
             profile.mkdir(parents=True, exist_ok=True)
@@ -353,6 +355,7 @@ def measure(
             )
         time.sleep(args.seconds)
         cpu, snap1 = proc_cpu(server_pid) - cpu0, all_cpu()
+        writes1 = group_writes(url) if name != "bare" else None
         ours = {os.getpid(), server_pid, *(p.pid for p in procs if p.pid is not None)}
         if spy is not None:
             ours.add(spy.pid)
@@ -389,8 +392,30 @@ def measure(
         "lag_p99": percentile(lag, 99),
         "load": f"{load0} -> {load1}",
         "window": time.strftime("%H:%M:%S", time.localtime(start)),
+        "writes": writes_summary(writes0, writes1, args.seconds),
         "boundary": "-" if boundary is None else "yes" if start // D != (start + args.seconds) // D else "no",
     }
+
+
+def group_writes(url: str) -> tuple[float, float] | None:
+    """(group commits, seconds spent in them) so far, from the server's GET /metrics."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    try:
+        return float(values["microte_ledger_commits_total"]), float(values["microte_ledger_commit_seconds_total"])
+    except (KeyError, ValueError):
+        return None
+
+
+def writes_summary(a: tuple[float, float] | None, b: tuple[float, float] | None, seconds: float) -> str:
+    if a is None or b is None or b[0] <= a[0]:
+        return "-"
+    n = b[0] - a[0]
+    return f"{n / seconds:.0f}/s, {(b[1] - a[1]) / n * 1000:.2f} ms"
 
 
 def fsync_probe(directory: Path, n: int = 200) -> tuple[float, float]:
@@ -470,9 +495,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, commit: tuple[f
     print(
         "| server | bids | p50 ms | p99 ms | max ms | refused / unacked | server CPU | clients CPU "
         "| other processes' CPU "
-        "| client emit lag p99 ms | window (boundary inside?) | load avg (1/5/15 min) before -> after |"
+        "| client emit lag p99 ms | group commits (rate, mean) | window (boundary inside?) "
+        "| load avg (1/5/15 min) before -> after |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     label = {"bare": "bare python-socketio acked echo", "ack": "microte `--durability ack`"}
     label["round"] = "microte `--durability round`"
     for r in rows:
@@ -480,7 +506,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, commit: tuple[f
             f"| {label.get(r['name'], r['name'])} | {r['count']} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.1f} "
             f"| {r['refused']} / {r['unacked']} | {r['server_cpu']:.0%} | {r['client_cpu']:.0%} "
             f"| {r['others_cpu']:.0%} "
-            f"| {r['lag_p99']:.2f} | {r['window']} ({r['boundary']}) | {r['load']} |"
+            f"| {r['lag_p99']:.2f} | {r['writes']} | {r['window']} ({r['boundary']}) | {r['load']} |"
         )
     by = {r["name"]: r for r in rows}
     targets = {"ack": 3.0, "round": 1.2}

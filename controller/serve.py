@@ -112,6 +112,7 @@ async def serve(args: argparse.Namespace) -> int:
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runloop.settle_heap()
     print(f"microte market listening on http://{args.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -28,6 +28,7 @@ class GroupCommit:
         self._idle.set()
         self.writes = 0  # batches written
         self.last_write_s = 0.0  # duration of the last write (for /metrics)
+        self.write_s_total = 0.0  # time spent writing, all writes
 
     @property
     def depth(self) -> int:
@@ -45,7 +46,9 @@ class GroupCommit:
         self._idle.clear()
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
-        await asyncio.shield(fut)  # a cancelled caller does not cancel the others' write
+        # A cancelled caller cancels only its own future: the write goes on for the others
+        # (and for it: its records may be stored; its undo still runs if the write fails).
+        await fut
 
     async def _run(self) -> None:
         try:
@@ -70,6 +73,7 @@ class GroupCommit:
                 finally:
                     self.writes += 1
                     self.last_write_s = time.perf_counter() - t0
+                    self.write_s_total += self.last_write_s
         finally:
             self._task = None
             if not self._pending:

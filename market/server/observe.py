@@ -57,6 +57,9 @@ class _Commits(Protocol):  # market.server.commit.GroupCommit
     @property
     def last_write_s(self) -> float: ...
 
+    @property
+    def write_s_total(self) -> float: ...
+
 
 class _Guard(Protocol):  # market.server.guard.ConnectionGuard
     @property
@@ -188,6 +191,9 @@ class _ServerCollector(Collector):
         yield counter("microte_ledger_commits", "Group commits written (acknowledged actions)", commits.writes)
         yield gauge(
             "microte_ledger_last_commit_duration_seconds", "Duration of the last group commit", commits.last_write_s
+        )
+        yield counter(
+            "microte_ledger_commit_seconds", "Time spent in group commits (over commits: mean)", commits.write_s_total
         )
         connected = GaugeMetricFamily(
             "microte_participants_connected", "Participants logged in, by namespace", labels=["namespace"]
