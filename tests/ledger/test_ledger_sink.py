@@ -228,3 +228,29 @@ def test_acknowledged_write_survives_kill_9(url: str, db_path: Path) -> None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
     assert read_rows(url, "transactions") == [r.row() for r in every_kind().records if isinstance(r, Transaction)]
+
+
+async def wal_after_writes(tmp_path: Path, name: str, checkpoint_every: float) -> int:
+    """Bytes of WAL after 400 commits of 100 rows (~8 MB written), with a pause now and then."""
+    db = tmp_path / f"{name}.db"
+    sink = DatasetSink(f"sqlite:///{db}", checkpoint_every=checkpoint_every)
+    await sink.start()
+    try:
+        for k in range(400):
+            await sink.write(Batch(tuple(transaction(k * 100 + i) for i in range(100))))
+            if k % 20 == 0:
+                await asyncio.sleep(0.03)  # a checkpoint's turn
+        assert count(db, "transactions") == 40_000
+        return db.with_name(db.name + "-wal").stat().st_size
+    finally:
+        await sink.close()
+
+
+async def test_the_wal_is_checkpointed_off_the_write_path(tmp_path: Path) -> None:
+    """The writer never checkpoints (a commit is never a checkpoint, which would put its
+    fsync of the database file into every pending acknowledgement): without the sink's own
+    checkpoints the WAL holds everything written; with them it stays a fraction of that."""
+    unchecked = await wal_after_writes(tmp_path, "never", checkpoint_every=3600)
+    checked = await wal_after_writes(tmp_path, "often", checkpoint_every=0.02)
+    assert unchecked > 6_000_000, unchecked  # no checkpoint happened inside a commit
+    assert checked < unchecked / 3, (checked, unchecked)
