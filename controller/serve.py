@@ -44,6 +44,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-pending", type=int, default=512, help="connections not logged in kept at once (the oldest is closed)"
     )
     p.add_argument("--max-per-address", type=int, default=4096, help="connections one client address may hold")
+    p.add_argument(
+        "--inbound-rate",
+        type=float,
+        default=1_000_000.0,
+        help="bytes per second a logged-in connection may send, per participant it speaks for",
+    )
+    p.add_argument(
+        "--inbound-burst", type=float, default=2_000_000.0, help="bytes a logged-in connection may send at once"
+    )
     add_parity_arguments(p)
 
 
@@ -94,7 +103,11 @@ async def serve(args: argparse.Namespace) -> int:
         config=canonical_config(config),
     )
     guard = ConnectionGuard(
-        auth_timeout=args.auth_timeout, max_pending=args.max_pending, max_per_address=args.max_per_address
+        auth_timeout=args.auth_timeout,
+        max_pending=args.max_pending,
+        max_per_address=args.max_per_address,
+        inbound_rate=args.inbound_rate,
+        inbound_burst=args.inbound_burst,
     )
     server = MarketServer(
         config,

@@ -53,8 +53,9 @@ class ServerPort(Protocol):
     def replied(self, seconds: float, reply: dict[str, Any]) -> None:
         """An event was answered after `seconds` (acknowledgement latency, refusals by code)."""
 
-    def authenticated(self, sid: str, namespace: str) -> None:
-        """The session `sid` logged in: its connection is no longer held to the login deadline."""
+    def authenticated(self, sid: str, namespace: str, members: int = 1) -> None:
+        """The session `sid` logged in (for `members` participants): its connection is no
+        longer held to the login deadline, and its byte budget is a participant's."""
 
 
 class Sessions:

@@ -94,6 +94,7 @@ class MarketServer:
         )
         self.sio.text_only = serializer == "json"
         self.guard = guard or ConnectionGuard()
+        self.sio.guard = self.guard
         self._eio_connect, self._eio_disconnect = self.sio._handle_eio_connect, self.sio._handle_eio_disconnect
         self.sio.eio.on("connect", self._on_eio_connect)
         self.sio.eio.on("disconnect", self._on_eio_disconnect)
@@ -194,10 +195,10 @@ class MarketServer:
             await sock.close(wait=False, abort=not sock.upgraded)  # a websocket hears CLOSE
         self.guard.closed(eio_sid)
 
-    def authenticated(self, sid: str, namespace: str) -> None:
+    def authenticated(self, sid: str, namespace: str, members: int = 1) -> None:
         eio_sid = self.sio.manager.eio_sid_from_sid(sid, namespace)
         if eio_sid is not None:
-            self.guard.authenticated(eio_sid)
+            self.guard.authenticated(eio_sid, members)
 
     async def _sweep_unauthenticated(self) -> None:
         """Close connections that did not log in within the guard's `auth_timeout`."""

@@ -68,7 +68,7 @@ class FleetNamespace(Namespace):
                 await self.ms.sio.disconnect(old, namespace="/market")
             self.sid_of[pid] = sid
         self.members[sid] = members
-        self.ms.authenticated(sid, self.namespace)
+        self.ms.authenticated(sid, self.namespace, len(members))
         log.info("ns=/fleet connect members=%d", len(members))
 
     async def on_disconnect(self, sid: str, *_reason: Any) -> None:

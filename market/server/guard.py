@@ -15,6 +15,7 @@ client can hold is bounded, and the log says so once per interval, not once per 
 from __future__ import annotations
 
 import logging
+import re
 import resource
 import time
 from collections import OrderedDict
@@ -27,13 +28,35 @@ from market.core.errors import MarketError
 
 log = logging.getLogger("microte.market")
 RESERVED = frozenset({"connect", "disconnect", "connect_error"})
+# A socket.io packet's header: type, attachments, namespace, ack id (the JSON follows).
+_HEADER = re.compile(r"(?P<type>\d)(?:\d+-)?(?:(?P<nsp>/[^,\[{\"]*),)?(?P<id>\d{1,15})?")
+
+
+# Bytes a connection may send before it has logged in: a login is ~100 bytes.
+PENDING_RATE = 16_000.0  # per second
+PENDING_BURST = 64_000.0
 
 
 class ConnectionGuard:
-    def __init__(self, *, auth_timeout: float = 5.0, max_pending: int = 512, max_per_address: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        auth_timeout: float = 5.0,
+        max_pending: int = 512,
+        max_per_address: int = 4096,
+        inbound_rate: float = 1_000_000.0,
+        inbound_burst: float = 2_000_000.0,
+    ) -> None:
         self.auth_timeout = auth_timeout
         self.max_pending = max_pending
         self.max_per_address = max_per_address
+        # Bytes per second (and burst) a logged-in connection may send, per participant it
+        # speaks for (a /fleet login for 1,000 members gets 1,000 times as much): charged
+        # before a packet is decoded, so a flood costs the server a length check, not a parse.
+        self.inbound_rate = inbound_rate
+        self.inbound_burst = inbound_burst
+        self._budget: dict[str, list[float]] = {}  # eio sid -> [bytes left, last refill, rate, burst]
+        self.over_budget = 0  # packets refused undecoded
         self._pending: OrderedDict[str, tuple[str, float]] = OrderedDict()  # eio sid -> (address, opened)
         self._address: dict[str, str] = {}  # eio sid -> address (every connection)
         self._per_address: dict[str, int] = {}
@@ -48,6 +71,7 @@ class ConnectionGuard:
         self._address[eio_sid] = address
         self._per_address[address] = self._per_address.get(address, 0) + 1
         self._pending[eio_sid] = (address, now)
+        self._budget[eio_sid] = [PENDING_BURST, now, PENDING_RATE, PENDING_BURST]
         evict = []
         while len(self._pending) > self.max_pending:
             old, _ = self._pending.popitem(last=False)
@@ -55,11 +79,35 @@ class ConnectionGuard:
         self.closed_unauthenticated += len(evict)
         return True, evict
 
-    def authenticated(self, eio_sid: str) -> None:
+    def authenticated(self, eio_sid: str, members: int = 1) -> None:
         self._pending.pop(eio_sid, None)
+        budget = self._budget.get(eio_sid)
+        if budget is not None:
+            rate, burst = self.inbound_rate * members, max(self.inbound_burst * members, budget[3])
+            if rate > budget[2]:  # a connection's budget only grows (several namespaces)
+                budget[0], budget[2], budget[3] = burst, rate, burst
+
+    def charge(self, eio_sid: str, size: int, now: float) -> bool:
+        """Take `size` bytes from the connection's budget; False (nothing taken) if it
+        holds fewer."""
+        budget = self._budget.get(eio_sid)
+        if budget is None:
+            return True  # not a connection this guard opened (closing): python-socketio decides
+        left = min(budget[3], budget[0] + (now - budget[1]) * budget[2])
+        budget[1] = now
+        if left < size:
+            budget[0] = left
+            self.over_budget += 1
+            return False
+        budget[0] = left - size
+        return True
+
+    def logged_in(self, eio_sid: str) -> bool:
+        return eio_sid in self._budget and eio_sid not in self._pending
 
     def closed(self, eio_sid: str) -> None:
         self._pending.pop(eio_sid, None)
+        self._budget.pop(eio_sid, None)
         address = self._address.pop(eio_sid, None)
         if address is not None:
             n = self._per_address[address] - 1
@@ -95,6 +143,7 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
 
     text_only = True  # json serializer: binary frames are never part of the protocol
     max_queued = 256  # packets waiting to be sent to one client; past it the client is a slow reader
+    guard: ConnectionGuard | None = None  # byte budgets, charged before decoding
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if self.text_only and (
@@ -102,11 +151,30 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
         ):
             await self.eio.disconnect(eio_sid)  # binary attachments: refused, nothing buffered
             return
+        if self.guard is not None and not self.guard.charge(eio_sid, len(data), time.monotonic()):
+            await self._over_budget(eio_sid, data)
+            return
         try:
             await super()._handle_eio_message(eio_sid, data)
         except ValueError as err:  # a malformed packet: the client's fault, not a traceback
             log.warning("malformed packet from a client: %s", str(err)[:80])
             await self.eio.disconnect(eio_sid)
+
+    async def _over_budget(self, eio_sid: str, data: str | bytes) -> None:
+        """Refuse a packet past the connection's byte budget, reading only its header: an
+        event with an ack id hears `rate_limited`; a connection not logged in is closed."""
+        assert self.guard is not None
+        if not self.guard.logged_in(eio_sid):
+            log.warning("closed a connection that sent more than %d bytes before logging in", int(PENDING_BURST))
+            await self.eio.disconnect(eio_sid)
+            return
+        log.warning("refused packets past a connection's byte budget (%d bytes/s)", int(self.guard.inbound_rate))
+        head = _HEADER.match(data if isinstance(data, str) else "")
+        if head is None or head["type"] != str(packet.EVENT) or not head["id"]:
+            return  # nothing to answer
+        reply = MarketError("rate_limited", "this connection sent more bytes than its budget: slow down").reply()
+        ack = self.packet_class(packet.ACK, namespace=head["nsp"] or "/", id=int(head["id"]), data=[reply])
+        await self._send_packet(eio_sid, ack)
 
     def queued(self, eio_sid: str) -> int:
         sock = self.eio.sockets.get(eio_sid)

@@ -2,7 +2,7 @@
 prosumers of TOKENS_JSON (id -> token) and, at every `start_round`, has each trade 20 Wh
 for `next_settle` (even ids sell solar, odd ids buy) and meter the slot just started. Every
 acknowledged entry uuid is appended to OUT once its reply arrives, with its acknowledgement
-latency in ms (`uuid ms` per line)."""
+latency in ms and the Unix time it was sent (`uuid ms sent` per line)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ async def prosumer(url: str, pid: str, token: str, seller: bool, out: Any) -> No
         if seller:
             order["source"] = "solar"
         try:
-            t0 = time.perf_counter()
+            t0, sent = time.perf_counter(), time.time()
             r = await sio.call("ask" if seller else "bid", order, namespace="/market", timeout=5)
             ms = (time.perf_counter() - t0) * 1000
             if r.get("ok") and not r.get("duplicate"):
-                out.write(f"{r['entry']['uuid']} {ms:.3f}\n")
+                out.write(f"{r['entry']['uuid']} {ms:.3f} {sent:.3f}\n")
                 out.flush()
             await sio.call("meter", {"time_interval": msg["current_round"], **reading}, namespace="/market", timeout=5)
         except Exception:  # the server is stopped or restarting: the next round trades again

@@ -5,6 +5,7 @@ are refused without a trace in the state, and real participants keep trading mea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -106,6 +107,58 @@ async def test_binary_attachments_are_refused_and_not_kept(ledger_url: str) -> N
         assert len(server.market.book) == 0
         await p1.disconnect()
         await bid_ok(url)  # the participant can log in again
+
+
+async def test_a_byte_flood_is_refused_before_it_is_decoded(ledger_url: str) -> None:
+    """A logged-in client past its connection's byte budget gets `rate_limited` for each
+    packet without the server decoding it (decoding 1,000-order batches it then refused
+    was a third of the server's time in the hostile soak); a connection that has not
+    logged in and sends more than its small budget is closed. Others trade meanwhile."""
+    import json
+
+    server = server_with(ledger_url, inbound_rate=50_000, inbound_burst=200_000)
+    handled = 0
+    handle_event = server.sio._handle_event
+
+    async def counting(*args: Any) -> None:
+        nonlocal handled
+        handled += 1
+        await handle_event(*args)
+
+    server.sio._handle_event = counting  # runs only for packets that were decoded
+    slot = (int(time.time()) // 60 + 4) * 60
+    order = {"side": "bid", "quantity": 1, "price": 0.01, "time_delivery": [slot, slot + 60]}
+    batch = json.dumps(["orders", {"orders": [order] * 1000}])  # ~80 KB
+    async with serving(server) as url, aiohttp.ClientSession() as http:
+        ws_url = url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+        ws = await http.ws_connect(ws_url)
+        await ws.receive()  # engine.io open
+        await ws.send_str("40/market," + json.dumps({"id": "P1", "token": "tok-p1"}))
+        await ws.receive()  # socket.io connect ack
+        for n in range(40):
+            await ws.send_str(f"42/market,{n}{batch}")
+        replies: dict[int, Any] = {}
+        while len(replies) < 40:
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            if msg.type == aiohttp.WSMsgType.TEXT and msg.data.startswith("43/market,"):
+                head, body = msg.data[len("43/market,") :].split("[", 1)
+                replies[int(head)] = json.loads("[" + body)[0]
+        limited = [r for r in replies.values() if not r["ok"] and "bytes" in r["error"]["message"]]
+        assert all(r["error"]["code"] == "rate_limited" for r in limited)
+        assert len(limited) >= 36, [r.get("error") for r in replies.values()]
+        assert handled <= 4, handled  # the refused ones were never decoded
+        await bid_ok(url, "P2")
+
+        raw = await http.ws_connect(ws_url)  # never logs in, sends ~100 KB at once
+        await raw.receive()
+        junk = json.dumps(["bid", {"pad": "x" * 100_000}])
+        with contextlib.suppress(ConnectionError):
+            await raw.send_str(f"42/market,{junk}")
+        msg = await asyncio.wait_for(raw.receive(), 5)
+        closing = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+        assert msg.type in closing or msg.data == "1", msg  # engine.io CLOSE, then the socket's
+        assert handled <= 4
+        await ws.close()
 
 
 async def test_a_slow_reader_is_closed_before_it_grows_the_server(ledger_url: str) -> None:
