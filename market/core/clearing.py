@@ -209,7 +209,14 @@ def match_sorted(
         return empty, empty, empty
     bid_end = np.cumsum(bid_qty)
     ask_end = np.cumsum(ask_qty)
-    cuts = np.union1d(bid_end, ask_end)
+    # The breakpoints of both, sorted and distinct. Not np.union1d: numpy 2's unique is
+    # 100x slower here than a sort, which is near linear on two concatenated sorted runs.
+    cuts = np.concatenate((bid_end, ask_end))
+    cuts.sort(kind="stable")
+    distinct = np.empty(len(cuts), dtype=bool)
+    distinct[0] = True
+    np.not_equal(cuts[1:], cuts[:-1], out=distinct[1:])
+    cuts = cuts[distinct]
     cuts = cuts[cuts <= min(bid_end[-1], ask_end[-1])]
     starts = np.concatenate(([0], cuts[:-1]))
     bi = np.searchsorted(bid_end, starts, side="right")
