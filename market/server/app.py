@@ -183,16 +183,14 @@ class MarketServer:
 
     async def _on_eio_disconnect(self, eio_sid: str, *reason: Any) -> None:
         self.guard.closed(eio_sid)
+        self.sio.forget_pings(eio_sid)
         await self._eio_disconnect(eio_sid, *reason)
 
     async def _drop(self, eio_sid: str) -> None:
         """Close an engine.io connection without waiting for the client: a polling session
         whose client never polls again would otherwise be kept forever."""
-        sock = self.sio.eio.sockets.pop(eio_sid, None)
-        if sock is None:
+        if not await self.sio.close_now(eio_sid, abort=False):  # a websocket hears CLOSE
             return
-        with contextlib.suppress(Exception):
-            await sock.close(wait=False, abort=not sock.upgraded)  # a websocket hears CLOSE
         self.guard.closed(eio_sid)
 
     def authenticated(self, sid: str, namespace: str, members: int = 1) -> None:

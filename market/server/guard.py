@@ -14,6 +14,7 @@ client can hold is bounded, and the log says so once per interval, not once per 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import resource
@@ -145,6 +146,31 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
     max_queued = 256  # packets waiting to be sent to one client; past it the client is a slow reader
     guard: ConnectionGuard | None = None  # byte budgets, charged before decoding
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # engine.io starts a ping task per connection that sleeps `ping_interval` (25 s) and
+        # holds the socket all that time, closed or not: a flood of short connections kept
+        # ~20,000 of them alive and full collections grew to 0.7 s. `forget_pings` cancels
+        # a connection's ping task when it closes.
+        self._pings: dict[str, Any] = {}
+        start = self.eio.start_background_task
+
+        def start_background_task(target: Any, *a: Any, **kw: Any) -> Any:
+            task = start(target, *a, **kw)
+            if getattr(target, "__name__", "") == "_send_ping" and hasattr(target, "__self__"):
+                sid = target.__self__.sid
+                self._pings[sid] = task
+                task.add_done_callback(lambda t: self._pings.pop(sid, None) if self._pings.get(sid) is t else None)
+            return task
+
+        self.eio.start_background_task = start_background_task
+
+    def forget_pings(self, eio_sid: str) -> None:
+        """The connection closed: its pending ping (if any) will never be sent."""
+        task = self._pings.pop(eio_sid, None)
+        if task is not None:
+            task.cancel()
+
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if self.text_only and (
             isinstance(data, bytes) or data[:1] in (str(packet.BINARY_EVENT), str(packet.BINARY_ACK))
@@ -183,16 +209,28 @@ class GuardedServer(socketio.AsyncServer):  # type: ignore[misc]
     async def drop_slow(self, eio_sid: str) -> None:
         """Close a client that does not read what it is sent, and free what waits for it
         (its private events stay in the outbox for `resume`)."""
+        sock = self.eio.sockets.get(eio_sid)
+        if sock is not None:
+            while not sock.queue.empty():
+                sock.queue.get_nowait()
+                sock.queue.task_done()
+        await self.close_now(eio_sid, abort=True)
+
+    async def close_now(self, eio_sid: str, *, abort: bool) -> bool:
+        """Close an engine.io connection without waiting for the client (False: it was not
+        open). A websocket's TCP connection is aborted after its CLOSE packet: aiohttp would
+        otherwise keep the connection, its buffers and tasks for up to 10 s waiting for the
+        client's half of the close handshake, and a flood of clients that never read grew
+        the heap until full collections stopped the loop for 0.8 s (hostile soak)."""
         sock = self.eio.sockets.pop(eio_sid, None)
         if sock is None:
-            return
-        while not sock.queue.empty():
-            sock.queue.get_nowait()
-            sock.queue.task_done()
-        try:
-            await sock.close(wait=False, abort=True)
-        except Exception:  # already closing: nothing more to free
-            return
+            return False
+        request = (self.environ.get(eio_sid) or {}).get("aiohttp.request")
+        with contextlib.suppress(Exception):  # already closing: nothing more to free
+            await sock.close(wait=False, abort=abort or not sock.upgraded)  # polling: nobody to tell
+        if sock.upgraded and request is not None and request.transport is not None:
+            request.transport.abort()
+        return True
 
     async def _handle_event(self, eio_sid: str, namespace: str | None, id: int | None, data: Any) -> None:
         if self.queued(eio_sid) > self.max_queued:

@@ -48,6 +48,37 @@ async def test_two_thousand_idle_sockets_do_not_lock_participants_out(ledger_url
             await ws.close()
 
 
+async def test_evicted_connections_are_freed_at_once(ledger_url: str) -> None:
+    """An evicted websocket whose client never reads is closed on the server's side at once,
+    not after aiohttp's 10 s wait for the client's half of the close handshake, and no
+    closed connection leaves engine.io's 25 s ping task behind (a flood of them held the
+    server's heap until full collections took 0.7-0.8 s)."""
+    import os
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    server = server_with(ledger_url, max_pending=20, auth_timeout=30)
+    async with serving(server) as url, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        ws_url = url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
+        before = fds()
+        held = [await http.ws_connect(ws_url) for _ in range(200)]  # never read again
+        await asyncio.sleep(1.0)
+        # The client still holds its 200 ends; the server keeps only the 20 newest of its own.
+        assert fds() - before < 200 + 60, fds() - before
+        tasks = len(asyncio.all_tasks())
+        for _ in range(300):  # polling handshakes, evicted too
+            async with http.get(url + "/socket.io/?EIO=4&transport=polling") as r:
+                assert r.status == 200
+        await asyncio.sleep(0.2)
+        # engine.io's 25 s ping task of each closed connection is cancelled with it.
+        assert len(asyncio.all_tasks()) - tasks < 50, len(asyncio.all_tasks()) - tasks
+        assert len(server.sio._pings) <= 25
+        await bid_ok(url)
+        for ws in held:
+            await ws.close()
+
+
 async def test_connections_that_never_log_in_are_closed_after_the_deadline(ledger_url: str) -> None:
     server = server_with(ledger_url, auth_timeout=1.0)
     async with serving(server) as url, aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
