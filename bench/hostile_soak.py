@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp
 
 from tests.e2e.test_crash import free_port
+from tests.e2e.test_observe import scrape
 from tests.e2e.test_soak import check_ledger, start_market, start_worker
 
 HOSTILE = "H0"  # an authenticated prosumer that misbehaves
@@ -32,18 +33,11 @@ HOSTILE = "H0"  # an authenticated prosumer that misbehaves
 async def server_ack_p99(url: str) -> float:
     """The p99 of the server's own acknowledgement latency (event received to reply sent),
     from its histogram: the upper bound of the bucket that holds the 99th percentile (ms)."""
-    async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as r:
-        text = await r.text()
-    buckets = []
-    for line in text.splitlines():
-        if line.startswith("microte_ack_latency_seconds_bucket"):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+    async with aiohttp.ClientSession() as http:
+        samples = await scrape(http, url)
+    buckets = [(float(s.labels["le"]), s.value) for s in samples.get("microte_ack_latency_seconds_bucket", [])]
     total = buckets[-1][1] if buckets else 0.0
-    for le, n in buckets:
-        if n >= 0.99 * total:
-            return le * 1000
-    return float("nan")
+    return next((le * 1000 for le, n in buckets if n >= 0.99 * total), float("nan"))
 
 
 def rss_mb(pid: int) -> float:

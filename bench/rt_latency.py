@@ -59,6 +59,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT), *(p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench")]
 
 import socketio  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 BARE_LISTENING = "bare listening on "
 MICROTE_LISTENING = "microte market listening on "  # controller.sim.LISTENING
@@ -404,10 +405,10 @@ def group_writes(url: str) -> tuple[float, float] | None:
             text = resp.read().decode()
     except OSError:
         return None
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     try:
-        return float(values["microte_ledger_commits_total"]), float(values["microte_ledger_commit_seconds_total"])
-    except (KeyError, ValueError):
+        return values["microte_ledger_commits_total"], values["microte_ledger_commit_seconds_total"]
+    except KeyError:
         return None
 
 

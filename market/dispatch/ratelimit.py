@@ -68,6 +68,12 @@ class LoginThrottle:
         self._keys.pop(key, None)
 
 
+def refill(tokens: float, last: float, now: float, rate: float, burst: float) -> float:
+    """A token bucket's content at `now`: what it held at `last`, plus `rate` per second
+    since, never more than `burst`."""
+    return min(burst, tokens + (now - last) * rate)
+
+
 class RateLimiter:
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
@@ -79,7 +85,7 @@ class RateLimiter:
         """Take `cost` tokens from `key`'s bucket, or none if it holds fewer."""
         t = time.monotonic() if now is None else now
         tokens, last = self._buckets.get(key, (self.burst, t))
-        tokens = min(self.burst, tokens + (t - last) * self.rate)
+        tokens = refill(tokens, last, t, self.rate, self.burst)
         if tokens < cost:
             self._buckets[key] = (tokens, t)
             return False
@@ -92,7 +98,7 @@ class RateLimiter:
         refilled = {}
         for key in costs:
             tokens, last = self._buckets.get(key, (self.burst, t))
-            refilled[key] = min(self.burst, tokens + (t - last) * self.rate)
+            refilled[key] = refill(tokens, last, t, self.rate, self.burst)
         ok = all(refilled[key] >= cost for key, cost in costs.items())
         for key, cost in costs.items():
             self._buckets[key] = (refilled[key] - (cost if ok else 0), t)

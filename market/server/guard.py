@@ -26,6 +26,7 @@ import socketio
 from socketio import packet
 
 from market.core.errors import MarketError
+from market.dispatch.ratelimit import refill
 
 log = logging.getLogger("microte.market")
 RESERVED = frozenset({"connect", "disconnect", "connect_error"})
@@ -94,7 +95,7 @@ class ConnectionGuard:
         budget = self._budget.get(eio_sid)
         if budget is None:
             return True  # not a connection this guard opened (closing): python-socketio decides
-        left = min(budget[3], budget[0] + (now - budget[1]) * budget[2])
+        left = refill(budget[0], budget[1], now, budget[2], budget[3])
         budget[1] = now
         if left < size:
             budget[0] = left
