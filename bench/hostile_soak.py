@@ -28,6 +28,9 @@ from tests.e2e.test_observe import scrape
 from tests.e2e.test_soak import check_ledger, start_market, start_worker
 
 HOSTILE = "H0"  # an authenticated prosumer that misbehaves
+# The hostile process connects from its own loopback address, as an attacker on the internet
+# would: the honest prosumers (127.0.0.1) are not the address that backs off.
+HOSTILE_ADDRESS = "127.0.0.2"
 
 
 async def server_ack_p99(url: str) -> float:
@@ -54,7 +57,7 @@ async def hostile(url: str, token: str, seconds: float, attacks: tuple[str, ...]
     """Every kind of abuse at once, for `seconds` (run in its own process)."""
     ws_url = url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"
     end = time.monotonic() + seconds
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, local_addr=(HOSTILE_ADDRESS, 0))) as http:
 
         async def idle() -> None:
             held: list[aiohttp.ClientWebSocketResponse] = []
@@ -99,6 +102,8 @@ async def hostile(url: str, token: str, seconds: float, attacks: tuple[str, ...]
                     await ws.receive()
                     await ws.send_str("40/market," + json.dumps({"id": "P0", "token": "guess"}))
                     await ws.close()
+                except aiohttp.WSServerHandshakeError:
+                    continue  # refused at the handshake (backing off): a hostile client keeps trying
                 except Exception:
                     await asyncio.sleep(0.5)
 

@@ -199,9 +199,14 @@ class Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
 def login_keys(environ: dict[str, Any], ids: list[Any]) -> list[str]:
     """The keys a login is throttled by: the peer address and each participant id it names
     (an id longer than any registered one is not tracked: it cannot be right)."""
-    keys = [f"addr:{peer_address(environ)}"]
+    keys = [address_key(peer_address(environ))]
     keys += [f"id:{i}" for i in ids if isinstance(i, str) and 0 < len(i) <= 64]
     return keys
+
+
+def address_key(address: str) -> str:
+    """The login throttle's key of a peer address."""
+    return f"addr:{address}"
 
 
 def peer_address(environ: dict[str, Any]) -> str:
@@ -211,11 +216,14 @@ def peer_address(environ: dict[str, Any]) -> str:
     return str(remote or environ.get("REMOTE_ADDR") or "?")
 
 
+def backing_off(wait: float) -> str:
+    """The refusal of a login while its address or id backs off for `wait` seconds."""
+    return f"unauthorized: too many failed logins from this address or for this id; retry in {math.ceil(wait)} s"
+
+
 def refuse_throttled(wait: float, namespace: str) -> None:
     """Refuse a login while its address or id backs off from failed logins (even one with
     the right token: otherwise a guess would still be checked)."""
     if wait > 0:
         log.warning("ns=%s refused: login backing off after failed logins", namespace)
-        raise socketio.exceptions.ConnectionRefusedError(
-            f"unauthorized: too many failed logins from this address or for this id; retry in {math.ceil(wait)} s"
-        )
+        raise socketio.exceptions.ConnectionRefusedError(backing_off(wait))

@@ -37,7 +37,7 @@ from market.core.records import (
 from market.core.registry import Registry
 from market.core.sink import Sink
 from market.core.timing import RealTimeClock, SimClock
-from market.dispatch.base import Namespace, Sessions, peer_address
+from market.dispatch.base import Namespace, Sessions, address_key, backing_off, peer_address
 from market.dispatch.ratelimit import RateLimiter
 from market.flexibility.namespace import FlexNamespace
 from market.server.commit import GroupCommit
@@ -171,8 +171,16 @@ class MarketServer:
                 await asyncio.wait_for(self.sio.eio.disconnect(), 2)
             await asyncio.wait_for(self.sio.shutdown(), 2)
 
-    async def _on_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> bool:
-        accepted, evict = self.guard.opened(eio_sid, peer_address(environ), time.monotonic())
+    async def _on_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> bool | dict[str, str]:
+        address = peer_address(environ)
+        wait = self.limiter.logins.wait((address_key(address),))
+        if wait > 0:
+            # An address backing off from failed logins is refused at the handshake (engine.io
+            # answers 401 with this body), before the websocket upgrade and the login: a
+            # guessing flood then costs the server a fraction of a handshake per attempt.
+            log.warning("connection refused: its address backs off after failed logins")
+            return {"message": backing_off(wait)}
+        accepted, evict = self.guard.opened(eio_sid, address, time.monotonic())
         for old in evict:  # the oldest connections that have not logged in make room
             self.spawn(self._drop(old))
         if not accepted:

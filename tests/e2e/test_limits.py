@@ -5,9 +5,11 @@ one owner does not trade with itself, and failed logins back off."""
 from __future__ import annotations
 
 import asyncio
+import json
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 import socketio
 
@@ -224,16 +226,42 @@ def test_login_throttle_backs_off_exponentially_and_is_bounded() -> None:
     assert len(t) <= 100
 
 
+async def handshake_refusal(url: str) -> tuple[int, str]:
+    """A raw engine.io polling handshake: its HTTP status and the refusal message of its body."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/socket.io/?EIO=4&transport=polling") as r:
+        body = await r.text()
+        return r.status, (json.loads(body).get("message", "") if r.status == 401 else body)
+
+
+async def upgrade_status(url: str) -> int:
+    """The HTTP status of a websocket handshake (101: upgraded)."""
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.ws_connect(url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket"):
+                return 101
+        except aiohttp.WSServerHandshakeError as err:
+            return err.status
+
+
 async def test_failed_logins_are_refused_for_a_while_even_with_the_right_token(ledger_url: str) -> None:
     config = MarketConfig(duration=60, round_timeout=0.5)
     async with running(config, ledger_url) as (url, server):
         for _ in range(5):
             assert (await refusal(url, "P1", token="guess")) == "unauthorized: unknown id or wrong token"
-        message = await refusal(url, "P1")  # the right token, but too soon
-        assert message.startswith("unauthorized: too many failed logins"), message
-        assert (await refusal(url, "P2")).startswith("unauthorized: too many failed logins")  # same address
-        message = await refusal(url, "P2", "/fleet")
-        assert message.startswith("unauthorized: too many failed logins"), message
+        # The address backs off: refused at the handshake, before any engine.io session or
+        # websocket upgrade, so a guessing flood costs the server a 401, not a login.
+        status, message = await handshake_refusal(url)
+        assert status == 401 and message.startswith("unauthorized: too many failed logins"), (status, message)
+        assert await upgrade_status(url) == 401
+        assert server.guard.connections == 0 and not server.sio.eio.sockets
+        polling = socketio.AsyncClient(reconnection=False)  # python-socketio hears it as the connect error
+        errors: list[Any] = []
+        polling.on("connect_error", errors.append, namespace="/market")
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await polling.connect(
+                url, namespaces=["/market"], transports=["polling"], auth={"id": "P1", "token": TOKENS["P1"]}
+            )
+        assert errors and str(errors[0]["message"]).startswith("unauthorized: too many failed logins"), errors
         await asyncio.sleep(1.1)
         p1 = await client(url, "P1")  # the back-off (1 s) is over
         assert server.online() == ["P1"]
@@ -246,7 +274,8 @@ async def test_fleet_logins_back_off_too(ledger_url: str) -> None:
         for _ in range(5):
             with pytest.raises(socketio.exceptions.ConnectionError):
                 await fleet(url, ["P1"], token="guess")
-        assert (await refusal(url, "P1")).startswith("unauthorized: too many failed logins")
+        status, message = await handshake_refusal(url)
+        assert status == 401 and message.startswith("unauthorized: too many failed logins"), (status, message)
 
 
 async def test_the_id_backs_off_across_addresses(ledger_url: str) -> None:
