@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controller import cosim, dso, flexsim, grid_report, participant, serve
+from controller import cosim, dso, flexsim, grid_report, participant, serve, sweep
 
 
 def parser() -> argparse.ArgumentParser:
@@ -13,13 +13,20 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     serve.add_arguments(sub.add_parser("market", help="run the market server"))
     participant.add_arguments(sub.add_parser("participant", help="connect participant clients of a scenario"))
-    s = sub.add_parser("sim", help="simulate a scenario over real socket.io on loopback")
+    s = sub.add_parser("sim", help="simulate a scenario over real socket.io on loopback (or in-process)")
     s.add_argument("scenario", help="scenario TOML file")
     s.add_argument("--ledger", default="sqlite:///microte-sim.db", help="ledger URL (a SQLite file is rewritten)")
     s.add_argument("--participants", type=int, help="scale the community to N (seeded synthetic prosumers)")
     s.add_argument("--days", type=float, help="override the scenario's number of days")
     s.add_argument("--fleet", type=int, default=0, metavar="K", help="serve the participants over K /fleet connections")
     s.add_argument("--serializer", choices=["json", "msgpack"], default="json")
+    s.add_argument(
+        "--transport",
+        choices=["socket", "inproc"],
+        default="socket",
+        help="socket: a market server process and socket.io clients; inproc: the same engine and participants "
+        "called in this process (same ledger digest, no sockets)",
+    )
     serve.add_parity_arguments(s)
     flexsim.add_arguments(
         sub.add_parser("flexsim", help="simulate aggregator flexibility: fair vs reputation (seed 001)")
@@ -32,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     )
     cosim.add_arguments(
         sub.add_parser("cosim", help="HELICS co-simulation: market, pandapower grid and weather federates")
+    )
+    sweep.add_arguments(
+        sub.add_parser("sweep", help="run every combination of scenario values over several seeds, compare the KPIs")
     )
     led = sub.add_parser("ledger", help="ledger tools")
     led.add_argument(
@@ -55,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         from controller import sim  # the client stack and progress bar: only for this command
 
         lem = serve.parity_flags(args)
-        return sim.main(args.scenario, args.ledger, args.participants, args.days, args.serializer, args.fleet, lem)
+        if args.transport == "inproc" and (args.fleet or lem or args.serializer != "json"):
+            print(
+                "microte sim: --fleet, --serializer and --lem-* are socket options (--transport socket)",
+                file=sys.stderr,
+            )
+            return 2
+        return sim.main(
+            args.scenario, args.ledger, args.participants, args.days, args.serializer, args.fleet, lem, args.transport
+        )
     if args.command == "flexsim":
         return flexsim.main(args)
     if args.command == "dso":
@@ -64,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return grid_report.main(args)
     if args.command == "cosim":
         return cosim.main(args)
+    if args.command == "sweep":
+        return sweep.main(args)
     if args.command == "ledger":
         if args.action == "verify":
             from controller import ledger_cmd

@@ -28,6 +28,7 @@ solve_delay = 60                  # ... a minute after the boundary
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,10 +91,27 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise SystemExit(f"[parity] or --lem-* flags: {exc}") from None
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
+def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Scenario:
+    """The scenario of a TOML file; `overrides` replace values by dotted key
+    (`{"market.pricing": "uniform", "seed": 3}`) before it is validated."""
+    data = scenario_table(path, overrides)
     try:
         return msgspec.convert(data, Scenario, strict=False)
     except msgspec.ValidationError as exc:
         raise SystemExit(f"{path}: {exc}") from None
+
+
+def scenario_table(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The TOML table of a scenario file with `overrides` applied (see `load_scenario`)."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    for key, value in (overrides or {}).items():
+        *tables, last = key.split(".")
+        node = data
+        for t in tables:
+            child = node.setdefault(t, {})
+            if not isinstance(child, dict):
+                raise SystemExit(f"{path}: cannot set {key!r}: {t!r} is not a table")
+            node = child
+        node[last] = value
+    return data

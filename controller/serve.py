@@ -13,6 +13,7 @@ from aiohttp import web
 from controller import runloop
 from controller.scenario import Scenario, load_scenario
 from ledger import open_sink
+from market.core.engine import MarketConfig
 from market.core.records import RunRecord
 from market.core.registry import Registry
 from market.server.app import MarketServer, canonical_config
@@ -95,13 +96,7 @@ async def serve(args: argparse.Namespace) -> int:
         durability=args.durability,
     )
     parity = scenario.parity_config(**parity_overrides(args))
-    run = RunRecord(
-        id=f"{scenario.name}-{scenario.seed}-{int(time.time())}",
-        scenario=scenario.name,
-        seed=scenario.seed,
-        started=int(time.time()),
-        config=canonical_config(config),
-    )
+    run = run_record(scenario, config)
     guard = ConnectionGuard(
         auth_timeout=args.auth_timeout,
         max_pending=args.max_pending,
@@ -135,6 +130,17 @@ async def serve(args: argparse.Namespace) -> int:
     logging.getLogger("microte.market").info("shutting down: closing connections, flushing the ledger")
     await runner.cleanup()
     return 0
+
+
+def run_record(scenario: Scenario, config: MarketConfig) -> RunRecord:
+    """The `runs` row a market writes at start (not in the digest: it holds the wall clock)."""
+    return RunRecord(
+        id=f"{scenario.name}-{scenario.seed}-{int(time.time())}",
+        scenario=scenario.name,
+        seed=scenario.seed,
+        started=int(time.time()),
+        config=canonical_config(config),
+    )
 
 
 def main(args: argparse.Namespace) -> int:

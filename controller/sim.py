@@ -11,18 +11,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
 import socketio
+import tomli_w
 from tqdm import tqdm
 
 from controller import runloop
 from controller.report import Summary, render, summarize
-from controller.scenario import Scenario, load_scenario
+from controller.scenario import Scenario, load_scenario, scenario_table
 from ledger import read_rows
 from market.core import wire
 from participants.fleet import Fleet
@@ -126,14 +127,27 @@ async def run_sim(
     serializer: str = "json",
     fleets: int = 0,
     market_args: Sequence[str] = (),
+    transport: str = "socket",
+    overrides: Mapping[str, Any] | None = None,
 ) -> SimResult:
     """Run a scenario; `fleets` > 0 serves the participants over that many `/fleet`
     connections instead of one connection each; `market_args` go to `microte market`
-    (the `--lem-*` flags)."""
-    scenario = load_scenario(scenario_path)
+    (the `--lem-*` flags). `transport="inproc"`: no server process and no sockets, the same
+    ledger (controller/inproc.py). `overrides`: scenario values by dotted key (`load_scenario`)."""
+    scenario = load_scenario(scenario_path, overrides)
     if days is not None:
         scenario = msgspec.structs.replace(scenario, days=days)
     specs = community(scenario, participants)
+    if transport == "inproc":
+        from controller.inproc import run_inproc
+
+        fresh_ledger(ledger)
+        started = time.perf_counter()
+        with tqdm(total=scenario.rounds, unit="round", disable=not progress, desc=scenario.name) as bar:
+            summary, missing = await run_inproc(
+                scenario, specs, ledger=ledger, base_dir=Path(scenario_path).parent, progress=bar.update
+            )
+        return SimResult(summary, time.perf_counter() - started - summary.seconds, missing)
     tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {CONTROLLER_ID: secrets.token_urlsafe(18)}
     roles: dict[str, str] = {}
     feeder_task = None
@@ -151,11 +165,15 @@ async def run_sim(
     with tempfile.TemporaryDirectory(prefix="microte-") as tmp:
         registry = Path(tmp) / "registry.toml"
         write_registry(registry, tokens, roles)
+        server_scenario = Path(scenario_path)
+        if overrides:  # the server reads the market settings from the overridden scenario
+            server_scenario = Path(tmp) / "scenario.toml"
+            server_scenario.write_text(tomli_w.dumps(scenario_table(scenario_path, overrides)))
         server_args = [
             "--registry",
             str(registry),
             "--scenario",
-            str(scenario_path),
+            str(server_scenario),
             "--port",
             "0",
             "--ledger",
@@ -274,18 +292,24 @@ def main(
     serializer: str,
     fleets: int = 0,
     market_args: Sequence[str] = (),
+    transport: str = "socket",
 ) -> int:
-    result = runloop.run(
-        run_sim(
-            scenario,
-            ledger=ledger,
-            participants=participants,
-            days=days,
-            serializer=serializer,
-            fleets=fleets,
-            market_args=market_args,
+    try:
+        result = runloop.run(
+            run_sim(
+                scenario,
+                ledger=ledger,
+                participants=participants,
+                days=days,
+                serializer=serializer,
+                fleets=fleets,
+                market_args=market_args,
+                transport=transport,
+            )
         )
-    )
+    except ValueError as err:  # a scenario this transport cannot run
+        print(f"microte sim: {err}", file=sys.stderr)
+        return 2
     print(render(result.summary, ledger))
     print(f"Start-up to first round: {result.startup_seconds:.2f} s; readings missing: {result.missing_total}")
     return 0

@@ -111,7 +111,11 @@ class Prosumer:
     def on_round(self, payload: Any) -> tuple[dict[str, Any] | None, list[Order]]:
         """Handle `start_round`: the meter reading to send (None if that slot was already
         metered) and the orders for `next_settle` (possibly empty)."""
-        msg = parse(payload, StartRound)
+        return self.on_round_msg(parse(payload, StartRound))
+
+    def on_round_msg(self, msg: StartRound, *, trade: bool = True) -> tuple[dict[str, Any] | None, list[Order]]:
+        """`on_round` of a decoded payload; `trade=False` meters and remembers the prices but
+        leaves `next_settle` to the caller (a participant driven from outside: `observe`)."""
         if msg.timezone != self.timezone:
             self.timezone = msg.timezone
             self.profiles = build_profiles(self.spec, self.seed, msg.timezone, self.base_dir)
@@ -133,7 +137,7 @@ class Prosumer:
         if slot is not None and slot[0] > self._metered:
             meter = self._meter(slot)
         orders: list[Order] = []
-        if msg.next_settle[0] > self._traded:
+        if trade and msg.next_settle[0] > self._traded:
             self._traded = msg.next_settle[0]
             orders = self._trade(msg)
         self._forget(msg.current_round)
@@ -166,6 +170,19 @@ class Prosumer:
         return meter
 
     def _trade(self, msg: StartRound) -> list[Order]:
+        obs = self.observe(msg)
+        # A generator per (seed, participant, slot): orders never depend on call history.
+        # Seeding one costs more than most traders, so only those that draw get their own
+        # (what `np.random.default_rng(seed)` builds, without its wrapper's overhead).
+        rng = _UNUSED_RNG
+        if self._draws:
+            rng = np.random.Generator(np.random.PCG64([self.seed % 2**64, self._key, obs.next_settle[0]]))
+        orders = self.trader(obs, rng)
+        self.stats.orders += len(orders)
+        return orders
+
+    def observe(self, msg: StartRound) -> Observation:
+        """What the trader knows when it trades `msg.next_settle` (after this round's reading)."""
         slot = msg.next_settle
         gen, load = self.energy(slot)
         info = next((i for i in msg.market_info if i.time_delivery == slot), None)
@@ -183,15 +200,7 @@ class Prosumer:
             committed=self.commitments.get(slot[0], Commitment()),
             trader=self.spec.trader,
         )
-        # A generator per (seed, participant, slot): orders never depend on call history.
-        # Seeding one costs more than most traders, so only those that draw get their own
-        # (what `np.random.default_rng(seed)` builds, without its wrapper's overhead).
-        rng = _UNUSED_RNG
-        if self._draws:
-            rng = np.random.Generator(np.random.PCG64([self.seed % 2**64, self._key, slot[0]]))
-        orders = self.trader(obs, rng)
-        self.stats.orders += len(orders)
-        return orders
+        return obs
 
     def _keep(self, start: int) -> None:
         """Note that a per-slot table holds `start`, for `_forget`."""

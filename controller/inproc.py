@@ -1,0 +1,200 @@
+"""In-process runs (`microte sim SCENARIO --transport inproc`): the sim server's round
+(`MarketServer.step`, market/server/app.py) and the participant clients' handlers
+(`ParticipantClient`), called directly: the same engine and the same `Prosumer`s, with no
+server process, no sockets and no JSON. Same scenario and seed, same ledger as the socket
+run, byte for byte (`tests/controller/test_inproc.py` compares the digests).
+
+`InprocMarket` is also what the research environments step (controller/envs.py): a round
+is `open` (fills announced, every prosumer meters and trades), `submit` for participants
+driven from outside, then `close` (the slot is processed, deliveries handed out).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from controller.report import Summary, summarize
+from controller.scenario import Scenario
+from controller.serve import run_record
+from ledger import open_sink
+from market.core.engine import Market, RoundOpen
+from market.core.errors import MarketError
+from market.core.protocol import MeterMsg, OrdersMsg, decode
+from market.core.records import Batch, MeterRecord, Record, RoundRecord
+from participants.messages import StartRound, parse
+from participants.prosumer import Prosumer
+from participants.spec import ParticipantSpec
+
+# Records kept before a write: the ledger is written in large batches (nobody waits for an
+# acknowledgement in-process), and once more at the end.
+WRITE_EVERY = 50_000
+
+
+class InprocMarket:
+    """One sim market and its prosumers in this process. Prosumers listed in `external`
+    are metered and told of their fills and deliveries like the others, but trade only
+    what `submit` gives them (their trader is not called)."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        specs: Sequence[ParticipantSpec],
+        *,
+        base_dir: str | Path | None = None,
+        external: Sequence[str] = (),
+    ) -> None:
+        if scenario.feeder is not None:
+            raise ValueError(
+                "--transport inproc does not run the DSO agent of a [feeder] scenario yet; use --transport socket"
+            )
+        self.scenario = scenario
+        self.config = scenario.market_config("sim")
+        self.market = Market(self.config)
+        self.prosumers = {
+            s.id: Prosumer(s, scenario.seed, timezone=scenario.timezone, base_dir=base_dir) for s in specs
+        }
+        unknown = sorted(set(external) - set(self.prosumers))
+        if unknown:
+            raise ValueError(f"external participants not in the scenario: {unknown}")
+        self.external = frozenset(external)
+        self.order = [s.id for s in specs]  # the registry's order (the `missing` lists)
+        self.records: list[Record] = []  # to be written, in the order the server writes them
+        self.opened: RoundOpen | None = None
+        self.last: RoundRecord | None = None
+        self.refused = 0  # orders and readings the market refused (a client's `errors`)
+
+    # -- one round ---------------------------------------------------------------------------
+
+    def open(self, t: int) -> dict[str, Any]:
+        """Open the round at `t` (as `step`): announce the fills, then every prosumer meters
+        the current slot and trades `next_settle`. Returns the `start_round` payload."""
+        if self.opened is not None:
+            raise RuntimeError(f"round {self.opened.times.time} is still open: close it first")
+        last = self.market.times
+        if last is not None and t <= last.time:
+            raise ValueError(f"round {t} is not after round {last.time}")
+        self.opened = opened = self.market.open_round(t, None)
+        for pid, payload in opened.settled:
+            p = self.prosumers.get(pid)
+            if p is not None:
+                p.on_settled(payload)
+        msg = parse(opened.start_round, StartRound)  # once for all: each client would parse its copy
+        for pid in self.order:
+            p = self.prosumers[pid]
+            meter, orders = p.on_round_msg(msg, trade=pid not in self.external)
+            if orders:
+                self.submit(pid, orders)
+            if meter is not None:
+                self._reply(pid, "meter", meter)
+        return opened.start_round
+
+    def submit(self, pid: str, orders: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Orders of `pid` for the open round, as an `orders` event: each order's reply."""
+        reply = self._reply(pid, "orders", {"orders": orders})
+        return list(reply.get("results", []))
+
+    def close(self) -> RoundRecord:
+        """Process the open round's slot (as the end of `step`) and hand out deliveries."""
+        opened = self.opened
+        if opened is None:
+            raise RuntimeError("no round is open")
+        self.opened = None
+        t = opened.times.time
+        for skipped in [s for s in self.market.delivering() if s < t]:  # never when stepping by one slot
+            self._finish(opened, skipped, [])
+        return self._finish(opened, t, opened.settlements)
+
+    def step(self, t: int) -> RoundRecord:
+        self.open(t)
+        return self.close()
+
+    def take_records(self) -> list[Record]:
+        out, self.records = self.records, []
+        return out
+
+    # -- what the server does ------------------------------------------------------------------
+
+    def _reply(self, pid: str, event: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Handle one event as the `/market` namespace does (round durability): the reply."""
+        try:
+            if event == "orders":
+                OrdersMsg.check_size(data)
+                reply: dict[str, Any] = {"results": self.market.submit_orders(pid, decode(data, OrdersMsg))}
+                self.refused += sum(1 for r in reply["results"] if not r.get("ok"))
+            else:
+                reply = self.market.meter(pid, decode(data, MeterMsg))
+        except MarketError as err:
+            self.refused += 1
+            return err.reply()
+        return reply
+
+    def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Any]) -> RoundRecord:
+        result = self.market.process(slot, opened.times.time)
+        metered = set(result.metered)
+        missing = [p for p in self.order if p not in metered]
+        journal = self.market.take_journal()  # entries, cancels (readings are in result.meters)
+        records: list[Record] = [*(r for r in journal if not isinstance(r, MeterRecord)), *fills, *result.meters]
+        records += result.transactions
+        summary = RoundRecord(
+            id=f"r{opened.times.time}-{slot}",
+            time=opened.times.time,
+            duration=opened.times.duration,
+            current_round_start=slot,
+            matched_slot_start=opened.times.last_settle[0],
+            trades=len(fills),
+            metered=len(result.metered),
+            missing=msgspec.json.encode(missing).decode(),
+            records=len(records),
+        )
+        self.records += records
+        self.records.append(summary)
+        self.last = summary
+        for pid, payload in result.deliveries.items():
+            p = self.prosumers.get(pid)
+            if p is not None:
+                p.on_delivery(payload)
+        return summary
+
+
+async def run_inproc(
+    scenario: Scenario,
+    specs: Sequence[ParticipantSpec],
+    *,
+    ledger: str,
+    base_dir: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Summary, int]:
+    """Every round of `scenario`, the ledger written to `ledger`: (summary, readings missing)."""
+    run = InprocMarket(scenario, specs, base_dir=base_dir)
+    sink = open_sink(ledger)
+    await sink.start()
+    missing = 0
+    try:
+        await sink.write(Batch((run_record(scenario, run.config),)))
+        t0 = time.perf_counter()
+        for i in range(scenario.rounds):
+            summary = run.step(scenario.start_time + i * scenario.step)
+            missing += len(msgspec.json.decode(summary.missing))
+            if len(run.records) >= WRITE_EVERY:
+                await sink.write(Batch(tuple(run.take_records())))
+            if progress is not None:
+                progress(1)
+        await sink.write(Batch(tuple(run.take_records())))
+        seconds = time.perf_counter() - t0
+    finally:
+        await sink.close()
+    return _summary(ledger, scenario, seconds), missing
+
+
+def _summary(ledger: str, scenario: Scenario, seconds: float) -> Summary:
+    from ledger import read_rows
+
+    transactions = read_rows(ledger, "transactions")
+    meters = read_rows(ledger, "meters")
+    settlements = len(read_rows(ledger, "settlements"))
+    return summarize(transactions, meters, settlements, scenario.grid_tariff, scenario.rounds, seconds)

@@ -1,0 +1,66 @@
+"""In-process runs (controller/inproc.py): the socket run's ledger, byte for byte, without sockets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.cli import main
+from controller.inproc import InprocMarket
+from controller.scenario import load_scenario
+from controller.sim import community, run_sim
+from ledger import ledger_digest, read_rows
+
+SCENARIOS = Path(__file__).parents[2] / "scenarios"
+SCENARIO = SCENARIOS / "community.toml"
+
+
+@pytest.mark.parametrize(
+    ("participants", "days", "overrides"), [(30, 1.0, {}), (12, 0.5, {"market.pricing": "uniform", "seed": 5})]
+)
+async def test_inproc_writes_the_socket_ledger_byte_for_byte(
+    tmp_path: Path, participants: int, days: float, overrides: dict[str, object]
+) -> None:
+    """Batteries steered by their fills, random-price traders (seeded per slot) and synthetic
+    prosumers included (a whole day: the batteries' fills come with the sun)."""
+    socket, inproc = f"sqlite:///{tmp_path}/socket.db", f"sqlite:///{tmp_path}/inproc.db"
+    kw = {"participants": participants, "days": days, "progress": False, "overrides": overrides}
+    a = await run_sim(SCENARIO, ledger=socket, **kw)  # type: ignore[arg-type]
+    b = await run_sim(SCENARIO, ledger=inproc, transport="inproc", **kw)  # type: ignore[arg-type]
+    assert a.summary.trades > 0 and a.missing_total == b.missing_total == 0
+    assert ledger_digest(socket) == ledger_digest(inproc)
+    for table in ("entries", "cancels", "settlements", "meters", "transactions"):
+        assert read_rows(socket, table) == read_rows(inproc, table), table
+    assert read_rows(socket, "rounds") == read_rows(inproc, "rounds")  # not in the digest, equal too
+    assert a.summary.bills == b.summary.bills
+
+
+def test_the_cli_runs_inproc_and_says_what_it_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    assert main(["sim", str(SCENARIO), "--transport", "inproc", "--days", "0.25", "--ledger", url]) == 0
+    out = capsys.readouterr().out
+    assert "rounds/s" in out and "readings missing: 0" in out
+    assert len(read_rows(url, "meters")) == 20 * 24
+    # A [feeder] scenario needs the DSO agent, which runs over sockets only.
+    bad = f"sqlite:///{tmp_path}/feeder.db"
+    assert main(["sim", str(SCENARIOS / "feeder.toml"), "--transport", "inproc", "--ledger", bad]) == 2
+    assert "--transport socket" in capsys.readouterr().err
+    assert main(["sim", str(SCENARIO), "--transport", "inproc", "--fleet", "2", "--ledger", bad]) == 2
+    assert not (tmp_path / "feeder.db").exists()
+
+
+def test_rounds_must_be_opened_and_closed_in_order() -> None:
+    scenario = load_scenario(SCENARIO, {"days": 0.1})
+    run = InprocMarket(scenario, community(scenario, 4))
+    t = scenario.start_time
+    with pytest.raises(RuntimeError, match="no round is open"):
+        run.close()
+    run.open(t)
+    with pytest.raises(RuntimeError, match="still open"):
+        run.open(t + scenario.step)
+    run.close()
+    with pytest.raises(ValueError, match="not after"):
+        run.open(t)
+    with pytest.raises(ValueError, match="not in the scenario"):
+        InprocMarket(scenario, community(scenario, 4), external=["nobody"])
