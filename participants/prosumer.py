@@ -15,7 +15,7 @@ import numpy as np
 
 from market.core.records import amount
 from participants.devices import Battery, Commitment, meter_reading, split_own_use
-from participants.messages import Delivery, Settled, StartRound, parse
+from participants.messages import Delivery, MarketInfo, Settled, StartRound, parse
 from participants.profiles import SiteProfiles, build_profiles
 from participants.spec import ParticipantSpec
 from participants.synthetic import stable_key
@@ -62,6 +62,33 @@ class Stats(msgspec.Struct):
     def savings(self) -> int:
         """What the market saved against grid only (positive: the market was cheaper)."""
         return self.grid_only_cost - self.cost
+
+
+class _Facts(msgspec.Struct, frozen=True):
+    """What every prosumer reads off one `start_round`."""
+
+    prices: dict[int, tuple[float, float]]  # slot start -> (grid buy, grid sell)
+    buy_mean: float | None  # mean grid buy price over the announced slots
+    next_info: MarketInfo | None  # the market information of `next_settle`
+
+
+# (message, its facts), replaced whole (one reference: safe to read from any thread).
+_last_facts: tuple[StartRound | None, _Facts | None] = (None, None)
+
+
+def _facts(msg: StartRound) -> _Facts:
+    """The facts of `msg`, computed once per message object (the in-process market hands
+    every prosumer the same one; over sockets each client has its own)."""
+    global _last_facts
+    seen, known = _last_facts
+    if seen is msg and known is not None:
+        return known
+    prices = {i.time_delivery[0]: (i.grid.buy_price, i.grid.sell_price) for i in msg.market_info if i.grid is not None}
+    buys = [i.grid.buy_price for i in msg.market_info if i.grid is not None]
+    info = next((i for i in msg.market_info if i.time_delivery == msg.next_settle), None)
+    facts = _Facts(prices, sum(buys) / len(buys) if buys else None, info)
+    _last_facts = (msg, facts)
+    return facts
 
 
 class Prosumer:
@@ -125,11 +152,10 @@ class Prosumer:
             self._restart()
         self._time = msg.time
         self.stats.rounds += 1
-        for info in msg.market_info:
-            if info.grid is not None:
-                start = info.time_delivery[0]
-                self._prices[start] = (info.grid.buy_price, info.grid.sell_price)
-                self._keep(start)
+        facts = _facts(msg)
+        self._prices.update(facts.prices)
+        for start in sorted(facts.prices.keys() - self._kept):
+            self._keep(start)
 
         # sim: the current slot is simulated at once; rt: the slot that just ended.
         slot = msg.current_round if msg.mode == "sim" else msg.last_round
@@ -185,8 +211,8 @@ class Prosumer:
         """What the trader knows when it trades `msg.next_settle` (after this round's reading)."""
         slot = msg.next_settle
         gen, load = self.energy(slot)
-        info = next((i for i in msg.market_info if i.time_delivery == slot), None)
-        buys = [i.grid.buy_price for i in msg.market_info if i.grid is not None]
+        facts = _facts(msg)
+        info = facts.next_info
         prices = self._prices.get(slot[0])
         obs = Observation(
             next_settle=slot,
@@ -194,7 +220,7 @@ class Prosumer:
             load=load,
             grid_buy=prices[0] if prices else None,
             grid_sell=prices[1] if prices else None,
-            grid_buy_mean=sum(buys) / len(buys) if buys else None,
+            grid_buy_mean=facts.buy_mean,
             grid_state=info.grid_state if info else "GREEN",
             battery=self.battery,
             committed=self.commitments.get(slot[0], Commitment()),
