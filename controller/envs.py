@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import gymnasium
 import msgspec
@@ -149,10 +151,12 @@ class _Agent:
         )
 
 
-def _utc_offset_hours(timezone: str, t: int) -> float:
-    from datetime import UTC, datetime
-    from zoneinfo import ZoneInfo
+def delivery_between(before: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """Paid, received, P2P Wh and grid Wh between two `_Agent.snapshot`s."""
+    return (now[0] - before[0], now[1] - before[1], now[2] - before[2], now[3] - before[3])
 
+
+def _utc_offset_hours(timezone: str, t: int) -> float:
     offset = datetime.fromtimestamp(t, UTC).astimezone(ZoneInfo(timezone)).utcoffset()
     return offset.total_seconds() / 3600 if offset is not None else 0.0
 
@@ -213,22 +217,28 @@ class _Episode:
             self.records += records
         rewards = {}
         for a, ag in self.agents.items():
-            now = ag.snapshot()
-            paid, received = now[0] - before[a][0], now[1] - before[a][1]
-            ag.delivery = (paid, received, now[2] - before[a][2], now[3] - before[a][3])
+            ag.delivery = delivery_between(before[a], ag.snapshot())
+            paid, received = ag.delivery[0], ag.delivery[1]
             rewards[a] = -(paid - received) / 1e6
             infos[a].update(slot=record.current_round_start, paid=paid, received=received)
         self.round += 1
         return rewards, infos
 
 
-def _scenario(scenario: str | Path, seed: int | None, days: float | None) -> tuple[Scenario, Path]:
+def episode_scenario(
+    scenario: str | Path, seed: int | None, days: float | None = None, day: int = 0
+) -> tuple[Scenario, Path]:
+    """The scenario an episode runs: its seed and length replaced when given, starting `day`
+    days after the file's start; and the directory its profile files are relative to."""
     overrides: dict[str, Any] = {}
     if seed is not None:
         overrides["seed"] = int(seed)
     if days is not None:
         overrides["days"] = days
-    return load_scenario(scenario, overrides), Path(scenario).parent
+    scn = load_scenario(scenario, overrides)
+    if day:
+        scn = msgspec.structs.replace(scn, start=scn.start_time + day * 86400)
+    return scn, Path(scenario).parent
 
 
 class ProsumerEnv(gymnasium.Env[np.ndarray, np.ndarray]):
@@ -257,7 +267,7 @@ class ProsumerEnv(gymnasium.Env[np.ndarray, np.ndarray]):
         self.action_space = action_space()
         self._episode: _Episode | None = None
         self.records: list[Record] = []
-        _scenario(self.scenario_path, seed, days)  # a bad scenario fails here, not at reset
+        episode_scenario(self.scenario_path, seed, days)  # a bad scenario fails here, not at reset
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -265,10 +275,8 @@ class ProsumerEnv(gymnasium.Env[np.ndarray, np.ndarray]):
         super().reset(seed=seed)
         if seed is not None:
             self._seed = seed
-        scenario, base = _scenario(self.scenario_path, self._seed, self.days)
         day = int((options or {}).get("day", 0))
-        if day:
-            scenario = msgspec.structs.replace(scenario, start=scenario.start_time + day * 86400)
+        scenario, base = episode_scenario(self.scenario_path, self._seed, self.days, day)
         self._episode = _Episode(scenario, base, self.participants, [self.participant], self.keep_records)
         self.records = self._episode.records  # the episode's ledger records (`keep_records=True`)
         obs = self._episode.open()[self.participant]
@@ -301,7 +309,7 @@ class MarketParallelEnv(ParallelEnv):  # type: ignore[misc]
     ) -> None:
         self.scenario_path, self.days, self.participants = Path(scenario), days, participants
         self._seed = seed
-        scn, _ = _scenario(self.scenario_path, seed, days)
+        scn, _ = episode_scenario(self.scenario_path, seed, days)
         ids = [s.id for s in community(scn, participants)]
         self.possible_agents = list(agents) if agents is not None else ids
         self.agents: list[str] = []
@@ -319,10 +327,8 @@ class MarketParallelEnv(ParallelEnv):  # type: ignore[misc]
     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
         if seed is not None:
             self._seed = seed
-        scenario, base = _scenario(self.scenario_path, self._seed, self.days)
         day = int((options or {}).get("day", 0))
-        if day:
-            scenario = msgspec.structs.replace(scenario, start=scenario.start_time + day * 86400)
+        scenario, base = episode_scenario(self.scenario_path, self._seed, self.days, day)
         self._episode = _Episode(scenario, base, self.participants, self.possible_agents)
         self.agents = list(self.possible_agents)
         obs = self._episode.open()

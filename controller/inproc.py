@@ -16,16 +16,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from controller.report import Summary, summarize
 from controller.scenario import Scenario
 from controller.serve import run_record
 from ledger import open_sink
-from market.core.engine import Market, RoundOpen
+from market.core.engine import Market, RoundOpen, slot_records
 from market.core.errors import MarketError
 from market.core.protocol import MeterMsg, OrdersMsg, decode
-from market.core.records import Batch, MeterRecord, Record, RoundRecord
+from market.core.records import Batch, Record, RoundRecord, Settlement
 from participants.messages import StartRound, parse
 from participants.prosumer import Prosumer
 from participants.spec import ParticipantSpec
@@ -67,6 +64,7 @@ class InprocMarket:
         self.opened: RoundOpen | None = None
         self.last: RoundRecord | None = None
         self.refused = 0  # orders and readings the market refused (a client's `errors`)
+        self.missing = 0  # readings missing, over every processed slot
 
     # -- one round ---------------------------------------------------------------------------
 
@@ -133,24 +131,12 @@ class InprocMarket:
             return err.reply()
         return reply
 
-    def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Any]) -> RoundRecord:
+    def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> RoundRecord:
         result = self.market.process(slot, opened.times.time)
         metered = set(result.metered)
         missing = [p for p in self.order if p not in metered]
-        journal = self.market.take_journal()  # entries, cancels (readings are in result.meters)
-        records: list[Record] = [*(r for r in journal if not isinstance(r, MeterRecord)), *fills, *result.meters]
-        records += result.transactions
-        summary = RoundRecord(
-            id=f"r{opened.times.time}-{slot}",
-            time=opened.times.time,
-            duration=opened.times.duration,
-            current_round_start=slot,
-            matched_slot_start=opened.times.last_settle[0],
-            trades=len(fills),
-            metered=len(result.metered),
-            missing=msgspec.json.encode(missing).decode(),
-            records=len(records),
-        )
+        self.missing += len(missing)
+        records, summary = slot_records(opened, result, self.market.take_journal(), fills, missing)
         self.records += records
         self.records.append(summary)
         self.last = summary
@@ -168,18 +154,17 @@ async def run_inproc(
     ledger: str,
     base_dir: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[Summary, int]:
-    """Every round of `scenario`, the ledger written to `ledger`: (summary, readings missing)."""
+) -> tuple[float, int]:
+    """Every round of `scenario`, the ledger written to `ledger`: (seconds the rounds took,
+    readings missing)."""
     run = InprocMarket(scenario, specs, base_dir=base_dir)
     sink = open_sink(ledger)
     await sink.start()
-    missing = 0
     try:
         await sink.write(Batch((run_record(scenario, run.config),)))
         t0 = time.perf_counter()
         for i in range(scenario.rounds):
-            summary = run.step(scenario.start_time + i * scenario.step)
-            missing += len(msgspec.json.decode(summary.missing))
+            run.step(scenario.start_time + i * scenario.step)
             if len(run.records) >= WRITE_EVERY:
                 await sink.write(Batch(tuple(run.take_records())))
             if progress is not None:
@@ -188,13 +173,4 @@ async def run_inproc(
         seconds = time.perf_counter() - t0
     finally:
         await sink.close()
-    return _summary(ledger, scenario, seconds), missing
-
-
-def _summary(ledger: str, scenario: Scenario, seconds: float) -> Summary:
-    from ledger import read_rows
-
-    transactions = read_rows(ledger, "transactions")
-    meters = read_rows(ledger, "meters")
-    settlements = len(read_rows(ledger, "settlements"))
-    return summarize(transactions, meters, settlements, scenario.grid_tariff, scenario.rounds, seconds)
+    return seconds, run.missing

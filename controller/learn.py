@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import msgspec
 import numpy as np
 
-from controller.envs import ACT_FIELDS, OBS_FIELDS, ProsumerEnv
+from controller.envs import ACT_FIELDS, OBS_FIELDS, ProsumerEnv, episode_scenario
 from controller.inproc import InprocMarket
 from controller.scenario import Scenario, load_scenario
 from controller.sim import community
@@ -239,8 +239,7 @@ def evaluate(
 
 def day_scenario(scenario: str | Path, day: int, market_seed: int | None) -> Scenario:
     """The scenario as `ProsumerEnv.reset(seed=market_seed, options={"day": day})` runs it."""
-    scn = load_scenario(scenario, {"seed": market_seed} if market_seed is not None else None)
-    return msgspec.structs.replace(scn, start=scn.start_time + day * 86400) if day else scn
+    return episode_scenario(scenario, market_seed, day=day)[0]
 
 
 def rule_run(

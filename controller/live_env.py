@@ -22,7 +22,7 @@ import gymnasium
 import numpy as np
 import socketio
 
-from controller.envs import OBS_FIELDS, _Agent, action_space, observation_space, orders_of
+from controller.envs import OBS_FIELDS, _Agent, action_space, delivery_between, observation_space, orders_of
 from controller.scenario import load_scenario
 from controller.sim import community
 from participants.messages import StartRound, parse
@@ -98,11 +98,6 @@ class _Client:
                 await c.disconnect()
 
 
-def _delivery(before: tuple[int, ...], now: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """Paid, received, P2P Wh, grid Wh between two `_Agent.snapshot`s."""
-    return (now[0] - before[0], now[1] - before[1], now[2] - before[2], now[3] - before[3])
-
-
 class LiveProsumerEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     """`ProsumerEnv`'s spaces, observation, actions and reward, trading on the market at
     `url` as participant `participant` (token `token`), with its devices from `scenario`.
@@ -159,7 +154,7 @@ class LiveProsumerEnv(gymnasium.Env[np.ndarray, np.ndarray]):
         if self.controller is not None:
             self._run(client.step_market(self.scenario.start_time))
         obs = self._observe(self._run(client.next_round()), (0, 0))
-        self._delivered = _delivery(before, self._agent.snapshot())
+        self._delivered = delivery_between(before, self._agent.snapshot())
         return obs, {"slot": self._slot}
 
     def _observe(self, msg: StartRound, fills: tuple[int, int]) -> np.ndarray:
@@ -185,7 +180,7 @@ class LiveProsumerEnv(gymnasium.Env[np.ndarray, np.ndarray]):
         # A sim step processes the round's own slot before it replies: the agent sees that
         # delivery one step later, as a participant deciding at `start_round` would (and as
         # the in-process environment does).
-        agent.delivery, self._delivered = self._delivered, _delivery(before, now)
+        agent.delivery, self._delivered = self._delivered, delivery_between(before, now)
         paid, received = self._delivered[0], self._delivered[1]
         truncated = self.controller is not None and self._round >= self.scenario.rounds - 1
         obs = self._observe(msg, (now[4] - before[4], now[5] - before[5]))

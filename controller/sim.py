@@ -144,10 +144,10 @@ async def run_sim(
         fresh_ledger(ledger)
         started = time.perf_counter()
         with tqdm(total=scenario.rounds, unit="round", disable=not progress, desc=scenario.name) as bar:
-            summary, missing = await run_inproc(
+            seconds, missing = await run_inproc(
                 scenario, specs, ledger=ledger, base_dir=Path(scenario_path).parent, progress=bar.update
             )
-        return SimResult(summary, time.perf_counter() - started - summary.seconds, missing)
+        return SimResult(_summary(ledger, scenario, seconds), time.perf_counter() - started - seconds, missing)
     tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {CONTROLLER_ID: secrets.token_urlsafe(18)}
     roles: dict[str, str] = {}
     feeder_task = None
@@ -216,11 +216,15 @@ async def run_sim(
                 missing = await _step_all(ctl, scenario, progress, dso)
                 seconds = time.perf_counter() - t0
                 await ctl.disconnect()
+    return SimResult(_summary(ledger, scenario, seconds), startup, missing)
+
+
+def _summary(ledger: str, scenario: Scenario, seconds: float) -> Summary:
+    """The run's summary, read back from its ledger."""
     transactions = read_rows(ledger, "transactions")
     meters = read_rows(ledger, "meters")
     settlements = len(read_rows(ledger, "settlements"))
-    summary = summarize(transactions, meters, settlements, scenario.grid_tariff, scenario.rounds, seconds)
-    return SimResult(summary, startup, missing)
+    return summarize(transactions, meters, settlements, scenario.grid_tariff, scenario.rounds, seconds)
 
 
 @contextlib.asynccontextmanager

@@ -117,6 +117,35 @@ class SlotResult(msgspec.Struct, frozen=True):
     deliveries: dict[str, dict[str, Any]]  # participant -> `delivery` payload
 
 
+def slot_records(
+    opened: RoundOpen,
+    result: SlotResult,
+    journal: Iterable[Record],
+    fills: Iterable[Settlement],
+    missing: list[str],
+    trades: int | None = None,
+) -> tuple[list[Record], RoundRecord]:
+    """What the ledger gets for a processed slot, in the order it is written: the journal's
+    entries and cancels (its readings are in `result.meters`), the round's fills, the
+    readings, the transactions; and the slot's `rounds` row (`trades`: len(fills) unless given)."""
+    fills = list(fills)
+    records: list[Record] = [*(r for r in journal if not isinstance(r, MeterRecord)), *fills, *result.meters]
+    records += result.transactions
+    slot = result.slot[0]
+    summary = RoundRecord(
+        id=f"r{opened.times.time}-{slot}",
+        time=opened.times.time,
+        duration=opened.times.duration,
+        current_round_start=slot,
+        matched_slot_start=opened.times.last_settle[0],
+        trades=len(fills) if trades is None else trades,
+        metered=len(result.metered),
+        missing=msgspec.json.encode(missing).decode(),
+        records=len(records),
+    )
+    return records, summary
+
+
 class _Delivering(msgspec.Struct):
     settlements: list[Settlement]
     meters: dict[str, MeterMsg]

@@ -22,7 +22,7 @@ from aiohttp import web
 from market.balancing.namespace import BalancingNamespace
 from market.community.namespace import GridNamespace
 from market.core import wire
-from market.core.engine import Market, MarketConfig, Recovered, RoundOpen, SlotResult
+from market.core.engine import Market, MarketConfig, Recovered, RoundOpen, SlotResult, slot_records
 from market.core.errors import MarketError
 from market.core.records import (
     Batch,
@@ -448,21 +448,8 @@ class MarketServer:
         result = self.market.process(slot, self.clock.now())
         metered = set(result.metered)
         missing = [p for p in self.registry.ids("prosumer") if p not in metered]
-        # Entries and cancels acknowledged since the last round and not yet durable (readings
-        # are among result.meters).
-        journal = [r for r in self.market.take_journal() if not isinstance(r, MeterRecord)]
-        records: list[Record] = [*journal, *fills, *result.meters, *result.transactions]
-        summary = RoundRecord(
-            id=f"r{opened.times.time}-{slot}",
-            time=opened.times.time,
-            duration=opened.times.duration,
-            current_round_start=slot,
-            matched_slot_start=opened.times.last_settle[0],
-            trades=len(fills) if trades is None else trades,
-            metered=len(result.metered),
-            missing=msgspec.json.encode(missing).decode(),
-            records=len(records),
-        )
+        # With the entries and cancels acknowledged since the last round and not yet durable.
+        records, summary = slot_records(opened, result, self.market.take_journal(), fills, missing, trades)
         self._last_round = summary
         if not await self._store([*records, summary]):
             raise MarketError("unavailable", f"slot {slot} is processed but the ledger could not store it yet")
