@@ -99,6 +99,18 @@ class SlotBook(msgspec.Struct):
         return self.asks, self.ranked_asks, ask_order(entry)
 
 
+class SlotDepth(msgspec.Struct, frozen=True):
+    """One open slot of the book at a glance."""
+
+    start: int
+    bids: int
+    bid_wh: int
+    best_bid: float | None  # the highest bid price
+    asks: int
+    ask_wh: int
+    best_ask: float | None  # the lowest ask price
+
+
 class Book:
     def __init__(self) -> None:
         self._slots: dict[int, SlotBook] = {}
@@ -209,6 +221,26 @@ class Book:
     def entries(self) -> list[Entry]:
         """Every open entry, by slot then submission (for snapshots and resume)."""
         return [e for s in sorted(self._slots) for e in (*self._slots[s].bids.values(), *self._slots[s].asks.values())]
+
+    def depth(self, limit: int) -> list[SlotDepth]:
+        """Bids and asks of the earliest `limit` open slots: counts, Wh and best prices (the
+        dashboard's order book; O(entries of those slots))."""
+        out = []
+        for start in sorted(self._slots)[:limit]:
+            s = self._slots[start]
+            bids, asks = s.ranked_bids.entries, s.ranked_asks.entries
+            out.append(
+                SlotDepth(
+                    start=start,
+                    bids=len(bids),
+                    bid_wh=sum(e.quantity for e in bids),
+                    best_bid=bids[0].price if bids else None,
+                    asks=len(asks),
+                    ask_wh=sum(e.quantity for e in asks),
+                    best_ask=asks[0].price if asks else None,
+                )
+            )
+        return out
 
     def clear(self) -> None:
         self._slots.clear()

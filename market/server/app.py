@@ -40,11 +40,13 @@ from market.core.timing import RealTimeClock, SimClock
 from market.dispatch.base import Namespace, Sessions, address_key, backing_off, peer_address
 from market.dispatch.ratelimit import RateLimiter
 from market.flexibility.namespace import FlexNamespace
+from market.server import dashboard
 from market.server.commit import GroupCommit
+from market.server.dashboard import DashboardFeed
 from market.server.fleet_ns import FleetNamespace
 from market.server.guard import ConnectionGuard, GuardedServer, install_repeat_filter, raise_fd_limit
 from market.server.market_ns import MarketNamespace
-from market.server.observe import Metrics, attach
+from market.server.observe import Health, Metrics, attach
 from market.server.outbox import Outbox
 from market.server.simulation_ns import SimulationNamespace
 
@@ -101,6 +103,7 @@ class MarketServer:
         self.limiter = RateLimiter(config.rate_per_second, config.rate_burst)
         self.fleet = FleetNamespace(self)
         self.grid = GridNamespace(self)
+        self.dashboard = DashboardFeed(self, self.sio)  # GET /dashboard and /observe (read-only)
         # Every namespace of PROTOCOL.md; each owns its sessions and its core.
         self.namespaces: tuple[Namespace, ...] = (
             MarketNamespace(self),
@@ -109,6 +112,7 @@ class MarketServer:
             self.fleet,
             FlexNamespace(self),
             self.grid,
+            self.dashboard.namespace,
         )
         self.sessions: dict[str, Sessions] = {ns.NAME: ns.sessions for ns in self.namespaces}
         for ns in self.namespaces:
@@ -141,6 +145,7 @@ class MarketServer:
         app.cleanup_ctx.append(self._lifetime)
         app.on_shutdown.append(self._close_connections)
         self.metrics = attach(app, self)  # GET /healthz, GET /metrics (docs/operations.md)
+        dashboard.attach(app)
         return app
 
     def replied(self, seconds: float, reply: dict[str, Any]) -> None:
@@ -148,6 +153,10 @@ class MarketServer:
             self.metrics.observe_ack(seconds)
             if not reply.get("ok"):
                 self.metrics.refused(str(reply.get("error", {}).get("code", "other")))
+
+    def health(self) -> Health:
+        """One reading of the server's health (/healthz, the dashboard)."""
+        return Health(self)
 
     def last_processed(self) -> RoundRecord | None:
         """The last processed round (/healthz)."""
@@ -228,6 +237,7 @@ class MarketServer:
         install_repeat_filter()
         log.info("open files limit: %d", limit)
         self.spawn(self._sweep_unauthenticated())
+        self.spawn(self.dashboard.run())
         await self.sink.start()
         await self._resume()
         for ns in self.namespaces:  # resume each from the ledger, start its periodic tasks
@@ -337,6 +347,7 @@ class MarketServer:
                 await self._finish(opened, skipped, [])
             await self._await_readings(wait, self.config.round_timeout)
             reply = await self._finish(opened, t, opened.settlements)
+            self.dashboard.recent.cleared(opened)
             # /grid's periodic solver follows the market clock, after the slot's readings are stored.
             await self.grid.on_time(t)
             return reply
@@ -373,6 +384,7 @@ class MarketServer:
                 if not await self._store([*journal, *opened.settlements]):
                     self._unannounced += opened.settled  # sent once stored, at a later boundary
                     return
+                self.dashboard.recent.cleared(opened)
                 if self._unannounced:
                     await self._send_private("settled", self._unannounced)
                     self._unannounced = []
@@ -497,6 +509,7 @@ class MarketServer:
     async def reset(self) -> None:
         async with self._round_lock:
             self.market.reset()
+            self.dashboard.recent.clear()
             self._waits.clear()
 
 
