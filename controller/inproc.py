@@ -23,6 +23,7 @@ from market.core.engine import Market, RoundOpen, slot_records
 from market.core.errors import MarketError
 from market.core.protocol import MeterMsg, OrdersMsg, decode
 from market.core.records import Batch, Record, RoundRecord, Settlement
+from market.core.sink import Sink
 from participants.messages import StartRound, parse
 from participants.prosumer import Prosumer
 from participants.spec import ParticipantSpec
@@ -154,11 +155,13 @@ async def run_inproc(
     ledger: str,
     base_dir: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
+    sink: Sink | None = None,
 ) -> tuple[float, int]:
-    """Every round of `scenario`, the ledger written to `ledger`: (seconds the rounds took,
+    """Every round of `scenario`, the ledger written to `ledger` (or to `sink`, not started
+    yet: e.g. a `memory:` ledger the caller reads afterwards): (seconds the rounds took,
     readings missing)."""
     run = InprocMarket(scenario, specs, base_dir=base_dir)
-    sink = open_sink(ledger)
+    sink = sink if sink is not None else open_sink(ledger)
     await sink.start()
     try:
         await sink.write(Batch((run_record(scenario, run.config),)))

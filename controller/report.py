@@ -119,6 +119,8 @@ def render(s: Summary, ledger: str, max_rows: int = 25) -> str:
         f"Ledger: {ledger}",
     ]
     db = ledger.removeprefix("evm+").split("?", 1)[0]
+    if db.partition(":")[0].lower() == "memory":
+        out.append("  kept in memory: its rows end with this run")
     if db.startswith("sqlite:///"):
         out.append(
             f"  e.g. sqlite3 {db.removeprefix('sqlite:///')} "

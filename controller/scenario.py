@@ -9,7 +9,8 @@ step = 900                        # slot duration, seconds
 timezone = "Europe/Berlin"
 [market]                          # any MarketConfig field except mode, duration, grid, timezone
 close_steps = 2
-pricing = "midpoint"
+pricing = "midpoint"              # midpoint | pay_as_bid | uniform
+matching = "price_time"           # price_time | pro_rata (docs/protocol.md)
 [grid]                            # GridTariff: price (sell, per kWh), fee, tou rules
 price = 0.08
 fee = 1.5

@@ -13,6 +13,7 @@ from aiohttp import web
 from controller import runloop
 from controller.scenario import Scenario, load_scenario
 from ledger import open_sink
+from market.core.clearing import MATCHINGS
 from market.core.engine import MarketConfig
 from market.core.records import RunRecord
 from market.core.registry import Registry
@@ -31,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--close-steps", type=int)
     p.add_argument("--round-timeout", type=float, help="seconds a sim round waits for meter readings")
     p.add_argument("--meter-grace", type=float, help="rt: seconds after a slot's end that readings are accepted")
+    p.add_argument(
+        "--matching",
+        choices=list(MATCHINGS),
+        help="who trades within a tied price level: price_time (earliest first, default) or pro_rata "
+        "(in proportion to quantity)",
+    )
     p.add_argument(
         "--durability",
         choices=["ack", "round"],
@@ -94,6 +101,7 @@ async def serve(args: argparse.Namespace) -> int:
         round_timeout=args.round_timeout,
         meter_grace=args.meter_grace,
         durability=args.durability,
+        matching=args.matching,
     )
     parity = scenario.parity_config(**parity_overrides(args))
     run = run_record(scenario, config)

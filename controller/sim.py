@@ -24,8 +24,9 @@ from tqdm import tqdm
 from controller import runloop
 from controller.report import Summary, render, summarize
 from controller.scenario import Scenario, load_scenario, scenario_table
-from ledger import read_rows
+from ledger import is_memory, open_sink, read_rows
 from market.core import wire
+from market.core.sink import Sink
 from participants.fleet import Fleet
 from participants.fleet_client import FleetClient
 from participants.spec import ParticipantSpec, decode_specs, synthetic_spec
@@ -142,12 +143,22 @@ async def run_sim(
         from controller.inproc import run_inproc
 
         fresh_ledger(ledger)
+        # A memory: ledger is this process's own: the summary reads the rows from its sink.
+        memory = open_sink(ledger) if is_memory(ledger) else None
         started = time.perf_counter()
         with tqdm(total=scenario.rounds, unit="round", disable=not progress, desc=scenario.name) as bar:
             seconds, missing = await run_inproc(
-                scenario, specs, ledger=ledger, base_dir=Path(scenario_path).parent, progress=bar.update
+                scenario, specs, ledger=ledger, base_dir=Path(scenario_path).parent, progress=bar.update, sink=memory
             )
-        return SimResult(_summary(ledger, scenario, seconds), time.perf_counter() - started - seconds, missing)
+        summary = await _read_summary(memory, scenario, seconds) if memory else _summary(ledger, scenario, seconds)
+        return SimResult(summary, time.perf_counter() - started - seconds, missing)
+    if is_memory(ledger):
+        # The server is another process: its rows would vanish with it, and the summary is
+        # read from the ledger after the run.
+        raise ValueError(
+            "--ledger memory: keeps the ledger in the market server's process, which ends with the run; "
+            "use --transport inproc (the same ledger, in this process) or a sqlite:/// ledger"
+        )
     tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {CONTROLLER_ID: secrets.token_urlsafe(18)}
     roles: dict[str, str] = {}
     feeder_task = None
@@ -220,10 +231,18 @@ async def run_sim(
 
 
 def _summary(ledger: str, scenario: Scenario, seconds: float) -> Summary:
-    """The run's summary, read back from its ledger."""
+    """The run's summary, read back from its (database) ledger."""
     transactions = read_rows(ledger, "transactions")
     meters = read_rows(ledger, "meters")
     settlements = len(read_rows(ledger, "settlements"))
+    return summarize(transactions, meters, settlements, scenario.grid_tariff, scenario.rounds, seconds)
+
+
+async def _read_summary(sink: Sink, scenario: Scenario, seconds: float) -> Summary:
+    """The run's summary from the rows a sink of this process holds (a `memory:` ledger)."""
+    transactions = await sink.read("transactions")
+    meters = await sink.read("meters")
+    settlements = len(await sink.read("settlements"))
     return summarize(transactions, meters, settlements, scenario.grid_tariff, scenario.rounds, seconds)
 
 

@@ -8,7 +8,7 @@ from ledger import digest as _digest
 from ledger.dataset_sink import DatasetSink
 from market.core.sink import MemorySink, Sink
 
-__all__ = ["DatasetSink", "db_url", "ledger_digest", "open_sink", "read_rows"]
+__all__ = ["DatasetSink", "db_url", "is_memory", "ledger_digest", "open_sink", "read_rows"]
 
 _SCHEMES = "sqlite:///PATH, postgresql://..., evm+sqlite:///PATH, evm+postgresql://..., memory:"
 
@@ -21,14 +21,28 @@ def db_url(url: str) -> str:
     return dual_db_url(url) if is_dual_url(url) else url
 
 
+def is_memory(url: str) -> bool:
+    """True for `memory:`: a ledger whose rows live in the process that wrote them."""
+    return url.partition(":")[0].lower() == "memory"
+
+
+def _database(url: str) -> str:
+    if is_memory(url):
+        raise ValueError(
+            f"ledger URL {url!r}: a memory: ledger can only be read by the process that holds it "
+            "(through its sink's read); use a sqlite:/// or postgresql:// ledger to read it from here"
+        )
+    return db_url(url)
+
+
 def read_rows(url: str, table: str) -> list[dict[str, Any]]:
-    """All rows of `table`, ordered by its key, as plain dicts (any ledger URL)."""
-    return _digest.read_rows(db_url(url), table)
+    """All rows of `table`, ordered by its key, as plain dicts (any database ledger URL)."""
+    return _digest.read_rows(_database(url), table)
 
 
 def ledger_digest(url: str) -> str:
-    """sha256 hex of the outcome tables (any ledger URL: a chain ledger's database)."""
-    return _digest.ledger_digest(db_url(url))
+    """sha256 hex of the outcome tables (any database ledger URL: a chain ledger's database)."""
+    return _digest.ledger_digest(_database(url))
 
 
 def open_sink(url: str) -> Sink:

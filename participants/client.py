@@ -35,7 +35,8 @@ class ParticipantClient:
         self.timeout = timeout
         self.transports = list(transports)
         self.replies: deque[tuple[str, Any]] = deque(maxlen=256)  # (event, reply), newest last
-        self.refusal: str | None = None  # the server's connect error, if any
+        self.refusal: str | None = None  # the server's refusal of the last connect, if any
+        self.transport_error: str | None = None  # why the last connect attempt found no server
         self._waiting: set[asyncio.Future[Any]] = set()
         self._closing = False
         self.last_seq = 0  # every private event (`settled`, `delivery`) up to this one was handled
@@ -70,12 +71,17 @@ class ParticipantClient:
         connect_retry: float = 0.0,
     ) -> None:
         """Connect with `auth={"id", "token"}`; a refusal raises `socketio.exceptions.
-        ConnectionError` whose message includes the server's reason (e.g. `unauthorized`)."""
+        ConnectionError` whose message includes the server's reason (e.g. `unauthorized`).
+
+        A transport failure (nothing listening yet, connection reset, a handshake that got
+        no answer) is retried with jittered backoff for up to `connect_retry` seconds (0:
+        one attempt). A refusal by the server (a connect error carrying the server's
+        message: bad credentials, a login backing off, a role that may not use the
+        namespace) is final at once: retrying cannot change the answer."""
         self._closing = False
         self.refusal = None
+        self.transport_error = None
         auth = {"id": id or self.prosumer.spec.id, "token": token}
-        # A server that is not up yet (or restarting) is retried with jittered backoff; a
-        # refusal (bad credentials) is final.
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=0.1, max=2.0),
             stop=stop_after_delay(connect_retry),
@@ -134,7 +140,14 @@ class ParticipantClient:
             more = bool(reply.get("more")) and self.last_seq > since
 
     async def _on_connect_error(self, data: Any = None) -> None:
-        self.refusal = data.get("message") if isinstance(data, dict) else str(data)
+        # The server refuses with a message object (a socket.io CONNECT_ERROR packet, or the
+        # JSON body of a refused engine.io handshake, PROTOCOL.md *Connection*). A failure
+        # to reach it comes from the client's own transport as a bare string ("Connection
+        # error", "Connection refused by the server") or None.
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            self.refusal = data["message"]
+        else:
+            self.transport_error = str(data)
 
     async def _on_start_round(self, payload: Any) -> None:
         if self._closing:

@@ -100,9 +100,11 @@ def meter_reading(
     """The `meter` payload of `interval` and the battery's state after it.
 
     Order: own generation covers own load; the battery first exports its committed `bess`
-    sales, then covers the load left after committed purchases; surplus generation goes to
-    committed sales per source, then charges the battery, then is exported. The battery's
-    power limit bounds charge and discharge together.
+    sales, then the shortfall of committed sales of other sources (what was sold beyond
+    the surplus of that source: the market books it as `bess_compensation`, PROTOCOL.md
+    *Energy exchange*), then covers the load left after committed purchases; surplus
+    generation goes to committed sales per source, then charges the battery, then is
+    exported. The battery's power limit bounds charge and discharge together.
     """
     if load_wh < 0 or any(v < 0 for v in generation_by_source.values()):
         raise ValueError("energies must be >= 0")
@@ -117,7 +119,10 @@ def meter_reading(
     if battery is not None:
         budget = battery.limit(duration)
         soc = battery.soc_wh
-        bess_out = min(plan.bess_export, soc, budget)
+        # Committed sales come first: what is not delivered the seller pays for at the
+        # grid's buy price (a short), while a Wh of own load only costs that price.
+        shortfall = sum(max(0, q - surplus.get(src, 0)) for src, q in plan.sold.items())
+        bess_out = min(plan.bess_export + shortfall, soc, budget)
         soc -= bess_out
         budget -= bess_out
         if plan.discharge:

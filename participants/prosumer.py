@@ -111,6 +111,12 @@ class Prosumer:
         self._draws = draws(self.trader)
         self.stats = Stats()
         self._key = stable_key(spec.id)
+        # Sources whose forecast is off, with their relative error (participants/spec.py).
+        self._forecast_errors = {
+            src: g.forecast_error
+            for src, g in (("solar", spec.pv), ("wind", spec.wind))
+            if g is not None and g.forecast_error > 0
+        }
         self._restart()
 
     def _restart(self) -> None:
@@ -178,6 +184,21 @@ class Prosumer:
             heapq.heappush(self._energy_keys, slot)
         return hit
 
+    def forecast(self, slot: tuple[int, int]) -> tuple[dict[str, int], int]:
+        """(generation per source, load) of a slot as the trader expects it: `energy` with
+        each source that has a `forecast_error` off by it, seeded per (seed, participant,
+        source, slot) so the same slot always gets the same forecast; the load is exact."""
+        gen, load = self.energy(slot)
+        if not self._forecast_errors:
+            return gen, load
+        out = dict(gen)
+        for src, error in sorted(self._forecast_errors.items()):
+            if out.get(src):
+                seq = [self.seed % 2**64, self._key, slot[0], stable_key(src)]
+                z = float(np.random.Generator(np.random.PCG64(seq)).standard_normal())
+                out[src] = max(0, round(out[src] * (1 + error * z)))
+        return out, load
+
     def _meter(self, slot: tuple[int, int]) -> dict[str, Any]:
         gen, load = self.energy(slot)
         plan = self.commitments.get(slot[0], Commitment()).plan()
@@ -210,7 +231,7 @@ class Prosumer:
     def observe(self, msg: StartRound) -> Observation:
         """What the trader knows when it trades `msg.next_settle` (after this round's reading)."""
         slot = msg.next_settle
-        gen, load = self.energy(slot)
+        gen, load = self.forecast(slot)
         facts = _facts(msg)
         info = facts.next_info
         prices = self._prices.get(slot[0])

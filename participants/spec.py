@@ -34,11 +34,18 @@ class CsvLoad(Spec, frozen=True, tag="csv", tag_field="kind"):
     source: SourceName = "solar"
 
 
+# Relative error of a source's generation forecast (what its trader sees of a slot): the
+# slot's energy times 1 + error * z, z standard normal, seeded per participant, source and
+# slot. 0: the forecast is exact. The meter always reads what the site produced.
+ForecastError = Annotated[float, msgspec.Meta(ge=0, le=2)]
+
+
 class PvSpec(Spec, frozen=True):
     kw: NonNeg
     latitude: Annotated[float, msgspec.Meta(ge=-90, le=90)] = 50.0
     # None: the standard meridian of the market's timezone (solar noon near 12:00 standard time).
     longitude: Annotated[float, msgspec.Meta(ge=-180, le=180)] | None = None
+    forecast_error: ForecastError = 0.0
 
 
 class WindSpec(Spec, frozen=True):
@@ -47,6 +54,7 @@ class WindSpec(Spec, frozen=True):
     cut_in: NonNeg = 3.0
     rated_speed: Annotated[float, msgspec.Meta(gt=0)] = 12.0
     cut_out: Annotated[float, msgspec.Meta(gt=0)] = 25.0
+    forecast_error: ForecastError = 0.0
 
 
 class BatterySpec(Spec, frozen=True):

@@ -11,6 +11,19 @@ is the same rule as a numpy kernel over arrays (cumsum + searchsorted, no partic
 source constraints) for callers that already hold arrays; on `Entry` objects the scan is
 faster at every size measured (building the arrays and checking owners costs more per
 entry than the scan itself; see docs/benchmarks-clearing.md), so `clear` does not use it.
+
+Two matchings decide who trades within a price level. `price_time` (the default, PROTOCOL.md):
+the earliest orders of a level take its volume first. `pro_rata` (TREX-Core's MicroTE4):
+every level trades the volume it trades under price-time priority, split among its orders
+in proportion to their quantities, exact in Wh (`split_pro_rata`: floors of the exact
+shares, then the Wh left over one each to the largest remainders, equal remainders by
+priority: submission time, then tie key). Without owner or source constraints only the
+marginal level of each side is ever split: the levels above it are filled whole either
+way. The shares are then paired as price-time pairs orders (best bid first, cheapest
+compatible ask, owners and bid sources honoured); volume a constraint keeps from the order
+it was shared to (its owner's own ask, a sourced bid) is matched afterwards, by price-time
+priority, among what is left.
+`pro_rata_sorted` is the same rule as a numpy kernel for unconstrained arrays.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ from market.core.book import bid_order as bid_order
 
 Pricing = Literal["midpoint", "pay_as_bid", "uniform"]
 PRICINGS: tuple[Pricing, ...] = ("midpoint", "pay_as_bid", "uniform")
+Matching = Literal["price_time", "pro_rata"]
+MATCHINGS: tuple[Matching, ...] = ("price_time", "pro_rata")
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -66,22 +81,107 @@ def clear(
     *,
     ranked: bool = False,
     owners: Mapping[str, str] | None = None,
+    matching: Matching = "price_time",
 ) -> list[Fill]:
     """Fills of one slot, in commit order, priced by `pricing`. `ranked`: the entries are
     already in `bid_order` / `ask_order` (as `Book.pop_slot` gives them), so no sort.
     `owners`: participant -> owner for accounts that share one (the registry's `owner`);
-    a participant it does not name is its own owner. No bid meets an ask of its owner."""
+    a participant it does not name is its own owner. No bid meets an ask of its owner.
+    `matching`: who trades within a price level (module docstring)."""
     b = bids if ranked else _sorted(bids, descending=True)
     a = asks if ranked else _sorted(asks, descending=False)
-    return _price(b, a, _greedy(b, a, owners), pricing)
+    pairs = _pro_rata(b, a, owners) if matching == "pro_rata" else _greedy(b, a, owners)
+    return _price(b, a, pairs, pricing)
+
+
+def split_pro_rata(quantities: Sequence[int], volume: int) -> list[int]:
+    """`volume` Wh split over orders of `quantities` (in priority order) in proportion to
+    them, exactly: each gets the floor of its share `volume * q / total`, and the Wh left
+    (fewer than the orders) go one each to the largest remainders, equal remainders to the
+    earlier order. Every part is within 1 Wh of its exact share and at most its quantity."""
+    total = sum(quantities)
+    if not 0 <= volume <= total:
+        raise ValueError(f"cannot split {volume} Wh over orders of {total} Wh")
+    if volume == total:
+        return list(quantities)
+    if not volume:
+        return [0] * len(quantities)
+    parts = [volume * q // total for q in quantities]
+    left = volume - sum(parts)
+    if left:
+        # Remainders of volume * q / total, compared as integers (exact).
+        by_remainder = sorted(range(len(parts)), key=lambda k: (-(volume * quantities[k] % total), k))
+        for k in by_remainder[:left]:
+            parts[k] += 1
+    return parts
+
+
+def _split_levels(entries: Sequence[Entry], filled: list[int]) -> list[int]:
+    """Each price level's filled volume split over its orders by `split_pro_rata`."""
+    out = list(filled)
+    k, n = 0, len(entries)
+    while k < n:
+        end = k + 1
+        price = entries[k].price
+        while end < n and entries[end].price == price:
+            end += 1
+        if end - k > 1:
+            volume = sum(filled[k:end])
+            out[k:end] = split_pro_rata([e.quantity for e in entries[k:end]], volume)
+        k = end
+    return out
+
+
+def _pro_rata(
+    bids: Sequence[Entry], asks: Sequence[Entry], owners: Mapping[str, str] | None = None
+) -> list[tuple[int, int, int]]:
+    """Pro-rata pairs over sorted entries: each level's price-time volume split over its
+    orders, those shares paired by the greedy scan; what constraints left unpaired is
+    matched by the scan among the quantities still open. One pair per (bid, ask), in the
+    order first made."""
+    first = _greedy(bids, asks, owners)
+    if not first:
+        return first
+    bid_share, ask_share = _filled(first, len(bids), len(asks))
+    bid_share, ask_share = _split_levels(bids, bid_share), _split_levels(asks, ask_share)
+    pairs = _greedy(bids, asks, owners, bid_share, ask_share)
+    bid_done, ask_done = _filled(pairs, len(bids), len(asks))
+    if bid_done == bid_share and ask_done == ask_share:
+        return pairs
+    # A constraint kept some shares unpaired: price-time among the quantities still open.
+    rest = _greedy(
+        bids,
+        asks,
+        owners,
+        [e.quantity - d for e, d in zip(bids, bid_done, strict=True)],
+        [e.quantity - d for e, d in zip(asks, ask_done, strict=True)],
+    )
+    merged: dict[tuple[int, int], int] = {}
+    for i, j, q in (*pairs, *rest):
+        merged[i, j] = merged.get((i, j), 0) + q
+    return [(i, j, q) for (i, j), q in merged.items()]
+
+
+def _filled(pairs: list[tuple[int, int, int]], n_bids: int, n_asks: int) -> tuple[list[int], list[int]]:
+    """Wh filled per bid and per ask by `pairs`."""
+    bid_filled, ask_filled = [0] * n_bids, [0] * n_asks
+    for i, j, q in pairs:
+        bid_filled[i] += q
+        ask_filled[j] += q
+    return bid_filled, ask_filled
 
 
 def _greedy(
-    bids: Sequence[Entry], asks: Sequence[Entry], owners: Mapping[str, str] | None = None
+    bids: Sequence[Entry],
+    asks: Sequence[Entry],
+    owners: Mapping[str, str] | None = None,
+    bid_quantity: Sequence[int] | None = None,
+    ask_quantity: Sequence[int] | None = None,
 ) -> list[tuple[int, int, int]]:
     """Greedy scan over sorted entries: each bid, best first, takes the cheapest asks it may
     meet (not its owner's; only its source's if it names one) while it can pay them; it
-    stops at the first bid that cannot pay the cheapest open ask.
+    stops at the first bid that cannot pay the cheapest open ask. `bid_quantity` and
+    `ask_quantity` replace the entries' quantities (0: the entry takes no part).
 
     Linear in practice: each source's asks keep a cursor past exhausted asks, and each
     (source, owner) a cursor past asks that are exhausted or its owner's (both only move
@@ -97,7 +197,7 @@ def _greedy(
     else:
         owner = [owners.get(a.participant, a.participant) for a in asks]
     owner.append("")
-    remaining = [a.quantity for a in asks]
+    remaining = [a.quantity for a in asks] if ask_quantity is None else list(ask_quantity)
     remaining.append(1)
     lanes: dict[str, list[int]] = {}
     cursors: dict[str, int] = {}
@@ -119,7 +219,9 @@ def _greedy(
             first += 1
         if price[first] > limit:
             break  # no later (cheaper) bid can pay the cheapest open ask either
-        need = bid.quantity
+        need = bid.quantity if bid_quantity is None else bid_quantity[i]
+        if not need:
+            continue
         who = bid.participant if owners is None else owners.get(bid.participant, bid.participant)
         src = bid.source
         if src is None:
@@ -229,6 +331,41 @@ def match_sorted(
         ai[:n].astype(np.int64),
         (cuts[:n] - starts[:n]).astype(np.int64),
     )
+
+
+def pro_rata_sorted(
+    bid_price: FloatArray, bid_qty: IntArray, ask_price: FloatArray, ask_qty: IntArray
+) -> tuple[IntArray, IntArray, IntArray]:
+    """`match_sorted` with pro-rata matching (module docstring): the volume of price-time
+    priority, each side's marginal level split by `split_pro_rata`, the shares paired along
+    one axis of energy. Equal to `clear(..., matching="pro_rata")` on unconstrained entries
+    (tests/market check it)."""
+    _, _, q = match_sorted(bid_price, bid_qty, ask_price, ask_qty)
+    volume = int(q.sum())
+    if not volume:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    bid_share = _split_sorted(bid_price, bid_qty, volume)
+    ask_share = _split_sorted(ask_price, ask_qty, volume)
+    bk, ak = np.flatnonzero(bid_share), np.flatnonzero(ask_share)
+    bi, ai, q = match_sorted(bid_price[bk], bid_share[bk], ask_price[ak], ask_share[ak])
+    return bk[bi].astype(np.int64), ak[ai].astype(np.int64), q
+
+
+def _split_sorted(price: FloatArray, qty: IntArray, volume: int) -> IntArray:
+    """Shares of `volume` Wh over one sorted side: price-time fills a prefix of the side's
+    energy axis; the level where that prefix ends is split by `split_pro_rata` (exact
+    Python integers: products of Wh may pass 2^63), every other level is whole or empty."""
+    end = np.cumsum(qty)
+    share: IntArray = np.clip(volume - (end - qty), 0, qty).astype(np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], price[1:] != price[:-1])))
+    last = int(np.searchsorted(end, volume, side="left"))  # the entry where the volume ends
+    level = int(np.searchsorted(starts, last, side="right")) - 1
+    lo = int(starts[level])
+    hi = int(starts[level + 1]) if level + 1 < len(starts) else len(qty)
+    if hi - lo > 1:
+        share[lo:hi] = split_pro_rata(qty[lo:hi].tolist(), int(share[lo:hi].sum()))
+    return share
 
 
 def _price(

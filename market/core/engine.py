@@ -17,7 +17,7 @@ import msgspec
 
 from market.core.book import Book, Entry, tie_key
 from market.core.capacity import CapacityLimits, limit_fills
-from market.core.clearing import Fill, Pricing, clear
+from market.core.clearing import Fill, Matching, Pricing, clear
 from market.core.errors import IllegalTransition, MarketError
 from market.core.exchange import EXTERNAL, exchange
 from market.core.grid import GridStates, GridTariff
@@ -56,6 +56,9 @@ class MarketConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     close_steps: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
     horizon: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 96  # slots accepted beyond next_settle
     pricing: Pricing = "midpoint"
+    # Who trades within a tied price level: "price_time" (earliest first, PROTOCOL.md) or
+    # "pro_rata" (shared in proportion to quantity, exact in Wh: market/core/clearing.py).
+    matching: Matching = "price_time"
     max_quantity: Annotated[int, msgspec.Meta(gt=0, le=MAX_QUANTITY)] = MAX_QUANTITY
     price_min: float = 0.0
     price_max: float = 10.0
@@ -257,9 +260,13 @@ class Market:
         if state == "RED":
             fills: list[Fill] = []  # the DSO forbids P2P trade in this slot: all settle with the grid
         elif state == "YELLOW" and self.config.yellow_fee > 0:
-            fills = _clear_with_fee(bids, asks, self.config.pricing, self.config.yellow_fee, self.owners)
+            fills = _clear_with_fee(
+                bids, asks, self.config.pricing, self.config.yellow_fee, self.owners, self.config.matching
+            )
         else:
-            fills = clear(bids, asks, self.config.pricing, ranked=True, owners=self.owners)
+            fills = clear(
+                bids, asks, self.config.pricing, ranked=True, owners=self.owners, matching=self.config.matching
+            )
         if self.capacity is not None and fills:
             fills = limit_fills(fills, self.capacity, slot[1] - slot[0], self.base_flows.get(slot[0]))
         self.base_flows.pop(slot[0], None)
@@ -552,7 +559,12 @@ class Market:
 
 
 def _clear_with_fee(
-    bids: list[Entry], asks: list[Entry], pricing: Pricing, fee: float, owners: Mapping[str, str]
+    bids: list[Entry],
+    asks: list[Entry],
+    pricing: Pricing,
+    fee: float,
+    owners: Mapping[str, str],
+    matching: Matching = "price_time",
 ) -> list[Fill]:
     """Clear with every ask raised by `fee`, then give each seller its fill's price less the
     fee (never below its own ask): nobody pays above its bid or receives below its ask, and
@@ -561,7 +573,8 @@ def _clear_with_fee(
     raised = [msgspec.structs.replace(a, price=a.price + fee) for a in asks]
     return [
         msgspec.structs.replace(f, ask=own[f.ask.uuid], price_sell=max(own[f.ask.uuid].price, f.price_sell - fee))
-        for f in clear(bids, raised, pricing, ranked=True, owners=owners)  # a constant fee keeps the asks' order
+        # A constant fee keeps the asks' order (and their price levels).
+        for f in clear(bids, raised, pricing, ranked=True, owners=owners, matching=matching)
     ]
 
 

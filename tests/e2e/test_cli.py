@@ -49,3 +49,35 @@ async def test_market_command_serves_the_protocol(tmp_path: Path) -> None:
     # SIGTERM flushed the ledger: the fill is there.
     fills = read_rows(ledger, "settlements")
     assert [(f["seller_id"], f["buyer_id"], f["quantity"], f["price_buy"]) for f in fills] == [("A", "B", 100, 0.2)]
+
+
+async def test_market_command_selects_pro_rata_matching(tmp_path: Path) -> None:
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        "\n".join(
+            f'[[participants]]\nid = "{p}"\ntoken = "secret-{p}"\nrole = "{r}"\n'
+            for p, r in (("A", "prosumer"), ("B", "prosumer"), ("S", "prosumer"), ("C", "controller"))
+        )
+    )
+    ledger = f"sqlite:///{tmp_path}/cli.db"
+    args = ["--registry", str(registry), "--port", "0", "--ledger", ledger, "--duration", "60", "--round-timeout", "1"]
+    async with market_process([*args, "--matching", "pro_rata"]) as url:
+        clients = {}
+        for pid, ns in (("A", "/market"), ("B", "/market"), ("S", "/market"), ("C", "/simulation")):
+            sio = socketio.AsyncClient(reconnection=False)
+            await sio.connect(url, namespaces=[ns], auth={"id": pid, "token": f"secret-{pid}"})
+            clients[pid] = sio
+        ctl = clients["C"]
+        assert (await ctl.call("step", {"time": 600}, namespace="/simulation"))["ok"]
+        slot = [720, 780]
+        for pid, q in (("A", 60), ("B", 40)):  # one price level: tied bids
+            bid = {"quantity": q, "price": 0.3, "time_delivery": slot}
+            assert (await clients[pid].call("bid", bid, namespace="/market"))["ok"]
+        ask = {"quantity": 50, "price": 0.1, "time_delivery": slot, "source": "solar"}
+        assert (await clients["S"].call("ask", ask, namespace="/market"))["ok"]
+        assert (await ctl.call("step", {"time": 660}, namespace="/simulation"))["round"]["trades"] == 2
+        for sio in clients.values():
+            await sio.disconnect()
+    fills = read_rows(ledger, "settlements")
+    assert sorted((f["buyer_id"], f["quantity"]) for f in fills) == [("A", 30), ("B", 20)]
+    assert '"matching":"pro_rata"' in read_rows(ledger, "runs")[0]["config"]

@@ -80,6 +80,35 @@ def test_commitments_steer_the_battery():
     assert meter["consumption"]["other"] == {"bess": 300, "external": 700}
 
 
+def test_the_battery_covers_committed_sales_the_site_did_not_produce():
+    # 800 Wh of solar sold, 500 produced with a load of 100: 400 exported, 400 short. The
+    # battery discharges the shortfall before the reading and exports it as `bess` (the
+    # market books it as bess_compensation).
+    b = Battery(10_000, 10_000, 1.0, 5_000)
+    meter, after = meter_reading(100, {"solar": 500}, b, Commitment(sold={"solar": 800}).plan(), SLOT)
+    assert meter["generation"] == {"solar": 400, "bess": 400}
+    assert meter["consumption"] == {"bess": {}, "other": {"solar": 100, "external": 0}}
+    assert after is not None and after.soc_wh == 4_600
+    # After the committed `bess` sales, within the power limit (500 Wh per 900 s slot) ...
+    b = Battery(10_000, 2_000, 1.0, 5_000)
+    plan = Commitment(sold={"solar": 800, "bess": 300}).plan()
+    meter, after = meter_reading(0, {"solar": 500}, b, plan, SLOT)
+    assert meter["generation"] == {"solar": 500, "bess": 500}  # 300 sold as bess + 200 of the 300 short
+    assert after is not None and after.soc_wh == 4_500
+    # ... and the state of charge; before the battery covers the site's own load.
+    b = Battery(10_000, 10_000, 1.0, 600)
+    meter, after = meter_reading(2_000, {"solar": 1_000}, b, Commitment(sold={"solar": 500}).plan(), SLOT)
+    assert meter["generation"] == {"bess": 500}
+    assert meter["consumption"]["other"] == {"solar": 1_000, "bess": 100, "external": 900}
+    assert after is not None and after.soc_wh == 0
+    # Wind counts like solar; a source sold within what was produced needs nothing.
+    b = Battery(10_000, 10_000, 1.0, 5_000)
+    meter, _ = meter_reading(
+        0, {"solar": 500, "wind": 100}, b, Commitment(sold={"solar": 500, "wind": 300}).plan(), SLOT
+    )
+    assert meter["generation"] == {"solar": 500, "wind": 100, "bess": 200}
+
+
 def test_no_battery_means_plain_net_metering():
     meter, after = meter_reading(500, {"solar": 200, "wind": 600}, None, Plan(bess_export=100), SLOT)
     assert after is None
@@ -129,7 +158,11 @@ def test_meter_accounts_for_every_wh(load, gen, battery, plan, duration):
     drawn = sum(charge.values())
     assert out + drawn <= battery.limit(duration)
     assert after.soc_wh == battery.soc_wh - out + battery.stored(drawn)
-    assert export.get("bess", 0) <= plan.bess_export
+    # The battery exports its committed `bess` sales and the shortfall of committed sales
+    # of other sources (net of own use), as far as its charge and power allow.
+    shortfall = sum(max(0, q - (gen.get(s, 0) - other.get(s, 0))) for s, q in plan.sold.items())
+    room = min(battery.soc_wh, battery.limit(duration))
+    assert export.get("bess", 0) == min(plan.bess_export + shortfall, room)
     if not plan.charge:
         assert drawn == 0
     if not plan.discharge:

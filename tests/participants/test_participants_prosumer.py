@@ -104,6 +104,44 @@ def test_settled_commitments_steer_the_meter():
     assert p.stats.fills == 1 and p.stats.sold_wh == 700
 
 
+def test_a_solar_sale_the_site_did_not_produce_is_covered_by_its_battery():
+    spec = ParticipantSpec(
+        id="B2",
+        pv=PvSpec(kw=5),
+        battery=BatterySpec(capacity_wh=10_000, power_w=8_000, efficiency=1.0, soc=0.5),
+        trader=BatteryTrader(),
+    )
+    p = Prosumer(spec, seed=1)
+    solar = p.energy((T0, T0 + D))[0]["solar"]
+    assert solar > 0
+    fill = {"commit_id": "c1", "uuid": "u1", "id": f"{T0}-0", "side": "ask", "quantity": solar + 300,
+            "price": 0.2, "source": "solar", "time_delivery": [T0, T0 + D]}  # fmt: skip
+    p.on_settled(fill)
+    meter, _ = p.on_round(start_round(T0))
+    assert meter is not None and meter["generation"] == {"solar": solar, "bess": 300}
+    assert p.battery is not None and p.battery.soc_wh == 5000 - 300
+
+
+def test_forecast_error_moves_what_the_trader_sees_not_the_meter():
+    exact = ParticipantSpec(id="F1", load=SyntheticLoad(3500), pv=PvSpec(kw=6), trader=FixedPriceTrader())
+    noisy = ParticipantSpec(
+        id="F1", load=SyntheticLoad(3500), pv=PvSpec(kw=6, forecast_error=0.3), trader=FixedPriceTrader()
+    )
+    slots = [(T0 + k * D, T0 + (k + 1) * D) for k in range(12)]
+    a, b, again = Prosumer(exact, seed=3), Prosumer(noisy, seed=3), Prosumer(noisy, seed=3)
+    assert all(a.forecast(s) == a.energy(s) for s in slots)  # no error: the forecast is exact
+    assert [b.energy(s) for s in slots] == [a.energy(s) for s in slots]  # what happens is the same
+    forecasts = [b.forecast(s) for s in slots]
+    assert forecasts == [again.forecast(s) for s in reversed(slots)][::-1]  # seeded per slot, not by call order
+    assert all(f[1] == a.energy(s)[1] for f, s in zip(forecasts, slots, strict=True))  # load is exact
+    off = [f[0]["solar"] / a.energy(s)[0]["solar"] - 1 for f, s in zip(forecasts, slots, strict=True)]
+    assert any(abs(x) > 0.05 for x in off) and all(abs(x) < 2 for x in off)
+    # The trader trades what it forecasts; the meter reads what the site did.
+    ra, rb = ([p.on_round(start_round(T0 + k * D)) for k in range(8)] for p in (a, b))
+    assert [m for m, _ in ra] == [m for m, _ in rb]
+    assert [o for _, o in ra] != [o for _, o in rb]
+
+
 def test_bill_and_grid_only_counterfactual():
     spec = ParticipantSpec(id="L1", load=SyntheticLoad(3500), trader=NoTrader())
     p = Prosumer(spec, seed=2)

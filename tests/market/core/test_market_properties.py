@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from market.core.book import Entry
 from market.core.clearing import (
+    MATCHINGS,
     PRICINGS,
     Fill,
+    Matching,
     Pricing,
     _greedy,
     _merge_unless_self_pair,
@@ -134,9 +136,9 @@ def test_clearing_is_the_literal_rule(book: tuple[list[Entry], list[Entry]], pri
 
 
 @FAST
-@given(books(sourced_bids=False), st.sampled_from(PRICINGS))
+@given(books(sourced_bids=False), st.sampled_from(PRICINGS), st.sampled_from(MATCHINGS))
 def test_unconstrained_fills_respect_limits_even_uniform(
-    book: tuple[list[Entry], list[Entry]], pricing: Pricing
+    book: tuple[list[Entry], list[Entry]], pricing: Pricing, matching: Matching
 ) -> None:
     bids, asks = book
     # Distinct participants: no self-pair can constrain the order of fills.
@@ -144,7 +146,7 @@ def test_unconstrained_fills_respect_limits_even_uniform(
         entry(f"B{k}", e.quantity, e.price, uuid=e.uuid, time_submission=e.time_submission, tie=e.tie)
         for k, e in enumerate(bids)
     ]
-    fills = clear(bids, asks, pricing)
+    fills = clear(bids, asks, pricing, matching=matching)
     check_fills(bids, asks, fills, pricing, constrained=False)
 
 
@@ -224,11 +226,15 @@ def check_exchange(
 
 
 @FAST
-@given(books(), meter_maps(), st.sampled_from(PRICINGS), st.randoms(use_true_random=False))
+@given(books(), meter_maps(), st.sampled_from(PRICINGS), st.sampled_from(MATCHINGS), st.randoms(use_true_random=False))
 def test_exchange_conserves_energy_and_money(
-    book: tuple[list[Entry], list[Entry]], meters: dict[str, MeterMsg], pricing: Pricing, rnd: random.Random
+    book: tuple[list[Entry], list[Entry]],
+    meters: dict[str, MeterMsg],
+    pricing: Pricing,
+    matching: Matching,
+    rnd: random.Random,
 ) -> None:
-    settlements = settlements_of(clear(*book, pricing))
+    settlements = settlements_of(clear(*book, pricing, matching=matching))
     txs = exchange(SLOT, settlements, meters, 0.25, 0.125, now=60)
     check_exchange(txs, meters, settlements, pricing, 0.25)
     # (d) determinism: same input, same output, whatever the order of the list and the dict.
@@ -257,12 +263,13 @@ def test_exchange_conserves_energy_and_money(
     meter_maps(),
     meter_maps(),
     st.sampled_from(PRICINGS),
+    st.sampled_from(MATCHINGS),
 )
 def test_engine_rounds_conserve(
-    orders: list[Any], m120: dict[str, MeterMsg], m180: dict[str, MeterMsg], pricing: Pricing
+    orders: list[Any], m120: dict[str, MeterMsg], m180: dict[str, MeterMsg], pricing: Pricing, matching: Matching
 ) -> None:
     def run() -> list[Any]:
-        m = Market(MarketConfig(duration=60, close_steps=2, pricing=pricing))
+        m = Market(MarketConfig(duration=60, close_steps=2, pricing=pricing, matching=matching))
         m.open_round(0)
         for p, side, q, price, src, start in orders:
             if side == "ask" and src is None:
