@@ -46,8 +46,9 @@ def parser() -> argparse.ArgumentParser:
     led = sub.add_parser("ledger", help="ledger tools")
     led.add_argument(
         "action",
-        choices=["digest", "verify"],
-        help="digest: sha256 of the ordered ledger rows; verify: check a chain ledger's rows against its anchors",
+        choices=["digest", "verify", "balances"],
+        help="digest: sha256 of the ordered ledger rows; verify: check a chain ledger's rows against its anchors; "
+        "balances: a chain ledger's token balances on chain next to the database's money",
     )
     led.add_argument("url")
     led.add_argument("--record", metavar="ID", help="verify: print the inclusion proof (JSON) of this record")
@@ -85,12 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         return sweep.main(args)
     if args.command == "ledger":
-        if args.action == "verify":
+        if args.action in ("verify", "balances"):
             from controller import ledger_cmd
 
             return ledger_cmd.main(args)
         from ledger import ledger_digest
 
-        print(ledger_digest(args.url))
+        try:
+            print(ledger_digest(args.url))
+        except ValueError as err:  # a memory: URL, or a scheme it cannot read
+            print(f"microte ledger digest: {err}", file=sys.stderr)
+            return 2
         return 0
     return 2

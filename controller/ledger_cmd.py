@@ -1,4 +1,5 @@
-"""`microte ledger verify URL [--record ID [--table T]]`: check a chain ledger (docs/chain.md).
+"""`microte ledger verify URL [--record ID [--table T]]`: check a chain ledger (docs/chain.md);
+`microte ledger balances URL`: its token balances on chain next to the database's money.
 
 Every anchor's Merkle root is recomputed from the rows the database holds now, and compared
 with the root the contract stores and with the anchors table. A row whose leaf no longer
@@ -9,6 +10,10 @@ balances on the chain are compared with the net money of the anchored rows.
 
 With `--record ID`, prints the inclusion proof of that record (JSON) against its anchored
 root instead, and whether it verifies against the chain.
+
+`balances` lists every token account (participants named by a money row, the clearing
+account, every address a `Transfer` event of the contract names): its balance and credit on
+chain, its net position there, and the net money of every money row in the database.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from ledger.dual import (
     parse_url,
     rows_by_key,
 )
-from ledger.evm import CLEARING_ADDRESS, ChainError, EvmAnchor, money_deltas, participant_address
+from ledger.evm import CLEARING_ADDRESS, MONEY_TABLES, ChainError, EvmAnchor, money_deltas, participant_address
 from ledger.schema import KEYS, TABLE_MAP
 
 MAX_LISTED = 20  # unanchored rows named one by one before "... and N more"
@@ -341,7 +346,131 @@ def _proof(conn: sa.Connection, chain: EvmAnchor | None, hit: Any) -> dict[str, 
     }
 
 
+@dataclass
+class Account:
+    who: str  # participant id, "clearing", or "?" (an address on chain that no row names)
+    address: str
+    balance: int  # balanceOf on chain
+    credit: int  # creditOf on chain
+    database: int  # net money over every money row in the database
+
+    @property
+    def chain(self) -> int:
+        return self.balance - self.credit
+
+    @property
+    def ok(self) -> bool:
+        return self.chain == self.database
+
+
+@dataclass
+class Balances:
+    chain: str
+    contract: str
+    accounts: list[Account] = field(default_factory=list)
+    unanchored_rows: int = 0  # money rows no confirmed anchor covers (not settled on chain)
+
+    @property
+    def mismatches(self) -> list[Account]:
+        return [a for a in self.accounts if not a.ok]
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def balances(url: str) -> Balances:
+    """Token balances on chain against the net money of the database's money rows."""
+    config = _config(url)
+    with _database(config.db_url) as conn:
+        chain = config.open_chain(readonly=True)
+        try:
+            contract = _attach(conn, chain, config)
+            if contract is None:
+                raise LookupError(f"no MicroteLedger contract of this ledger on {chain.description}")
+            rows: list[tuple[str, dict[str, Any]]] = []
+            for table in MONEY_TABLES:
+                rows.extend((table, dict(r._mapping)) for r in conn.execute(sa.select(*TABLE_MAP[table].columns)))
+            settled = _settled_keys(conn, chain.address)
+            report = Balances(chain.description, contract)
+            report.unanchored_rows = sum(1 for t, r in rows if (t, str(r[KEYS[t]])) not in settled)
+            deltas = money_deltas(rows)
+            ids = {str(r[c]) for t, r in rows for c in _PARTIES[t]}
+            names = {participant_address(p): p for p in sorted(ids)} | {CLEARING_ADDRESS: "clearing"}
+            addresses = set(names) | _token_accounts(conn, chain)
+
+            def order(address: str) -> tuple[int, str]:  # participants, the clearing account, unknown
+                who = names.get(address)
+                return (2 if who is None else 1 if who == "clearing" else 0, who or address)
+
+            for address in sorted(addresses, key=order):
+                who = names.get(address, "?")
+                expected = deltas.get("" if who == "clearing" else who, 0) if who != "?" else 0
+                report.accounts.append(Account(who, address, chain.balance(address), chain.credit(address), expected))
+        finally:
+            chain.close()
+    return report
+
+
+_PARTIES = {
+    "transactions": ("buyer_id", "seller_id"),
+    "token_transfers": ("payer_id", "payee_id"),
+    "flex_tokens": ("from_id", "to_id"),
+}
+
+
+def _settled_keys(conn: sa.Connection, contract: str) -> set[tuple[str, str]]:
+    anchored = sa.select(chain_anchors.c.seq).where(
+        chain_anchors.c.status == "anchored", chain_anchors.c.contract == contract
+    )
+    query = sa.select(chain_leaves.c.tbl, chain_leaves.c.key).where(
+        chain_leaves.c.tbl.in_(MONEY_TABLES), chain_leaves.c.anchor_seq.in_(anchored)
+    )
+    return {(str(t), str(k)) for t, k in conn.execute(query)}
+
+
+def _token_accounts(conn: sa.Connection, chain: EvmAnchor) -> set[str]:
+    """Every address a Transfer event of the contract names (minting's zero address aside)."""
+    start = conn.execute(
+        sa.select(chain_contracts.c.deploy_block).where(chain_contracts.c.contract == chain.address)
+    ).scalar()
+    out: set[str] = set()
+    for event in chain.contract.events.Transfer.get_logs(from_block=int(start or 0)):
+        out.update(str(event["args"][side]) for side in ("from", "to"))
+    out.discard("0x0000000000000000000000000000000000000000")
+    return out
+
+
+def render_balances(report: Balances) -> str:
+    header = ("account", "address", "balance", "credit", "chain net", "database net")
+    cells = [(a.who, a.address, str(a.balance), str(a.credit), str(a.chain), str(a.database)) for a in report.accounts]
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        left = [row[i].ljust(widths[i]) for i in range(2)]
+        right = [row[i].rjust(widths[i]) for i in range(2, len(row))]
+        return "  ".join(left + right)
+
+    lines = [f"chain: {report.chain}, contract {report.contract}", line(header)]
+    for account, row in zip(report.accounts, cells, strict=True):
+        lines.append(
+            line(row) + ("" if account.ok else f"  MISMATCH (chain - database = {account.chain - account.database})")
+        )
+    pending = (
+        f"; {report.unanchored_rows} money rows are not anchored yet (not settled on chain)"
+        if report.unanchored_rows
+        else ""
+    )
+    if report.ok:
+        lines.append(f"OK: {len(report.accounts)} accounts, the chain's token positions equal the database's net money")
+    else:
+        lines.append(f"FAILED: {len(report.mismatches)} of {len(report.accounts)} accounts differ{pending}")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.action == "balances":
+        return main_balances(args)
     try:
         if args.record is not None:
             proofs = inclusion_proofs(args.url, args.record, args.table)
@@ -352,4 +481,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"microte ledger verify: {exc}", file=sys.stderr)
         return 2
     print(render(report))
+    return 0 if report.ok else 1
+
+
+def main_balances(args: argparse.Namespace) -> int:
+    try:
+        report = balances(args.url)
+    except (LookupError, OSError, ValueError, ChainError) as exc:
+        print(f"microte ledger balances: {exc}", file=sys.stderr)
+        return 2
+    print(render_balances(report))
     return 0 if report.ok else 1

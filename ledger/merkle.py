@@ -9,6 +9,12 @@ Hashes are sha256 with RFC 6962 style prefixes: a leaf is sha256(0x00 || data), 
 interior node sha256(0x01 || left || right), so an interior node can never pass for a leaf
 (no second-preimage trick). A level with an odd number of nodes promotes its last node
 unchanged to the level above.
+
+The encoding is specified completely, for verifiers that do not run microte, in
+docs/chain.md (*Verifying without microte*): types per column, the canonical JSON and its
+float format (msgspec's: Python's repr, but `0.0000...` for exponent -5 and exponents
+without `+` or leading zeros), the hashes; docs/verify_ledger.py implements it with the
+standard library, and tests/ledger/test_outsider_verifier.py holds the two to the same bytes.
 """
 
 from __future__ import annotations

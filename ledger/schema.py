@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec.inspect as mi
 import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.types import TypeEngine
 
 from market.core.records import TABLES, Record
@@ -79,3 +80,16 @@ sa.Index(
 
 def key_column(table: str) -> sa.Column[Any]:
     return TABLE_MAP[table].c[KEYS[table]]
+
+
+def columns_markdown() -> str:
+    """Every record table with its key and its columns' SQL types, as docs/chain.md lists
+    them for a verifier (`?`: nullable). The docs' copy is checked against this."""
+    lines = ["| table | key | columns (SQL type as created; `?`: may be NULL) |", "|---|---|---|"]
+    for name in sorted(TABLE_MAP):
+        table = TABLE_MAP[name]
+        cols = ", ".join(
+            f"`{c.name}` {c.type.compile(dialect=sqlite.dialect())}{'?' if c.nullable else ''}" for c in table.columns
+        )
+        lines.append(f"| `{name}` | `{KEYS[name]}` | {cols} |")
+    return "\n".join(lines)
