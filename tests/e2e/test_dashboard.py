@@ -81,8 +81,11 @@ async def until(driver: WebDriver, what: str, check: Callable[[WebDriver], Any],
 
 
 def cell_texts(driver: WebDriver, table: str) -> list[list[str]]:
-    rows = driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
-    return [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in rows]
+    """The table's cells, read in one script call: the page replaces the rows on every
+    snapshot, so elements found one by one can go stale in between."""
+    script = "return [...document.querySelectorAll(arguments[0])].map(tr => [...tr.cells].map(td => td.textContent))"
+    rows: list[list[str]] = driver.execute_script(script, f"#{table} tbody tr")
+    return rows
 
 
 def js_number(x: float) -> str:
