@@ -261,6 +261,7 @@ class Delivery(msgspec.Struct, frozen=True):
     consumption: int
     check: DeliveryCheck
     reputation: int  # after the check
+    penalty_paid: int = 0  # of `check.penalty`: what the prosumer held (tokens never go negative)
 
     def wire(self) -> dict[str, Any]:
         c = self.check
@@ -277,8 +278,17 @@ class Delivery(msgspec.Struct, frozen=True):
             "met": c.met,
             "reward": c.reward,
             "penalty": c.penalty,
+            "penalty_paid": self.penalty_paid,
             "reputation": self.reputation,
         }
+
+
+class Savepoint(msgspec.Struct, frozen=True):
+    """Where `Flexibility.rollback` goes back to: the small tables copied, the append-only
+    ones by length."""
+
+    state: _State
+    lengths: tuple[int, ...]
 
 
 class Opened(msgspec.Struct, frozen=True):
@@ -288,10 +298,26 @@ class Opened(msgspec.Struct, frozen=True):
     duplicate: dict[str, Any] | None = None
 
 
+class StrategyChoice(msgspec.Struct, frozen=True):
+    """An aggregator's `flex.strategy`: the strategy and the settings it gave (None: the
+    server's default)."""
+
+    name: str
+    max_modulation_pct: int | None = None
+    price_weight: int | None = None
+    forecast: bool = False
+
+
+# Tables of the state that only ever get new keys (never an overwrite or a deletion): an
+# undo can truncate them to their length at a savepoint (dicts keep insertion order) instead
+# of copying them. They grow with every request; the other tables stay small.
+APPEND_ONLY: tuple[str, ...] = ("answers", "allotments", "readings", "deliveries")
+
+
 class _State(msgspec.Struct):
     contracts: dict[str, Contract] = {}
     active: dict[str, str] = {}  # prosumer -> its active contract id
-    strategies: dict[str, str] = {}  # aggregator -> strategy name
+    strategies: dict[str, StrategyChoice] = {}  # aggregator -> its choice
     requests: dict[str, Request] = {}
     client_ids: dict[tuple[str, str], str] = {}  # (dso, client id) -> request id
     answers: dict[tuple[str, str], Answer] = {}  # (request, prosumer)
@@ -302,28 +328,40 @@ class _State(msgspec.Struct):
     reputation: dict[str, int] = {}
     reputation_seq: dict[str, int] = {}
     tokens: dict[str, int] = {}
+    reserved: dict[str, int] = {}  # aggregator -> rewards its unsettled allocations may cost
+    supply: int = 0  # tokens minted (`flex.fund`): the sum of every balance
+    token_ops: dict[tuple[str, str, str], tuple[str, int]] = {}  # (kind, account, client id) -> (other, amount)
+    history: dict[str, tuple[int, int]] = {}  # prosumer -> (deliveries, sum of their ratios, permille)
+    offered_to: dict[str, frozenset[str]] = {}  # request -> its offered prosumers (an index of `offered`)
     next_contract: int = 1
     next_request: int = 1
     open_request: str | None = None
     records: list[Record] = []
     notices: list[Notice] = []
 
-    def copy(self) -> _State:
-        """A copy that shares no mutable container with this one (values are frozen)."""
+    def copy(self, share_append_only: bool = False) -> _State:
+        """A copy that shares no mutable container with this one (values are frozen), but
+        the `APPEND_ONLY` tables if `share_append_only` (a savepoint's)."""
+        grown: Any = (lambda d: d) if share_append_only else dict
         return _State(
             contracts=dict(self.contracts),
             active=dict(self.active),
             strategies=dict(self.strategies),
             requests=dict(self.requests),
             client_ids=dict(self.client_ids),
-            answers=dict(self.answers),
-            allotments=dict(self.allotments),
+            answers=grown(self.answers),
+            allotments=grown(self.allotments),
             by_request=dict(self.by_request),
-            readings=dict(self.readings),
-            deliveries=dict(self.deliveries),
+            readings=grown(self.readings),
+            deliveries=grown(self.deliveries),
             reputation=dict(self.reputation),
             reputation_seq=dict(self.reputation_seq),
             tokens=dict(self.tokens),
+            reserved=dict(self.reserved),
+            supply=self.supply,
+            token_ops=dict(self.token_ops),
+            history=dict(self.history),
+            offered_to=dict(self.offered_to),
             next_contract=self.next_contract,
             next_request=self.next_request,
             open_request=self.open_request,

@@ -40,18 +40,23 @@ from market.core.records import (
     FlexRequestRecord,
     FlexTokenRecord,
     Record,
+    amount,
 )
 from market.flexibility.contracts import (
+    APPEND_ONLY,
     Allotment,
     Contract,
     Delivery,
     DeliveryCheck,
     Opened,
     Request,
+    Savepoint,
+    StrategyChoice,
     _State,
     check_delivery,
     energy_wh,
 )
+from market.flexibility.forecast import deliverable, delivery_ratio, trust_permille
 from market.flexibility.messages import (
     Answer,
     AnswerMsg,
@@ -61,13 +66,24 @@ from market.flexibility.messages import (
     Direction,
     FlexConfig,
     FlexMeterMsg,
+    FundMsg,
     Notice,
     RequestMsg,
     RequestRefMsg,
     ResultsMsg,
     StrategyMsg,
+    TransferMsg,
 )
-from market.flexibility.strategies import Candidate, Strategy, default_strategies
+from market.flexibility.strategies import (
+    Candidate,
+    FairStrategy,
+    ReputationStrategy,
+    Share,
+    Strategy,
+    default_strategies,
+)
+
+MAX_SUPPLY = 10**15  # micro-currency: at most 10^9 currency units minted in all
 
 # The ledger records `Flexibility.resume` rebuilds the state from.
 FLEX_RECORDS: tuple[type[Record], ...] = (
@@ -93,6 +109,12 @@ class Flexibility:
         if self.config.strategy not in self.strategies:
             raise ValueError(f"unknown default strategy {self.config.strategy!r}")
         self._s = _State()
+        # No active contract expires before this (None: not known, look): `expire` at the
+        # start of every event is then O(1). A lower bound: registrations lower it.
+        self._expiry_floor: int | None = None
+        # request -> its allocations still without a reading (a cache of the state: what
+        # `meter` would count; forgotten whenever the state is put back)
+        self._unread: dict[str, int] = {}
 
     # -- outbox and undo -----------------------------------------------------------------
 
@@ -107,6 +129,25 @@ class Flexibility:
 
     def restore(self, state: _State) -> None:
         self._s = state.copy()
+        self._expiry_floor = None
+        self._unread = {}
+
+    def savepoint(self) -> Savepoint:
+        """What `rollback` undoes an event to; cheaper than `snapshot` (the tables that grow
+        with every request are not copied), and only valid until the next savepoint."""
+        s = self._s
+        return Savepoint(s.copy(share_append_only=True), tuple(len(getattr(s, name)) for name in APPEND_ONLY))
+
+    def rollback(self, point: Savepoint) -> None:
+        """Back to `point`: every change since undone (the state is then what `snapshot`
+        would have returned at the savepoint)."""
+        for name, length in zip(APPEND_ONLY, point.lengths, strict=True):
+            table: dict[Any, Any] = getattr(point.state, name)  # the live table: shared
+            while len(table) > length:
+                table.popitem()  # the newest key first
+        self._s = point.state.copy(share_append_only=True)
+        self._expiry_floor = None
+        self._unread = {}
 
     def _emit(self, pid: str, event: str, payload: dict[str, Any]) -> None:
         self._s.notices.append((pid, event, payload))
@@ -118,6 +159,23 @@ class Flexibility:
 
     def tokens(self, pid: str) -> int:
         return self._s.tokens.get(pid, 0)
+
+    def reserved(self, pid: str) -> int:
+        """Tokens an aggregator holds for the rewards its unsettled allocations may cost."""
+        return self._s.reserved.get(pid, 0)
+
+    def available(self, pid: str) -> int:
+        """Tokens `pid` may spend: its balance less what is reserved."""
+        return self.tokens(pid) - self.reserved(pid)
+
+    def supply(self) -> int:
+        """Tokens minted by `fund`: the sum of every balance."""
+        return self._s.supply
+
+    def trust(self, pid: str) -> int:
+        """The aggregator's trust in `pid` from its delivery history, permille (1000: full)."""
+        n, ratios = self._s.history.get(pid, (0, 0))
+        return trust_permille(n, ratios, self.config.trust_prior)
 
     def contract(self, contract_id: str) -> Contract:
         found = self._s.contracts.get(contract_id)
@@ -143,7 +201,12 @@ class Flexibility:
         return list(self._s.requests.values())
 
     def strategy_of(self, aggregator: str) -> str:
-        return self._s.strategies.get(aggregator, self.config.strategy)
+        return self.choice_of(aggregator).name
+
+    def choice_of(self, aggregator: str) -> StrategyChoice:
+        """The aggregator's strategy and settings (the defaults if it never chose)."""
+        found = self._s.strategies.get(aggregator)
+        return found if found is not None else StrategyChoice(self.config.strategy, forecast=self.config.forecast)
 
     def allotments(self, request_id: str) -> list[Allotment]:
         return [self._s.allotments[(request_id, p)] for p in self._s.by_request.get(request_id, ())]
@@ -167,9 +230,19 @@ class Flexibility:
         self._s.records.append(FlexReputationRecord(f"{pid}.{n}", pid, reason, score - before, score, ref, now))
         return score
 
+    def _reserve(self, aggregator: str, micro: int) -> None:
+        left = self.reserved(aggregator) + micro
+        if left:
+            self._s.reserved[aggregator] = left
+        else:
+            self._s.reserved.pop(aggregator, None)
+
     def _transfer(self, request: str, src: str, dst: str, micro: int, reason: str, prosumer: str, now: int) -> None:
+        """A reward or a penalty of a delivery check; the caller made sure `src` can pay."""
         if micro <= 0:
             return
+        if micro > self.tokens(src):
+            raise AssertionError(f"{src} would overdraw: {self.tokens(src)} < {micro}")
         self._s.tokens[src] = self.tokens(src) - micro
         self._s.tokens[dst] = self.tokens(dst) + micro
         self._s.records.append(FlexTokenRecord(f"{request}.{prosumer}.{reason}", request, src, dst, micro, reason, now))
@@ -178,11 +251,18 @@ class Flexibility:
 
     def expire(self, now: int) -> int:
         """End every active contract whose expiry is at or before `now`; returns how many."""
+        if self._expiry_floor is not None and now < self._expiry_floor:
+            return 0
         due = [cid for cid in self._s.active.values() if self._s.contracts[cid].expires <= now]
         for cid in sorted(due, key=lambda c: self._s.contracts[c].seq):
             old = self._s.contracts[cid]
             self._end(old, "expired", now)
+        self._expiry_floor = min((self._s.contracts[c].expires for c in self._s.active.values()), default=2**62)
         return len(due)
+
+    def _expires_at(self, t: int) -> None:
+        if self._expiry_floor is not None:
+            self._expiry_floor = min(self._expiry_floor, t)
 
     def _end(self, old: Contract, status: Literal["cancelled", "expired"], now: int) -> Contract:
         new = msgspec.structs.replace(old, status=status, version=old.version + 1)
@@ -233,6 +313,7 @@ class Flexibility:
         self._s.next_contract += 1
         self._s.contracts[c.id] = c
         self._s.active[prosumer] = c.id
+        self._expires_at(c.expires)
         self._contract_event(c, "registered", now)
         return {"contract": c.wire()}
 
@@ -254,6 +335,7 @@ class Flexibility:
             raise MarketError("invalid", f"expires {new.expires} is not after now ({now}): cancel instead")
         downward = new.downward_from(old)
         self._s.contracts[new.id] = new
+        self._expires_at(new.expires)
         self._contract_event(new, "renegotiated", now, downward)
         if downward:
             self._reputation(prosumer, "renegotiation", -self.config.reputation.renegotiation, new.id, now)
@@ -268,10 +350,85 @@ class Flexibility:
         return {"contract": self._end(old, "cancelled", now).wire()}
 
     def set_strategy(self, aggregator: str, msg: StrategyMsg) -> dict[str, Any]:
-        if msg.strategy not in self.strategies:
+        """The aggregator's strategy and its settings; each call replaces the whole choice."""
+        base = self.strategies.get(msg.strategy)
+        if base is None:
             raise MarketError("invalid", f"unknown strategy {msg.strategy!r}; known: {sorted(self.strategies)}")
-        self._s.strategies[aggregator] = msg.strategy
-        return {"strategy": msg.strategy}
+        if msg.max_modulation_pct is not None and not isinstance(base, FairStrategy):
+            raise MarketError("invalid", f"max_modulation_pct is a setting of fair, not of {msg.strategy!r}")
+        if msg.price_weight is not None and not isinstance(base, ReputationStrategy):
+            raise MarketError("invalid", f"price_weight is a setting of reputation, not of {msg.strategy!r}")
+        forecast = self.config.forecast if msg.forecast is None else msg.forecast
+        self._s.strategies[aggregator] = StrategyChoice(
+            msg.strategy, msg.max_modulation_pct, msg.price_weight, forecast
+        )
+        given = {
+            "max_modulation_pct": msg.max_modulation_pct,
+            "price_weight": msg.price_weight,
+            "forecast": msg.forecast,
+        }
+        return {"strategy": msg.strategy, **{k: v for k, v in given.items() if v is not None}}
+
+    def _strategy(self, choice: StrategyChoice) -> Strategy:
+        base = self.strategies[choice.name]
+        if choice.max_modulation_pct is not None and isinstance(base, FairStrategy):
+            return FairStrategy(choice.max_modulation_pct)
+        if choice.price_weight is not None and isinstance(base, ReputationStrategy):
+            return ReputationStrategy(choice.price_weight)
+        return base
+
+    def _capacity(self, c: Contract, direction: Direction, start: int, end: int, forecast: bool) -> int:
+        """What a candidate may be allocated: its contract's flexibility, or the forecast of
+        what it can deliver over the window (`market.flexibility.forecast`)."""
+        if not forecast:
+            return c.capacity(direction)
+        return deliverable(c, direction, start, end, self.trust(c.prosumer), self.config)
+
+    # -- tokens (ERC20-like) --------------------------------------------------------------
+
+    def fund(self, operator: str, msg: FundMsg, now: int) -> dict[str, Any]:
+        """Mint tokens to an aggregator's budget (the operator's `flex.fund`: ERC20 `mint`)."""
+        agg = msg.aggregator
+        wire = {"aggregator": agg, "amount": msg.amount, "id": msg.id}
+        done = self._s.token_ops.get(("fund", agg, msg.id))
+        if done is not None:
+            if done != ("", msg.amount):
+                raise MarketError("conflict", f"fund id {msg.id!r} of {agg} minted {done[1]} already")
+            return {"fund": wire, "tokens": self.tokens(agg), "duplicate": True}
+        if self._s.supply + msg.amount > MAX_SUPPLY:
+            raise MarketError("invalid", f"at most {MAX_SUPPLY} micro may be minted in all ({self._s.supply} so far)")
+        self._s.supply += msg.amount
+        self._s.tokens[agg] = self.tokens(agg) + msg.amount
+        self._s.token_ops[("fund", agg, msg.id)] = ("", msg.amount)
+        self._s.records.append(FlexTokenRecord(f"fund/{agg}/{msg.id}", msg.id, "", agg, msg.amount, "fund", now))
+        notice = {"event": "fund", "id": msg.id, "from": "", "to": agg, "amount": msg.amount}
+        self._emit(agg, "flex.tokens", notice | {"tokens": self.tokens(agg)})
+        return {"fund": wire, "tokens": self.tokens(agg)}
+
+    def transfer(self, sender: str, msg: TransferMsg, now: int) -> dict[str, Any]:
+        """Move `amount` of the sender's own tokens to `to` (ERC20 `transfer`); refused,
+        changing nothing, if it would overdraw what the sender may spend."""
+        wire = {"from": sender, "to": msg.to, "amount": msg.amount, "id": msg.id}
+        done = self._s.token_ops.get(("transfer", sender, msg.id))
+        if done is not None:
+            if done != (msg.to, msg.amount):
+                raise MarketError("conflict", f"transfer id {msg.id!r} was used for another transfer")
+            return {"transfer": wire, "tokens": self.tokens(sender), "duplicate": True}
+        if msg.to == sender:
+            raise MarketError("invalid", "a transfer to oneself")
+        if msg.amount > self.available(sender):
+            held = f"insufficient tokens: {sender} holds {self.tokens(sender)}"
+            if self.reserved(sender):
+                held += f" ({self.reserved(sender)} reserved for allocated requests)"
+            raise MarketError("invalid", f"{held}, cannot transfer {msg.amount}")
+        self._s.tokens[sender] = self.tokens(sender) - msg.amount
+        self._s.tokens[msg.to] = self.tokens(msg.to) + msg.amount
+        self._s.token_ops[("transfer", sender, msg.id)] = (msg.to, msg.amount)
+        rid = f"transfer/{sender}/{msg.id}"
+        self._s.records.append(FlexTokenRecord(rid, msg.id, sender, msg.to, msg.amount, "transfer", now))
+        notice = {"event": "transfer", "id": msg.id, "from": sender, "to": msg.to, "amount": msg.amount}
+        self._emit(msg.to, "flex.tokens", notice | {"tokens": self.tokens(msg.to)})
+        return {"transfer": wire, "tokens": self.tokens(sender)}
 
     # -- requests ------------------------------------------------------------------------
 
@@ -283,11 +440,13 @@ class Flexibility:
         for r in self._s.requests.values():
             if r.status == "allocated" and r.start < end and start < r.end:
                 busy.update(a.prosumer for a in self.allotments(r.id) if a.status == "allocated")
+        forecast = self.choice_of(aggregator).forecast
         out = [
             c
             for c in (self._s.contracts[cid] for cid in self._s.active.values())
             if c.aggregator == aggregator
             and c.capacity(direction) > 0
+            and (not forecast or self._capacity(c, direction, start, end, forecast) > 0)
             and c.duration >= end - start
             and start - now >= c.notice
             and c.expires >= end
@@ -340,6 +499,7 @@ class Flexibility:
             offered=offered,
         )
         self._s.requests[rid] = request
+        self._s.offered_to[rid] = frozenset(offered)
         if msg.id is not None:
             self._s.client_ids[(dso, msg.id)] = rid
         self._s.open_request = rid
@@ -363,11 +523,16 @@ class Flexibility:
             )
         return Opened(request)
 
+    def collecting(self) -> str | None:
+        """The request still collecting answers, if any (one at a time)."""
+        return self._s.open_request
+
     def abandon(self, request_id: str) -> None:
         """Forget the open request (its allocation could not be stored): the next may open."""
         if self._s.open_request == request_id:
             self._s.open_request = None
             self._s.requests.pop(request_id, None)
+            self._s.offered_to.pop(request_id, None)
             self._s.client_ids = {k: v for k, v in self._s.client_ids.items() if v != request_id}
 
     def pending(self, request_id: str) -> list[str]:
@@ -379,7 +544,7 @@ class Flexibility:
 
     def answer(self, prosumer: str, msg: AnswerMsg, now: int) -> dict[str, Any]:
         r = self._s.requests.get(msg.request)
-        if r is None or prosumer not in r.offered:
+        if r is None or prosumer not in self._s.offered_to.get(r.id, ()):
             raise MarketError("not_found", f"no request {msg.request!r} was offered to you")
         given: Answer = "accept" if msg.accept else "decline"
         first = self._s.answers.get((r.id, prosumer))
@@ -400,6 +565,9 @@ class Flexibility:
         r = self.request(request_id)
         if r.status != "open":
             raise MarketError("closed", f"request {r.id!r} is already allocated")
+        choice = self.choice_of(r.aggregator)
+        if choice.name != r.strategy:  # the aggregator chose another since the request opened
+            choice = StrategyChoice(r.strategy, forecast=self.config.forecast)
         candidates: list[Candidate] = []
         contracts: dict[str, Contract] = {}
         for pid in r.offered:
@@ -413,16 +581,35 @@ class Flexibility:
                 continue  # declined, or the contract ended while answering
             contracts[pid] = c
             candidates.append(
-                Candidate(pid, c.capacity(r.direction), self.reputation(pid), c.price(r.direction), c.seq)
+                Candidate(
+                    pid,
+                    self._capacity(c, r.direction, r.start, r.end, choice.forecast),
+                    self.reputation(pid),
+                    c.price(r.direction),
+                    c.seq,
+                    contracted=c.capacity(r.direction),
+                    source=c.source,
+                    trust=self.trust(pid),
+                )
             )
-        strategy = self.strategies[r.strategy]
+        strategy = self._strategy(choice)
         result = strategy.allocate(r.need, candidates)
-        sign = 1 if r.power > 0 else -1
-        order: list[str] = []
         for share in result.shares:
             c = contracts[share.prosumer]
             if share.power > c.capacity(r.direction):
                 raise AssertionError(f"strategy {strategy.name} gave {share.prosumer} more than its contract")
+        available = self.available(r.aggregator)
+        kept, unpaid, trimmed = self._within_budget(r, result.shares, contracts, available)
+        budget_reason = None
+        if trimmed:
+            budget_reason = (
+                f"budget: {r.aggregator} has {available} micro available, which pays for "
+                f"{result.allocated - trimmed} W of the {result.allocated} W allocated"
+            )
+        sign = 1 if r.power > 0 else -1
+        order: list[str] = []
+        for share in kept:
+            c = contracts[share.prosumer]
             a = Allotment(
                 r.id,
                 share.prosumer,
@@ -435,6 +622,7 @@ class Flexibility:
                 self.reputation(share.prosumer),
             )
             self._s.allotments[(r.id, a.prosumer)] = a
+            self._reserve(r.aggregator, amount(a.expected, a.price))
             order.append(a.prosumer)
             self._s.records.append(a.record(now))
             self._emit(
@@ -442,6 +630,7 @@ class Flexibility:
                 "flex.allocation",
                 {
                     "request": r.id,
+                    "contract": c.id,
                     "power": a.power,
                     "start": r.start,
                     "end": r.end,
@@ -450,24 +639,24 @@ class Flexibility:
                     "price": a.price,
                 },
             )
-        for pid in result.displaced:
+        ranked_out = f"not needed: the request is covered by prosumers ranked higher ({r.strategy})"
+        for pid, why in [(p, ranked_out) for p in result.displaced] + [(p, budget_reason or "") for p in unpaid]:
             c = contracts[pid]
             a = Allotment(r.id, pid, c.id, "displaced", 0, 0, 0, c.price(r.direction), self.reputation(pid))
             self._s.allotments[(r.id, pid)] = a
             order.append(pid)
             self._s.records.append(a.record(now))
-            why = f"not needed: the request is covered by prosumers ranked higher ({r.strategy})"
             self._emit(pid, "flex.displaced", {"request": r.id, "reason": why})
         if not result.shares and not result.displaced and not r.offered:
             reason: str | None = "no eligible prosumer is reachable"
         else:
-            reason = result.reason
+            reason = "; ".join(x for x in (result.reason, budget_reason) if x) or None
         new = msgspec.structs.replace(
             r,
             status="allocated",
             accepted=len(candidates),
-            allocated=result.allocated,
-            shortfall=result.shortfall,
+            allocated=result.allocated - trimmed,
+            shortfall=result.shortfall + trimmed,
             reason=reason,
         )
         self._s.requests[r.id] = new
@@ -477,9 +666,33 @@ class Flexibility:
         self._s.by_request[r.id] = tuple(p for p in r.offered if p in have)
         self._s.open_request = None
         self._s.records.append(new.record(now))
-        if not result.shares:
+        if not kept:
             self._settle(new, now)  # nothing to deliver: settled at once
         return {"request": self.request_wire(self._s.requests[r.id])}
+
+    def _within_budget(
+        self, r: Request, shares: Sequence[Share], contracts: Mapping[str, Contract], available: int
+    ) -> tuple[list[Share], list[str], int]:
+        """The strategy's shares, in its order, as far as the aggregator's available tokens
+        pay for their largest possible reward (the expected energy at the contract price):
+        the first share that does not fit is cut to what is left, the rest get nothing.
+        Returns (shares kept, prosumers left out, W cut)."""
+        left = available
+        kept: list[Share] = []
+        unpaid: list[str] = []
+        trimmed = 0
+        for share in shares:
+            price = contracts[share.prosumer].price(r.direction)
+            power = share.power
+            if amount(energy_wh(power, r.seconds), price) > left:
+                power = _affordable(power, r.seconds, price, left)
+            trimmed += share.power - power
+            if power > 0:
+                kept.append(Share(share.prosumer, power))
+                left -= amount(energy_wh(power, r.seconds), price)
+            else:
+                unpaid.append(share.prosumer)
+        return kept, unpaid, trimmed
 
     # -- delivery ------------------------------------------------------------------------
 
@@ -501,9 +714,15 @@ class Flexibility:
             raise MarketError("closed", f"request {r.id!r} is already settled")
         if now < r.end:
             raise MarketError("invalid", f"the window ends at {r.end}: meter it afterwards (now {now})")
+        unread = self._unread.get(r.id)
+        if unread is None:
+            allocated = (
+                p for p in self._s.by_request.get(r.id, ()) if self._s.allotments[(r.id, p)].status == "allocated"
+            )
+            unread = sum(1 for p in allocated if (r.id, p) not in self._s.readings)
         self._s.readings[(r.id, prosumer)] = reading
-        allocated = [p for p in self._s.by_request.get(r.id, ()) if self._s.allotments[(r.id, p)].status == "allocated"]
-        if all((r.id, p) in self._s.readings for p in allocated):
+        self._unread[r.id] = unread - 1
+        if not self._unread[r.id]:
             self._settle(r, now)
             return {"settled": True}
         return {"settled": False}
@@ -555,17 +774,24 @@ class Flexibility:
                     time=now,
                 )
             )
+            # The reward comes out of the allocation's reservation (credited <= expected);
+            # the penalty is collected as far as the prosumer holds tokens, after its reward.
+            self._reserve(r.aggregator, -amount(a.expected, a.price))
             self._transfer(r.id, r.aggregator, a.prosumer, check.reward, "reward", a.prosumer, now)
-            self._transfer(r.id, a.prosumer, r.aggregator, check.penalty, "penalty", a.prosumer, now)
+            paid = min(check.penalty, self.tokens(a.prosumer))
+            self._transfer(r.id, a.prosumer, r.aggregator, paid, "penalty", a.prosumer, now)
+            n, ratios = self._s.history.get(a.prosumer, (0, 0))
+            self._s.history[a.prosumer] = (n + 1, ratios + delivery_ratio(check.met, check.credited, check.expected))
             if check.met:
                 score = self._reputation(a.prosumer, "compliance", rules.compliance, r.id, now)
             else:
                 score = self._reputation(a.prosumer, "penalty", -rules.penalty, r.id, now)
-            d = Delivery(r.id, a.prosumer, reading is not None, production, consumption, check, score)
+            d = Delivery(r.id, a.prosumer, reading is not None, production, consumption, check, score, paid)
             self._s.deliveries[(r.id, a.prosumer)] = d
             self._emit(a.prosumer, "flex.delivery", {**d.wire(), "tokens": self.tokens(a.prosumer)})
         settled = msgspec.structs.replace(r, status="settled")
         self._s.requests[r.id] = settled
+        self._unread.pop(r.id, None)
         summary = self.request_wire(settled)
         self._emit(r.aggregator, "flex.settled", {"request": summary})
         if r.dso != r.aggregator:
@@ -612,6 +838,7 @@ class Flexibility:
             "failed": sum(1 for d in deliveries if not d.check.met),
             "rewards": sum(d.check.reward for d in deliveries),
             "penalties": sum(d.check.penalty for d in deliveries),
+            "penalties_paid": sum(d.penalty_paid for d in deliveries),
             "deliveries": [d.wire() for d in deliveries],
         }
 
@@ -632,7 +859,11 @@ class Flexibility:
         return {"requests": wires, "totals": {"requests": len(wires), **totals}}
 
     def status(self, pid: str, role: str) -> dict[str, Any]:
-        """A prosumer's own contract and standing; an aggregator's contracts and prosumers."""
+        """A prosumer's own contract and standing; an aggregator's contracts, prosumers and
+        budget; the operator's view of the token: supply and every non-zero balance."""
+        if role == "operator":
+            balances = {p: v for p, v in sorted(self._s.tokens.items()) if v}
+            return {"supply": self._s.supply, "balances": balances}
         if role == "aggregator":
             mine = self.contracts(pid)
             prosumers = sorted({c.prosumer for c in mine})
@@ -641,6 +872,8 @@ class Flexibility:
                 "contracts": [c.wire() for c in mine],
                 "prosumers": [self._standing(p) for p in prosumers],
                 "tokens": self.tokens(pid),
+                "reserved": self.reserved(pid),
+                "available": self.available(pid),
             }
         c = self.active_contract(pid)
         return {"contract": None if c is None else c.wire(), **self._standing(pid)}
@@ -690,9 +923,19 @@ class Flexibility:
             s.reputation_seq[rep.participant_id] = _number(rep.id)
             if rep.reason in ("compliance", "penalty"):
                 after_check[(rep.ref, rep.participant_id)] = rep.score
+        paid: dict[tuple[str, str], int] = {}  # (request, prosumer) -> penalty collected
         for t in token_rows:
-            s.tokens[t.from_id] = s.tokens.get(t.from_id, 0) - t.amount
+            if t.from_id:
+                s.tokens[t.from_id] = s.tokens.get(t.from_id, 0) - t.amount
+            else:  # minted
+                s.supply += t.amount
             s.tokens[t.to_id] = s.tokens.get(t.to_id, 0) + t.amount
+            if t.reason == "fund":
+                s.token_ops[("fund", t.to_id, t.request_id)] = ("", t.amount)
+            elif t.reason == "transfer":
+                s.token_ops[("transfer", t.from_id, t.request_id)] = (t.to_id, t.amount)
+            elif t.reason == "penalty":
+                paid[(t.request_id, t.from_id)] = t.amount
         answered: dict[str, list[FlexAnswerRecord]] = {}
         for ans in answer_rows:
             s.answers[(ans.request_id, ans.prosumer_id)] = _answer(ans.answer)
@@ -703,6 +946,7 @@ class Flexibility:
             allotted.setdefault(a.request_id, {})[a.prosumer_id] = a
         delivered = {(d.request_id, d.prosumer_id): d for d in delivery_rows}
         contracts_of: dict[str, list[Contract]] = {}  # prosumer -> its contracts, oldest first
+        reserved: dict[str, int] = {}
         for c in s.contracts.values():
             contracts_of.setdefault(c.prosumer, []).append(c)
         for req in sorted(request_rows, key=lambda r: _number(r.id)):
@@ -717,14 +961,26 @@ class Flexibility:
                     req.id, a.prosumer_id, a.contract_id, status, a.power, a.expected, a.baseline, a.price, a.reputation
                 )
                 d = delivered.get((req.id, a.prosumer_id))
-                if d is None or status != "allocated":
+                if status != "allocated":
+                    continue
+                if d is None:  # to deliver: its reward is reserved
+                    reserved[req.aggregator_id] = reserved.get(req.aggregator_id, 0) + amount(a.expected, a.price)
                     continue
                 credited = min(max(d.delivered, 0), d.expected)
                 check = DeliveryCheck(d.expected, d.baseline, d.delivered, credited, d.met, d.reward, d.penalty)
                 score = after_check.get((req.id, d.prosumer_id), self.config.reputation.initial)
                 s.deliveries[(req.id, d.prosumer_id)] = Delivery(
-                    req.id, d.prosumer_id, d.metered, d.production, d.consumption, check, score
+                    req.id,
+                    d.prosumer_id,
+                    d.metered,
+                    d.production,
+                    d.consumption,
+                    check,
+                    score,
+                    paid.get((req.id, d.prosumer_id), 0),
                 )
+                n, ratios = s.history.get(d.prosumer_id, (0, 0))
+                s.history[d.prosumer_id] = (n + 1, ratios + delivery_ratio(d.met, credited, d.expected))
                 if d.metered:
                     s.readings[(req.id, d.prosumer_id)] = (d.production, d.consumption)
             settled = all((req.id, p) in delivered for p, a in mine.items() if a.status == "allocated")
@@ -745,10 +1001,27 @@ class Flexibility:
                 reason=req.reason,
             )
             s.by_request[req.id] = tuple(p for p in offered if p in mine)
+            s.offered_to[req.id] = frozenset(offered)
             if req.client_id is not None:
                 s.client_ids[(req.dso_id, req.client_id)] = req.id
             s.next_request = max(s.next_request, _number(req.id) + 1)
+        s.reserved = {agg: v for agg, v in reserved.items() if v}
         self._s = s
+        self._expiry_floor = None
+        self._unread = {}
+
+
+def _affordable(power: int, seconds: int, price: float, budget: int) -> int:
+    """The largest W <= `power` whose energy over `seconds` costs at most `budget` micro at
+    `price` (cost grows with power: a binary search)."""
+    lo, hi = 0, power
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if amount(energy_wh(mid, seconds), price) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if energy_wh(lo, seconds) > 0 else 0  # no allocation of nothing
 
 
 def _offer_order(

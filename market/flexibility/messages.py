@@ -66,10 +66,35 @@ class ContractRefMsg(Message, frozen=True):
     id: RefId
 
 
+Percent = Annotated[int, msgspec.Meta(gt=0, le=100)]
+PriceWeight = Annotated[int, msgspec.Meta(ge=0, le=10**6)]
+Micro = Annotated[int, msgspec.Meta(gt=0, le=10**15)]  # tokens: micro-currency, as ledger amounts
+
+
 class StrategyMsg(Message, frozen=True):
-    """`flex.strategy` (aggregator)."""
+    """`flex.strategy` (aggregator): the strategy and its settings; what is not given takes
+    the server's default (each call replaces the aggregator's whole choice)."""
 
     strategy: StrategyName
+    max_modulation_pct: Percent | None = None  # fair: each prosumer modulates at most this % of its estimate
+    price_weight: PriceWeight | None = None  # reputation: points per currency/kWh of price
+    forecast: bool | None = None  # estimate what each can deliver: energy source and delivery history
+
+
+class FundMsg(Message, frozen=True):
+    """`flex.fund` (operator): mint `amount` tokens to an aggregator's budget (ERC20 `mint`)."""
+
+    aggregator: PartyId
+    amount: Micro
+    id: ClientId  # required: a retry of the same id mints nothing twice
+
+
+class TransferMsg(Message, frozen=True):
+    """`flex.transfer` (any /flex role): move `amount` of one's own tokens (ERC20 `transfer`)."""
+
+    to: PartyId
+    amount: Micro
+    id: ClientId
 
 
 class RequestMsg(Message, frozen=True):
@@ -136,8 +161,15 @@ class FlexConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     margin_pct: Annotated[int, msgspec.Meta(ge=0, le=100)] = 10  # delivery met within this margin
     penalty_rate: Annotated[float, msgspec.Meta(ge=0, le=100)] = 1.0  # penalty per kWh missed / price
     strategy: StrategyName = "fair"  # of aggregators that never chose one
-    max_modulation_pct: Annotated[int, msgspec.Meta(gt=0, le=100)] = 25  # fair: seed's simplification
-    price_weight: Annotated[int, msgspec.Meta(ge=0, le=10**6)] = 100  # reputation points per currency/kWh
+    max_modulation_pct: Percent = 25  # fair: seed's simplification (an aggregator may choose its own)
+    price_weight: PriceWeight = 100  # reputation points per currency/kWh
+    # The aggregator's estimate of what each prosumer can deliver (docs/flexibility.md,
+    # *Forecast*): off unless an aggregator asks for it with `flex.strategy`.
+    forecast: bool = False
+    latitude: Annotated[float, msgspec.Meta(ge=-90, le=90)] = 50.0  # where the aggregator's sites are
+    longitude: Annotated[float, msgspec.Meta(ge=-180, le=180)] = 0.0
+    daylight_full: Annotated[float, msgspec.Meta(gt=0, le=90)] = 15.0  # sun elevation (deg) of full PV flexibility
+    trust_prior: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2  # deliveries a newcomer is trusted for
     reputation: ReputationRules = ReputationRules()
     max_contracts: Annotated[int, msgspec.Meta(gt=0)] = 100_000
     max_requests: Annotated[int, msgspec.Meta(gt=0)] = 100_000

@@ -2,15 +2,22 @@
 
 Event names contain dots (`flex.request`); `trigger_event` maps each to its
 `on_<name with underscores>` handler and answers any other event `invalid`. Roles
-`prosumer`, `aggregator` and `dso` may connect; each event checks who may send it.
+`prosumer`, `aggregator`, `dso` and `operator` (who mints the aggregators' tokens) may
+connect; each event checks who may send it.
 
-Every event runs as one transaction under a lock: expire due contracts, call the core,
-make its ledger records durable, then emit its notices; if the records cannot be stored the
-core is restored to where it was, so a failed event changes no state. A `flex.request`
-holds a second lock for its whole life (requests are handled one at a time): it opens the
-request (offers go out), waits for the answers of the offered prosumers that are online,
-never longer than the deadline (a silent prosumer counts as declined), then allocates it;
-the state lock is free while it waits, so answers and other events go on.
+Every event runs as one transaction: under a lock, expire due contracts and call the core
+(a refusal is undone to a savepoint); then its ledger records are made durable and its
+notices emitted before it is answered. Writes are group-committed: one write is in flight
+at a time, and the events applied meanwhile (in order, each on the state the previous one
+left) are stored together by the next. If a write fails, the core goes back to the
+savepoint of the first event it held, which undoes that group and every event applied after
+it (none of them stored yet), and all of them are answered `unavailable`: a failed event
+changes no state, and nothing is answered before everything applied before it is durable.
+
+A `flex.request` holds a second lock for its whole life (requests are handled one at a
+time): it opens the request (offers go out), waits for the answers of the offered prosumers
+that are online, never longer than the deadline (a silent prosumer counts as declined),
+then allocates it; the state lock is free while it waits, so answers and other events go on.
 
 `start()` rebuilds the core from the ledger's flexibility tables (`Flexibility.resume`).
 """
@@ -21,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -30,6 +37,7 @@ from market.core.protocol import EmptyMsg, decode
 from market.core.records import Batch, Record
 from market.core.registry import Role
 from market.dispatch.base import Namespace, ServerPort, replying
+from market.flexibility.contracts import Savepoint
 from market.flexibility.machine import FLEX_RECORDS, Flexibility
 from market.flexibility.messages import (
     AnswerMsg,
@@ -38,16 +46,19 @@ from market.flexibility.messages import (
     ContractRenegotiateMsg,
     FlexConfig,
     FlexMeterMsg,
+    FundMsg,
+    Notice,
     RequestMsg,
     RequestRefMsg,
     ResultsMsg,
     StrategyMsg,
+    TransferMsg,
 )
 
 log = logging.getLogger("microte.flex")
 
 NAMESPACE = "/flex"
-ROLES: frozenset[Role] = frozenset({"prosumer", "aggregator", "dso"})
+ROLES: frozenset[Role] = frozenset({"prosumer", "aggregator", "dso", "operator"})
 TABLES = tuple(cls.TABLE for cls in FLEX_RECORDS)
 
 # wire event -> handler suffix (`on_<suffix>`)
@@ -62,7 +73,18 @@ EVENTS: dict[str, str] = {
     "flex.settle": "settle",
     "flex.status": "status",
     "flex.results": "results",
+    "flex.fund": "fund",
+    "flex.transfer": "transfer",
 }
+
+
+class _Applied(NamedTuple):
+    """An event applied to the core, waiting for its records to be durable."""
+
+    point: Savepoint  # the core before it
+    records: list[Record]
+    notices: list[Notice]
+    done: asyncio.Future[None]
 
 
 class FlexNamespace(Namespace):
@@ -74,11 +96,14 @@ class FlexNamespace(Namespace):
         super().__init__(server)
         # By default request windows align to the market's slot duration.
         self.core = Flexibility(config or FlexConfig(slot=server.config.duration))
-        self._state = asyncio.Lock()  # one event's core call + ledger write at a time
+        self._state = asyncio.Lock()  # one event's core call at a time
         self._one_request = asyncio.Lock()  # one flex.request at a time, answers included
         self._loaded = False
         self._open: str | None = None  # the request collecting answers
+        self._waiting: set[str] = set()  # offered prosumers of `_open`, online, that have not answered
         self._answered = asyncio.Event()
+        self._applied: list[_Applied] = []  # applied, for the next write
+        self._writing = False  # a flusher task is storing groups
 
     async def start(self) -> None:
         """Resume from the ledger before the server accepts connections."""
@@ -87,33 +112,74 @@ class FlexNamespace(Namespace):
                 await self._resume()
 
     async def on_disconnect(self, sid: str, *reason: Any) -> None:
+        pid = self.sessions.pid_of.get(sid)
         await super().on_disconnect(sid, *reason)
-        self._wake()  # a prosumer that left will not answer
+        if pid is not None and pid not in self.sessions.sid_of:
+            self._waiting.discard(pid)  # a prosumer that left will not answer
+        self._wake()
 
     # -- plumbing ------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[int]:
-        """Yield market time; afterwards store the core's records and emit its notices, or,
-        if anything failed, put the core back as it was."""
+        """Yield market time with the state locked; afterwards wait until the event's records
+        (and those of every event before it) are durable and its notices emitted. A
+        refusal, or a write that fails, undoes it (`unavailable` for the latter)."""
         async with self._state:
             if not self._loaded:
                 await self._resume()
-            saved = self.core.snapshot()
+            point = self.core.savepoint()
             try:
                 now = self.ms.clock.now()
                 self.core.expire(now)
                 yield now
-                records, notices = self.core.take_outbox()
-                if records:
-                    await self.ms.sink.write(Batch(tuple(records)))
             except BaseException:
-                self.core.restore(saved)
+                self.core.rollback(point)
                 raise
-            for pid, event, payload in notices:
-                sid = self.sessions.sid_of.get(pid)
-                if sid is not None:
-                    await self.ms.sio.emit(event, payload, to=sid, namespace=NAMESPACE)
+            records, notices = self.core.take_outbox()
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._applied.append(_Applied(point, records, notices, done))
+            if not self._writing:
+                self._writing = True
+                self.ms.spawn(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        """Store the applied events group by group, in order; then emit their notices and
+        let them reply. A failed write rolls the core back to its group's first savepoint."""
+        try:
+            while self._applied:
+                group, self._applied = self._applied, []
+                records = tuple(r for a in group for r in a.records)
+                try:
+                    if records:
+                        await self.ms.sink.write(Batch(records))
+                except Exception:
+                    log.exception(
+                        "flex: the ledger did not store %d records: %d events undone", len(records), len(group)
+                    )
+                    async with self._state:  # nothing applies meanwhile
+                        self.core.rollback(group[0].point)
+                        failed, self._applied = group + self._applied, []
+                    for a in failed:
+                        _fail(a.done, "the ledger could not store this event: undone")
+                    continue
+                for a in group:
+                    for pid, event, payload in a.notices:
+                        sid = self.sessions.sid_of.get(pid)
+                        if sid is not None:
+                            try:
+                                await self.ms.sio.emit(event, payload, to=sid, namespace=NAMESPACE)
+                            except Exception:  # a notice is best effort; the state is durable
+                                log.exception("flex: notice %s to %s failed", event, pid)
+                    if not a.done.done():
+                        a.done.set_result(None)
+        finally:
+            self._writing = False
+            for a in self._applied:  # only when cancelled (shutdown): never stored
+                _fail(a.done, "the server is stopping")
+            if self._applied:
+                self._applied = []
 
     async def _resume(self) -> None:
         records: list[Record] = []
@@ -132,7 +198,7 @@ class FlexNamespace(Namespace):
         return [p for p in self.core.pending(request_id) if p in self.sessions.sid_of]
 
     def _wake(self) -> None:
-        if self._open is not None and not self._pending(self._open):
+        if self._open is not None and not self._waiting:
             self._answered.set()
 
     def _check_aggregator(self, pid: str) -> None:
@@ -182,6 +248,9 @@ class FlexNamespace(Namespace):
         self._check_aggregator(msg.aggregator)
         async with self._one_request:
             async with self._transaction() as now:
+                stale = self.core.collecting()
+                if stale is not None:  # left open by a write that failed twice: nobody handles it
+                    self.core.abandon(stale)
                 opened = self.core.open_request(pid, msg, now, reachable=self._online_prosumers())
             if opened.duplicate is not None:
                 return opened.duplicate
@@ -190,6 +259,7 @@ class FlexNamespace(Namespace):
             allocated = False
             try:
                 self._open = rid
+                self._waiting = set(self._pending(rid))
                 self._answered.clear()
                 self._wake()
                 with contextlib.suppress(TimeoutError):
@@ -200,6 +270,7 @@ class FlexNamespace(Namespace):
                 allocated = True
             finally:
                 self._open = None
+                self._waiting = set()
                 if not allocated:  # failed or cancelled: let the next request open
                     async with self._state:
                         self.core.abandon(rid)
@@ -219,6 +290,7 @@ class FlexNamespace(Namespace):
         msg = decode(data, AnswerMsg)
         async with self._transaction() as now:
             reply = self.core.answer(pid, msg, now)
+        self._waiting.discard(pid)
         self._wake()
         return reply
 
@@ -238,9 +310,28 @@ class FlexNamespace(Namespace):
         async with self._transaction() as now:
             return self.core.settle(pid, msg, now)
 
+    # -- tokens ----------------------------------------------------------------------------
+
+    @replying
+    async def on_fund(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid, "operator")
+        msg = decode(data, FundMsg)
+        self._check_aggregator(msg.aggregator)
+        async with self._transaction() as now:
+            return self.core.fund(pid, msg, now)
+
+    @replying
+    async def on_transfer(self, sid: str, data: Any) -> dict[str, Any]:
+        pid = self._who(sid)
+        msg = decode(data, TransferMsg)
+        if self.ms.registry.role(msg.to) is None:
+            raise MarketError("not_found", f"unknown participant {msg.to!r}")
+        async with self._transaction() as now:
+            return self.core.transfer(pid, msg, now)
+
     @replying
     async def on_status(self, sid: str, data: Any) -> dict[str, Any]:
-        pid = self._who(sid, "prosumer", "aggregator")
+        pid = self._who(sid, "prosumer", "aggregator", "operator")
         decode(data, EmptyMsg)
         async with self._transaction():
             return self.core.status(pid, self.sessions.role_of[sid])
@@ -251,3 +342,8 @@ class FlexNamespace(Namespace):
         msg = decode(data, ResultsMsg) if data is not None else ResultsMsg()
         async with self._transaction():
             return self.core.results(pid, msg)
+
+
+def _fail(done: asyncio.Future[None], why: str) -> None:
+    if not done.done():
+        done.set_exception(MarketError("unavailable", why))

@@ -13,13 +13,20 @@ from market.flexibility.messages import FlexConfig
 
 
 class Candidate(msgspec.Struct, frozen=True):
-    """A prosumer that accepted a request: what its contract guarantees in its direction."""
+    """A prosumer that accepted a request: what it can give in the request's direction.
+
+    `capacity` is what the strategy may allocate: the contract's flexibility, or with the
+    aggregator's forecast on, what it expects the prosumer to deliver (at most the contract:
+    `market.flexibility.forecast`). The rest is information for strategies of one's own."""
 
     prosumer: str
     capacity: int  # W
     reputation: int
     price: float  # per kWh
     seq: int = 0  # contract order (older first on a full tie)
+    contracted: int | None = None  # W the contract guarantees (None: `capacity`)
+    source: str = ""
+    trust: int = 1000  # permille, from the delivery history
 
 
 class Share(msgspec.Struct, frozen=True):

@@ -26,9 +26,18 @@ from tests.e2e.conftest import refusal, serving
 
 CONFIG = MarketConfig(duration=900, close_steps=2, round_timeout=2.0)
 T0 = 1_800_000_000  # a multiple of 900
-TOKENS = {p: f"tok-{p.lower()}" for p in ("AGG", "DSO", "CTL", "P1", "P2", "P3", "P4")}
-ROLE_OF = {"AGG": "aggregator", "DSO": "dso", "CTL": "controller"}
-EVENTS = ("flex.offer", "flex.allocation", "flex.displaced", "flex.delivery", "flex.settled", "flex.contract")
+TOKENS = {p: f"tok-{p.lower()}" for p in ("AGG", "DSO", "CTL", "OPS", "P1", "P2", "P3", "P4")}
+ROLE_OF = {"AGG": "aggregator", "DSO": "dso", "CTL": "controller", "OPS": "operator"}
+EVENTS = (
+    "flex.offer",
+    "flex.allocation",
+    "flex.displaced",
+    "flex.delivery",
+    "flex.settled",
+    "flex.contract",
+    "flex.tokens",
+)
+BUDGET = {"aggregator": "AGG", "amount": 1_000_000, "id": "budget-1"}  # the operator mints the aggregator's budget
 
 
 def registry() -> Registry:
@@ -123,8 +132,11 @@ async def test_requests_allocation_delivery_rewards_and_reputation(ledger_url: s
     async with running(ledger_url) as (url, _server):
         ctl = await Peer("CTL", "/simulation").connect(url)
         await step(ctl, T0)
-        agg, dso = [await Peer(p).connect(url) for p in ("AGG", "DSO")]
+        agg, dso, ops = [await Peer(p).connect(url) for p in ("AGG", "DSO", "OPS")]
         p1, p2, p3, p4 = [await Peer(p).connect(url) for p in ("P1", "P2", "P3", "P4")]
+        funded = await ops.ok("flex.fund", BUDGET)
+        assert funded["tokens"] == 1_000_000
+        assert (await agg.next("flex.tokens"))["amount"] == 1_000_000
 
         # -- contracts: P1 solar, P2 battery, P3 wind (expires at T0+3600), P4 solar ------------
         c1 = (
@@ -189,7 +201,8 @@ async def test_requests_allocation_delivery_rewards_and_reputation(ledger_url: s
         )
         assert got == {"ok": True, "settled": False}
         # P2 nets -200 Wh: delivered -200 - (-250) = 50 of 167; deviation 117 > 16.7: not met.
-        # reward round(50 * 0.25 * 1000) = 12500, penalty round(117 * 0.25 * 1000) = 29250;
+        # reward round(50 * 0.25 * 1000) = 12500, penalty round(117 * 0.25 * 1000) = 29250, of
+        # which it pays what it holds, its 12500 (no balance goes negative);
         # reputation 100 + 2 - 10 = 92. The last reading settles the request.
         got = await p2.ok(
             "flex.meter",
@@ -211,8 +224,9 @@ async def test_requests_allocation_delivery_rewards_and_reputation(ledger_url: s
             12500,
             29250,
             92,
-            12500 - 29250,
+            0,
         )
+        assert (d1["penalty_paid"], d2["penalty_paid"]) == (0, 12500)
         settled = (await agg.next("flex.settled"))["request"]
         assert (settled["delivered_wh"], settled["rewards"], settled["penalties"]) == (130, 36500, 29250)
         assert (await dso.next("flex.settled"))["request"]["id"] == "fr1"
@@ -243,7 +257,8 @@ async def test_requests_allocation_delivery_rewards_and_reputation(ledger_url: s
             "flex.meter",
             {"request": "fr2", "time_interval": [T0 + 2700, T0 + 3600], "production": 1500, "consumption": 125},
         )
-        # P3 sends nothing; the aggregator settles: not delivered, penalty 125 * 0.20 = 25000.
+        # P3 sends nothing; the aggregator settles: not delivered, penalty 125 * 0.20 = 25000,
+        # of which P3, holding nothing, pays nothing.
         res = (await agg.ok("flex.settle", {"request": "fr2"}))["request"]
         assert [(d["prosumer"], d["met"], d["reward"], d["penalty"], d["reputation"]) for d in res["deliveries"]] == [
             ("P1", True, 150000, 0, 124),
@@ -275,15 +290,18 @@ async def test_requests_allocation_delivery_rewards_and_reputation(ledger_url: s
         status = await agg.ok("flex.status", {})
         assert [(s["id"], s["reputation"], s["tokens"]) for s in status["prosumers"]] == [
             ("P1", 124, 174000),
-            ("P2", 89, -16750),
-            ("P3", 92, -25000),
+            ("P2", 89, 0),
+            ("P3", 92, 0),
             ("P4", 100, 0),
         ]
-        assert status["tokens"] == -(174000 - 16750 - 25000)
+        # the budget less the rewards paid, plus the penalty collected
+        assert (status["tokens"], status["reserved"]) == (1_000_000 - 174000 - 12500 + 12500, 0)
+        supply = await ops.ok("flex.status", {})
+        assert supply == {"ok": True, "supply": 1_000_000, "balances": {"AGG": 826000, "P1": 174000}}
         assert [c["status"] for c in status["contracts"]] == ["active", "active", "expired", "cancelled"]
         mine = await p1.ok("flex.status", {})
         assert (mine["reputation"], mine["tokens"], mine["contract"]["id"]) == (124, 174000, "fc1")
-        for p in (ctl, agg, dso, p1, p2, p3, p4):
+        for p in (ctl, agg, dso, ops, p1, p2, p3, p4):
             await p.sio.disconnect()
 
     # -- the ledger holds all of it --------------------------------------------------------
@@ -333,10 +351,10 @@ async def test_requests_allocation_delivery_rewards_and_reputation(ledger_url: s
     tokens = [(r["id"], r["from_id"], r["to_id"], r["amount"]) for r in read_rows(ledger_url, "flex_tokens")]
     assert tokens == [
         ("fr1.P1.reward", "AGG", "P1", 24000),
-        ("fr1.P2.penalty", "P2", "AGG", 29250),
+        ("fr1.P2.penalty", "P2", "AGG", 12500),  # 29250 assessed, what it held collected
         ("fr1.P2.reward", "AGG", "P2", 12500),
         ("fr2.P1.reward", "AGG", "P1", 150000),
-        ("fr2.P3.penalty", "P3", "AGG", 25000),
+        ("fund/AGG/budget-1", "", "AGG", 1_000_000),  # minted by the operator (from nobody)
     ]
     reputation = [(r["id"], r["reason"], r["delta"], r["score"]) for r in read_rows(ledger_url, "flex_reputation")]
     assert reputation == [
@@ -357,7 +375,7 @@ async def test_refusals_change_nothing_and_roles_are_enforced(ledger_url: str) -
     async with running(ledger_url) as (url, server):
         assert (await refusal(url, "CTL", NAMESPACE, token=TOKENS["CTL"])).startswith("unauthorized")
         assert (await refusal(url, "P1", NAMESPACE, token="wrong")).startswith("unauthorized")
-        p1, dso, agg = [await Peer(p).connect(url) for p in ("P1", "DSO", "AGG")]
+        p1, dso, agg, ops = [await Peer(p).connect(url) for p in ("P1", "DSO", "AGG", "OPS")]
         await p1.ok("flex.contract.register", terms())
         before = await p1.ok("flex.status", {})
         bad: list[tuple[Peer, str, Any, str]] = [
@@ -382,10 +400,21 @@ async def test_refusals_change_nothing_and_roles_are_enforced(ledger_url: str) -
             (p1, "flex_answer", {"request": "fr1", "accept": True}, "invalid"),  # only the dotted name exists
             (p1, "flex.nonsense", {}, "invalid"),
             (p1, "flex.meter", "not an object", "invalid"),
+            # tokens: only the operator mints, to an aggregator; nobody spends what it does not hold
+            (p1, "flex.fund", BUDGET, "forbidden"),
+            (ops, "flex.fund", BUDGET | {"aggregator": "P1"}, "not_found"),
+            (ops, "flex.fund", BUDGET | {"amount": 0}, "invalid"),
+            (ops, "flex.fund", {"aggregator": "AGG", "amount": 5}, "invalid"),  # an id is required
+            (p1, "flex.transfer", {"to": "DSO", "amount": 1, "id": "t1"}, "invalid"),  # holds nothing
+            (agg, "flex.transfer", {"to": "P1", "amount": 1, "id": "t1"}, "invalid"),
+            (p1, "flex.transfer", {"to": "NOBODY", "amount": 1, "id": "t1"}, "not_found"),
+            (p1, "flex.transfer", {"to": "DSO", "amount": -1, "id": "t1"}, "invalid"),
         ]
         for peer, event, payload, code in bad:
             reply = await peer.call(event, payload)
             assert reply["ok"] is False and reply["error"]["code"] == code, (event, payload, reply)
+        overdraw = await agg.call("flex.transfer", {"to": "P1", "amount": 1, "id": "t1"})
+        assert overdraw["error"]["message"] == "insufficient tokens: AGG holds 0, cannot transfer 1"
         dup = await p1.ok("flex.contract.register", terms())
         assert dup["duplicate"] is True
         assert await p1.ok("flex.status", {}) == before
@@ -404,9 +433,10 @@ async def test_refusals_change_nothing_and_roles_are_enforced(ledger_url: str) -
         req = (await dso.ok("flex.request", {"aggregator": "AGG", "power": -100, "start": 900, "end": 1800}))["request"]
         assert (req["offered"], req["allocated"], req["shortfall"], req["status"]) == ([], 0, 100, "settled")
         assert req["reason"] == "no eligible prosumer is reachable"  # P1 guarantees no downward flexibility
-        for p in (p1, dso, agg):
+        for p in (p1, dso, agg, ops):
             await p.sio.disconnect()
     assert [r["id"] for r in read_rows(ledger_url, "flex_contracts")] == ["fc1.1"]
+    assert read_rows(ledger_url, "flex_tokens") == []
 
 
 # -- restart: what /flex served before a kill -9 it serves after -------------------------------
@@ -459,6 +489,7 @@ async def served(peers: dict[str, Peer]) -> dict[str, Any]:
         "agg.results": await peers["AGG"].ok("flex.results", {}),
         "dso.results": await peers["DSO"].ok("flex.results", {}),
         "agg.status": await peers["AGG"].ok("flex.status", {}),
+        "ops.status": await peers["OPS"].ok("flex.status", {}),  # the token's supply and balances
         **{f"{p}.status": await peers[p].ok("flex.status", {}) for p in ("P1", "P2", "P3", "P4")},
         **{f"{r}.result": await peers["DSO"].ok("flex.results", {"request": r}) for r in ("fr1", "fr2", "fr3")},
     }
@@ -482,6 +513,7 @@ async def test_state_survives_a_kill9_restart_and_retries_get_their_first_reply(
     try:
         peers = {p: await Peer(p, "/simulation" if p == "CTL" else NAMESPACE).connect(url) for p in TOKENS}
         await step(peers["CTL"], T0)
+        await peers["OPS"].ok("flex.fund", BUDGET)
         p1 = terms(production=4000, consumption=500, flex_up=2000, flex_down=1000, notice=600, price_up=0.30)
         await peers["P1"].ok("flex.contract.register", p1)
         p2 = terms(source="bess", consumption=1000, flex_up=4000, flex_down=4000, price_up=0.25, price_down=0.05)

@@ -31,6 +31,7 @@ from market.flexibility.messages import (
     ContractRenegotiateMsg,
     FlexConfig,
     FlexMeterMsg,
+    FundMsg,
     ReputationRules,
     RequestMsg,
     RequestRefMsg,
@@ -285,10 +286,14 @@ def ask(power: int = 1000, start: int = T0 + 900, end: int = T0 + 1800, **kw: An
     return RequestMsg(aggregator="AGG", power=power, start=start, end=end, **kw)
 
 
+BUDGET = FundMsg(aggregator="AGG", amount=1_000_000, id="budget")  # tokens are minted, never owed
+
+
 def community(**contracts: dict[str, Any]) -> Flexibility:
     core = Flexibility(FlexConfig(slot=SLOT))
     for pid, kw in contracts.items():
         core.register(pid, terms(**kw), T0)
+    core.fund("OPS", BUDGET, T0)
     outbox(core)
     return core
 
@@ -398,7 +403,8 @@ def test_full_cycle_tokens_reputation_and_results() -> None:
         ("AGG", "P2", 100_000, "reward"),
         ("P2", "AGG", 25_000, "penalty"),
     ]
-    assert (core.tokens("P1"), core.tokens("P2"), core.tokens("AGG")) == (75_000, 75_000, -150_000)
+    # the aggregator's budget pays the rewards and gets the penalty
+    assert (core.tokens("P1"), core.tokens("P2"), core.tokens("AGG")) == (75_000, 75_000, 1_000_000 - 150_000)
     assert (core.reputation("P1"), core.reputation("P2")) == (112, 92)
     kinds = {type(r) for r in records}
     assert {FlexAllocationRecord, FlexDeliveryRecord, FlexRequestRecord, FlexReputationRecord} <= kinds
@@ -440,6 +446,7 @@ def test_snapshot_restore_undoes_an_event() -> None:
 
 def test_resume_from_ledger_rows_continues_ids_and_pending_settlements() -> None:
     core = community()
+    core.fund("OPS", msgspec.structs.replace(BUDGET, id="more"), T0)  # in the ledger resumed from
     core.register("P1", terms(), T0)
     core.register("P2", terms(price_up=0.25), T0)
     rid = core.open_request("DSO", ask(), T0).request.id
@@ -457,7 +464,7 @@ def test_resume_from_ledger_rows_continues_ids_and_pending_settlements() -> None
     # baseline 875 Wh, P1 nets 1000 Wh: 125 delivered, met, 125 * 0.3 = 37500 micro.
     window = (T0 + 900, T0 + 1800)
     assert resumed.meter("P1", FlexMeterMsg(rid, window, 1125, 125), T0 + 1800) == {"settled": True}
-    assert (resumed.tokens("P1"), resumed.tokens("AGG"), resumed.reputation("P1")) == (37_500, -37_500, 112)
+    assert (resumed.tokens("P1"), resumed.tokens("AGG"), resumed.reputation("P1")) == (37_500, 1_000_000 - 37_500, 112)
     assert resumed.open_request("DSO", ask(start=T0 + 2700, end=T0 + 3600), T0).request.id == "fr2"
 
 
@@ -472,6 +479,7 @@ def test_unknown_strategy_and_custom_strategy() -> None:
             )
 
     core = Flexibility(strategies={"fair": FairStrategy(), "everything": Everything()})
+    core.fund("OPS", BUDGET, T0)
     with pytest.raises(MarketError):
         core.set_strategy("AGG", StrategyMsg("reputation"))
     assert core.set_strategy("AGG", StrategyMsg("everything")) == {"strategy": "everything"}
@@ -521,6 +529,7 @@ def test_resume_of_the_records_written_so_far_gives_the_same_state() -> None:
 
     window1, window2, window5 = (T0 + 900, T0 + 1800), (T0 + 1800, T0 + 2700), (T0 + 2700, T0 + 3600)
     steps: list[Callable[[], Any]] = [
+        lambda: live.fund("OPS", BUDGET, T0),
         lambda: live.register("P9", terms(), T0),  # fc1: ids are not in contract order
         lambda: live.register("P1", terms(price_up=0.25), T0),  # fc2
         lambda: live.register("P3", terms(source="wind"), T0),  # fc3
