@@ -395,7 +395,8 @@ def balances(url: str) -> Balances:
             report = Balances(chain.description, contract)
             report.unanchored_rows = sum(1 for t, r in rows if (t, str(r[KEYS[t]])) not in settled)
             deltas = money_deltas(rows)
-            ids = {str(r[c]) for t, r in rows for c in _PARTIES[t]}
+            # "" is no participant: flex_tokens mints from it, money_deltas books it to the clearing account
+            ids = {str(r[c]) for t, r in rows for c in _PARTIES[t]} - {""}
             names = {participant_address(p): p for p in sorted(ids)} | {CLEARING_ADDRESS: "clearing"}
             addresses = set(names) | _token_accounts(conn, chain)
 

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pytest
 import socketio
 
 from controller.sim import LISTENING
-from ledger import open_sink
-from ledger.digest import read_rows
+from ledger import open_sink, read_rows
 from market.core.engine import MarketConfig
 from market.core.registry import Registry
 from market.flexibility.namespace import NAMESPACE
@@ -126,6 +127,12 @@ def terms(**kw: Any) -> dict[str, Any]:
 
 async def step(ctl: Peer, t: int) -> None:
     await ctl.ok("step", {"time": t})
+
+
+@pytest.fixture(params=["sqlite", "evm+sqlite"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test on a database ledger and on a chain ledger (its token moves settled on chain)."""
+    return f"{request.param}:///{tmp_path}/ledger.db"
 
 
 async def test_requests_allocation_delivery_rewards_and_reputation(ledger_url: str) -> None:
@@ -369,6 +376,19 @@ async def test_requests_allocation_delivery_rewards_and_reputation(ledger_url: s
         ("P3.1", "participation", 2, 102),
         ("P3.2", "penalty", -10, 92),
     ]
+    if ledger_url.startswith("evm+"):  # rewards, penalties and the budget are token moves on chain
+        from controller.ledger_cmd import balances, verify
+
+        report = verify(ledger_url)
+        assert report.ok, (report.problems, report.unanchored, report.tampered)
+        chain = balances(ledger_url)
+        assert chain.ok and chain.unanchored_rows == 0, chain
+        held = {a.who: a.chain for a in chain.accounts}
+        assert (held["AGG"], held["P1"], held.get("P2", 0), held.get("P3", 0)) == (826000, 174000, 0, 0)
+        assert held["clearing"] == -1_000_000  # the minted budget is the clearing account's credit
+        outsider = Path(__file__).resolve().parents[2] / "docs" / "verify_ledger.py"
+        done = subprocess.run([sys.executable, str(outsider), ledger_url], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "OK:" in done.stdout, done.stdout + done.stderr
 
 
 async def test_refusals_change_nothing_and_roles_are_enforced(ledger_url: str) -> None:
