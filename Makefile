@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/microte sim scenarios/community.toml --ledger sqlite:///microte-demo.db
+	@$(BIN)/microte report sqlite:///microte-demo.db --out microte-demo-report
 
 test: $(STAMP)
 	$(BIN)/ruff check market participants controller ledger tests bench
@@ -25,4 +26,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/clearing.py
 
 clean:
-	rm -rf $(VENV) *.db *.db-wal *.db-shm
+	rm -rf $(VENV) *.db *.db-wal *.db-shm microte-demo-report

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controller import cosim, dso, flexsim, grid_report, participant, serve, sweep
+from controller import cosim, dso, flexsim, grid_report, participant, run_report, serve, sweep
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     )
     grid_report.add_arguments(
         sub.add_parser("grid-report", help="voltage and loading per slot next to P2P volume and prices (PNG)")
+    )
+    run_report.add_arguments(
+        sub.add_parser("report", help="a run's figures and one self-contained HTML page, from its ledger")
     )
     cosim.add_arguments(
         sub.add_parser("cosim", help="HELICS co-simulation: market, pandapower grid and weather federates")
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return dso.main(args)
     if args.command == "grid-report":
         return grid_report.main(args)
+    if args.command == "report":
+        return run_report.main(args)
     if args.command == "cosim":
         return cosim.main(args)
     if args.command == "sweep":

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -53,9 +53,11 @@ def slot_table(
     states: Iterable[Mapping[str, Any]],
     settlements: Iterable[Mapping[str, Any]],
     transactions: Iterable[Mapping[str, Any]] = (),
+    slots: Iterable[tuple[int, int]] = (),
 ) -> list[SlotRow]:
     """Rows per slot (sorted), from ledger rows of `grid_flows`, `grid_states`,
-    `settlements` and `transactions`."""
+    `settlements` and `transactions`; every (start, end) of `slots` has a row too, with
+    its grid state, even without power flows or fills."""
     rows: dict[int, SlotRow] = {}
 
     def row(start: int, end: int) -> SlotRow:
@@ -63,6 +65,9 @@ def slot_table(
         if r is None:
             r = rows[start] = SlotRow(start=start, end=end, state="GREEN", source="none")
         return r
+
+    for start, end in slots:
+        row(start, end)
 
     by_kind: dict[str, dict[int, Mapping[str, Any]]] = {"forecast": {}, "metered": {}}
     for f in flows:
@@ -128,8 +133,11 @@ def write_csv(rows: list[SlotRow], path: Path) -> None:
             w.writerow(["" if (v := getattr(r, f)) is None else v for f in fields])
 
 
-def plot(rows: list[SlotRow], path: Path, *, thresholds: Thresholds | None = None, timezone: str = "UTC") -> None:
-    """Voltage, loading, P2P volume and prices per slot, shaded by grid state."""
+def plot(
+    rows: list[SlotRow], path: Path | BinaryIO, *, thresholds: Thresholds | None = None, timezone: str = "UTC"
+) -> None:
+    """Voltage, loading, P2P volume and prices per slot, shaded by grid state (a PNG written
+    to `path`, a file name or a binary stream)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -47,6 +47,37 @@ class Summary(msgspec.Struct, frozen=True):
         return 1 - self.grid_bought_wh / self.load_wh if self.load_wh else 0.0
 
 
+# Transaction kinds that are energy from a neighbour: a P2P delivery, or its shortfall
+# covered from the seller's battery (PROTOCOL.md, Energy exchange).
+P2P_KINDS = ("p2p", "bess_compensation")
+
+
+class Reading(NamedTuple):
+    """The energies of one meter row (Wh), as the summary counts them."""
+
+    imported: int  # consumption.other.external: what the site imported
+    load: int  # all of consumption.other: imports and the use of its own generation
+    exported: int  # every generation source: what it generated beyond on-site use
+    charged: int  # all of consumption.bess: its battery charged from its own generation
+
+
+def metered(generation: str, consumption: str) -> Reading:
+    """The `Reading` of one meter row's `generation` and `consumption` JSON."""
+    used = json.loads(consumption)
+    other = used.get("other", {})
+    return Reading(
+        other.get("external", 0),
+        sum(other.values()),
+        sum(json.loads(generation).values()),
+        sum(used.get("bess", {}).values()),
+    )
+
+
+def grid_only_amount(imported: int, exported: int, buy: float, sell: float) -> int:
+    """What one reading would have cost trading with the grid alone (micro-currency)."""
+    return amount(imported, buy) - amount(exported, sell)
+
+
 def summarize(
     transactions: Iterable[Mapping[str, Any]],
     meters: Iterable[Mapping[str, Any]],
@@ -64,7 +95,7 @@ def summarize(
             continue
         paid[t["buyer_id"]] += t["amount_buy"]
         paid[t["seller_id"]] -= t["amount_sell"]
-        if t["kind"] in ("p2p", "bess_compensation"):
+        if t["kind"] in P2P_KINDS:
             p2p += t["quantity"]
             bought[t["buyer_id"]] += t["quantity"]
             sold[t["seller_id"]] += t["quantity"]
@@ -75,13 +106,12 @@ def summarize(
     grid_only: dict[str, int] = defaultdict(int)
     imported = load = 0
     for m in meters:
-        buy, sell = tariff.prices(m["time_interval_start"])
-        other = json.loads(m["consumption"]).get("other", {})
-        generated = sum(json.loads(m["generation"]).values())
-        external = other.get("external", 0)
-        imported += external
-        load += sum(other.values())
-        grid_only[m["participant_id"]] += amount(external, buy) - amount(generated, sell)
+        r = metered(m["generation"], m["consumption"])
+        imported += r.imported
+        load += r.load
+        grid_only[m["participant_id"]] += grid_only_amount(
+            r.imported, r.exported, *tariff.prices(m["time_interval_start"])
+        )
     people = sorted((set(paid) | set(grid_only)) - {GRID_ID})
     bills = [Bill(p, paid.get(p, 0), grid_only.get(p, 0), bought.get(p, 0), sold.get(p, 0)) for p in people]
     return Summary(rounds, seconds, settlements, p2p, imported, load, grid_bought, grid_sold, bills)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any
+
+import sqlalchemy as sa
 
 from ledger import digest as _digest
 from ledger.dataset_sink import DatasetSink
 from market.core.sink import MemorySink, Sink
 
-__all__ = ["DatasetSink", "db_url", "is_memory", "ledger_digest", "open_sink", "read_rows"]
+__all__ = ["DatasetSink", "connect", "db_url", "is_memory", "ledger_digest", "open_sink", "read_rows"]
 
 _SCHEMES = "sqlite:///PATH, postgresql://..., evm+sqlite:///PATH, evm+postgresql://..., memory:"
 
@@ -38,6 +41,13 @@ def _database(url: str) -> str:
 def read_rows(url: str, table: str) -> list[dict[str, Any]]:
     """All rows of `table`, ordered by its key, as plain dicts (any database ledger URL)."""
     return _digest.read_rows(_database(url), table)
+
+
+def connect(url: str) -> AbstractContextManager[sa.Connection]:
+    """A connection to a ledger's database, for queries of one's own (any database ledger URL,
+    a chain ledger's `evm+...` included: its database). A SQLite file that does not exist is
+    refused (FileNotFoundError), never created; a `memory:` URL is refused (ValueError)."""
+    return _digest.connect(_database(url))
 
 
 def ledger_digest(url: str) -> str:

@@ -20,7 +20,9 @@ from ledger.schema import DIGEST_TABLES, TABLE_MAP, key_column
 
 
 @contextmanager
-def _connect(url: str) -> Iterator[sa.Connection]:
+def connect(url: str) -> Iterator[sa.Connection]:
+    """A connection to the database at `url` (a SQLAlchemy URL); a SQLite file that does not
+    exist is refused with FileNotFoundError, never created."""
     parsed = sa.make_url(url)
     # Reading must not create an empty SQLite file at a mistyped path.
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
@@ -48,7 +50,7 @@ def _ordered(conn: sa.Connection, table: str) -> sa.Select[Any]:
 
 def read_rows(url: str, table: str) -> list[dict[str, Any]]:
     """All rows of `table`, ordered by its key, as plain dicts."""
-    with _connect(url) as conn:
+    with connect(url) as conn:
         result = conn.execute(_ordered(conn, table))
         return [{str(k): v for k, v in row._mapping.items()} for row in result]
 
@@ -57,7 +59,7 @@ def ledger_digest(url: str) -> str:
     """sha256 hex of the outcome tables, independent of batch splits and backend."""
     digest = hashlib.sha256()
     encode = msgspec.json.Encoder().encode
-    with _connect(url) as conn:
+    with connect(url) as conn:
         for table in DIGEST_TABLES:
             columns = [str(c.name) for c in TABLE_MAP[table].columns]
             digest.update(encode([table, columns]) + b"\n")
