@@ -202,3 +202,40 @@ async def test_dashboard_refuses_a_prosumer_and_a_wrong_token(ledger_url: str, b
         error = await until(browser, "a refusal", lambda d: d.find_element(By.ID, "login-error").text or None)
         assert error.startswith("unauthorized: unknown id or wrong token")
         assert server.dashboard.sent == 0
+
+
+async def test_run_report_opens_offline_in_a_browser(browser: WebDriver, tmp_path: Path) -> None:
+    """`microte report` of a real run, opened from the file system: every figure decodes and the
+    headline numbers are those of the run's summary."""
+    from controller.run_report.command import report
+    from controller.sim import run_sim
+
+    scenario = Path(__file__).resolve().parents[2] / "scenarios" / "community.toml"
+    result = await run_sim(
+        scenario, ledger=f"sqlite:///{tmp_path}/run.db", participants=10, days=0.5, progress=False, transport="inproc"
+    )
+    page = report(f"sqlite:///{tmp_path}/run.db", tmp_path / "report")
+
+    def look() -> tuple[list[tuple[str, int]], dict[str, str], list[str]]:
+        browser.get(page.as_uri())
+        images = browser.execute_script(
+            "return [...document.images].map(i => [i.getAttribute('src').slice(0, 22), i.naturalWidth])"
+        )
+        kpis = browser.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('[data-kpi]')]"
+            ".map(r => [r.dataset.kpi, r.dataset.value]))"
+        )
+        links = browser.execute_script(
+            "return [...document.querySelectorAll('[src],[href]')]"
+            ".map(e => e.getAttribute('src') || e.getAttribute('href'))"
+        )
+        return images, kpis, links
+
+    images, kpis, links = await asyncio.to_thread(look)
+    assert len(images) >= 5 and all(src == "data:image/png;base64," and width > 300 for src, width in images), images
+    assert int(kpis["trades"]) == result.summary.trades > 0
+    assert float(kpis["self_sufficiency"]) == result.summary.self_sufficiency
+    assert all(link.startswith(("data:", "#")) for link in links), links  # nothing fetched from anywhere
+    out = DOCS_IMG if os.environ.get("MICROTE_DOC_IMAGES") == "1" else tmp_path
+    await asyncio.to_thread(browser.save_screenshot, str(out / "report-page.png"))
+    assert (out / "report-page.png").stat().st_size > 10_000
