@@ -44,7 +44,22 @@ from market.balancing.messages import (
     Label as Label,
 )
 from market.balancing.messages import (
+    MeritOrderAddMsg as MeritOrderAddMsg,
+)
+from market.balancing.messages import (
+    MeritOrderRefMsg as MeritOrderRefMsg,
+)
+from market.balancing.messages import (
+    MeritOrderRemoveMsg as MeritOrderRemoveMsg,
+)
+from market.balancing.messages import (
+    MeritOrderReorderMsg as MeritOrderReorderMsg,
+)
+from market.balancing.messages import (
     Priority as Priority,
+)
+from market.balancing.messages import (
+    SealRecordMsg as SealRecordMsg,
 )
 from market.balancing.messages import (
     Status as Status,

@@ -15,6 +15,10 @@ Label = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Priority = Annotated[int, msgspec.Meta(ge=0, le=10**6)]
 Direction = Literal["to", "from"]
 Status = Literal["active", "cancelled"]
+Seal = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+MAX_MERIT_ORDER = 10_000  # PPAs in one `meritorder.reorder` (the default `max_contracts` in all)
+Position = Annotated[int, msgspec.Meta(ge=0, le=MAX_MERIT_ORDER)]
+MeritOrder = Annotated[list[ContractId], msgspec.Meta(max_length=MAX_MERIT_ORDER)]
 
 
 # -- wire messages ---------------------------------------------------------------------------
@@ -79,3 +83,47 @@ class BalanceRefMsg(Message, frozen=True):
 
     asset_id: AssetId = msgspec.field(name="assetId")
     epoch: Epoch
+
+
+class MeritOrderRefMsg(Message, frozen=True):
+    """`meritorder.list`: the merit order of one asset (balancing point)."""
+
+    asset_id: AssetId = msgspec.field(name="assetId")
+
+
+class MeritOrderAddMsg(Message, frozen=True):
+    """`meritorder.add`: put an active PPA of the asset on its merit order, at `position`
+    (0-based; default: where its priority places it)."""
+
+    asset_id: AssetId = msgspec.field(name="assetId")
+    id: ContractId
+    position: Position | None = None
+
+
+class MeritOrderRemoveMsg(Message, frozen=True):
+    """`meritorder.remove`: take a PPA off the asset's merit order (it stays active, unapplied)."""
+
+    asset_id: AssetId = msgspec.field(name="assetId")
+    id: ContractId
+
+
+class MeritOrderReorderMsg(Message, frozen=True):
+    """`meritorder.reorder`: the asset's merit order anew: exactly the PPAs on it, in a new order."""
+
+    asset_id: AssetId = msgspec.field(name="assetId")
+    order: MeritOrder
+
+
+# -- journal payloads (ledger table balance_events) ----------------------------------------------
+
+
+class SealRecordMsg(Message, frozen=True, omit_defaults=True):
+    """The journal entry of a seal: the merit order it applied, its seal, and, for an input
+    sealed first by another asset's `balancing.seal`, that asset. Journals written before
+    these fields existed hold only `assetId` and `epoch`."""
+
+    asset_id: AssetId = msgspec.field(name="assetId")
+    epoch: Epoch
+    meritorder: MeritOrder | None = None
+    seal: Seal | None = None
+    input_of: AssetId | None = msgspec.field(default=None, name="inputOf")

@@ -1,8 +1,9 @@
 """The `/balancing` namespace (PROTOCOL.md, seed 002): a thin adapter over `market.balancing.balance`.
 
-Event names follow the EAF API and contain dots (`asset.upsert`, `balancing.seal`);
-`trigger_event` maps each to its `on_<name with underscores>` handler, and answers any
-other event `invalid`. Only the `operator` role may connect. Events are serialized by one
+Event names follow the EAF API and contain dots (`asset.upsert`, `balancing.seal`, and the
+`meritorder` service's `meritorder.list|add|remove|reorder`); `trigger_event` maps each to
+its `on_<name with underscores>` handler, and answers any other event `invalid`. Only the
+`operator` role may connect, and every event checks it again. Events are serialized by one
 lock; each is applied to the core, its records (the journal entry, and a seal's rows) are
 made durable, and only then is it answered; if they cannot be stored the core is rolled
 back, so a failed event changes nothing. `start()` rebuilds the core from the ledger.
@@ -25,6 +26,10 @@ from market.balancing.messages import (
     ContractAddMsg,
     ContractCancelMsg,
     ContractUpdateMsg,
+    MeritOrderAddMsg,
+    MeritOrderRefMsg,
+    MeritOrderRemoveMsg,
+    MeritOrderReorderMsg,
 )
 from market.balancing.state import BalancingConfig
 from market.core.protocol import decode
@@ -44,6 +49,10 @@ EVENTS: dict[str, str] = {
     "contract.add": "contract_add",
     "contract.update": "contract_update",
     "contract.cancel": "contract_cancel",
+    "meritorder.list": "meritorder_list",
+    "meritorder.add": "meritorder_add",
+    "meritorder.remove": "meritorder_remove",
+    "meritorder.reorder": "meritorder_reorder",
     "balancing.addSettlement": "balancing_add_settlement",
     "balancing.seal": "balancing_seal",
     "balancing.get": "balancing_get",
@@ -119,20 +128,48 @@ class BalancingNamespace(Namespace):
         return await self._commit(lambda: self.core.add_settlement(msg))
 
     @replying
+    async def on_meritorder_list(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        msg = decode(data, MeritOrderRefMsg)
+        return self.core.meritorder_list(msg)
+
+    @replying
+    async def on_meritorder_add(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        msg = decode(data, MeritOrderAddMsg)
+        return await self._commit(lambda: self.core.meritorder_add(msg))
+
+    @replying
+    async def on_meritorder_remove(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        msg = decode(data, MeritOrderRemoveMsg)
+        return await self._commit(lambda: self.core.meritorder_remove(msg))
+
+    @replying
+    async def on_meritorder_reorder(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "operator")
+        msg = decode(data, MeritOrderReorderMsg)
+        return await self._commit(lambda: self.core.meritorder_reorder(msg))
+
+    @replying
     async def on_balancing_seal(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "operator")
         msg = decode(data, BalanceRefMsg)
         # A sealed epoch answers `closed` before anything is stored: a re-seal writes nothing.
-        balance = await self._commit(lambda: self.core.seal(msg.asset_id, msg.epoch))
-        log.info(
-            "seal asset=%s epoch=%d transactions=%d by=%s seal=%s",
-            balance.asset,
-            balance.epoch,
-            len(balance.transactions),
-            pid,
-            balance.seal,
-        )
-        return {"balance": balance.wire()}
+        # Unsealed inputs are sealed first, in the same write; a refusal stores none of them.
+        sealed = await self._commit(lambda: self.core.seal_with_inputs(msg.asset_id, msg.epoch))
+        for balance in sealed:
+            log.info(
+                "seal asset=%s epoch=%d transactions=%d meritorder=%s by=%s for=%s seal=%s",
+                balance.asset,
+                balance.epoch,
+                len(balance.transactions),
+                ",".join(balance.meritorder or ()),
+                pid,
+                msg.asset_id,
+                balance.seal,
+            )
+        return {"balance": sealed[-1].wire(), "inputs": [b.wire() for b in sealed[:-1]]}
 
     @replying
     async def on_balancing_get(self, sid: str, data: Any) -> dict[str, Any]:

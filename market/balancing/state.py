@@ -58,9 +58,6 @@ class Contract(msgspec.Struct, frozen=True):
             "priority": self.priority,
         }
 
-    def merit_key(self) -> tuple[int, int]:
-        return (self.priority, self.seq)
-
 
 class Flow(msgspec.Struct, frozen=True):
     """One transaction of a balance: `energy` Wh from `from_` to `to`."""
@@ -74,16 +71,18 @@ class Flow(msgspec.Struct, frozen=True):
 
 
 class LateEntry(msgspec.Struct, frozen=True):
-    """Energy that reached a sealed epoch: a meter settlement, or a transfer from the
-    balance of an asset sealed after it. Kept apart; never part of the sealed balance."""
+    """Energy that reached a sealed epoch: a meter settlement, or a transfer into or out of
+    the asset in the balance of an asset sealed after it (one that became its input after
+    the seal). Kept apart; never part of the sealed balance."""
 
     source: Literal["settlement", "transfer"]
     from_: str
+    to: str
     energy: int
     label: str | None = None
 
     def wire(self) -> dict[str, Any]:
-        return {"source": self.source, "from": self.from_, "energy": self.energy, "label": self.label}
+        return {"source": self.source, "from": self.from_, "to": self.to, "energy": self.energy, "label": self.label}
 
 
 class Balance(msgspec.Struct, frozen=True):
@@ -93,6 +92,12 @@ class Balance(msgspec.Struct, frozen=True):
     transactions: tuple[Flow, ...]
     seal: str | None = None  # None: not sealed (a preview of what sealing now would give)
     late: tuple[LateEntry, ...] = ()
+    # The merit order (contract ids) the balance applied; None for a seal restored from a
+    # ledger written before it was recorded.
+    meritorder: tuple[str, ...] | None = None
+    # Energy a balancing point would be left holding (> 0) or short of (< 0): a seal with
+    # one is refused, so it is 0 for every sealed balance; an endpoint has none.
+    imbalance: int = 0
 
     @property
     def sealed(self) -> bool:
@@ -107,6 +112,8 @@ class Balance(msgspec.Struct, frozen=True):
             "seal": self.seal,
             "sealed": self.sealed,
             "late": [e.wire() for e in self.late],
+            "meritorder": None if self.meritorder is None else list(self.meritorder),
+            "imbalance": self.imbalance,
         }
 
 

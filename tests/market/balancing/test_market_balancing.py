@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,67 +19,16 @@ from market.balancing.messages import (
     ContractAddMsg,
     ContractCancelMsg,
     ContractUpdateMsg,
+    MeritOrderAddMsg,
+    MeritOrderRemoveMsg,
+    MeritOrderReorderMsg,
 )
 from market.balancing.seals import seal_of, verify_seal
 from market.balancing.state import Balance, BalancingConfig, Flow
 from market.core.errors import MarketError
 from market.core.protocol import decode
 from market.core.records import BalanceEventRecord, BalanceSeal, BalanceTransaction, MeterRecord
-
-EPOCH = 1337
-
-
-def flows(*triples: tuple[str, str, int]) -> tuple[Flow, ...]:
-    return tuple(Flow(f, t, e) for f, t, e in triples)
-
-
-def upsert(core: Balancing, asset: str, **rule: str) -> dict[str, Any]:
-    return core.upsert_asset(decode({"assetId": asset, "type": "balance", "balancerule": rule}, AssetUpsertMsg))
-
-
-def ppa(core: Balancing, asset: str, partner: str, energy: int, **extra: Any) -> str:
-    payload = {
-        "assetId": asset,
-        "partnerId": partner,
-        "direction": "to",
-        "status": "active",
-        "energy": energy,
-        "load_min": 0,
-        "load_max": 20000,
-        **extra,
-    }
-    return str(core.add_contract(decode(payload, ContractAddMsg))["contract"]["id"])
-
-
-def settle(core: Balancing, meter: str, energy: int, epoch: int = EPOCH, label: str | None = None) -> dict[str, Any]:
-    payload: dict[str, Any] = {"meterId": meter, "epoch": epoch, "consumption": energy}
-    if label is not None:
-        payload["label"] = label
-    return core.add_settlement(decode(payload, AddSettlementMsg))
-
-
-def seed_example() -> Balancing:
-    """The worked example of seed 002, step by step, with its exact payloads."""
-    core = Balancing()
-    upsert(core, "production1", to="seller1")
-    upsert(core, "seller1", **{"from": "bigbalancer", "to": "bigbalancer"})
-    contract = {
-        "assetId": "seller1",
-        "partnerId": "buyer1",
-        "direction": "to",
-        "status": "active",
-        "energy": 200,
-        "load_min": 0,
-        "load_max": 20000,
-        "balanced": 0,
-    }
-    core.add_contract(decode(contract, ContractAddMsg))
-    reply = core.add_settlement(
-        decode({"meterId": "production1", "epoch": 1337, "consumption": 500, "label": "virtual_1"}, AddSettlementMsg)
-    )
-    assert reply == {"late": False}
-    return core
-
+from tests.market.balancing.eaf import EPOCH, balancer, flows, ppa, seed_example, settle, upsert
 
 # -- the seed's worked example -----------------------------------------------------------------
 
@@ -210,10 +161,6 @@ def test_ledger_records_of_a_sealed_balance() -> None:
 
 
 # -- merit order, load_min, load_max -------------------------------------------------------------
-
-
-def balancer(core: Balancing, asset: str = "seller1") -> None:
-    upsert(core, asset, **{"from": "bigbalancer", "to": "bigbalancer"})
 
 
 def test_merit_order_serves_priority_1_2_3_until_the_energy_runs_out() -> None:
@@ -391,7 +338,7 @@ def test_late_settlement_is_kept_apart_and_changes_nothing() -> None:
     assert again.transactions == sealed.transactions and again.seal == sealed.seal
     assert verify_seal(again)
     assert [e.wire() for e in again.late] == [
-        {"source": "settlement", "from": "production1", "energy": 70, "label": "virtual_2"}
+        {"source": "settlement", "from": "production1", "to": "production1", "energy": 70, "label": "virtual_2"}
     ]
     assert core.metered("production1", EPOCH) == 500  # the late 70 is not part of it
     # Nor does it reach seller1, sealed afterwards.
@@ -408,28 +355,6 @@ def test_a_sealed_epoch_cannot_be_sealed_again() -> None:
     with pytest.raises(MarketError) as info:
         core.seal("production1", EPOCH)
     assert info.value.code == "closed" and core.snapshot() == before
-
-
-def test_transfer_into_an_already_sealed_epoch_is_late() -> None:
-    core = seed_example()
-    early = core.seal("seller1", EPOCH)  # before production1: nothing received yet
-    assert early.transactions == ()
-    core.seal("production1", EPOCH)
-    after = core.balance("seller1", EPOCH)
-    assert after.transactions == () and after.seal == early.seal
-    assert [e.wire() for e in after.late] == [
-        {"source": "transfer", "from": "production1", "energy": 500, "label": None}
-    ]
-
-
-def test_a_stale_proposal_is_not_committed() -> None:
-    core = seed_example()
-    proposal = core.propose_seal("production1", EPOCH)
-    settle(core, "production1", 1, label="more")
-    with pytest.raises(MarketError) as info:
-        core.commit_seal(proposal)
-    assert info.value.code == "conflict"
-    assert not core.is_sealed("production1", EPOCH)
 
 
 def test_preview_of_an_unsealed_epoch() -> None:
@@ -581,7 +506,8 @@ def test_an_epoch_can_be_one_market_slot() -> None:
 
 
 def busy_day(core: Balancing, after_each: Callable[[], None] = lambda: None) -> None:
-    """Every kind of event, seals in both orders, late readings and transfers, retries."""
+    """Every kind of event, merit order changes, seals with and without inputs, late
+    readings and transfers, retries."""
     steps: list[Callable[[], Any]] = [
         lambda: upsert(core, "production1", to="seller1"),
         lambda: upsert(core, "seller1", **{"from": "bigbalancer", "to": "bigbalancer"}),
@@ -591,6 +517,9 @@ def busy_day(core: Balancing, after_each: Callable[[], None] = lambda: None) -> 
         lambda: ppa(core, "seller1", "buyer3", 100),
         lambda: core.update_contract(decode({"id": "c2", "energy": 250}, ContractUpdateMsg)),
         lambda: core.cancel_contract(decode({"id": "c3"}, ContractCancelMsg)),
+        lambda: core.meritorder_reorder(decode({"assetId": "seller1", "order": ["c2", "c1"]}, MeritOrderReorderMsg)),
+        lambda: core.meritorder_remove(decode({"assetId": "seller1", "id": "c1"}, MeritOrderRemoveMsg)),
+        lambda: core.meritorder_add(decode({"assetId": "seller1", "id": "c1", "position": 1}, MeritOrderAddMsg)),
         lambda: settle(core, "production1", 500, label="v1"),
         lambda: settle(core, "production1", 40, label="v2"),
         lambda: settle(core, "production1", 500, label="v1"),  # a retry: nothing new
@@ -598,8 +527,10 @@ def busy_day(core: Balancing, after_each: Callable[[], None] = lambda: None) -> 
         lambda: settle(core, "production1", 400, epoch=EPOCH + 2),
         lambda: core.seal("production1", EPOCH),
         lambda: core.seal("seller1", EPOCH),
-        lambda: core.seal("seller1", EPOCH + 1),  # before its source: the transfer is late
-        lambda: core.seal("production1", EPOCH + 1),
+        lambda: core.seal("seller1", EPOCH + 1),  # seals its input production1 first
+        lambda: upsert(core, "production2", to="seller1"),  # a source added after that seal
+        lambda: settle(core, "production2", 60, epoch=EPOCH + 1),
+        lambda: core.seal("production2", EPOCH + 1),  # its transfer to seller1 is late
         lambda: settle(core, "production1", 80),  # late
         lambda: settle(core, "seller1", 5, epoch=EPOCH + 1, label="x"),  # late
     ]
@@ -619,16 +550,33 @@ def test_every_accepted_change_is_one_journal_record_and_retries_none() -> None:
             ["asset.upsert"] * 2
             + ["contract.add"] * 3
             + ["contract.update", "contract.cancel"]
+            + ["meritorder.reorder", "meritorder.remove", "meritorder.add"]
             + ["balancing.addSettlement"] * 4
             + ["balancing.seal"] * 4
+            + ["asset.upsert", "balancing.addSettlement", "balancing.seal"]
             + ["balancing.addSettlement"] * 2,
             start=1,
         )
     ]
     assert events[0].payload == '{"assetId":"production1","type":"balance","balancerule":{"from":null,"to":"seller1"}}'
-    assert events[11].payload == '{"assetId":"production1","epoch":1337}'
+    seal = core.balance("production1", EPOCH).seal
+    assert events[14].payload == f'{{"assetId":"production1","epoch":1337,"meritorder":[],"seal":"{seal}"}}'
+    assert msgspec.json.decode(events[16].payload) == {
+        "assetId": "production1",
+        "epoch": EPOCH + 1,
+        "meritorder": [],
+        "seal": core.balance("production1", EPOCH + 1).seal,
+        "inputOf": "seller1",
+    }
+    assert msgspec.json.decode(events[17].payload)["meritorder"] == ["c2", "c1"]
     seals = [r.id for r in records if isinstance(r, BalanceSeal)]
-    assert seals == ["s1337-production1", "s1337-seller1", "s1338-seller1", "s1338-production1"]
+    assert seals == [
+        "s1337-production1",
+        "s1337-seller1",
+        "s1338-production1",
+        "s1338-seller1",
+        "s1338-production2",
+    ]
     assert core.take_records() == []
 
 
@@ -648,14 +596,17 @@ def test_restore_of_the_records_written_so_far_gives_the_same_state() -> None:
     for asset, epoch in [
         ("production1", EPOCH),
         ("seller1", EPOCH),
+        ("production1", EPOCH + 1),
         ("seller1", EPOCH + 1),
+        ("production2", EPOCH + 1),
         ("production1", EPOCH + 2),
     ]:
         assert resumed.balance(asset, epoch) == live.balance(asset, epoch)
     assert verify_seal(resumed.balance("seller1", EPOCH))
+    assert resumed.balance("seller1", EPOCH + 1).meritorder == ("c2", "c1")
     assert [e.wire() for e in resumed.balance("seller1", EPOCH + 1).late] == [
-        {"source": "transfer", "from": "production1", "energy": 700, "label": None},
-        {"source": "settlement", "from": "seller1", "energy": 5, "label": "x"},
+        {"source": "transfer", "from": "production2", "to": "seller1", "energy": 60, "label": None},
+        {"source": "settlement", "from": "seller1", "to": "seller1", "energy": 5, "label": "x"},
     ]
     # Sealed stays sealed and writes nothing; a retried reading is a duplicate again.
     with pytest.raises(MarketError) as info:
@@ -666,7 +617,7 @@ def test_restore_of_the_records_written_so_far_gives_the_same_state() -> None:
     assert resumed.take_records() == []
     # Ids and the journal continue where the ledger ends.
     assert ppa(resumed, "seller1", "buyer4", 10) == "c4"
-    assert [r.id for r in resumed.take_records()] == ["e18"]  # 17 events were journalled
+    assert [r.id for r in resumed.take_records()] == ["e24"]  # 23 events were journalled
     assert resumed.seal("production1", EPOCH + 2) == live.seal("production1", EPOCH + 2)
 
 
@@ -674,10 +625,11 @@ def test_late_entries_keep_their_arrival_order_across_a_restore() -> None:
     live, written = Balancing(), []
     upsert(live, "a", to="b")
     upsert(live, "b", to="c")
-    live.seal("b", 1)
+    live.seal("b", 1)  # seals its input a first
     settle(live, "b", 3, epoch=1, label="first")
-    settle(live, "a", 10, epoch=1)
-    live.seal("a", 1)  # its transfer to b is late, after b's late reading
+    upsert(live, "a2", to="b")  # a source added after b's seal
+    settle(live, "a2", 10, epoch=1)
+    live.seal("a2", 1)  # its transfer to b is late, after b's late reading
     settle(live, "b", 4, epoch=1, label="last")
     written += live.take_records()
     resumed = Balancing()
@@ -696,7 +648,9 @@ def test_seals_written_before_the_journal_stay_sealed() -> None:
     rows = [*live.records(production), *live.records(seller)]  # no journal records
     resumed = Balancing()
     resumed.restore(rows)
-    assert resumed.balance("seller1", EPOCH) == seller and verify_seal(resumed.balance("production1", EPOCH))
+    # As stored; which merit order it applied was not recorded then.
+    assert resumed.balance("seller1", EPOCH) == msgspec.structs.replace(seller, meritorder=None)
+    assert verify_seal(resumed.balance("production1", EPOCH))
     with pytest.raises(MarketError) as info:
         resumed.seal("seller1", EPOCH)
     assert info.value.code == "closed"  # though the asset itself was never journalled
@@ -725,6 +679,15 @@ def test_seals_written_before_the_journal_stay_sealed() -> None:
         (
             lambda rs: [*rs, BalanceEventRecord("e99", 99, "balancing.seal", '{"assetId":"seller1","epoch":1337}')],
             "second time",
+        ),
+        (
+            lambda rs: [
+                msgspec.structs.replace(r, payload=json.dumps({**json.loads(r.payload), "seal": "0" * 64}))
+                if isinstance(r, BalanceEventRecord) and r.event == "balancing.seal"
+                else r
+                for r in rs
+            ],
+            "the ledger as",
         ),
     ],
 )
