@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from controller import cosim, dso, flexsim, grid_report, participant, run_report, serve, sweep
+from controller import cosim, dso, flexsim, grid_report, init_cmd, participant, pseudonym_cmd, run_report, serve, sweep
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
     )
     sweep.add_arguments(
         sub.add_parser("sweep", help="run every combination of scenario values over several seeds, compare the KPIs")
+    )
+    init_cmd.add_arguments(sub.add_parser("init", help="a market's registry and scenario from a seed's config file"))
+    pseudonym_cmd.add_arguments(
+        sub.add_parser("pseudonym", help="/grid pseudonyms: resolve them (the operator, by key)")
     )
     led = sub.add_parser("ledger", help="ledger tools")
     led.add_argument(
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return cosim.main(args)
     if args.command == "sweep":
         return sweep.main(args)
+    if args.command == "init":
+        return init_cmd.main(args)
+    if args.command == "pseudonym":
+        return pseudonym_cmd.main(args)
     if args.command == "ledger":
         if args.action in ("verify", "balances"):
             from controller import ledger_cmd

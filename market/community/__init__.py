@@ -1,5 +1,6 @@
-"""The Parity market (seed 000): LEMs, community pricing, tokens, SLAs and KPIs (pure), and its
-`/grid` namespace adapter (`market.community.namespace`)."""
+"""The Parity market (seed 000): LEMs, community pricing, tokens, SLAs and KPIs (pure), the
+pseudonyms of its participants (`market.community.pseudonyms`), and its `/grid` namespace
+adapter (`market.community.namespace`)."""
 
 from market.community.messages import (
     KPI_PLAYER_ROLES as KPI_PLAYER_ROLES,
@@ -62,6 +63,9 @@ from market.community.messages import (
     Players as Players,
 )
 from market.community.messages import (
+    PseudonymConfig as PseudonymConfig,
+)
+from market.community.messages import (
     Resolution as Resolution,
 )
 from market.community.messages import (
@@ -93,6 +97,9 @@ from market.community.parity import (
 )
 from market.community.solver import (
     LemSolution as LemSolution,
+)
+from market.community.solver import (
+    community_flow as community_flow,
 )
 from market.community.solver import (
     lem_amount as lem_amount,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Literal
 
 import msgspec
@@ -11,7 +11,7 @@ from market.core.protocol import GridState, Interval, Message, Time, Wh
 from market.core.registry import ParticipantId
 
 Cents = Annotated[float, msgspec.Meta(ge=0, le=1e5)]  # cents per kWh; NaN and inf fail the bounds
-Beta = Annotated[float, msgspec.Meta(ge=0, le=1e3)]  # currency per kWh^2
+Beta = Annotated[float, msgspec.Meta(ge=0, le=1e3)]  # currency per kWh (at a one-sided community flow)
 Finite = Annotated[float, msgspec.Meta(ge=-1e15, le=1e15)]
 Micro = Annotated[int, msgspec.Meta(gt=0, le=10**15)]  # tokens, integer micro-currency
 Resolution = Annotated[int, msgspec.Meta(gt=0, le=366 * 86400)]
@@ -20,7 +20,7 @@ Signal = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Players = Annotated[list[ParticipantId], msgspec.Meta(min_length=1, max_length=10_000)]
 Rule = Literal["gt", "lt"]
 Measured = Literal["prosumer", "meter", "none"]
-RoleOf = Callable[[str], str | None]
+RoleOf = Callable[[str], str | Iterable[str] | None]  # a player's role, or all its roles
 
 SEVERITY: dict[GridState, int] = {"GREEN": 0, "YELLOW": 1, "RED": 2}
 LEM_PLAYER_ROLES = frozenset({"prosumer"})
@@ -31,7 +31,8 @@ KPI_PLAYER_ROLES = frozenset({"prosumer", "oracle"})
 
 
 class LemParams(Message, frozen=True):
-    """LEM parameters: prices in cents per kWh, `beta` in currency per kWh^2."""
+    """LEM parameters: prices in cents per kWh, `beta` in currency per kWh (the flow
+    term's price when the community's flow is all one way: `solver.lem_amount`)."""
 
     pb_bau: Cents = msgspec.field(name="pbBAU")
     ps_bau: Cents = msgspec.field(name="psBAU")
@@ -136,6 +137,27 @@ SEED_DEFAULTS: dict[GridState, LemParams] = {
 }
 
 
+class PseudonymConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What `/grid` writes and sends in place of registry ids (`[parity.pseudonyms]`;
+    `market.community.pseudonyms`). Keyed HMAC under `key_file` (default: `pseudonym.key`
+    beside the registry file, made with mode 0600 on first use), or, when `service` is set
+    and `enabled` (the seed's `pseudonymization` settings), the external service at that
+    URL, each request answered within `timeout` seconds."""
+
+    key_file: str | None = None
+    service: str | None = None
+    enabled: bool = True
+    timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+
+    def __post_init__(self) -> None:
+        if self.service is not None and not self.service.startswith(("http://", "https://")):
+            raise ValueError(f"service must be an http:// or https:// URL, not {self.service!r}")
+
+    @property
+    def uses_service(self) -> bool:
+        return self.service is not None and self.enabled
+
+
 class ParityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`lem_duration`: LEM slot length (s), slots aligned to it. The periodic solver runs at
     every `solve_every` boundary of the market clock plus `solve_delay` (3600 and 60: at
@@ -150,3 +172,4 @@ class ParityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_lems: Annotated[int, msgspec.Meta(gt=0)] = 1_000_000
     max_slas: Annotated[int, msgspec.Meta(gt=0)] = 100_000
     max_kpi_values: Annotated[int, msgspec.Meta(gt=0)] = 10_000_000
+    pseudonyms: PseudonymConfig = PseudonymConfig()

@@ -20,17 +20,28 @@ A DSO's grid state also reaches the auction: every auction slot overlapping the 
 gets the most severe state of the LEM slots it overlaps (`Market.grid_states`), so a RED
 slot clears no P2P fill and `start_round.market_info` carries the state. The auction
 honours it for slots whose gate has not closed yet.
+
+Pseudonyms: the core sees no registry id. Each event's sender and the players it names
+(by registry id, or by a pseudonym this market gave out) are turned into pseudonyms here
+(`market.community.pseudonyms`: keyed HMAC, or an external service), and so are the
+participants of the auction's meter readings a solve falls back on; so every `/grid`
+record and reply carries pseudonyms. A pseudonym that cannot be had answers `unavailable`
+and writes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from market.community.messages import (
+    KPI_PLAYER_ROLES,
+    LEM_PLAYER_ROLES,
     GridStateSetMsg,
     KpiMeasureMsg,
     LemDefaultsSetMsg,
@@ -42,8 +53,19 @@ from market.community.messages import (
     SlaSolveMsg,
 )
 from market.community.parity import PARITY_RECORDS, Parity
+from market.community.pseudonyms import (
+    KEY_FILE,
+    HmacSource,
+    PseudonymError,
+    Pseudonyms,
+    ServiceSource,
+    Source,
+    create_key,
+    read_key,
+)
 from market.community.solver import measurements_from_meters
 from market.community.state import Change, Measurement
+from market.core.errors import MarketError
 from market.core.protocol import EmptyMsg, decode
 from market.core.records import Batch, MeterRecord, Record
 from market.core.registry import Role
@@ -78,7 +100,9 @@ class GridNamespace(Namespace):
 
     def __init__(self, server: ServerPort, config: ParityConfig | None = None) -> None:
         super().__init__(server)
-        self.core = Parity(config, role_of=server.registry.role)
+        self.core = Parity(config, role_of=self._roles_of)
+        self._pseudonyms: Pseudonyms | None = None  # made on first use (`pseudonyms`)
+        self._key_path: Path | None = None  # the HMAC key file (None: a key in memory only)
         # One event at a time (core call, then ledger write), shared with the periodic solver.
         self._lock = self._serial = asyncio.Lock()
         self._started = False
@@ -96,7 +120,8 @@ class GridNamespace(Namespace):
         the one given at construction. Only before `start()`: the state is rebuilt empty."""
         if self._started:
             raise RuntimeError("GridNamespace.configure() after start()")
-        self.core = Parity(config, role_of=self.ms.registry.role)
+        self.core = Parity(config, role_of=self._roles_of)
+        self._pseudonyms = None
 
     async def start(self) -> None:
         """Resume from the ledger, then catch up the periodic solver on the market clock
@@ -119,8 +144,22 @@ class GridNamespace(Namespace):
         records: list[Record] = []
         for cls in PARITY_RECORDS:
             records += [msgspec.convert(row, cls) for row in await self.ms.sink.read(cls.TABLE)]
+        pseudonyms = self.pseudonyms  # a bad key file fails the start, not the first event
+        if isinstance(pseudonyms.source, HmacSource) and pseudonyms.source.from_file:
+            # Know every registered id's pseudonym, so one given out by an earlier run names
+            # its player again (an external service's are known once asked for in this run).
+            await pseudonyms.of(self.ms.registry.ids())
         if not records:
             return
+        source = pseudonyms.source
+        if isinstance(source, HmacSource) and not source.from_file and not pseudonyms.given_out:
+            # A key made now (no file, or the file is gone) cannot be the one the records used.
+            where = f"the pseudonym key {self._key_path} does not exist" if self._key_path else "no pseudonym key file"
+            raise RuntimeError(
+                f"/grid: the ledger holds {len(records)} records written under pseudonyms, but {where}: "
+                "restore the key they were made with ([parity.pseudonyms] key_file); a new key would give "
+                "every participant new pseudonyms"
+            )
         self.core.restore(records)
         now, d = self.ms.clock.now(), self.core.config.lem_duration
         for start in self.core.grid_states():
@@ -191,6 +230,67 @@ class GridNamespace(Namespace):
             # Seconds to the next instant k*every + delay, a hair after it (never before).
             await asyncio.sleep((clock.seconds_to_next(every) + delay) % every + 0.001)
 
+    # -- pseudonyms ------------------------------------------------------------------------
+
+    @property
+    def pseudonyms(self) -> Pseudonyms:
+        """The table of registry ids and their pseudonyms (docs/parity.md, *Pseudonyms*)."""
+        if self._pseudonyms is None:
+            self._pseudonyms = Pseudonyms(self._source(), lambda name: bool(self.ms.registry.roles(name)))
+        return self._pseudonyms
+
+    def _source(self) -> Source:
+        cfg = self.core.config.pseudonyms
+        if cfg.uses_service:
+            assert cfg.service is not None
+            return ServiceSource(cfg.service, cfg.timeout)
+        registry_file = self.ms.registry.path
+        if cfg.key_file is not None:
+            self._key_path = Path(cfg.key_file)
+        elif registry_file is not None:
+            self._key_path = registry_file.parent / KEY_FILE
+        else:  # a registry built in memory: a key that lives as long as this server
+            log.warning("/grid: no pseudonym key file ([parity.pseudonyms] key_file): pseudonyms change on restart")
+            return HmacSource(secrets.token_bytes(32))
+        path = self._key_path
+        if path.exists():
+            return HmacSource(read_key(path), from_file=True)
+
+        def make() -> bytes:  # on first use, so a market that never uses /grid writes no key
+            key = create_key(path)
+            log.info("/grid: made the pseudonym key %s (mode 0600): keep it with the registry", path)
+            return key
+
+        return HmacSource(make)
+
+    def _roles_of(self, name: str) -> tuple[str, ...]:
+        """The roles of a player the core is given: a pseudonym (or, for a caller of the core
+        that gives registry ids, such as a test, the id itself)."""
+        pid = self.pseudonyms.id_of(name) if self._pseudonyms is not None else None
+        return self.ms.registry.roles(name if pid is None else pid)
+
+    async def _pseudonym_of(self, ids: list[str]) -> dict[str, str]:
+        try:
+            return await self.pseudonyms.of(ids)
+        except PseudonymError as err:
+            log.error("/grid: no pseudonyms: %s", err)
+            raise MarketError("unavailable", f"no pseudonym: {err}; nothing was written") from None
+
+    async def _me(self, pid: str) -> str:
+        return (await self._pseudonym_of([pid]))[pid]
+
+    async def _players(self, names: list[str], roles: frozenset[str]) -> list[str]:
+        """The pseudonyms of players named by registry id or by a pseudonym given out;
+        `invalid` for a name that is neither a registered holder of `roles`."""
+        ids = []
+        for name in names:
+            pid = name if self.ms.registry.roles(name) else self.pseudonyms.id_of(name)
+            if pid is None or not self.ms.registry.has_role(pid, *roles):
+                raise MarketError("invalid", f"player {name!r} is not a registered {' or '.join(sorted(roles))}")
+            ids.append(pid)
+        got = await self._pseudonym_of(ids)
+        return [got[p] for p in ids]
+
     # -- plumbing --------------------------------------------------------------------------
 
     async def _commit(self, change: Change) -> dict[str, Any]:
@@ -218,7 +318,9 @@ class GridNamespace(Namespace):
         lo, hi = lems[0].start, lems[-1].end
         rows = await self.ms.sink.read("meters", ("time_interval_start", lo - 1))
         meters = [msgspec.convert(r, MeterRecord) for r in rows if r["time_interval_end"] <= hi]
-        return measurements_from_meters(meters, self.core.config.lem_duration)
+        found = measurements_from_meters(meters, self.core.config.lem_duration)
+        names = await self._pseudonym_of(sorted({p for slot in found.values() for p in slot}))
+        return {start: {names[p]: m for p, m in slot.items()} for start, slot in found.items()}
 
     async def _solve(self, start: int, end: int, now: int) -> dict[str, Any]:
         fallback = await self._meter_measures(start, end, now)
@@ -230,7 +332,8 @@ class GridNamespace(Namespace):
     async def on_grid_state_set(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "dso")
         msg = decode(data, GridStateSetMsg)
-        reply = await self._commit(self.core.set_grid_state(pid, msg, self._now()))
+        me = await self._me(pid)
+        reply = await self._commit(self.core.set_grid_state(me, msg, self._now()))
         self._to_auction(*msg.time_delivery)
         log.info("grid state %s for %s by %s", msg.state, list(msg.time_delivery), pid)
         return reply
@@ -238,17 +341,22 @@ class GridNamespace(Namespace):
     @replying
     async def on_lem_defaults_set(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "operator")
-        return await self._commit(self.core.set_defaults(pid, decode(data, LemDefaultsSetMsg), self._now()))
+        msg = decode(data, LemDefaultsSetMsg)
+        return await self._commit(self.core.set_defaults(await self._me(pid), msg, self._now()))
 
     @replying
     async def on_lem_set(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "aggregator")
-        return await self._commit(self.core.set_lem(pid, decode(data, LemSetMsg), self._now()))
+        msg = decode(data, LemSetMsg)
+        me = await self._me(pid)
+        msg = msgspec.structs.replace(msg, players=await self._players(msg.players, LEM_PLAYER_ROLES))
+        return await self._commit(self.core.set_lem(me, msg, self._now()))
 
     @replying
     async def on_lem_measure(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")
-        return await self._commit(self.core.measure(pid, decode(data, LemMeasureMsg), self._now()))
+        msg = decode(data, LemMeasureMsg)
+        return await self._commit(self.core.measure(await self._me(pid), msg, self._now()))
 
     @replying
     async def on_lem_solve(self, sid: str, data: Any) -> dict[str, Any]:
@@ -262,23 +370,28 @@ class GridNamespace(Namespace):
     async def on_tokens_balances(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid)
         decode(data, EmptyMsg)
-        everyone = self.sessions.role_of[sid] in SEE_ALL
-        return {"balances": self.core.balances(None if everyone else pid)}
+        if not self.sessions.roles_of[sid].isdisjoint(SEE_ALL):
+            return {"balances": self.core.balances()}
+        return {"balances": self.core.balances(await self._me(pid))}
 
     @replying
     async def on_sla_set(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "aggregator")
-        return await self._commit(self.core.set_sla(pid, decode(data, SlaSetMsg), self._now()))
+        msg = decode(data, SlaSetMsg)
+        me = await self._me(pid)
+        kpis = [msgspec.structs.replace(k, players=await self._players(k.players, KPI_PLAYER_ROLES)) for k in msg.kpis]
+        return await self._commit(self.core.set_sla(me, msgspec.structs.replace(msg, kpis=kpis), self._now()))
 
     @replying
     async def on_kpi_measure(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "oracle", "prosumer")
-        return await self._commit(self.core.measure_kpi(pid, decode(data, KpiMeasureMsg), self._now()))
+        msg = decode(data, KpiMeasureMsg)
+        return await self._commit(self.core.measure_kpi(await self._me(pid), msg, self._now()))
 
     @replying
     async def on_sla_solve(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "aggregator", "operator")
         msg = decode(data, SlaSolveMsg)
-        reply = await self._commit(self.core.solve_sla(pid, msg.sla, self._now()))
+        reply = await self._commit(self.core.solve_sla(await self._me(pid), msg.sla, self._now()))
         log.info("sla.solve %s by %s: penalties=%d", msg.sla, pid, len(reply["penalties"]))
         return reply

@@ -9,9 +9,10 @@ DSO's grid state of the slot:
 
 (cents per kWh, divided by 100 into currency; the sell price is the corrected one of
 seeds/README.md: the matched share earns psP2P). Each player's balance moves by
-`round(1e6 * (ep*p_sell - ec*p_buy - beta*(ec-ep)*(Ec-Ep)))` micro-currency (kWh, Python
-`round`): following the community's net flow costs, countering it earns. Parameters are
-the LEM's own if its aggregator gave them, else the operator's defaults for the slot's
+`round(1e6 * (ep*p_sell - ec*p_buy - beta*(ec-ep)*(Ec-Ep)/(Ec+Ep)))` micro-currency (kWh,
+Python `round`): following the community's net flow costs, countering it earns, at most
+`beta` per kWh of one's own flow at any community size. Parameters are the LEM's own if its
+aggregator gave them and the slot is GREEN, else the operator's defaults for the slot's
 grid state (GREEN when the DSO set none); a RED slot is not solved as P2P: its players
 get a result row with amount 0 and no tokens move. After a solve, each player's total
 over the solved LEMs moves as one token transfer: a negative total is paid to the LEM's
@@ -25,14 +26,15 @@ each breaking value its KPI's penalty, paid to the SLA's aggregator, exactly onc
 Every accepted action is a `Change`: the ledger records it produces and its reply. Nothing
 is mutated until the caller has made the records durable and calls `apply(records)`; the
 same `apply` rebuilds the state from the ledger after a restart (`restore`). Records have
-deterministic ids, so a retried write is a no-op. Participant ids are registry ids: the
-seed's pseudonyms (the ledger never holds a real name).
+deterministic ids, so a retried write is a no-op. Participant ids are pseudonyms: the
+namespace turns registry ids into them before it calls the core (`market.community.pseudonyms`),
+so the ledger never holds a registry id; the core does not care which it is given.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -85,6 +87,7 @@ _RESTORE_ORDER: tuple[type[Record], ...] = (
     SlaResultRecord,
 )
 PARITY_RECORDS: tuple[type[Record], ...] = _RESTORE_ORDER
+ParamsSource = Literal["lem", "defaults", "none"]
 
 
 class Parity:
@@ -282,7 +285,7 @@ class Parity:
         balances: dict[str, int] = {}
         lem_replies = []
         for lem in lems:
-            rows = self._solve_one(lem, solve_id, now, (fallback or {}).get(lem.start, {}))
+            rows, source = self._solve_one(lem, solve_id, now, (fallback or {}).get(lem.start, {}))
             records += rows
             for row in rows:
                 key = (lem.aggregator, row.participant_id)
@@ -295,6 +298,7 @@ class Parity:
                     "skipped": rows[0].skipped,
                     "p_buy": rows[0].p_buy,
                     "p_sell": rows[0].p_sell,
+                    "params": source,
                     "balances": {r.participant_id: r.amount for r in rows},
                 }
             )
@@ -314,7 +318,9 @@ class Parity:
 
     def _solve_one(
         self, lem: Lem, solve_id: str, now: int, fallback: Mapping[str, Measurement]
-    ) -> list[LemResultRecord]:
+    ) -> tuple[list[LemResultRecord], ParamsSource]:
+        """The LEM's result rows, and whose parameters priced it: the aggregator's own
+        (`lem`: GREEN only), the operator's defaults of the grid state, or none (RED)."""
         state = self.grid_state(lem.start)
         measures: dict[str, Measurement] = {}
         measured: dict[str, Measured] = {}
@@ -327,7 +333,11 @@ class Parity:
             else:
                 measures[p], measured[p] = Measurement(0, 0), "none"
         skipped = state == "RED"
-        params = lem.params or self._defaults.get(state)
+        # The aggregator's own parameters refine a GREEN market only (as the reference): in
+        # YELLOW the operator's YELLOW defaults apply, the DSO's congestion price included.
+        own_params = lem.params if state == "GREEN" else None
+        params = own_params or self._defaults.get(state)
+        source: ParamsSource = "none" if skipped else "lem" if own_params is not None else "defaults"
         if params is None and not skipped:
             raise MarketError("unavailable", f"no LEM parameters for grid state {state} (lem.defaults.set)")
         if skipped or params is None:
@@ -340,7 +350,7 @@ class Parity:
         else:
             solution = solve_lem(params, lem.players, measures)
             beta = params.beta
-        return [
+        rows = [
             LemResultRecord(
                 id=f"lr{lem.start}/{p}",
                 solve_id=solve_id,
@@ -363,6 +373,7 @@ class Parity:
             )
             for p in lem.players
         ]
+        return rows, source
 
     def set_sla(self, aggregator: str, msg: SlaSetMsg, now: int) -> Change:
         if msg.start >= msg.end:
@@ -501,7 +512,9 @@ class Parity:
         if self._role_of is None:
             return
         for p in players:
-            if self._role_of(p) not in roles:
+            got = self._role_of(p)
+            held = {got} if isinstance(got, str) else set(got or ())
+            if held.isdisjoint(roles):
                 raise MarketError("invalid", f"player {p!r} is not a registered {' or '.join(sorted(roles))}")
 
     # -- state changes ---------------------------------------------------------------------

@@ -30,9 +30,24 @@ def lem_prices(params: LemParams, ec_total: float, ep_total: float) -> tuple[flo
     return buy / 100, sell / 100
 
 
+def community_flow(ec_total: float, ep_total: float) -> float:
+    """The community's net flow as a share of its volume, (Ec - Ep) / (Ec + Ep), in [-1, 1]:
+    +1 when it only imports, -1 when it only exports, 0 when balanced (or empty)."""
+    volume = ec_total + ep_total
+    return (ec_total - ep_total) / volume if volume > 0 else 0.0
+
+
 def lem_amount(ec: float, ep: float, ec_total: float, ep_total: float, p_buy: float, p_sell: float, beta: float) -> int:
-    """Micro-currency a player's balance moves by (energies in kWh, prices per kWh)."""
-    return round(1e6 * (ep * p_sell - ec * p_buy - beta * (ec - ep) * (ec_total - ep_total)))
+    """Micro-currency a player's balance moves by (energies in kWh, prices per kWh):
+
+        round(1e6 * (ep*p_sell - ec*p_buy - beta * (ec - ep) * (Ec - Ep)/(Ec + Ep)))
+
+    The flow term prices the player's own net flow `ec - ep` at `beta` (currency per kWh)
+    times the community's flow share: following the community's net flow costs, countering
+    it earns, at most `beta` per kWh of one's own flow, at any size of the community (the
+    term that used `Ec - Ep` itself grew with the number of members)."""
+    flow = community_flow(ec_total, ep_total)
+    return round(1e6 * (ep * p_sell - ec * p_buy - beta * (ec - ep) * flow))
 
 
 class LemSolution(msgspec.Struct, frozen=True):

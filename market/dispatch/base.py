@@ -64,17 +64,21 @@ class Sessions:
     def __init__(self) -> None:
         self.pid_of: dict[str, str] = {}  # sid -> participant id
         self.sid_of: dict[str, str] = {}  # participant id -> sid
-        self.role_of: dict[str, Role] = {}  # sid -> role
+        self.role_of: dict[str, Role] = {}  # sid -> role (the first of its roles the namespace admits)
+        self.roles_of: dict[str, frozenset[Role]] = {}  # sid -> every role it holds that the namespace admits
 
-    def add(self, sid: str, pid: str, role: Role) -> str | None:
-        """Register a session; returns the sid it replaces, if any."""
+    def add(self, sid: str, pid: str, role: Role, roles: frozenset[Role] | None = None) -> str | None:
+        """Register a session (`roles`: all its admitted roles, default just `role`);
+        returns the sid it replaces, if any."""
         old = self.sid_of.get(pid)
         self.pid_of[sid], self.sid_of[pid], self.role_of[sid] = pid, sid, role
+        self.roles_of[sid] = roles or frozenset({role})
         return old
 
     def remove(self, sid: str) -> str | None:
         pid = self.pid_of.pop(sid, None)
         self.role_of.pop(sid, None)
+        self.roles_of.pop(sid, None)
         if pid is not None and self.sid_of.get(pid) == sid:
             del self.sid_of[pid]
         return pid
@@ -151,9 +155,12 @@ class Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
             raise socketio.exceptions.ConnectionRefusedError("unauthorized: unknown id or wrong token")
         pid, role = who
         logins.succeeded(f"id:{pid}")
-        if role not in self.ROLES:
-            raise socketio.exceptions.ConnectionRefusedError(f"unauthorized: role {role} may not use {self.namespace}")
-        old = self.sessions.add(sid, pid, role)
+        # An id with several roles is admitted by any of them; its events check them all.
+        admitted = [r for r in self.ms.registry.roles(pid) if r in self.ROLES]
+        if not admitted:
+            held = ", ".join(self.ms.registry.roles(pid)) or role
+            raise socketio.exceptions.ConnectionRefusedError(f"unauthorized: role {held} may not use {self.namespace}")
+        old = self.sessions.add(sid, pid, admitted[0], frozenset(admitted))
         self.ms.authenticated(sid, self.namespace)
         if old is not None:
             # One live session per id: the newest login wins, the old one is closed.
@@ -173,8 +180,9 @@ class Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
         pid = self.sessions.pid_of.get(sid)
         if pid is None:
             raise MarketError("unauthorized", "no authenticated session")
-        if roles and self.sessions.role_of[sid] not in roles:
-            raise MarketError("forbidden", f"role {self.sessions.role_of[sid]} may not do this")
+        held = self.sessions.roles_of.get(sid) or frozenset({self.sessions.role_of[sid]})
+        if roles and held.isdisjoint(roles):
+            raise MarketError("forbidden", f"role {' + '.join(sorted(held))} may not do this")
         if cost == 1:
             if not self.ms.limiter.allow(pid):
                 raise MarketError("rate_limited", "too many events: slow down")

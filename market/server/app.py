@@ -437,7 +437,7 @@ class MarketServer:
         return sorted({*self.sessions["/market"].sid_of, *self.fleet.sid_of})
 
     def _expect(self, slot: int) -> _MeterWait:
-        prosumers = {p for p in self.online() if self.registry.role(p) == "prosumer"}
+        prosumers = {p for p in self.online() if self.registry.has_role(p, "prosumer")}
         wait = self._waits[slot] = _MeterWait(prosumers - set(self.market.metered(slot)))
         return wait
 

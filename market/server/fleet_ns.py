@@ -51,7 +51,7 @@ class FleetNamespace(Namespace):
         pids = []
         for cred, name in zip(creds, ids, strict=True):
             who = self.ms.registry.authenticate(cred)
-            if who is None or who[1] != "prosumer":
+            if who is None or not self.ms.registry.has_role(who[0], "prosumer"):
                 if who is None:  # a wrong token (a prosumer-only namespace is no guess)
                     logins.failed(login_keys(environ, [name]))
                 log.warning("ns=/fleet refused: bad credentials for %r", name)

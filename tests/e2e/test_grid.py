@@ -8,6 +8,10 @@ minute before it. Every expected balance is computed by hand in the comments.
 The periodic solver follows `step`: the server calls `GridNamespace.on_time(t)` after each
 step to `t`, before it replies (`SimServer` below makes that call; calling it twice is
 harmless, so it also works with a server that makes it itself).
+
+Replies and /grid ledger rows name participants by pseudonym (docs/parity.md, *Pseudonyms*):
+the server's key is `pseudonym.key` beside the ledger, and `pseudonyms(ledger_url)` gives
+the tests the same names (`ps("P1")`).
 """
 
 from __future__ import annotations
@@ -15,19 +19,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import socketio
 
 from controller.sim import market_process
 from ledger import ledger_digest, open_sink
 from ledger.digest import read_rows
-from market.community.messages import ParityConfig
+from market.community.messages import ParityConfig, PseudonymConfig
 from market.community.namespace import NAMESPACE, GridNamespace
 from market.community.parity import PARITY_RECORDS
+from market.community.pseudonyms import create_key, hmac_pseudonym, read_key
 from market.core.engine import MarketConfig
 from market.core.registry import Registry
 from market.server.app import MarketServer
@@ -57,13 +63,29 @@ class SimServer(MarketServer):
         return reply
 
 
+def key_path(ledger_url: str) -> Path:
+    """The pseudonym key of a test's server: beside its SQLite ledger."""
+    return Path(ledger_url.removeprefix("sqlite:///")).with_name("pseudonym.key")
+
+
+def pseudonyms(ledger_url: str) -> Callable[[str], str]:
+    """registry id -> the pseudonym the test's server gives it (the key is made if need be)."""
+    path = key_path(ledger_url)
+    key = read_key(path) if path.exists() else create_key(path)
+    return lambda pid: hmac_pseudonym(key, pid)
+
+
+def renamed(ps: Callable[[str], str], balances: dict[str, Any]) -> dict[str, Any]:
+    return {ps(p): v for p, v in balances.items()}
+
+
 @asynccontextmanager
 async def running(
     ledger_url: str, config: MarketConfig = CONFIG, parity: ParityConfig | None = None
 ) -> AsyncIterator[tuple[str, GridNamespace]]:
     server = SimServer(config, registry(), open_sink(ledger_url))
-    if parity is not None:
-        server.grid.configure(parity)
+    keyed = PseudonymConfig(key_file=str(key_path(ledger_url)))
+    server.grid.configure(msgspec.structs.replace(parity or ParityConfig(), pseudonyms=keyed))
     async with serving(server) as url:
         yield url, server.grid
 
@@ -133,6 +155,7 @@ def used(start: int, consumption: int, production: int) -> dict[str, Any]:
 async def test_red_slot_clears_no_p2p_trade_and_meters_count_for_the_lem(ledger_url: str) -> None:
     """RED LEM [12:00, 12:15], GREEN LEM [12:15, 12:30]; P1 sells P2 1 kWh in both."""
     red, green = T, T + Q
+    ps = pseudonyms(ledger_url)
     async with running(ledger_url) as (url, _ns):
         ctl = await connect(url, "CTL", "/simulation")
         dso, agg = await connect(url, "DSO"), await connect(url, "AGG")
@@ -151,8 +174,8 @@ async def test_red_slot_clears_no_p2p_trade_and_meters_count_for_the_lem(ledger_
         got = await ok(agg, "lem.set", lem(red, ["P1", "P2"]))
         assert got["lem"] == {
             "time_delivery": [red, red + Q],
-            "aggregator": "AGG",
-            "players": ["P1", "P2"],
+            "aggregator": ps("AGG"),
+            "players": [ps("P1"), ps("P2")],
             "params": None,
         }
         await ok(agg, "lem.set", lem(green, ["P1", "P2"]))
@@ -180,17 +203,18 @@ async def test_red_slot_clears_no_p2p_trade_and_meters_count_for_the_lem(ledger_
         # RED: skipped. GREEN, from the meters: Ec = Ep = 1 kWh: p_buy = (20 - 6)/1 = 14 c,
         # p_sell = (6.5 + 1.5)/1 = 8 c: P1 +0.08, P2 -0.14, the aggregator keeps 0.06.
         assert [(x["grid_state"], x["skipped"], x["balances"]) for x in solved["lems"]] == [
-            ("RED", True, {"P1": 0, "P2": 0}),
-            ("GREEN", False, {"P1": 80_000, "P2": -140_000}),
+            ("RED", True, {ps("P1"): 0, ps("P2"): 0}),
+            ("GREEN", False, {ps("P1"): 80_000, ps("P2"): -140_000}),
         ]
-        assert solved["balances"] == {"P1": 80_000, "P2": -140_000}
-        assert [(t["from"], t["to"], t["amount"]) for t in solved["transfers"]] == [
-            ("AGG", "P1", 80_000),
-            ("P2", "AGG", 140_000),
-        ]
-        assert (await ok(agg, "tokens.balances"))["balances"] == {"AGG": 60_000, "P1": 80_000, "P2": -140_000}
-        assert (await ok(p1, "tokens.balances"))["balances"] == {"P1": 80_000}  # its own only
-        assert (await ok(dso, "tokens.balances"))["balances"] == {"DSO": 0}
+        assert solved["balances"] == {ps("P1"): 80_000, ps("P2"): -140_000}
+        assert sorted((t["from"], t["to"], t["amount"]) for t in solved["transfers"]) == sorted(
+            [(ps("AGG"), ps("P1"), 80_000), (ps("P2"), ps("AGG"), 140_000)]
+        )
+        assert (await ok(agg, "tokens.balances"))["balances"] == renamed(
+            ps, {"AGG": 60_000, "P1": 80_000, "P2": -140_000}
+        )
+        assert (await ok(p1, "tokens.balances"))["balances"] == {ps("P1"): 80_000}  # its own only
+        assert (await ok(dso, "tokens.balances"))["balances"] == {ps("DSO"): 0}
         assert (await ok(agg, "lem.solve", {"start": T, "end": T + H}))["transfers"] == []  # solved once
         await refused(p1, "lem.measure", used(green, 0, 1), "closed")
         for c in (ctl, dso, agg, p1, p2):
@@ -203,14 +227,17 @@ async def test_red_slot_clears_no_p2p_trade_and_meters_count_for_the_lem(ledger_
     p2p = [r for r in read_rows(ledger_url, "transactions") if r["kind"] == "p2p"]
     assert [(r["time_delivery_start"], r["quantity"]) for r in p2p] == [(green, 1000)]
     transfers = read_rows(ledger_url, "token_transfers")
-    assert sorted((r["id"], r["payer_id"], r["payee_id"], r["amount"]) for r in transfers) == [
-        (f"t/s{red}-{green + Q}/AGG/P1", "AGG", "P1", 80_000),
-        (f"t/s{red}-{green + Q}/P2/AGG", "P2", "AGG", 140_000),
-    ]
+    agg, p1, p2 = ps("AGG"), ps("P1"), ps("P2")
+    assert sorted((r["id"], r["payer_id"], r["payee_id"], r["amount"]) for r in transfers) == sorted(
+        [
+            (f"t/s{red}-{green + Q}/{agg}/{p1}", agg, p1, 80_000),
+            (f"t/s{red}-{green + Q}/{p2}/{agg}", p2, agg, 140_000),
+        ]
+    )
     results = {(r["time_delivery_start"], r["participant_id"]): r for r in read_rows(ledger_url, "lem_results")}
-    assert results[(green, "P1")]["measured"] == "meter" and results[(green, "P1")]["production"] == 1000
-    assert results[(green, "P2")]["measured"] == "meter" and results[(green, "P2")]["consumption"] == 1000
-    assert results[(red, "P1")]["measured"] == "prosumer" and results[(red, "P1")]["skipped"]
+    assert results[(green, p1)]["measured"] == "meter" and results[(green, p1)]["production"] == 1000
+    assert results[(green, p2)]["measured"] == "meter" and results[(green, p2)]["consumption"] == 1000
+    assert results[(red, p1)]["measured"] == "prosumer" and results[(red, p1)]["skipped"]
     assert [r["state"] for r in read_rows(ledger_url, "grid_states")] == ["RED", "GREEN"]
 
 
@@ -221,7 +248,8 @@ SEED_LEMS: list[tuple[int, str, dict[str, tuple[int, int]], dict[str, float] | N
     # p_sell = (3*6.5 + 2*1.5)/3 = 7.5 c. P1 -2*0.14 = -0.28; P4 3*0.075 = +0.225.
     (T, "GREEN", {"P1": (2000, 0), "P4": (0, 3000)}, None),
     # L2 YELLOW, P1, P2, P4. Ec = 2, Ep = 1, matched 1: p_buy = (48 - 10)/2 = 19 c, p_sell =
-    # (6.3 + 1.7)/1 = 8 c; net flow +1. P1, P2: -0.19 - 0.025*1*1 = -0.215; P4: 0.08 + 0.025 = +0.105.
+    # (6.3 + 1.7)/1 = 8 c; the community's flow (Ec - Ep)/(Ec + Ep) = 1/3. P1, P2: -0.19 -
+    # 0.025*1*(1/3) = -0.198333; P4: 0.08 + 0.025*1*(1/3) = +0.088333 (micro-units rounded).
     (T + Q, "YELLOW", {"P1": (1000, 0), "P2": (1000, 0), "P4": (0, 1000)}, None),
     # L3 RED, P2, P3, P4: business as usual, nothing moves.
     (T + 2 * Q, "RED", {"P2": (500, 0), "P3": (0, 500), "P4": (100, 0)}, None),
@@ -230,9 +258,9 @@ SEED_LEMS: list[tuple[int, str, dict[str, tuple[int, int]], dict[str, float] | N
     # P1, P3: -0.15; P2: 2*0.10 = +0.20; P4: 0.
     (T + 3 * Q, "GREEN", {"P1": (1000, 0), "P2": (0, 2000), "P3": (1000, 0), "P4": (-1, -1)}, OVERRIDE),
 ]
-# Totals: P1 -0.28 - 0.215 - 0.15 = -0.645; P2 -0.215 + 0.20 = -0.015; P3 -0.15;
-# P4 0.225 + 0.105 = +0.33; the aggregator keeps 0.645 + 0.015 + 0.15 - 0.33 = 0.48.
-LEM_BALANCES = {"AGG": 480_000, "P1": -645_000, "P2": -15_000, "P3": -150_000, "P4": 330_000}
+# Totals: P1 -0.28 - 0.198333 - 0.15 = -0.628333; P2 -0.198333 + 0.20 = +0.001667; P3 -0.15;
+# P4 0.225 + 0.088333 = +0.313333; the aggregator keeps 0.628333 - 0.001667 + 0.15 - 0.313333 = 0.463333.
+LEM_BALANCES = {"AGG": 463_333, "P1": -628_333, "P2": 1_667, "P3": -150_000, "P4": 313_333}
 # The seed's SLA example, 12:00-14:00, KPIs at 1-hour resolution.
 SEED_SLA: dict[str, Any] = {
     "id": "SLA_12_14",
@@ -270,20 +298,21 @@ PENALTIES = [
     {"player": "P3", "kpi": "KPI2", "time_interval": [T, T + H], "amount": 50_000},
     {"player": "P3", "kpi": "KPI2", "time_interval": [T + H, T + 2 * H], "amount": 50_000},
 ]
-FINAL = {"AGG": 680_000, "P1": -745_000, "P2": -15_000, "P3": -250_000, "P4": 330_000}
+FINAL = {"AGG": 663_333, "P1": -728_333, "P2": 1_667, "P3": -250_000, "P4": 313_333}
 
 
 async def test_seed_lem_and_sla_sequences(ledger_url: str) -> None:
+    ps = pseudonyms(ledger_url)
     async with running(ledger_url) as (url, ns):
         ctl = await connect(url, "CTL", "/simulation")
         dso, agg, op = await connect(url, "DSO"), await connect(url, "AGG"), await connect(url, "OP")
         pr = {p: await connect(url, p) for p in ("P1", "P2", "P3", "P4")}
         # The operator sets the seed's default parameters (what `microte init` would do).
-        for state, (pb, ps, pbp, psp, beta) in {
+        for state, (pb, psb, pbp, psp, beta) in {
             "GREEN": (20, 6.5, 14, 8, 0),
             "YELLOW": (24, 6.3, 14, 8, 0.025),
         }.items():
-            defaults = {"pbBAU": pb, "psBAU": ps, "pbP2P": pbp, "psP2P": psp, "beta": beta}
+            defaults = {"pbBAU": pb, "psBAU": psb, "pbP2P": pbp, "psP2P": psp, "beta": beta}
             await ok(op, "lem.defaults.set", {"grid_state": state, **defaults})
 
         previous: int | None = None
@@ -307,10 +336,10 @@ async def test_seed_lem_and_sla_sequences(ledger_url: str) -> None:
         assert (await ok(agg, "tokens.balances"))["balances"] == {}  # nothing solved at 13:00
 
         await step(ctl, T + H + 60)  # 13:01: the hourly solver solves the four LEMs, before the reply
-        assert (await ok(agg, "tokens.balances"))["balances"] == LEM_BALANCES
+        assert (await ok(agg, "tokens.balances"))["balances"] == renamed(ps, LEM_BALANCES)
         assert ns.solved_at_boundary == {T + H: (T, T + Q, T + 2 * Q, T + 3 * Q)}
         for p in ("P1", "P2", "P3", "P4"):
-            assert (await ok(pr[p], "tokens.balances"))["balances"] == {p: LEM_BALANCES[p]}
+            assert (await ok(pr[p], "tokens.balances"))["balances"] == {ps(p): LEM_BALANCES[p]}
         assert (await ok(op, "lem.solve", {"start": T, "end": T + H}))["lems"] == []  # nothing left
 
         await step(ctl, T + 2 * H)  # 14:00: the KPIs of the second hour
@@ -320,10 +349,11 @@ async def test_seed_lem_and_sla_sequences(ledger_url: str) -> None:
                 pr[p], "kpi.measure", {"sla": SEED_SLA["id"], "kpi": k, "time_interval": interval, "value": values[1]}
             )
         await step(ctl, T + 3 * H)  # 15:00: the SLA is checked and its penalties applied
-        assert (await ok(agg, "sla.solve", {"sla": SEED_SLA["id"]}))["penalties"] == PENALTIES
+        penalties = [{**x, "player": ps(x["player"])} for x in PENALTIES]
+        assert (await ok(agg, "sla.solve", {"sla": SEED_SLA["id"]}))["penalties"] == penalties
         again = await ok(op, "sla.solve", {"sla": SEED_SLA["id"]})
-        assert again["penalties"] == PENALTIES and again["duplicate"] is True  # applied once
-        assert (await ok(op, "tokens.balances"))["balances"] == FINAL
+        assert again["penalties"] == penalties and again["duplicate"] is True  # applied once
+        assert (await ok(op, "tokens.balances"))["balances"] == renamed(ps, FINAL)
         assert sum(FINAL.values()) == 0
         snapshot = ns.core.snapshot()
         for c in (ctl, dso, agg, op, *pr.values()):
@@ -331,17 +361,18 @@ async def test_seed_lem_and_sla_sequences(ledger_url: str) -> None:
 
     transfers = read_rows(ledger_url, "token_transfers")
     solve = f"s{T}-{T + H}"
-    assert sorted((r["id"], r["amount"]) for r in transfers if r["kind"] == "lem") == [
-        (f"t/{solve}/AGG/P4", 330_000),
-        (f"t/{solve}/P1/AGG", 645_000),
-        (f"t/{solve}/P2/AGG", 15_000),
-        (f"t/{solve}/P3/AGG", 150_000),
-    ]
-    assert sorted(r["id"] for r in transfers if r["kind"] == "sla_penalty") == [
-        f"p/SLA_12_14/KPI1/P1/{T}",
-        f"p/SLA_12_14/KPI2/P3/{T}",
-        f"p/SLA_12_14/KPI2/P3/{T + H}",
-    ]
+    agg_, p1, p2, p3, p4 = (ps(p) for p in ("AGG", "P1", "P2", "P3", "P4"))
+    assert sorted((r["id"], r["amount"]) for r in transfers if r["kind"] == "lem") == sorted(
+        [
+            (f"t/{solve}/{agg_}/{p4}", 313_333),
+            (f"t/{solve}/{p1}/{agg_}", 628_333),
+            (f"t/{solve}/{agg_}/{p2}", 1_667),  # P2 earns a little now: it sold 2 kWh in L4
+            (f"t/{solve}/{p3}/{agg_}", 150_000),
+        ]
+    )
+    assert sorted(r["id"] for r in transfers if r["kind"] == "sla_penalty") == sorted(
+        [f"p/SLA_12_14/KPI1/{p1}/{T}", f"p/SLA_12_14/KPI2/{p3}/{T}", f"p/SLA_12_14/KPI2/{p3}/{T + H}"]
+    )
     assert len(read_rows(ledger_url, "lem_measures")) == 11 and len(read_rows(ledger_url, "kpi_values")) == 8
 
     # A restarted server resumes /grid from the ledger: same state, and nothing applies twice.
@@ -349,7 +380,7 @@ async def test_seed_lem_and_sla_sequences(ledger_url: str) -> None:
         assert ns.core.snapshot() == snapshot
         agg = await connect(url, "AGG")
         assert (await ok(agg, "sla.solve", {"sla": SEED_SLA["id"]}))["duplicate"] is True
-        assert (await ok(agg, "tokens.balances"))["balances"] == FINAL
+        assert (await ok(agg, "tokens.balances"))["balances"] == renamed(ps, FINAL)
         await agg.disconnect()
 
 
@@ -468,7 +499,8 @@ async def test_each_event_only_for_its_roles(ledger_url: str) -> None:
         await step(ctl, T + Q)
         await ok(p1, "lem.measure", used(T, 300, 0))
         await refused(p1, "lem.measure", used(T, 300, 0), "conflict")
-        assert ns.core.measurement(T, "P1") is not None and ns.core.measurement(T, "P1").consumption == 300  # type: ignore[union-attr]
+        mine = ns.core.measurement(T, pseudonyms(ledger_url)("P1"))
+        assert mine is not None and mine.consumption == 300
         await step(ctl, T + H)  # the KPI's period [12:00, 13:00] has ended
         await ok(ora, "kpi.measure", PAYLOADS["kpi.measure"])
         await refused(ora, "kpi.measure", {**PAYLOADS["kpi.measure"], "value": 2.0}, "conflict")
@@ -604,7 +636,9 @@ async def test_sla_and_kpi_are_judged_by_the_market_clock(ledger_url: str) -> No
         await refused(p1, "kpi.measure", {**next_kpi, "time_interval": [T + 5 * H, T + 6 * H]}, "invalid")
         for c in (ctl, agg, p1):
             await c.disconnect()
-    assert [r["id"] for r in read_rows(ledger_url, "kpi_values")] == [f"kv/next/KPI1/P1/{T + 4 * H}"]
+    assert [r["id"] for r in read_rows(ledger_url, "kpi_values")] == [
+        f"kv/next/KPI1/{pseudonyms(ledger_url)('P1')}/{T + 4 * H}"
+    ]
 
 
 async def test_market_command_takes_the_lem_flags(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from controller import cli, serve
 from controller.scenario import Scenario, load_scenario
-from market.community.messages import LemSetMsg, ParityConfig
+from market.community.messages import LemSetMsg, ParityConfig, PseudonymConfig
 from market.community.namespace import GridNamespace
 from market.core.engine import MarketConfig
 from market.core.protocol import decode
@@ -72,9 +72,11 @@ def grid(port: Port, config: ParityConfig | None = None) -> GridNamespace:
 
 
 async def set_lems(ns: GridNamespace, starts: list[int], now: int) -> None:
+    """LEMs of P1 and P2 by AGG, as `lem.set` makes them (under their pseudonyms)."""
+    agg, players = await ns._me("AGG"), await ns._players(["P1", "P2"], frozenset({"prosumer"}))
     for s in starts:
-        msg = decode({"time_delivery": [s, s + Q], "players": ["P1", "P2"]}, LemSetMsg)
-        await ns._commit(ns.core.set_lem("AGG", msg, now))
+        msg = decode({"time_delivery": [s, s + Q], "players": players}, LemSetMsg)
+        await ns._commit(ns.core.set_lem(agg, msg, now))
 
 
 def hour(h: int) -> tuple[int, ...]:
@@ -151,18 +153,45 @@ async def test_a_failed_solve_is_retried_at_the_next_boundary() -> None:
     assert ns.solved_at_boundary == {T + 2 * H: hour(0) + hour(1)} and ns.periodic_solves == 2
 
 
-async def test_a_restart_catches_up_boundary_by_boundary() -> None:
+async def test_a_restart_catches_up_boundary_by_boundary(tmp_path: Path) -> None:
     """A server restarted after several boundaries passed (sim: the clock resumes at the last
     `step`) solves what they left, as the running server would have: hour by hour."""
     sink = MemorySink()
-    first = grid(Port(SimClock(T - Q), sink))
+    keyed = ParityConfig(pseudonyms=PseudonymConfig(key_file=str(tmp_path / "pseudonym.key")))
+    first = grid(Port(SimClock(T - Q), sink), keyed)
     await first.start()
     await set_lems(first, [*hour(0), *hour(1)], T - Q)
-    again = grid(Port(SimClock(T + 2 * H + Q), sink))  # resumed from the same ledger at 14:15
+    again = grid(Port(SimClock(T + 2 * H + Q), sink), keyed)  # resumed from the same ledger at 14:15
     await again.start()
     assert again.solved_at_boundary == {T + H: hour(0), T + 2 * H: hour(1)}
     ids = solve_ids(sink)
     assert {ids[s] for s in hour(1)} == {f"s{T + H}-{T + 2 * H}"}
+
+
+async def test_a_restart_without_the_pseudonym_key_is_refused(tmp_path: Path) -> None:
+    """The ledger holds pseudonyms made with a key: a server that would make a new key (the
+    file is gone, or there is none) refuses to start instead of renaming everyone."""
+    sink, key = MemorySink(), tmp_path / "pseudonym.key"
+    keyed = ParityConfig(pseudonyms=PseudonymConfig(key_file=str(key)))
+    first = grid(Port(SimClock(T - Q), sink), keyed)
+    await first.start()
+    agg = await first._me("AGG")  # the key file is made on first use, mode 0600
+    assert key.stat().st_mode & 0o777 == 0o600 and agg.startswith("ps-")
+    await set_lems(first, [T], T - Q)
+    key.rename(tmp_path / "elsewhere")
+    with pytest.raises(RuntimeError, match=f"the pseudonym key {key} does not exist"):
+        await grid(Port(SimClock(T), sink), keyed).start()
+    with pytest.raises(RuntimeError, match="no pseudonym key file"):
+        await grid(Port(SimClock(T), sink)).start()  # a registry in memory, no key_file
+    (tmp_path / "elsewhere").rename(key)
+    again = grid(Port(SimClock(T), sink), keyed)
+    await again.start()
+    assert again.core.lem(T).aggregator == agg  # the same key: the same pseudonyms
+    p1 = first.core.lem(T).players[0]  # a pseudonym the first run gave out names its player
+    assert await again._players([p1, "P2"], frozenset({"prosumer"})) == list(first.core.lem(T).players)
+    key.write_text("not a key\n")
+    with pytest.raises(ValueError, match="not a pseudonym key"):
+        await grid(Port(SimClock(T), sink), keyed).start()
 
 
 def test_configure_only_before_start() -> None:

@@ -1,7 +1,8 @@
 """Parity core (seed 000, PROTOCOL.md /grid): pricing with worked numbers, tokens, SLAs.
 
 Defaults are the seed's: GREEN pbBAU 20, psBAU 6.5, pbP2P 14, psP2P 8 (cents per kWh),
-beta 0; YELLOW 24, 6.3, 14, 8, beta 0.025. Every expected amount is computed by hand in
+beta 0; YELLOW 24, 6.3, 14, 8, beta 0.025 (currency per kWh of a member's net flow, times
+the community's flow share (Ec - Ep)/(Ec + Ep)). Every expected amount is computed by hand in
 the comment above it.
 """
 
@@ -113,23 +114,23 @@ def test_sell_price_gives_the_matched_share_psp2p() -> None:
 
 def test_beta_following_the_community_costs_countering_earns() -> None:
     # YELLOW, Ec = 3, Ep = 1, matched 1: p_buy = (72 - 10)/3 = 20.667 c; p_sell = (6.3 + 1.7)/1 = 8 c.
-    # Community net flow Ec - Ep = +2 (it consumes).
-    # A consumes (follows, ef = +3): -3*0.20667 - 0.025*3*2 = -0.62 - 0.15 = -0.77.
-    # B produces (counters, ef = -1): 1*0.08 - 0.025*(-1)*2 = 0.08 + 0.05 = 0.13.
+    # Community flow (Ec - Ep)/(Ec + Ep) = 2/4 = +0.5 (it consumes).
+    # A consumes (follows, ef = +3): -3*0.20667 - 0.025*3*0.5 = -0.62 - 0.0375 = -0.6575.
+    # B produces (counters, ef = -1): 1*0.08 - 0.025*(-1)*0.5 = 0.08 + 0.0125 = 0.0925.
     p_buy, p_sell, got = amounts(YELLOW, A=(3000, 0), B=(0, 1000))
     assert (p_buy, p_sell) == pytest.approx((0.62 / 3, 0.08))
-    assert got == {"A": -770_000, "B": 130_000}
+    assert got == {"A": -657_500, "B": 92_500}
     no_beta = LemParams(24.0, 6.3, 14.0, 8.0, 0.0)
     assert amounts(no_beta, A=(3000, 0), B=(0, 1000))[2] == {"A": -620_000, "B": 80_000}
 
 
 def test_beta_when_the_community_exports() -> None:
-    # YELLOW, Ec = 1, Ep = 3, net flow -2 (it exports): p_buy = (24 - 10)/1 = 14 c;
+    # YELLOW, Ec = 1, Ep = 3, flow -2/4 = -0.5 (it exports): p_buy = (24 - 10)/1 = 14 c;
     # p_sell = (3*6.3 + 1*1.7)/3 = 6.8667 c.
-    # A exports (follows, ef = -3): 3*0.068667 - 0.025*(-3)*(-2) = 0.206 - 0.15 = 0.056.
-    # B consumes (counters, ef = +1): -0.14 - 0.025*1*(-2) = -0.14 + 0.05 = -0.09.
+    # A exports (follows, ef = -3): 3*0.068667 - 0.025*(-3)*(-0.5) = 0.206 - 0.0375 = 0.1685.
+    # B consumes (counters, ef = +1): -0.14 - 0.025*1*(-0.5) = -0.14 + 0.0125 = -0.1275.
     _, _, got = amounts(YELLOW, A=(0, 3000), B=(1000, 0))
-    assert got == {"A": 56_000, "B": -90_000}
+    assert got == {"A": 168_500, "B": -127_500}
 
 
 # -- the core: LEMs, solving, tokens ---------------------------------------------------------
@@ -248,15 +249,15 @@ def test_yellow_slot_uses_the_yellow_defaults() -> None:
     measure(core, "P1", T, 3000, 0)
     measure(core, "P2", T, 0, 1000)
     reply = commit(core, core.solve(T, T + Q, now=T + Q))
-    assert reply["balances"] == {"P1": -770_000, "P2": 130_000}  # test_beta_following_...
+    assert reply["balances"] == {"P1": -657_500, "P2": 92_500}  # test_beta_following_...
 
 
 def test_lem_params_override_the_defaults() -> None:
     # Own params: pbBAU 30, psBAU 5, pbP2P 10, psP2P 12. Ec = 2, Ep = 1, matched 1:
     # p_buy = (2*30 - 1*20)/2 = 20 c; p_sell = (1*5 + 1*7)/1 = 12 c. P1: -2*0.20; P2: 1*0.12.
     # (GREEN defaults would give p_buy (40 - 6)/2 = 17 c and p_sell 8 c: -0.34 and 0.08.)
+    # GREEN (in YELLOW the operator's defaults apply: test_own_parameters_apply_in_green_...).
     core = new_core()
-    grid(core, T, "YELLOW")  # the state does not matter when the LEM has its own parameters
     set_lem(core, T, ["P1", "P2"], {"pbBAU": 30, "psBAU": 5, "pbP2P": 10, "psP2P": 12, "beta": 0})
     measure(core, "P1", T, 2000, 0)
     measure(core, "P2", T, 0, 1000)
@@ -648,3 +649,68 @@ def test_restore_from_records_gives_the_same_state() -> None:
     assert again.snapshot() == core.snapshot()
     again.restore(written)  # replaying the same records moves no token twice
     assert again.balances() == core.balances()
+
+
+# -- the flow term does not grow with the community (issue #19 item 6) -------------------------
+
+
+def community(homes: int) -> dict[str, tuple[int, int]]:
+    """`homes` members: 8 in 10 import 1 kWh, 2 in 10 export 1 kWh (Ec = 0.8 N, Ep = 0.2 N)."""
+    return {f"H{i}": ((1000, 0) if i % 10 < 8 else (0, 1000)) for i in range(homes)}
+
+
+def test_the_flow_term_stays_in_proportion_from_10_to_100_homes() -> None:
+    """YELLOW (beta 0.025). The community's flow is (Ec - Ep)/(Ec + Ep) = 0.6 of its volume
+    whatever its size, so each member's flow term is beta * its net flow * 0.6: 0.015 for a
+    1 kWh importer in 10 homes and in 100 (the old beta*(ec-ep)*(Ec-Ep) charged 0.15 in 10
+    homes and 1.50 in 100, six times the 0.215 energy bill).
+    p_buy = (0.8N*24 - 0.2N*10)/0.8N = 21.5 c; p_sell = (0.2N*6.3 + 0.2N*1.7)/0.2N = 8 c.
+    Importer: -0.215 - 0.025*1*0.6 = -0.23; exporter: 0.08 + 0.025*1*0.6 = 0.095."""
+    for homes in (10, 100):
+        p_buy, p_sell, got = amounts(YELLOW, **community(homes))
+        assert (p_buy, p_sell) == pytest.approx((0.215, 0.08))
+        assert got["H0"] == -230_000 and got["H9"] == 95_000, homes  # H0 imports, H9 exports
+        assert set(got.values()) == {-230_000, 95_000}
+        # The term is bounded by beta per kWh of the member's own net flow, at any size.
+        flow = {
+            p: got[p] - round(1e6 * (e / 1000 * p_sell - c / 1000 * p_buy)) for p, (c, e) in community(homes).items()
+        }
+        assert all(abs(v) <= 0.025 * 1e6 for v in flow.values())
+
+
+def test_the_flow_term_is_zero_for_a_balanced_or_empty_community() -> None:
+    # Ec = Ep = 2: no net flow, no term: the GREEN-like P2P prices alone (YELLOW: p_buy 14 c, p_sell 8 c).
+    assert amounts(YELLOW, A=(2000, 0), B=(0, 2000))[2] == {"A": -280_000, "B": 160_000}
+    assert amounts(YELLOW, A=(0, 0))[2] == {"A": 0}
+
+
+# -- the aggregator's own parameters apply in GREEN only (issue #19 item 7) --------------------
+
+
+def test_own_parameters_apply_in_green_and_the_yellow_defaults_in_yellow() -> None:
+    """As the reference: the aggregator refines the market in GREEN; in YELLOW the operator's
+    YELLOW defaults (with their beta) apply whatever the LEM says, so an aggregator cannot
+    switch off the DSO's congestion pricing. Own params 30, 5, 10, 12, beta 0 (as above);
+    Ec = 2, Ep = 1. GREEN: P1 -0.40, P2 +0.12. YELLOW with the defaults: p_buy = (48 - 10)/2
+    = 19 c, p_sell = 8 c, flow (2 - 1)/3: P1 -0.38 - 0.025*2/3 = -0.396667, P2 0.08 + 0.025/3
+    = 0.088333."""
+    own = {"pbBAU": 30, "psBAU": 5, "pbP2P": 10, "psP2P": 12, "beta": 0}
+    core = new_core()
+    grid(core, T + Q, "YELLOW")
+    for start in (T, T + Q):
+        set_lem(core, start, ["P1", "P2"], own)
+        measure(core, "P1", start, 2000, 0)
+        measure(core, "P2", start, 0, 1000)
+    reply = commit(core, core.solve(T, T + 2 * Q, now=T + 2 * Q))
+    green, yellow = reply["lems"]
+    assert (green["grid_state"], green["params"], green["balances"]) == (
+        "GREEN",
+        "lem",
+        {"P1": -400_000, "P2": 120_000},
+    )
+    assert (yellow["grid_state"], yellow["params"], yellow["balances"]) == (
+        "YELLOW",
+        "defaults",
+        {"P1": -396_667, "P2": 88_333},
+    )
+    assert yellow["p_buy"] == pytest.approx(0.19) and yellow["p_sell"] == pytest.approx(0.08)
