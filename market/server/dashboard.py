@@ -9,9 +9,9 @@ the reply); nothing it offers changes the market.
 What it costs the market: one `cleared` call per round (it keeps a reference to the
 round's fills, never copies or sums them) and nothing else on the round path. The
 `DashboardFeed` task builds a snapshot at most every `FEED_INTERVAL` seconds and only while
-an observer is connected (with none it sleeps on an event), sends it only when it changed,
-and skips an observer whose connection still holds unsent packets (a slow reader gets the
-next snapshot, never a queue). It never takes the round lock.
+an observer is connected (with none it sleeps on an event), sends it only when it changed
+(encoded once for all observers), and skips an observer whose connection still holds unsent
+packets (a slow reader gets the next snapshot, never a queue). It never takes the round lock.
 
 The page, its script and style are files next to this module, served by the market
 server itself: no CDN, it works offline.
@@ -52,6 +52,7 @@ RECENT_ROUNDS = 60  # clearings kept for the chart
 RECENT_FILLS = 20  # fills listed, newest first
 MISSING_SHOWN = 50  # ids of missing participants listed (the count is always exact)
 MAX_UNSENT = 8  # an observer with more packets waiting is skipped this time
+ROOM = "observers"  # every logged-in session of /observe
 
 
 class Watched(ServerPort, Protocol):
@@ -218,6 +219,7 @@ class ObserveNamespace(Namespace):
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         await super().on_connect(sid, environ, auth)
+        await self.enter_room(sid, ROOM)
         self.feed.watched.set()
 
     @replying
@@ -253,19 +255,25 @@ class DashboardFeed:
             self.built += 1
             if snap != last:
                 last = snap
-                for sid in list(sessions.pid_of):
-                    await self._send(sid, snap)
+                await self.broadcast(snap)
             await asyncio.sleep(FEED_INTERVAL)
 
-    async def _send(self, sid: str, snap: dict[str, Any]) -> None:
+    async def broadcast(self, snap: dict[str, Any]) -> None:
+        """Send `snap` to every observer that has read what it was sent before: one emit to
+        the observers' room, so the snapshot is encoded once however many watch."""
         ns = ObserveNamespace.NAME
-        with contextlib.suppress(KeyError):  # gone since the list was taken
-            eio_sid = self.sio.manager.eio_sid_from_sid(sid, ns)
+        sids = list(self.namespace.sessions.pid_of)
+        slow = []
+        for sid in sids:
+            eio_sid = None
+            with contextlib.suppress(KeyError):  # gone since the list was taken
+                eio_sid = self.sio.manager.eio_sid_from_sid(sid, ns)
             if eio_sid is None or self.sio.queued(eio_sid) > MAX_UNSENT:
-                self.skipped += 1
-                return
-            await self.sio.emit("snapshot", snap, to=sid, namespace=ns)
-            self.sent += 1
+                slow.append(sid)
+        self.skipped += len(slow)
+        if len(slow) < len(sids):
+            await self.sio.emit("snapshot", snap, to=ROOM, skip_sid=slow, namespace=ns)
+            self.sent += len(sids) - len(slow)
 
 
 def attach(app: web.Application) -> None:

@@ -122,10 +122,10 @@ async def test_lists_are_bounded(ledger_url: str) -> None:
 
 
 class _Sio:
-    """A stand-in server whose one observer has `queued` packets unsent."""
+    """A stand-in server: observer sessions s0, s1, ... with `queued[i]` packets unsent."""
 
-    def __init__(self, queued: int) -> None:
-        self._queued = queued
+    def __init__(self, queued: list[int]) -> None:
+        self._queued = {f"e-s{i}": q for i, q in enumerate(queued)}
         self.emitted: list[Any] = []
 
         class _Manager:
@@ -136,18 +136,27 @@ class _Sio:
         self.manager = _Manager()
 
     def queued(self, eio_sid: str) -> int:
-        return self._queued
+        return self._queued[eio_sid]
 
     async def emit(self, *args: Any, **kwargs: Any) -> None:
         self.emitted.append((args, kwargs))
 
 
 async def test_a_slow_observer_is_skipped_not_queued() -> None:
-    for queued, sent in ((dashboard.MAX_UNSENT + 1, 0), (dashboard.MAX_UNSENT, 1)):
+    slow, fine = dashboard.MAX_UNSENT + 1, dashboard.MAX_UNSENT
+    for queued, skipped in (([fine, slow, fine], ["s1"]), ([slow], ["s0"]), ([fine, fine], [])):
         sio = _Sio(queued)
         feed = dashboard.DashboardFeed(None, sio)  # type: ignore[arg-type]
-        await feed._send("s1", {"mode": "sim"})
-        assert (feed.sent, feed.skipped, len(sio.emitted)) == (sent, 1 - sent, sent)
+        for i in range(len(queued)):
+            feed.namespace.sessions.add(f"s{i}", f"OP{i}", "operator")
+        await feed.broadcast({"mode": "sim"})
+        assert (feed.sent, feed.skipped) == (len(queued) - len(skipped), len(skipped))
+        if len(skipped) == len(queued):
+            assert sio.emitted == []  # nobody to send to: nothing encoded
+        else:  # one emit to the room, encoded once, the slow ones skipped
+            ((args, kwargs),) = sio.emitted
+            assert args == ("snapshot", {"mode": "sim"}) and kwargs["to"] == dashboard.ROOM
+            assert kwargs["skip_sid"] == skipped
 
 
 async def test_rt_snapshot_counts_down(ledger_url: str) -> None:
