@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from controller import cosim, dso, flexsim, grid_report, init_cmd, participant, pseudonym_cmd, run_report, serve, sweep
 
@@ -65,10 +66,20 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv if argv is not None else sys.argv[1:])
-    if args.command == "market":
-        return serve.main(args)
-    if args.command == "participant":
-        return participant.main(args)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {  # a subcommand's own main(args)
+        "market": serve.main,
+        "participant": participant.main,
+        "flexsim": flexsim.main,
+        "dso": dso.main,
+        "grid-report": grid_report.main,
+        "report": run_report.main,
+        "cosim": cosim.main,
+        "sweep": sweep.main,
+        "init": init_cmd.main,
+        "pseudonym": pseudonym_cmd.main,
+    }
+    if args.command in commands:
+        return commands[args.command](args)
     if args.command == "sim":
         from controller import sim  # the client stack and progress bar: only for this command
 
@@ -82,22 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         return sim.main(
             args.scenario, args.ledger, args.participants, args.days, args.serializer, args.fleet, lem, args.transport
         )
-    if args.command == "flexsim":
-        return flexsim.main(args)
-    if args.command == "dso":
-        return dso.main(args)
-    if args.command == "grid-report":
-        return grid_report.main(args)
-    if args.command == "report":
-        return run_report.main(args)
-    if args.command == "cosim":
-        return cosim.main(args)
-    if args.command == "sweep":
-        return sweep.main(args)
-    if args.command == "init":
-        return init_cmd.main(args)
-    if args.command == "pseudonym":
-        return pseudonym_cmd.main(args)
     if args.command == "ledger":
         if args.action in ("verify", "balances"):
             from controller import ledger_cmd

@@ -20,12 +20,12 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 
+from market.core.sun import cos_zenith, day_of_year
 from participants.spec import PvSpec, SyntheticLoad, WindSpec
 
 SAMPLE_S = 60  # integration step
 DAY = 86400
 _DAY_SHIFT = 1 << 20  # keeps day numbers of the seed sequence non-negative
-_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 _CACHE_DAYS = 64
 _UTC_KEYS = frozenset({"UTC", "Etc/UTC"})  # zones whose offset is 0 at all times
 _CACHE_BLOCKS = 3  # days of slot energies kept per profile (the current and next day suffice)
@@ -50,11 +50,6 @@ def stable_key(text: str) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def day_of_year(day: int) -> int:
-    """Day of year (1..366) of the day number `day` since 1970-01-01."""
-    return dt.date.fromordinal(_EPOCH_ORDINAL + day).timetuple().tm_yday
-
-
 def _offset(t: float, tz: ZoneInfo) -> int:
     off = dt.datetime.fromtimestamp(int(t), tz).utcoffset()
     return int(off.total_seconds()) if off is not None else 0
@@ -217,6 +212,7 @@ class SolarProfile(_Synthetic):
     def __init__(self, spec: PvSpec, seed: int, key: int, tz: ZoneInfo) -> None:
         super().__init__(seed, key, tz)
         self._peak_w = spec.kw * 1000
+        self._latitude = spec.latitude
         self._lat = math.radians(spec.latitude)
         if spec.longitude is None:
             jan = dt.datetime(2001, 1, 15, tzinfo=tz)
@@ -237,21 +233,7 @@ class SolarProfile(_Synthetic):
     def power(self, t: np.ndarray) -> np.ndarray:
         day = np.floor_divide(t, DAY).astype(np.int64)
         minutes = (t - day * DAY) / 60.0
-        uniq, inverse = np.unique(day, return_inverse=True)
-        doy_of = np.array([day_of_year(int(d)) for d in uniq])[inverse]
-        g = 2 * np.pi / 365 * (doy_of - 1 + (minutes / 60 - 12) / 24)
-        eqtime = 229.18 * (
-            0.000075 + 0.001868 * np.cos(g) - 0.032077 * np.sin(g)
-            - 0.014615 * np.cos(2 * g) - 0.040849 * np.sin(2 * g)
-        )  # fmt: skip
-        decl = (
-            0.006918 - 0.399912 * np.cos(g) + 0.070257 * np.sin(g)
-            - 0.006758 * np.cos(2 * g) + 0.000907 * np.sin(2 * g)
-            - 0.002697 * np.cos(3 * g) + 0.00148 * np.sin(3 * g)
-        )  # fmt: skip
-        solar_min = minutes + eqtime + 4 * self._lon
-        hour_angle = np.radians(solar_min / 4 - 180)
-        cos_z = np.sin(self._lat) * np.sin(decl) + np.cos(self._lat) * np.cos(decl) * np.cos(hour_angle)
+        cos_z = cos_zenith(t, self._latitude, self._lon)
         up = cos_z > 0
         ghi = np.zeros_like(t, dtype=float)
         ghi[up] = 1098 * cos_z[up] * np.exp(-0.057 / cos_z[up])

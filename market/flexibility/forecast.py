@@ -26,50 +26,19 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
+
+from market.core.sun import cos_zenith
 from market.flexibility.contracts import Contract
 from market.flexibility.messages import Direction, FlexConfig
 
 PERMILLE = 1000
-DAY = 86400
 
 
 def sun_elevation(t: int, latitude: float, longitude: float) -> float:
-    """The sun's elevation in degrees at Unix time `t` (NOAA's approximations: declination
-    and equation of time from the fractional year; refraction ignored)."""
-    day, seconds = divmod(t, DAY)
-    minutes = seconds / 60
-    # day of year (0-based) from days since 1970-01-01, in the Gregorian calendar
-    year_start = _year_start(day)
-    g = 2 * math.pi / 365 * (day - year_start + (minutes / 60 - 12) / 24)
-    eqtime = 229.18 * (
-        0.000075 + 0.001868 * math.cos(g) - 0.032077 * math.sin(g)
-        - 0.014615 * math.cos(2 * g) - 0.040849 * math.sin(2 * g)
-    )  # fmt: skip
-    decl = (
-        0.006918 - 0.399912 * math.cos(g) + 0.070257 * math.sin(g)
-        - 0.006758 * math.cos(2 * g) + 0.000907 * math.sin(2 * g)
-        - 0.002697 * math.cos(3 * g) + 0.00148 * math.sin(3 * g)
-    )  # fmt: skip
-    hour_angle = math.radians((minutes + eqtime + 4 * longitude) / 4 - 180)
-    lat = math.radians(latitude)
-    sin_e = math.sin(lat) * math.sin(decl) + math.cos(lat) * math.cos(decl) * math.cos(hour_angle)
-    return math.degrees(math.asin(max(-1.0, min(1.0, sin_e))))
-
-
-def _year_start(day: int) -> int:
-    """Days from 1970-01-01 to January 1 of the year that contains `day`."""
-    year = 1970 + day // 366
-    while _days_before(year + 1) <= day:
-        year += 1
-    while _days_before(year) > day:
-        year -= 1
-    return _days_before(year)
-
-
-def _days_before(year: int) -> int:
-    """Days from 1970-01-01 to January 1 of `year`."""
-    y = year - 1
-    return y * 365 + y // 4 - y // 100 + y // 400 - 719162
+    """The sun's elevation in degrees at Unix time `t` (market.core.sun)."""
+    cos_z = float(cos_zenith(np.array([t]), latitude, longitude)[0])
+    return math.degrees(math.asin(max(-1.0, min(1.0, cos_z))))
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function: the same window is asked for every solar contract
