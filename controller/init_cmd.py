@@ -33,6 +33,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import msgspec
+import numpy as np
 import tomli_w
 
 from controller.scenario import load_scenario
@@ -40,6 +41,7 @@ from market.community.messages import Beta, Cents
 from market.community.pseudonyms import KEY_FILE, create_key
 from market.core.protocol import GridState
 from market.core.registry import ParticipantId, Registry, token_digest
+from participants.spec import synthetic_spec
 
 FILES = ("registry.toml", "tokens.toml", KEY_FILE, "scenario.toml")
 LEM_DURATION = 900  # the seed's 15-minute LEMs
@@ -257,19 +259,61 @@ def write(community: Community, out: Path, source: Path) -> list[Path]:
             "enabled": True,
             "timeout": community.service.timeout,
         }
+    pseudonyms["market"] = True  # the auction's rows carry pseudonyms too: no registry id on the ledger
+    prosumers = [p for p, (roles, _) in community.accounts.items() if "prosumer" in roles]
+    aggregator = next(p for p, (roles, _) in community.accounts.items() if "aggregator" in roles)
+    scenario.update(SIM_RUN)
     scenario["parity"] = {
         "lem_duration": LEM_DURATION,
         "solve_every": 3600,
         "solve_delay": 60,
         "defaults": community.defaults,
         "pseudonyms": pseudonyms,
+        "agents": agents_table(aggregator, prosumers),
     }
+    scenario["participants"] = sites(prosumers)
     _write(
         out / "scenario.toml",
         header + f"# run it: {market_command(community, out)}\n\n" + tomli_w.dumps(scenario),
         mode=0o644,
     )
     return paths
+
+
+SIM_RUN = {"seed": 0, "start": "2026-06-15T00:00:00Z", "days": 1}  # what `microte sim` runs
+
+
+def agents_table(aggregator: str, prosumers: list[str]) -> dict[str, Any]:
+    """`[parity.agents]`: the aggregator's LEMs of every prosumer, and the seed's SLA example
+    (2 hours, two KPIs of 1 hour: the first half of the prosumers must keep their import
+    under 1 kWh an hour, the others their export over 100 Wh an hour)."""
+    half = max(1, len(prosumers) // 2)
+    kpi = {"rule": "gt", "penalty": 10_000, "resolution": 3600}
+    return {
+        "aggregator": aggregator,
+        "sla_length": 7200,
+        "kpis": [
+            {**kpi, "id": "KPI1", "signal": "import_wh", "limit": 1000.0, "players": prosumers[:half]},
+            {**kpi, "id": "KPI2", "signal": "export_wh", "rule": "lt", "limit": 100.0, "players": prosumers[half:]},
+        ][: 2 if prosumers[half:] else 1],
+    }
+
+
+def sites(prosumers: list[str]) -> list[dict[str, Any]]:
+    """A seeded site for each prosumer (the initializer knows accounts, not devices): edit them."""
+    rng = np.random.default_rng(0)
+    out: list[dict[str, Any]] = []
+    for pid in prosumers:
+        spec = msgspec.structs.replace(synthetic_spec(len(out), rng), id=pid)
+        out.append(_without_none(msgspec.to_builtins(spec)))
+    return out
+
+
+def _without_none(value: Any) -> Any:
+    """TOML has no null: a field left out takes its default."""
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
 
 
 def _write(path: Path, text: str, mode: int = 0o600) -> None:

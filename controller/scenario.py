@@ -23,6 +23,8 @@ network = "kerber_landnetz_kabel_1"
 lem_duration = 900                # LEM slot length, s
 solve_every = 3600                # periodic LEM solver: every hour of the market clock (0: off)
 solve_delay = 60                  # ... a minute after the boundary
+[parity.agents]                   # optional: `microte sim` runs the Parity flow's agents
+aggregator = "AGG"                # participants.parity_agents.AgentsConfig (docs/parity.md)
 ```
 """
 
@@ -40,6 +42,7 @@ from market.community.messages import ParityConfig
 from market.core.engine import MarketConfig
 from market.core.grid import GridTariff
 from market.feeder.network import FeederConfig
+from participants.parity_agents import AgentsConfig
 
 
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -54,6 +57,8 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     participants: list[dict[str, Any]] = []
     feeder: FeederConfig | None = None  # grid physics: the DSO agent runs power flows on it
     parity: ParityConfig = ParityConfig()  # the /grid market: LEM length, periodic solver
+    # `[parity.agents]`: the agents `microte sim` runs on /grid (the server ignores them)
+    parity_agents: AgentsConfig | None = None
 
     @property
     def start_time(self) -> int:
@@ -96,6 +101,9 @@ def load_scenario(path: str | Path, overrides: Mapping[str, Any] | None = None) 
     """The scenario of a TOML file; `overrides` replace values by dotted key
     (`{"market.pricing": "uniform", "seed": 3}`) before it is validated."""
     data = scenario_table(path, overrides)
+    parity = data.get("parity")
+    if isinstance(parity, dict) and "agents" in parity:
+        data = {**data, "parity": {k: v for k, v in parity.items() if k != "agents"}, "parity_agents": parity["agents"]}
     try:
         return msgspec.convert(data, Scenario, strict=False)
     except msgspec.ValidationError as exc:

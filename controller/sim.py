@@ -25,10 +25,12 @@ from controller import runloop
 from controller.report import Summary, render, summarize
 from controller.scenario import Scenario, load_scenario, scenario_table
 from ledger import is_memory, open_sink, read_rows
+from market.community.pseudonyms import KEY_FILE
 from market.core import wire
 from market.core.sink import Sink
 from participants.fleet import Fleet
 from participants.fleet_client import FleetClient
+from participants.parity_agents import ParityAgents
 from participants.spec import ParticipantSpec, decode_specs, synthetic_spec
 
 CONTROLLER_ID = "controller"
@@ -39,6 +41,45 @@ class SimResult(msgspec.Struct, frozen=True):
     summary: Summary
     startup_seconds: float
     missing_total: int
+    parity: ParitySummary | None = None  # a run with `[parity.agents]`
+
+
+class ParitySummary(msgspec.Struct, frozen=True):
+    """What the Parity flow left on the ledger (micro-currency)."""
+
+    lems: int  # LEM slots solved
+    lem_transfers: int
+    lem_tokens: int  # tokens moved by LEM transfers
+    penalties: int  # SLA penalties applied
+    penalty_tokens: int
+    slas_checked: int
+    balance_sum: int  # every account summed: 0 when tokens are conserved
+
+    def render(self) -> str:
+        return (
+            f"Parity: {self.lems} LEM slots solved, {self.lem_transfers} LEM transfers moving "
+            f"{self.lem_tokens / 1e6:.2f} tokens; {self.slas_checked} SLAs checked, {self.penalties} penalties "
+            f"({self.penalty_tokens / 1e6:.2f} tokens); token balances sum to {self.balance_sum}"
+        )
+
+
+def parity_summary(ledger: str) -> ParitySummary:
+    transfers = read_rows(ledger, "token_transfers")
+    balances: dict[str, int] = {}
+    for t in transfers:
+        balances[t["payer_id"]] = balances.get(t["payer_id"], 0) - t["amount"]
+        balances[t["payee_id"]] = balances.get(t["payee_id"], 0) + t["amount"]
+    lem = [t for t in transfers if t["kind"] == "lem"]
+    penalties = [t for t in transfers if t["kind"] == "sla_penalty"]
+    return ParitySummary(
+        lems=len({r["time_delivery_start"] for r in read_rows(ledger, "lem_results")}),
+        lem_transfers=len(lem),
+        lem_tokens=sum(t["amount"] for t in lem),
+        penalties=len(penalties),
+        penalty_tokens=sum(t["amount"] for t in penalties),
+        slas_checked=len(read_rows(ledger, "sla_results")),
+        balance_sum=sum(balances.values()),
+    )
 
 
 def community(scenario: Scenario, participants: int | None) -> list[ParticipantSpec]:
@@ -140,6 +181,8 @@ async def run_sim(
         scenario = msgspec.structs.replace(scenario, days=days)
     specs = community(scenario, participants)
     if transport == "inproc":
+        if scenario.parity_agents is not None:
+            raise ValueError("[parity.agents] trades on /grid over sockets: use --transport socket")
         from controller.inproc import run_inproc
 
         fresh_ledger(ledger)
@@ -161,6 +204,13 @@ async def run_sim(
         )
     tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {CONTROLLER_ID: secrets.token_urlsafe(18)}
     roles: dict[str, str] = {}
+    agents_config = scenario.parity_agents
+    if agents_config is not None:  # the Parity flow: its aggregator and oracle log in too
+        if fleets:
+            raise ValueError("[parity.agents] runs each prosumer on its own connection: leave out --fleet")
+        for pid, role in agents_config.ids().items():
+            tokens[pid], roles[pid] = secrets.token_urlsafe(18), role
+        overrides = {**(overrides or {}), **_pseudonym_key(scenario, Path(scenario_path))}
     feeder_task = None
     if scenario.feeder is not None:  # grid physics: a DSO agent runs power flows (controller/dso.py)
         from market.feeder.network import Feeder
@@ -215,6 +265,20 @@ async def run_sim(
                     dso = await stack.enter_async_context(
                         _dso_agent(scenario, scenario_path, await feeder_task, url, tokens, ledger, specs, serializer)
                     )
+                parity = None
+                if agents_config is not None:
+                    assert isinstance(clients, Fleet)
+                    parity = ParityAgents(
+                        agents_config,
+                        {c.prosumer.spec.id: c.prosumer for c in clients.clients},
+                        tokens,
+                        lem_duration=scenario.parity.lem_duration,
+                        step=scenario.step,
+                        end=scenario.start_time + (scenario.rounds - 1) * scenario.step,
+                        serializer=serializer,
+                    )
+                    stack.push_async_callback(parity.close)
+                    await parity.connect(url)
                 ctl = socketio.AsyncClient(reconnection=False, serializer=wire.serializer(serializer))
                 await ctl.connect(
                     url,
@@ -224,10 +288,26 @@ async def run_sim(
                 )
                 startup = time.perf_counter() - started
                 t0 = time.perf_counter()
-                missing = await _step_all(ctl, scenario, progress, dso)
+                missing = await _step_all(ctl, scenario, progress, dso, parity)
                 seconds = time.perf_counter() - t0
                 await ctl.disconnect()
-    return SimResult(_summary(ledger, scenario, seconds), startup, missing)
+    return SimResult(
+        _summary(ledger, scenario, seconds),
+        startup,
+        missing,
+        parity_summary(ledger) if agents_config is not None else None,
+    )
+
+
+def _pseudonym_key(scenario: Scenario, scenario_path: Path) -> dict[str, str]:
+    """The key the server's pseudonyms use: the scenario's `key_file` (relative to the
+    scenario), else the `pseudonym.key` beside it (as `microte init parity` writes), so the
+    operator can resolve the run's pseudonyms afterwards; none: the server's own for the run."""
+    cfg = scenario.parity.pseudonyms
+    if cfg.uses_service:
+        return {}
+    path = scenario_path.parent / (cfg.key_file or KEY_FILE)
+    return {"parity.pseudonyms.key_file": str(path.resolve())} if cfg.key_file or path.exists() else {}
 
 
 def _summary(ledger: str, scenario: Scenario, seconds: float) -> Summary:
@@ -287,7 +367,9 @@ async def _dso_agent(
             await sink.close()
 
 
-async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: bool, dso: Any = None) -> int:
+async def _step_all(
+    ctl: socketio.AsyncClient, scenario: Scenario, progress: bool, dso: Any = None, parity: ParityAgents | None = None
+) -> int:
     timeout = float(scenario.market.get("round_timeout", 10.0)) + 30
     missing = 0
     bar = tqdm(total=scenario.rounds, unit="round", disable=not progress, desc=scenario.name)
@@ -295,6 +377,8 @@ async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: boo
         t = scenario.start_time + i * scenario.step
         if dso is not None:  # grid states of upcoming slots, before this step clears them
             await dso.before_step(t)
+        if parity is not None:  # LEMs and SLAs to come, measurements of the ended ones
+            await parity.before_step(t)
         reply = await ctl.call("step", {"time": t}, namespace="/simulation", timeout=timeout)
         if not reply.get("ok"):
             bar.close()
@@ -304,6 +388,8 @@ async def _step_all(ctl: socketio.AsyncClient, scenario: Scenario, progress: boo
         missing += len(reply["round"]["missing"])
         bar.update()
     bar.close()
+    if parity is not None and scenario.rounds:
+        await parity.finish(scenario.start_time + (scenario.rounds - 1) * scenario.step)
     return missing
 
 
@@ -334,5 +420,7 @@ def main(
         print(f"microte sim: {err}", file=sys.stderr)
         return 2
     print(render(result.summary, ledger))
+    if result.parity is not None:
+        print(result.parity.render())
     print(f"Start-up to first round: {result.startup_seconds:.2f} s; readings missing: {result.missing_total}")
     return 0

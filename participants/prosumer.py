@@ -22,6 +22,7 @@ from participants.synthetic import stable_key
 from participants.traders import Observation, Order, draws, trader_for
 
 KEEP_SLOTS = 96  # how many slots back prices, pending bills and deliveries are remembered
+FLOWS_KEPT = 2 * KEEP_SLOTS  # metered flows kept for measurements saved after a LEM or KPI period
 P2P_KINDS = ("p2p", "bess_compensation")
 # Handed to traders that never draw (`traders.draws`), instead of a generator seeded per call.
 _UNUSED_RNG = np.random.default_rng(0)
@@ -137,6 +138,9 @@ class Prosumer:
         self._energy_keys: list[tuple[int, int]] = []
         self._time: int | None = None
         self._metered = -1  # start of the last slot metered
+        # slot start -> (Wh imported, Wh exported) at the grid connection, as metered: what the
+        # Parity agents save as this site's measurements (participants/parity_agents.py).
+        self.flows: dict[int, tuple[int, int]] = {}
         self._traded = -1  # start of the last slot traded
 
     # -- rounds --------------------------------------------------------------------------
@@ -204,6 +208,9 @@ class Prosumer:
         plan = self.commitments.get(slot[0], Commitment()).plan()
         meter, self.battery = meter_reading(load, gen, self.battery, plan, slot)
         self._metered = slot[0]
+        self.flows[slot[0]] = (meter["consumption"]["other"]["external"], sum(meter["generation"].values()))
+        if len(self.flows) > FLOWS_KEPT:
+            del self.flows[next(iter(self.flows))]  # the oldest: slots are metered in order
         self.stats.meters += 1
         prices = self._prices.get(slot[0])
         if prices is not None:

@@ -99,6 +99,9 @@ from market.community.solver import (
     LemSolution as LemSolution,
 )
 from market.community.solver import (
+    auction_money as auction_money,
+)
+from market.community.solver import (
     community_flow as community_flow,
 )
 from market.community.solver import (

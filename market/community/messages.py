@@ -148,6 +148,9 @@ class PseudonymConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     service: str | None = None
     enabled: bool = True
     timeout: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
+    # The auction too: `/market` knows each participant by its pseudonym (its sessions, the
+    # book, every auction ledger row), so no table names a registry id (docs/parity.md).
+    market: bool = False
 
     def __post_init__(self) -> None:
         if self.service is not None and not self.service.startswith(("http://", "https://")):
@@ -168,6 +171,10 @@ class ParityConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lem_duration: Annotated[int, msgspec.Meta(gt=0, le=86400)] = 900
     solve_every: Annotated[int, msgspec.Meta(ge=0, le=366 * 86400)] = 3600
     solve_delay: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 60
+    # The periodic SLA checker: an SLA that ended at `e` is checked at the first solver
+    # boundary `b >= e + sla_grace` (due at `b + solve_delay`), leaving its players that long
+    # to save their last values (the seed: the SLA of 12:00-14:00 is checked at 15:00).
+    sla_grace: Annotated[int, msgspec.Meta(ge=0, le=366 * 86400)] = 3600
     defaults: dict[GridState, LemParams] = msgspec.field(default_factory=lambda: dict(SEED_DEFAULTS))
     max_lems: Annotated[int, msgspec.Meta(gt=0)] = 1_000_000
     max_slas: Annotated[int, msgspec.Meta(gt=0)] = 100_000

@@ -63,11 +63,11 @@ from market.community.pseudonyms import (
     create_key,
     read_key,
 )
-from market.community.solver import measurements_from_meters
+from market.community.solver import auction_money, measurements_from_meters
 from market.community.state import Change, Measurement
 from market.core.errors import MarketError
 from market.core.protocol import EmptyMsg, decode
-from market.core.records import Batch, MeterRecord, Record
+from market.core.records import Batch, MeterRecord, Record, Transaction
 from market.core.registry import Role
 from market.core.timing import RealTimeClock
 from market.dispatch.base import Namespace, ServerPort, replying
@@ -75,6 +75,7 @@ from market.dispatch.base import Namespace, ServerPort, replying
 log = logging.getLogger("microte.grid")
 
 NAMESPACE = "/grid"
+PERIODIC = "periodic"  # `sla_results.solved_by` of the periodic SLA checker
 ROLES: frozenset[Role] = frozenset({"dso", "aggregator", "operator", "prosumer", "oracle"})
 SEE_ALL: frozenset[Role] = frozenset({"aggregator", "operator"})  # tokens.balances of every account
 SOLVER_ID = "solver"  # `by` of the periodic solver in logs
@@ -112,6 +113,7 @@ class GridNamespace(Namespace):
         self.periodic_solves = 0  # boundaries the periodic solver has solved (or tried to)
         # boundary -> starts of the LEMs its periodic solve solved (boundaries with none are left out)
         self.solved_at_boundary: dict[int, tuple[int, ...]] = {}
+        self.checked_slas: dict[str, int] = {}  # SLA id -> market time the periodic checker checked it
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -198,6 +200,19 @@ class GridNamespace(Namespace):
                     break
                 await self._solve_boundary(boundary, now)
                 self._handled = boundary
+            await self._check_slas(latest, now)
+
+    async def _check_slas(self, boundary: int, now: int) -> None:
+        """The periodic SLA checker (`ParityConfig.sla_grace`): check every SLA due by
+        `boundary`, each once, as `sla.solve` would; a failed check is retried next time."""
+        for sla_id in self.core.due_slas(boundary):
+            try:
+                reply = await self._commit(self.core.solve_sla(PERIODIC, sla_id, now))
+            except Exception:
+                log.exception("periodic check of SLA %s failed; the next boundary retries", sla_id)
+                continue
+            self.checked_slas[sla_id] = now
+            log.info("periodic SLA check %s at %d: penalties=%d", sla_id, now, len(reply["penalties"]))
 
     async def _solve_boundary(self, boundary: int, now: int) -> None:
         self.periodic_solves += 1
@@ -310,21 +325,33 @@ class GridNamespace(Namespace):
         for slot in range(start // d * d, end, d):
             market.grid_states.set(slot, self.core.auction_state(slot, d))
 
-    async def _meter_measures(self, start: int, end: int, now: int) -> dict[int, dict[str, Measurement]]:
-        """The auction's meter readings of the LEMs a solve of [start, end] at `now` will take."""
+    async def _auction_side(
+        self, start: int, end: int, now: int
+    ) -> tuple[dict[int, dict[str, Measurement]], dict[int, dict[str, int]]]:
+        """The auction's meter readings (as measurements) and the money its transactions
+        moved, per LEM slot and player pseudonym, for the LEMs a solve of [start, end] at
+        `now` will take."""
         lems = self.core.pending(start, end, now)
         if not lems:
-            return {}
+            return {}, {}
         lo, hi = lems[0].start, lems[-1].end
-        rows = await self.ms.sink.read("meters", ("time_interval_start", lo - 1))
-        meters = [msgspec.convert(r, MeterRecord) for r in rows if r["time_interval_end"] <= hi]
-        found = measurements_from_meters(meters, self.core.config.lem_duration)
-        names = await self._pseudonym_of(sorted({p for slot in found.values() for p in slot}))
-        return {start: {names[p]: m for p, m in slot.items()} for start, slot in found.items()}
+        d = self.core.config.lem_duration
+        meter_rows = await self.ms.sink.read("meters", ("time_interval_start", lo - 1))
+        meters = [msgspec.convert(r, MeterRecord) for r in meter_rows if r["time_interval_end"] <= hi]
+        tx_rows = await self.ms.sink.read("transactions", ("time_delivery_start", lo - 1))
+        txs = [msgspec.convert(r, Transaction) for r in tx_rows if r["time_delivery_end"] <= hi]
+        found, money = measurements_from_meters(meters, d), auction_money(txs, d)
+        ids = {p for slot in found.values() for p in slot} | {p for slot in money.values() for p in slot}
+        names = await self._pseudonym_of(sorted(p for p in ids if self.ms.registry.roles(p)))
+        # A pseudonymous auction's rows name players by the pseudonyms this market gave out.
+        names.update({p: p for p in ids if self.pseudonyms.id_of(p) is not None})
+        measures = {s: {names[p]: m for p, m in slot.items() if p in names} for s, slot in found.items()}
+        nets = {s: {names[p]: v for p, v in slot.items() if p in names} for s, slot in money.items()}
+        return measures, nets
 
     async def _solve(self, start: int, end: int, now: int) -> dict[str, Any]:
-        fallback = await self._meter_measures(start, end, now)
-        return await self._commit(self.core.solve(start, end, now, fallback))
+        fallback, auction = await self._auction_side(start, end, now)
+        return await self._commit(self.core.solve(start, end, now, fallback, auction))
 
     # -- events ----------------------------------------------------------------------------
 

@@ -170,6 +170,13 @@ class Parity:
         """The earliest end of an unsolved LEM (None: every LEM is solved)."""
         return min((lem.end for s, lem in self._lems.items() if s not in self._results), default=None)
 
+    def due_slas(self, boundary: int) -> list[str]:
+        """The unchecked SLAs the periodic checker takes at `boundary`: those that ended by
+        `boundary - sla_grace`, by end then id."""
+        until = boundary - self.config.sla_grace
+        due = [s for s in self._slas.values() if s.end <= until and s.id not in self._sla_results]
+        return [s.id for s in sorted(due, key=lambda s: (s.end, s.id))]
+
     def balances(self, participant: str | None = None) -> dict[str, int]:
         """Every account (None), or one participant's alone (0 if it has none yet)."""
         if participant is not None:
@@ -269,11 +276,14 @@ class Parity:
         end: int,
         now: int,
         fallback: Mapping[int, Mapping[str, Measurement]] | None = None,
+        auction: Mapping[int, Mapping[str, int]] | None = None,
     ) -> Change:
         """Solve every unsolved LEM inside [start, end] whose slot has ended by `now`.
 
         A player's energies are its own measurement, else its meter readings (`fallback`,
-        see `measurements_from_meters`), else 0 and 0."""
+        see `measurements_from_meters`), else 0 and 0. `auction`: what the auction's
+        transactions moved per LEM slot and player (`auction_money`), netted out of the LEM
+        amount so that each kWh is paid once, at the LEM's price (RED: the auction's)."""
         if start > end:
             raise MarketError("invalid", f"start {start} is after end {end}")
         lems = self.pending(start, end, now)
@@ -285,7 +295,9 @@ class Parity:
         balances: dict[str, int] = {}
         lem_replies = []
         for lem in lems:
-            rows, source = self._solve_one(lem, solve_id, now, (fallback or {}).get(lem.start, {}))
+            rows, source = self._solve_one(
+                lem, solve_id, now, (fallback or {}).get(lem.start, {}), (auction or {}).get(lem.start, {})
+            )
             records += rows
             for row in rows:
                 key = (lem.aggregator, row.participant_id)
@@ -317,7 +329,12 @@ class Parity:
         return Change(tuple(records), reply)
 
     def _solve_one(
-        self, lem: Lem, solve_id: str, now: int, fallback: Mapping[str, Measurement]
+        self,
+        lem: Lem,
+        solve_id: str,
+        now: int,
+        fallback: Mapping[str, Measurement],
+        auction: Mapping[str, int],
     ) -> tuple[list[LemResultRecord], ParamsSource]:
         """The LEM's result rows, and whose parameters priced it: the aggregator's own
         (`lem`: GREEN only), the operator's defaults of the grid state, or none (RED)."""
@@ -368,8 +385,11 @@ class Parity:
                 p_buy=solution.p_buy,
                 p_sell=solution.p_sell,
                 beta=beta,
-                amount=solution.amounts[p],
+                # The auction settled its share in money already: tokens move the rest of
+                # the LEM's price (RED: none, the auction's settlement stands).
+                amount=0 if skipped else solution.amounts[p] - auction.get(p, 0),
                 time_creation=now,
+                auction=auction.get(p, 0),
             )
             for p in lem.players
         ]

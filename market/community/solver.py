@@ -11,6 +11,7 @@ from market.community.state import Measurement
 from market.core.protocol import ConsumptionMsg
 from market.core.records import (
     MeterRecord,
+    Transaction,
 )
 
 # -- the solver (pure functions) -------------------------------------------------------------
@@ -94,4 +95,22 @@ def measurements_from_meters(records: Iterable[MeterRecord], lem_duration: int) 
         slot = out.setdefault(lem, {})
         old = slot.get(r.participant_id, Measurement(0, 0))
         slot[r.participant_id] = Measurement(old.consumption + imported, old.production + exported)
+    return out
+
+
+def auction_money(records: Iterable[Transaction], lem_duration: int) -> dict[int, dict[str, int]]:
+    """What the auction's transactions moved for each participant, per LEM slot start, in
+    micro-currency (received minus paid: a buyer's is negative). The LEM nets it out of its
+    own amount, so a kWh the auction already settled is not paid again (docs/parity.md,
+    *Auction and LEM together*). A transaction whose slot straddles two LEM slots is ignored,
+    as its readings are by `measurements_from_meters`."""
+    out: dict[int, dict[str, int]] = {}
+    for t in records:
+        start, end = t.time_delivery_start, t.time_delivery_end
+        lem = start // lem_duration * lem_duration
+        if end <= start or end > lem + lem_duration:
+            continue
+        slot = out.setdefault(lem, {})
+        slot[t.seller_id] = slot.get(t.seller_id, 0) + t.amount_sell
+        slot[t.buyer_id] = slot.get(t.buyer_id, 0) - t.amount_buy
     return out

@@ -268,8 +268,9 @@ class LemResultRecord(Record, frozen=True):
     p_buy: float  # currency per kWh
     p_sell: float
     beta: float
-    amount: int  # micro-currency this player's balance moved by
+    amount: int  # micro-currency this player's balance moved by: its LEM price less `auction`
     time_creation: int
+    auction: int = 0  # micro-currency the auction's transactions moved for it in the slot (netted)
 
 
 class TokenTransfer(Record, frozen=True):

@@ -160,6 +160,7 @@ class Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if not admitted:
             held = ", ".join(self.ms.registry.roles(pid)) or role
             raise socketio.exceptions.ConnectionRefusedError(f"unauthorized: role {held} may not use {self.namespace}")
+        pid = self.session_id(pid)
         old = self.sessions.add(sid, pid, admitted[0], frozenset(admitted))
         self.ms.authenticated(sid, self.namespace)
         if old is not None:
@@ -173,6 +174,10 @@ class Namespace(socketio.AsyncNamespace):  # type: ignore[misc]
         if pid is not None:
             log.info("ns=%s disconnect participant=%s", self.namespace, pid)
             self.participant_left(pid)
+
+    def session_id(self, pid: str) -> str:
+        """The name this namespace knows a logged-in registry id by (the auction's may be a pseudonym)."""
+        return pid
 
     def _who(self, sid: str, *roles: Role, cost: int = 1) -> str:
         """The session's participant, if its role may act and its bucket can pay `cost`

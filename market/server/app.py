@@ -21,6 +21,7 @@ from aiohttp import web
 
 from market.balancing.namespace import BalancingNamespace
 from market.community.namespace import GridNamespace
+from market.community.pseudonyms import PseudonymError
 from market.core import wire
 from market.core.engine import Market, MarketConfig, Recovered, RoundOpen, SlotResult, slot_records
 from market.core.errors import MarketError
@@ -133,6 +134,10 @@ class MarketServer:
         self._admit = asyncio.Event()  # cleared while a round opens: new actions wait (ack durability)
         self._admit.set()
         self.caught_up = 0  # slots processed after a boundary later than their own (stall, restart)
+        # A pseudonymous auction (`[parity.pseudonyms] market`): registry id <-> the name the
+        # auction knows it by; empty: the auction uses registry ids.
+        self.market_ids: dict[str, str] = {}
+        self._registry_ids: dict[str, str] = {}
         self.run = run or RunRecord(
             id=cuid.cuid(), scenario="", seed=0, started=int(time.time()), config=canonical_config(config)
         )
@@ -242,6 +247,7 @@ class MarketServer:
         await self._resume()
         for ns in self.namespaces:  # resume each from the ledger, start its periodic tasks
             await ns.start()
+        await self._name_the_auction()
         await self._write(Batch((self.run,)))
         if self.config.mode == "rt":
             # Orders are accepted as soon as the server listens: the round the wall clock is
@@ -432,12 +438,56 @@ class MarketServer:
                 log.exception("slot=%s could not be processed; the next boundary retries", slot)
                 return
 
+    async def _name_the_auction(self) -> None:
+        """Under `[parity.pseudonyms] market`, the auction knows every participant by its
+        `/grid` pseudonym: sessions, book, fills, readings, rounds and every ledger row. Asked
+        once for the whole registry before a client is admitted; a source that fails stops
+        the start, so nothing is ever written under a registry id."""
+        if not self.grid.core.config.pseudonyms.market:
+            return
+        try:
+            names = await self.grid.pseudonyms.of(self.registry.ids())
+        except PseudonymError as err:
+            raise RuntimeError(
+                f"the auction trades under pseudonyms ([parity.pseudonyms] market) and none could be had: {err}; "
+                "the market did not start and wrote nothing"
+            ) from None
+        self.market_ids, self._registry_ids = names, {m: p for p, m in names.items()}
+        self.market.owners = {names[a]: names[o] for a, o in self.registry.owners().items()}
+        log.info("the auction trades under pseudonyms: %d participants", len(names))
+
+    def market_id(self, pid: str) -> str:
+        """The name the auction knows registry id `pid` by (itself unless pseudonymous)."""
+        return self.market_ids.get(pid, pid)
+
+    def market_ids_of(self, role: str) -> list[str]:
+        """The auction's names of every registered holder of `role`, in registry order."""
+        return [self.market_id(p) for p in self.registry.ids(role)]  # type: ignore[arg-type]
+
+    def own_view(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """A private payload as its participant sees it: its own transactions name it by its
+        registry id (it knows itself by no other); counterparties keep their pseudonyms."""
+        pid = self._registry_ids.get(name)
+        txs = payload.get("transactions")
+        if pid is None or not isinstance(txs, list):
+            return payload
+        mine = {name: pid}
+        shown = [
+            {
+                **t,
+                "buyer_id": mine.get(t["buyer_id"], t["buyer_id"]),
+                "seller_id": mine.get(t["seller_id"], t["seller_id"]),
+            }
+            for t in txs
+        ]
+        return {**payload, "transactions": shown}
+
     def online(self) -> list[str]:
         """Participants connected to /market or through a fleet connection."""
         return sorted({*self.sessions["/market"].sid_of, *self.fleet.sid_of})
 
     def _expect(self, slot: int) -> _MeterWait:
-        prosumers = {p for p in self.online() if self.registry.has_role(p, "prosumer")}
+        prosumers = set(self.online()) & set(self.market_ids_of("prosumer"))
         wait = self._waits[slot] = _MeterWait(prosumers - set(self.market.metered(slot)))
         return wait
 
@@ -459,7 +509,7 @@ class MarketServer:
         self._waits.pop(slot, None)
         result = self.market.process(slot, self.clock.now())
         metered = set(result.metered)
-        missing = [p for p in self.registry.ids("prosumer") if p not in metered]
+        missing = [p for p in self.market_ids_of("prosumer") if p not in metered]
         # With the entries and cancels acknowledged since the last round and not yet durable.
         records, summary = slot_records(opened, result, self.market.take_journal(), fills, missing, trades)
         self._last_round = summary
@@ -486,7 +536,7 @@ class MarketServer:
         market_sids = self.sessions["/market"].sid_of
         batches: dict[str, list[dict[str, Any]]] = {}
         for pid, payload in items:
-            numbered = self.outbox.push(pid, event, payload)
+            numbered = self.outbox.push(pid, event, self.own_view(pid, payload) if self.market_ids else payload)
             sid = market_sids.get(pid)
             if sid is not None:
                 await self.sio.emit(event, numbered, to=sid, namespace="/market")

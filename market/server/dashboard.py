@@ -71,6 +71,8 @@ class Watched(ServerPort, Protocol):
 
     def online(self) -> list[str]: ...
 
+    def market_ids_of(self, role: str) -> list[str]: ...
+
     def last_processed(self) -> RoundRecord | None: ...
 
     def health(self) -> Health: ...
@@ -166,7 +168,7 @@ def snapshot(server: Watched, recent: Recent) -> dict[str, Any]:
         for slot in dict.fromkeys([times.current_round[0], times.last_settle[0], times.next_settle[0]]):
             states.append({"slot": slot, "grid_state": grid.get(slot)})
     rounds = recent.summary()
-    prosumers = server.registry.ids("prosumer")
+    prosumers = server.market_ids_of("prosumer")
     online = set(server.online())
     offline = [p for p in prosumers if p not in online]
     last: RoundRecord | None = server.last_processed()

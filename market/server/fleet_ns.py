@@ -41,6 +41,11 @@ class FleetNamespace(Namespace):
         logins = self.ms.limiter.logins
         address = login_keys(environ, [])
         refuse_throttled(logins.wait(address), self.namespace)  # before any member is checked
+        if self.ms.market_ids:  # its batches name members by registry id: not under pseudonyms
+            raise socketio.exceptions.ConnectionRefusedError(
+                "unavailable: /fleet is off while the auction trades under pseudonyms "
+                "([parity.pseudonyms] market = true): connect each prosumer on /market"
+            )
         creds = auth.get("fleet") if isinstance(auth, dict) else None
         if not isinstance(creds, list) or not 0 < len(creds) <= MAX_MEMBERS:
             raise socketio.exceptions.ConnectionRefusedError(

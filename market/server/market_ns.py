@@ -24,6 +24,9 @@ class MarketNamespace(Namespace):
     def participant_left(self, pid: str) -> None:
         self.ms.participant_left(pid)  # its readings are no longer awaited
 
+    def session_id(self, pid: str) -> str:
+        return self.ms.market_id(pid)  # a pseudonymous auction trades under pseudonyms
+
     @replying
     async def on_bid(self, sid: str, data: Any) -> dict[str, Any]:
         pid = self._who(sid, "prosumer")

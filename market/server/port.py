@@ -11,6 +11,7 @@ from market.server.outbox import Outbox
 
 class MarketPort(ServerPort, Protocol):
     outbox: Outbox
+    market_ids: dict[str, str]  # registry id -> pseudonym, when the auction trades under pseudonyms
     sessions: dict[str, Sessions]  # namespace -> its sessions
 
     async def step(self, t: int, duration: int | None) -> dict[str, Any]: ...
@@ -20,3 +21,5 @@ class MarketPort(ServerPort, Protocol):
     def online(self) -> list[str]: ...
 
     async def admit(self) -> None: ...
+
+    def market_id(self, pid: str) -> str: ...

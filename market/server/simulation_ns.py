@@ -43,7 +43,7 @@ class SimulationNamespace(Namespace):
             "mode": self.ms.config.mode,
             "time": self.ms.clock.now(),
             "participants": {
-                "registered": self.ms.registry.ids(),
+                "registered": [self.ms.market_id(p) for p in self.ms.registry.ids()],
                 "online": self.ms.online(),
             },
         }

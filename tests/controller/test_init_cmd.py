@@ -27,6 +27,7 @@ from ledger.digest import read_rows
 from market.community.messages import SEED_DEFAULTS, LemParams
 from market.community.pseudonyms import hmac_pseudonym, read_key
 from market.core.registry import Registry, token_digest
+from tests.e2e.test_grid_pseudonyms import good, service
 
 DATA = Path(__file__).parents[1] / "data"
 SEED = DATA / "conf_sidechain_initializer_example.json"
@@ -167,15 +168,25 @@ async def test_the_initialized_market_runs_as_written_with_the_files_defaults(
 
 
 async def test_the_seed_example_market_starts_in_rt(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The seed's file as it is (external service enabled): the market starts on the wall
-    clock and its accounts log in with their tokens (no pseudonym is asked before an event)."""
+    """The seed's file (external service enabled): the auction trades under the service's
+    pseudonyms, so the market asks it for every account before it listens. The seed's own
+    URL answers nothing: the market does not start and writes nothing. With the service
+    reachable it starts on the wall clock and its accounts log in with their tokens."""
     out = tmp_path / "community"
     assert init(capsys, SEED, out)[0] == 0
     secret = tokens(out)
     args = ["--registry", str(out / "registry.toml"), "--scenario", str(out / "scenario.toml"), "--mode", "rt"]
-    async with market_process([*args, "--port", "0", "--ledger", f"sqlite:///{tmp_path}/rt.db"]) as url:
-        dso = await connect(url, "DSO", secret["DSO"], "/grid", "/balancing")  # dso and operator
-        await dso.disconnect()
+    with pytest.raises(RuntimeError, match="exited"):
+        async with market_process([*args, "--port", "0", "--ledger", f"sqlite:///{tmp_path}/down.db"]):
+            pass
+    assert not read_rows(f"sqlite:///{tmp_path}/down.db", "runs")
+    async with service(good) as (url, asked):
+        scenario = (out / "scenario.toml").read_text().replace("http://pseudo.nymi.zer", url)
+        (out / "scenario.toml").write_text(scenario)
+        async with market_process([*args, "--port", "0", "--ledger", f"sqlite:///{tmp_path}/rt.db"]) as m:
+            dso = await connect(m, "DSO", secret["DSO"], "/grid", "/balancing")  # dso and operator
+            await dso.disconnect()
+        assert sorted(set(asked)) == sorted(secret)  # every account, before anyone logged in
 
 
 # -- bad files: every problem named, nothing written -----------------------------------------

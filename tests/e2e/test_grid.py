@@ -201,19 +201,21 @@ async def test_red_slot_clears_no_p2p_trade_and_meters_count_for_the_lem(ledger_
         await ok(p2, "lem.measure", used(red, 500, 0))
         solved = await ok(agg, "lem.solve", {"start": T, "end": T + H})
         # RED: skipped. GREEN, from the meters: Ec = Ep = 1 kWh: p_buy = (20 - 6)/1 = 14 c,
-        # p_sell = (6.5 + 1.5)/1 = 8 c: P1 +0.08, P2 -0.14, the aggregator keeps 0.06.
+        # p_sell = (6.5 + 1.5)/1 = 8 c: P1 +0.08, P2 -0.14, the aggregator keeps 0.06. The
+        # auction already paid P1 0.125 for that kWh (P2 paid it): tokens move only the rest
+        # of the LEM's price, -0.045 and -0.015, so neither pays the kWh twice.
         assert [(x["grid_state"], x["skipped"], x["balances"]) for x in solved["lems"]] == [
             ("RED", True, {ps("P1"): 0, ps("P2"): 0}),
-            ("GREEN", False, {ps("P1"): 80_000, ps("P2"): -140_000}),
+            ("GREEN", False, {ps("P1"): -45_000, ps("P2"): -15_000}),
         ]
-        assert solved["balances"] == {ps("P1"): 80_000, ps("P2"): -140_000}
+        assert solved["balances"] == {ps("P1"): -45_000, ps("P2"): -15_000}
         assert sorted((t["from"], t["to"], t["amount"]) for t in solved["transfers"]) == sorted(
-            [(ps("AGG"), ps("P1"), 80_000), (ps("P2"), ps("AGG"), 140_000)]
+            [(ps("P1"), ps("AGG"), 45_000), (ps("P2"), ps("AGG"), 15_000)]
         )
         assert (await ok(agg, "tokens.balances"))["balances"] == renamed(
-            ps, {"AGG": 60_000, "P1": 80_000, "P2": -140_000}
+            ps, {"AGG": 60_000, "P1": -45_000, "P2": -15_000}
         )
-        assert (await ok(p1, "tokens.balances"))["balances"] == {ps("P1"): 80_000}  # its own only
+        assert (await ok(p1, "tokens.balances"))["balances"] == {ps("P1"): -45_000}  # its own only
         assert (await ok(dso, "tokens.balances"))["balances"] == {ps("DSO"): 0}
         assert (await ok(agg, "lem.solve", {"start": T, "end": T + H}))["transfers"] == []  # solved once
         await refused(p1, "lem.measure", used(green, 0, 1), "closed")
@@ -230,13 +232,25 @@ async def test_red_slot_clears_no_p2p_trade_and_meters_count_for_the_lem(ledger_
     agg, p1, p2 = ps("AGG"), ps("P1"), ps("P2")
     assert sorted((r["id"], r["payer_id"], r["payee_id"], r["amount"]) for r in transfers) == sorted(
         [
-            (f"t/s{red}-{green + Q}/{agg}/{p1}", agg, p1, 80_000),
-            (f"t/s{red}-{green + Q}/{p2}/{agg}", p2, agg, 140_000),
+            (f"t/s{red}-{green + Q}/{p1}/{agg}", p1, agg, 45_000),
+            (f"t/s{red}-{green + Q}/{p2}/{agg}", p2, agg, 15_000),
         ]
     )
+    # Auction money plus tokens is the LEM's price of each player's energy, paid once.
+    money = {"P1": 0, "P2": 0}
+    for r in read_rows(ledger_url, "transactions"):
+        if r["time_delivery_start"] >= green and r["time_delivery_end"] <= green + Q:
+            money[r["seller_id"]] = money.get(r["seller_id"], 0) + r["amount_sell"]
+            money[r["buyer_id"]] = money.get(r["buyer_id"], 0) - r["amount_buy"]
+    assert (money["P1"], money["P2"]) == (125_000, -125_000)
     results = {(r["time_delivery_start"], r["participant_id"]): r for r in read_rows(ledger_url, "lem_results")}
     assert results[(green, p1)]["measured"] == "meter" and results[(green, p1)]["production"] == 1000
     assert results[(green, p2)]["measured"] == "meter" and results[(green, p2)]["consumption"] == 1000
+    assert {p: results[(green, p)]["auction"] + results[(green, p)]["amount"] for p in (p1, p2)} == {
+        p1: 80_000,
+        p2: -140_000,
+    }
+    assert results[(red, p1)]["auction"] == 0 == results[(red, p1)]["amount"]  # RED: nothing traded, nothing moved
     assert results[(red, p1)]["measured"] == "prosumer" and results[(red, p1)]["skipped"]
     assert [r["state"] for r in read_rows(ledger_url, "grid_states")] == ["RED", "GREEN"]
 

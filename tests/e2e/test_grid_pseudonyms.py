@@ -22,6 +22,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+import socketio
 from aiohttp import web
 
 from controller.sim import market_process
@@ -297,3 +299,51 @@ async def test_service_disabled_means_keyed_hmac(ledger_url: str, tmp_path: Path
         assert got["lem"]["players"] == [hmac_pseudonym(read_key(key), "P1")] and asked == []
         for c in (ctl, agg):
             await c.disconnect()
+
+
+async def test_a_pseudonymous_auction_names_no_registry_id(ledger_url: str, tmp_path: Path) -> None:
+    """`[parity.pseudonyms] market = true`: the auction knows every participant by its /grid
+    pseudonym (book, fills, readings, rounds, every ledger row); a participant's own private
+    messages name it by its own id; /fleet, whose batches name members by id, is refused."""
+    key = tmp_path / "k.key"
+    slot = T + 60
+    async with market(ledger_url, PseudonymConfig(key_file=str(key), market=True)) as (m, _server):
+        ps = lambda pid: hmac_pseudonym(read_key(key), pid)  # noqa: E731
+        ctl = await connect(m, "CTL", "/simulation")
+        p1, p2 = await connect(m, "P1", "/market"), await connect(m, "P2", "/market")
+        deliveries: list[Any] = []
+        p1.on("delivery", deliveries.append, namespace="/market")
+        meters_and_rounds(p1, {slot: {"generation": {"solar": 1000}}}, [])
+        meters_and_rounds(p2, {slot: {"consumption": {"other": {"external": 1000}}}}, [])
+        status = await ctl.call("status", {}, namespace="/simulation", timeout=10)
+        assert ps("P1") in status["participants"]["registered"] and "P1" not in status["participants"]["registered"]
+        await step(ctl, T - 60)
+        ask = {"quantity": 1000, "price": 0.05, "time_delivery": [slot, slot + 60], "source": "solar"}
+        bid = {"quantity": 1000, "price": 0.20, "time_delivery": [slot, slot + 60]}
+        assert (await p1.call("ask", ask, namespace="/market"))["ok"]
+        assert (await p2.call("bid", bid, namespace="/market"))["ok"]
+        for t in (T, slot):
+            await step(ctl, t)
+        assert (await step(ctl, slot + 60))["missing"] == [ps(p) for p in ("P3", "P4")]
+        fleet, refusals = socketio.AsyncClient(reconnection=False), []
+        fleet.on("connect_error", refusals.append, namespace="/fleet")
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await fleet.connect(
+                m,
+                namespaces=["/fleet"],
+                auth={"fleet": [{"id": "P3", "token": TOKENS["P3"]}]},
+                transports=["websocket"],
+                wait_timeout=5,
+            )
+        assert "unavailable: /fleet is off while the auction trades under pseudonyms" in str(refusals)
+        for c in (ctl, p1, p2):
+            await c.disconnect()
+    txs = [t for d in deliveries for t in d["transactions"] if t["kind"] == "p2p"]
+    assert [(t["seller_id"], t["buyer_id"]) for t in txs] == [("P1", ps("P2"))]  # itself by its id, P2 by pseudonym
+    fills = read_rows(ledger_url, "settlements")
+    assert [(f["seller_id"], f["buyer_id"], f["quantity"]) for f in fills] == [(ps("P1"), ps("P2"), 1000)]
+    for table in ("entries", "settlements", "meters", "transactions", "rounds"):
+        rows = read_rows(ledger_url, table)
+        assert rows, table
+        names = {n for r in rows for v in r.values() if isinstance(v, str) for n in NAME.findall(v)}
+        assert not names & IDS, (table, names & IDS)

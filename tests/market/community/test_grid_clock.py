@@ -17,7 +17,7 @@ import pytest
 
 from controller import cli, serve
 from controller.scenario import Scenario, load_scenario
-from market.community.messages import LemSetMsg, ParityConfig, PseudonymConfig
+from market.community.messages import KpiMeasureMsg, LemSetMsg, ParityConfig, PseudonymConfig, SlaSetMsg
 from market.community.namespace import GridNamespace
 from market.core.engine import MarketConfig
 from market.core.protocol import decode
@@ -130,6 +130,36 @@ async def test_solve_delay_and_period_come_from_the_config() -> None:
     await set_lems(off, list(hour(0)), T - Q)
     await off.on_time(T + 9 * H)
     assert off.solved_at_boundary == {} and off.periodic_solves == 0
+
+
+async def test_the_periodic_checker_checks_each_sla_once_an_hour_after_it_ends() -> None:
+    """The seed's example: the SLA of 12:00-14:00 (two 1 h KPI periods) is checked at 15:00
+    (`sla_grace` 3600, at the 15:01 boundary); a value that breaks its KPI costs its penalty
+    once, a value inside the limit nothing, and later boundaries and restarts check nothing."""
+    sink = MemorySink()
+    ns = grid(Port(SimClock(T - Q), sink))
+    await ns.start()
+    agg, (p1, p2) = await ns._me("AGG"), await ns._players(["P1", "P2"], frozenset({"prosumer"}))
+    kpi = {"id": "KPI1", "signal": "import_wh", "rule": "gt", "limit": 500.0, "penalty": 7_000, "resolution": H}
+    sla = {"id": "SLA1", "start": T, "end": T + 2 * H, "kpis": [{**kpi, "players": [p1, p2]}]}
+    await ns._commit(ns.core.set_sla(agg, decode(sla, SlaSetMsg), T - Q))
+    for player, start, value in ((p1, T, 900.0), (p1, T + H, 100.0), (p2, T, 400.0)):
+        saved = {"sla": "SLA1", "kpi": "KPI1", "time_interval": [start, start + H], "value": value}
+        await ns._commit(ns.core.measure_kpi(player, decode(saved, KpiMeasureMsg), T + 2 * H))
+    for now in (T + 2 * H + 61, T + 3 * H + 59):  # ended, but inside the grace hour
+        await ns.on_time(now)
+    assert ns.checked_slas == {}
+    await ns.on_time(T + 3 * H + 60)
+    assert ns.checked_slas == {"SLA1": T + 3 * H + 60}
+    penalties = [r for b in sink.batches for r in b.records if r.TABLE == "token_transfers"]
+    assert [(t.payer_id, t.payee_id, t.amount, t.time_start) for t in penalties] == [(p1, agg, 7_000, T)]  # type: ignore[attr-defined]
+    assert ns.core.balances() == {agg: 7_000, p1: -7_000}
+    writes = len(sink.batches)
+    await ns.on_time(T + 6 * H)
+    again = grid(Port(SimClock(T + 6 * H), sink), ParityConfig())
+    again._pseudonyms = ns._pseudonyms  # the same in-memory key: the same pseudonyms
+    await again.start()
+    assert len(sink.batches) == writes and again.checked_slas == {} and again.core.balances() == ns.core.balances()
 
 
 async def test_a_failed_solve_is_retried_at_the_next_boundary() -> None:

@@ -26,7 +26,7 @@ from market.community.messages import (
     SlaSetMsg,
 )
 from market.community.parity import Parity
-from market.community.solver import lem_prices, measurements_from_meters, solve_lem
+from market.community.solver import auction_money, lem_prices, measurements_from_meters, solve_lem
 from market.community.state import Change, Measurement
 from market.core.errors import MarketError
 from market.core.protocol import decode
@@ -39,6 +39,7 @@ from market.core.records import (
     Record,
     SlaResultRecord,
     TokenTransfer,
+    Transaction,
 )
 
 T = 1_699_999_200  # 12:00 UTC (an hour boundary)
@@ -714,3 +715,58 @@ def test_own_parameters_apply_in_green_and_the_yellow_defaults_in_yellow() -> No
         {"P1": -396_667, "P2": 88_333},
     )
     assert yellow["p_buy"] == pytest.approx(0.19) and yellow["p_sell"] == pytest.approx(0.08)
+
+
+def tx(slot: int, seller: str, buyer: str, amount_sell: int, amount_buy: int, kind: str = "p2p") -> Transaction:
+    return Transaction(
+        id=f"t{slot}{seller}{buyer}{kind}",
+        kind=kind,  # type: ignore[arg-type]
+        time_delivery_start=slot,
+        time_delivery_end=slot + 60,
+        seller_id=seller,
+        buyer_id=buyer,
+        energy_source="solar",
+        quantity=1000,
+        price_buy=amount_buy / 1000 / 1000,
+        price_sell=amount_sell / 1000 / 1000,
+        amount_buy=amount_buy,
+        amount_sell=amount_sell,
+        commit_id=None,
+        time_creation=slot + 60,
+    )
+
+
+def test_the_auction_s_money_is_netted_so_each_kwh_is_paid_once() -> None:
+    """P1 sells P2 1 kWh in the auction at 0.125 and P2 buys 2 kWh more from the grid at
+    0.24: the LEM moves in tokens only the difference between its price of each player's
+    energy and what the auction already moved, so the two sum to the LEM's price; what the
+    players pay in tokens the aggregator gets; in RED the auction's settlement stands."""
+    money = auction_money(
+        [
+            tx(T, "P1", "P2", 125_000, 125_000),
+            tx(T + 60, "grid", "P2", 480_000, 480_000, "grid_buy"),
+            tx(T + Q - 30, "P1", "P2", 1, 1),  # straddles the LEM slot's end: left out
+            tx(T + Q, "P1", "P2", 125_000, 125_000),  # the next LEM slot
+        ],
+        Q,
+    )
+    assert money == {T: {"P1": 125_000, "P2": -605_000, "grid": 480_000}, T + Q: {"P1": 125_000, "P2": -125_000}}
+    core = new_core()
+    set_lem(core, T, ["P1", "P2"])
+    set_lem(core, T + Q, ["P1", "P2"])
+    grid(core, T + Q, "RED")
+    measure(core, "P1", T, 0, 1000)
+    measure(core, "P2", T, 3000, 0)
+    gross = solve_lem(
+        ParityConfig().defaults["GREEN"], ["P1", "P2"], {"P1": Measurement(0, 1000), "P2": Measurement(3000, 0)}
+    )
+    change = core.solve(T, T + 3600, now=T + 3660, auction=money)
+    results = {(r.time_delivery_start, r.participant_id): r for r in change.records if isinstance(r, LemResultRecord)}
+    for p in ("P1", "P2"):
+        assert results[T, p].auction == money[T][p]
+        assert results[T, p].amount + results[T, p].auction == gross.amounts[p]  # paid once, at the LEM's price
+        assert results[T + Q, p].amount == 0 and results[T + Q, p].auction == money[T + Q][p]  # RED: the auction's
+    moved = [t for t in change.records if isinstance(t, TokenTransfer)]
+    assert sum(t.amount for t in moved if t.payee_id == "AGG") - sum(
+        t.amount for t in moved if t.payer_id == "AGG"
+    ) == -(results[T, "P1"].amount + results[T, "P2"].amount)
