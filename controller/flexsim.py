@@ -436,8 +436,8 @@ class Backend(Protocol):
     async def deliver(self, request_id: str, sites: Sequence[FlexSite]) -> None: ...  # read, then settle
     async def finish(self, request_ids: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, int]]:
         """The requests' `R` (the aggregator's `flex.results`, one request at a time: all at
-        once is one reply of many MB with thousands of prosumers), its `flex.status`, and
-        every balance (the operator's `flex.status`)."""
+        once come in pages of at most ~1 MB, one request a page with thousands of
+        prosumers), its `flex.status`, and every balance (the operator's `flex.status`)."""
         ...
 
 

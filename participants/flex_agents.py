@@ -302,8 +302,19 @@ class AggregatorAgent(FlexPeer):
         return await self.call("flex.settle", {"request": request_id})
 
     async def results(self, request_id: str | None = None) -> dict[str, Any]:
-        """Aggregated results: of one request, or of all (one large reply with many prosumers)."""
-        return await self.ok("flex.results", {} if request_id is None else {"request": request_id})
+        """Aggregated results: of one request, or of all. All of them come in pages (64
+        requests, at most about 1 MB): this follows `next` to the last page and returns
+        every request, in request order, the totals added up."""
+        if request_id is not None:
+            return await self.ok("flex.results", {"request": request_id})
+        reply = await self.ok("flex.results", {})
+        requests, totals = list(reply["requests"]), dict(reply["totals"])
+        while reply.get("next") is not None:
+            reply = await self.ok("flex.results", {"after": reply["next"]})
+            requests += reply["requests"]
+            for key, value in reply["totals"].items():
+                totals[key] += value
+        return {**reply, "requests": requests, "totals": totals}
 
 
 class GridOperatorAgent(FlexPeer):

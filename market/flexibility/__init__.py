@@ -32,6 +32,15 @@ from market.flexibility.messages import (
     MAX_POWER as MAX_POWER,
 )
 from market.flexibility.messages import (
+    RESULTS_PAGE as RESULTS_PAGE,
+)
+from market.flexibility.messages import (
+    RESULTS_PAGE_MAX as RESULTS_PAGE_MAX,
+)
+from market.flexibility.messages import (
+    RESULTS_PAGE_PROSUMERS as RESULTS_PAGE_PROSUMERS,
+)
+from market.flexibility.messages import (
     YEAR as YEAR,
 )
 from market.flexibility.messages import (

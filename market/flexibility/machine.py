@@ -58,6 +58,7 @@ from market.flexibility.contracts import (
 )
 from market.flexibility.forecast import deliverable, delivery_ratio, trust_permille
 from market.flexibility.messages import (
+    RESULTS_PAGE_PROSUMERS,
     Answer,
     AnswerMsg,
     ContractRefMsg,
@@ -843,20 +844,41 @@ class Flexibility:
         }
 
     def results(self, by: str, msg: ResultsMsg) -> dict[str, Any]:
-        """Aggregated results of the requests `by` made (dso) or received (aggregator)."""
+        """Aggregated results of the requests `by` made (dso) or received (aggregator): the
+        one named, or a page of all of them in request order (ids never change, restarts
+        included): the first, or the one after the request `msg.after`. A page holds at most
+        `msg.limit` requests offered to at most RESULTS_PAGE_PROSUMERS prosumers in all (at
+        least one request); `next` names its last request while others follow, else None.
+        `totals` are those of the requests in the reply."""
+        nxt: str | None = None
         if msg.request is not None:
+            if msg.after is not None:
+                raise MarketError("invalid", "`after` pages through all requests: not with `request`")
             r = self._s.requests.get(msg.request)
             if r is None or by not in (r.dso, r.aggregator):
                 raise MarketError("not_found", f"unknown request {msg.request!r}")
             chosen = [r]
         else:
-            chosen = [r for r in self._s.requests.values() if by in (r.dso, r.aggregator)]
+            mine = [r for r in self._s.requests.values() if by in (r.dso, r.aggregator)]
+            start = 0
+            if msg.after is not None:
+                start = next((i + 1 for i, r in enumerate(mine) if r.id == msg.after), -1)
+                if start < 0:
+                    why = f"unknown cursor: after={msg.after!r} is none of your requests (pass a reply's `next`)"
+                    raise MarketError("invalid", why)
+            chosen, offered = [], 0
+            for r in mine[start:]:
+                if len(chosen) == msg.limit or (chosen and offered + len(r.offered) > RESULTS_PAGE_PROSUMERS):
+                    nxt = chosen[-1].id
+                    break
+                chosen.append(r)
+                offered += len(r.offered)
         wires = [self.request_wire(r) for r in chosen]
         totals = {
             key: sum(w[key] for w in wires)
             for key in ("requested_wh", "expected_wh", "delivered_wh", "met", "failed", "rewards", "penalties")
         }
-        return {"requests": wires, "totals": {"requests": len(wires), **totals}}
+        return {"requests": wires, "totals": {"requests": len(wires), **totals}, "next": nxt}
 
     def status(self, pid: str, role: str) -> dict[str, Any]:
         """A prosumer's own contract and standing; an aggregator's contracts, prosumers and

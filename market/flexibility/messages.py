@@ -130,10 +130,22 @@ class RequestRefMsg(Message, frozen=True):
     request: RefId
 
 
+# `flex.results` without `request` comes in pages, in request order (as `resume`'s events):
+# at most `limit` requests, and never more than RESULTS_PAGE_PROSUMERS offered prosumers in
+# all (a request's `R` grows by ~400 bytes per prosumer offered). So a page stays under
+# ~1 MB unless one request alone is larger (offered to more prosumers): it comes alone.
+RESULTS_PAGE = 64  # requests per page by default
+RESULTS_PAGE_MAX = 512
+RESULTS_PAGE_PROSUMERS = 2000
+
+
 class ResultsMsg(Message, frozen=True):
-    """`flex.results` (aggregator, dso): one request or all."""
+    """`flex.results` (aggregator, dso): one request, or a page of all of them (the first,
+    or the one after `after`: the `next` of the page before)."""
 
     request: RefId | None = None
+    after: RefId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=RESULTS_PAGE_MAX)] = RESULTS_PAGE
 
 
 # -- settings --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from market.core.engine import MarketConfig
 from market.core.registry import Registry
 from market.flexibility.namespace import NAMESPACE
 from market.server.app import MarketServer
+from participants.flex_agents import AggregatorAgent
 from tests.e2e.conftest import refusal, serving
 
 CONFIG = MarketConfig(duration=900, close_steps=2, round_timeout=2.0)
@@ -457,6 +458,56 @@ async def test_refusals_change_nothing_and_roles_are_enforced(ledger_url: str) -
             await p.sio.disconnect()
     assert [r["id"] for r in read_rows(ledger_url, "flex_contracts")] == ["fc1.1"]
     assert read_rows(ledger_url, "flex_tokens") == []
+
+
+# -- flex.results comes in pages -----------------------------------------------------------------
+
+
+async def test_results_come_in_pages_and_the_aggregator_agent_reads_them_all(tmp_path: Path) -> None:
+    """`flex.results {}` answers the first page (64 requests), `next` pages on to the last
+    (`next` null); the aggregator agent follows it to the end. Bad paging input is `invalid`
+    and changes nothing."""
+    async with running(f"sqlite:///{tmp_path}/ledger.db") as (url, _server):
+        agg, dso = [await Peer(p).connect(url) for p in ("AGG", "DSO")]
+        # Nobody holds a contract: each request is answered at once, offered to nobody.
+        for k in range(70):
+            await dso.ok("flex.request", {"aggregator": "AGG", "power": 100 + 4 * k, "start": 900, "end": 1800})
+        first = await agg.ok("flex.results", {})  # the request of an existing client: the first page
+        assert len(first["requests"]) == 64 and first["next"] == "fr64"
+        rest = await agg.ok("flex.results", {"after": first["next"]})
+        assert [r["id"] for r in rest["requests"]] == [f"fr{k}" for k in range(65, 71)] and rest["next"] is None
+        assert (await dso.ok("flex.results", {"limit": 512}))["requests"] == first["requests"] + rest["requests"]
+
+        for bad in (
+            {"limit": 0},
+            {"limit": -1},
+            {"limit": 513},
+            {"limit": True},
+            {"limit": "64"},
+            {"after": 64},
+            {"after": "fr999"},
+            {"request": "fr1", "after": "fr1"},
+            {"cursor": "fr1"},
+        ):
+            reply = await agg.call("flex.results", bad)
+            assert reply["ok"] is False and reply["error"]["code"] == "invalid", (bad, reply)
+        cursor = await agg.call("flex.results", {"after": "fr999"})
+        assert cursor["error"]["message"] == (
+            "unknown cursor: after='fr999' is none of your requests (pass a reply's `next`)"
+        )
+        assert await agg.ok("flex.results", {}) == first
+        await agg.sio.disconnect()  # the agent logs in as AGG (a second login replaces the first)
+        agent = AggregatorAgent("AGG", TOKENS["AGG"])
+        await agent.connect(url)
+        try:
+            every = await agent.results()
+        finally:
+            await agent.disconnect()
+        assert [r["id"] for r in every["requests"]] == [f"fr{k}" for k in range(1, 71)]
+        assert every["requests"] == first["requests"] + rest["requests"]
+        # requested (100 + 4k) W over 900 s: 25 + k Wh each
+        assert every["totals"]["requests"] == 70 and every["totals"]["requested_wh"] == sum(25 + k for k in range(70))
+        assert every["totals"] == {key: first["totals"][key] + rest["totals"][key] for key in first["totals"]}
 
 
 # -- restart: what /flex served before a kill -9 it serves after -------------------------------
