@@ -142,3 +142,27 @@ async def test_a_community_from_the_seed_json_runs_a_day(tmp_path: Path, capsys:
 
     # The same seed, the same ledger.
     assert ledger_digest(ledger) == ledger_digest(again) and grid_digest(ledger) == grid_digest(again)
+
+
+async def test_an_oracle_saves_the_community_s_kpi(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An `oracle` in `[parity.agents]` saves the community's import per KPI period: the sum
+    of what every prosumer's meter imported in it, as the ledger's readings say."""
+    async with service(good) as (url, _asked):
+        scenario = community(tmp_path, url, capsys)
+        kpi = {"id": "K", "signal": "community_import_wh", "rule": "gt", "limit": 1.0, "penalty": 5, "resolution": 3600}
+        ledger = f"sqlite:///{tmp_path / 'oracle.db'}"
+        overrides = {"parity.agents.oracle": "ORA", "parity.agents.kpis": [kpi]}
+        result = await run_sim(scenario, ledger=ledger, progress=False, days=0.25, overrides=overrides)
+    assert result.parity is not None and result.parity.slas_checked == 2  # 00-02 and 02-04 of 6 hours
+    values = read_rows(ledger, "kpi_values")
+    assert {v["participant_id"] for v in values} == {svc_pseudonym("ORA")} and len(values) == 4  # 2 SLAs x 2 h
+    imported: dict[int, int] = {}
+    for m in read_rows(ledger, "meters"):
+        hour = m["time_interval_start"] // 3600 * 3600
+        imported[hour] = imported.get(hour, 0) + json.loads(m["consumption"])["other"].get("external", 0)
+    assert {v["time_interval_start"]: v["value"] for v in values} == {
+        h: float(imported[h]) for h in sorted(imported)[:4]
+    }
+    penalties = [t for t in read_rows(ledger, "token_transfers") if t["kind"] == "sla_penalty"]
+    assert [t["payer_id"] for t in penalties] == [svc_pseudonym("ORA")] * sum(v["value"] > 1.0 for v in values)
+    assert penalties and all(t["amount"] == 5 and t["payee_id"] == svc_pseudonym("AGG") for t in penalties)
