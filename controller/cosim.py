@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,25 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def broker_port(tries: int = 20) -> int:
+    """A port P for a zmq broker with P + 1 free too: HELICS binds both (its reply socket on
+    P + 1), and checking P alone failed about one start in ten on a busy machine."""
+    for _ in range(tries):
+        port = free_port()
+        if port < 65535 and port_is_free(port) and port_is_free(port + 1):
+            return port
+    raise RuntimeError(f"no free pair of ports for the HELICS broker in {tries} tries")
 
 
 # -- HELICS plumbing -----------------------------------------------------------------------------
@@ -156,6 +176,10 @@ def _close(fed: Any) -> None:
 def start_broker(port: int, federates: int, host: str = "127.0.0.1") -> Any:
     import helics as h
 
+    bind = "127.0.0.1" if host == "0.0.0.0" else host
+    taken = [p for p in (port, port + 1) if not port_is_free(p, bind)]
+    if taken:  # the zmq broker needs both: say which one is in use instead of HELICS's bind error
+        raise RuntimeError(f"the HELICS broker needs ports {port} and {port + 1}: port {taken[0]} is in use")
     broker = h.helicsCreateBroker(
         "zmq", f"microte-{port}", f"-f {federates} --loglevel=warning --local_interface=tcp://{host} --port={port}"
     )
@@ -443,36 +467,77 @@ def run_one(kind: str, opts: Options) -> dict[str, Any]:
     raise ValueError(f"unknown federate {kind!r}")
 
 
+def federate_command(kind: str, opts: Options) -> list[str]:
+    """The command line of one federate of `run_all` (its own process)."""
+    return [sys.executable, "-m", "controller.cosim", msgspec.json.encode(opts).decode(), kind]
+
+
 def run_all(args: argparse.Namespace, *, timeout: float = 600.0) -> dict[str, Any]:
-    """Broker in this process, every federate in its own subprocess; their summaries."""
+    """Broker in this process, every federate in its own subprocess; their summaries.
+
+    The federates are watched together: the first that fails (or exits before registering,
+    which leaves the others waiting at the broker for it) stops the rest at once and the run
+    fails naming it. A broker port that cannot be bound is retried on another free pair,
+    unless it was given (`--broker-port`)."""
     kinds = ["market", "grid"] + ([] if args.no_weather else ["weather"])
-    port = args.broker_port or free_port()
-    broker = start_broker(port, len(kinds), args.broker_host)
+    attempts = 1 if args.broker_port else 3
+    for attempt in range(attempts):
+        port = args.broker_port or broker_port()
+        try:
+            broker = start_broker(port, len(kinds), args.broker_host)
+            break
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+            log.warning("the HELICS broker could not start on port %d: another pair", port)
     address = f"tcp://{'127.0.0.1' if args.broker_host == '0.0.0.0' else args.broker_host}:{port}"
     opts = _options(args, address)
-    procs = {
-        kind: subprocess.Popen(
-            [sys.executable, "-m", "controller.cosim", msgspec.json.encode(opts).decode(), kind],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for kind in kinds
-    }
+    procs = {kind: subprocess.Popen(federate_command(kind, opts), stdout=subprocess.PIPE, text=True) for kind in kinds}
     out: dict[str, Any] = {"broker": address}
-    deadline = time.monotonic() + timeout
+    failed = False
     try:
-        for kind, proc in procs.items():
-            stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            if proc.returncode != 0:
-                raise RuntimeError(f"the {kind} federate failed (exit {proc.returncode})")
-            out[kind] = json.loads(stdout.strip().splitlines()[-1])
+        with ThreadPoolExecutor(len(procs)) as pool:
+            # communicate() in threads: each pipe is drained while the others are watched.
+            running = {pool.submit(proc.communicate): kind for kind, proc in procs.items()}
+            deadline = time.monotonic() + timeout
+            while running:
+                done, _ = wait(running, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
+                if not done:
+                    failed = True
+                    _stop(procs)
+                    raise TimeoutError(f"the {', '.join(sorted(running.values()))} federate(s) ran past {timeout:g} s")
+                for future in done:
+                    kind = running.pop(future)
+                    stdout, _ = future.result()
+                    code = procs[kind].returncode
+                    if code != 0:
+                        failed = True
+                        _stop(procs)
+                        raise RuntimeError(f"the {kind} federate failed (exit {code}); the others were stopped")
+                    out[kind] = json.loads(stdout.strip().splitlines()[-1])
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        wait_broker(broker, 10_000)
+        _stop(procs)
+        if not wait_broker(broker, 1_000 if failed else 10_000):
+            _drop_broker(broker)
     return out
+
+
+def _stop(procs: Mapping[str, subprocess.Popen[str]]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs.values():
+        proc.wait()
+
+
+def _drop_broker(broker: Any) -> None:
+    """A broker still waiting for federates that are gone: disconnect it and free it."""
+    import helics as h
+
+    with contextlib.suppress(Exception):
+        h.helicsBrokerDisconnect(broker)
+    with contextlib.suppress(Exception):
+        h.helicsBrokerFree(broker)
 
 
 def main(args: argparse.Namespace) -> int:
