@@ -121,6 +121,8 @@ class DsoAgent:
         self.flow_seconds: list[float] = []  # wall time of each power flow
         self.errors: list[Any] = []  # refused grid_state.set replies
         self._lock = asyncio.Lock()
+        self.flows_sent = 0  # grid_flows.set accepted (capacity-aware clearing)
+        self._flows_done: set[int] = set()  # auction slots whose flows were accepted or whose gate closed
         self._now: int | None = None
 
     # -- connection ------------------------------------------------------------------------
@@ -172,6 +174,8 @@ class DsoAgent:
             if start in self.assessed or (self._now is not None and start <= self._now):
                 continue
             await self._forecast((start, start + lem))
+        if self.config.capacity:
+            await self._send_flows(t, horizon)
 
     async def _forecast(self, slot: tuple[int, int]) -> None:
         injections = forecast_injections(self.profiles, *slot)
@@ -187,6 +191,27 @@ class DsoAgent:
             else:
                 self.errors.append(reply)
                 log.warning("dso: grid_state.set %s %s refused: %s", slot, state, reply)
+
+    async def _send_flows(self, t: int, horizon: int) -> None:
+        """Capacity-aware clearing: the branch flows before trading of every auction slot of
+        [t, horizon) whose gate is open, from the forecast injections on the feeder's
+        lossless model (the one the clearing cuts with). A slot is sent until accepted or
+        its gate has closed (before the market's first round nothing is accepted yet)."""
+        sens, d = self.feeder.sensitivities(), self.scenario.step
+        for start in range(-(-t // d) * d, horizon, d):
+            if start in self._flows_done:
+                continue
+            injections = self.feeder.bus_injections(forecast_injections(self.profiles, start, start + d))
+            body = {"time_delivery": [start, start + d], "flows_w": sens.flows(injections)}
+            reply = await self.sio.call("grid_flows.set", body, namespace="/grid", timeout=30)
+            ok = isinstance(reply, dict) and reply.get("ok")
+            code = reply.get("error", {}).get("code") if isinstance(reply, dict) and not ok else None
+            if ok or code == "closed":
+                self._flows_done.add(start)
+                self.flows_sent += bool(ok)
+            if not ok and code not in ("unavailable", "closed"):  # not open yet / no longer: nothing to fix
+                self.errors.append(reply)
+                log.warning("dso: grid_flows.set %s refused: %s", start, reply)
 
     async def _metered(self, slot: tuple[int, int]) -> None:
         if self.sink is None or slot[0] < 0:

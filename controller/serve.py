@@ -7,12 +7,14 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 
 from aiohttp import web
 
 from controller import runloop
 from controller.scenario import Scenario, load_scenario
 from ledger import open_sink
+from market.core.capacity import CapacityLimits
 from market.core.clearing import MATCHINGS
 from market.core.engine import MarketConfig
 from market.core.records import RunRecord
@@ -62,6 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--inbound-burst", type=float, default=2_000_000.0, help="bytes a logged-in connection may send at once"
     )
     add_parity_arguments(p)
+    p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="capacity-aware clearing on the scenario's [feeder] (as `capacity = true` there; docs/grid.md)",
+    )
 
 
 PARITY_FLAGS = {  # ParityConfig field -> flag
@@ -121,6 +128,10 @@ async def serve(args: argparse.Namespace) -> int:
         guard=guard,
     )
     server.grid.configure(parity)
+    if scenario.feeder is not None and (scenario.feeder.capacity or args.capacity):
+        server.market.capacity = feeder_limits(scenario, Path(args.scenario).parent, server.registry.ids("prosumer"))
+    elif args.capacity:
+        raise SystemExit("--capacity needs a scenario with a [feeder] table")
     # Connections are closed at shutdown (MarketServer._close_connections); a handler still
     # running 1 s later is cancelled, so SIGTERM exits in about 2 s.
     runner = web.AppRunner(server.app(), handle_signals=False, access_log=None, shutdown_timeout=1)
@@ -154,3 +165,13 @@ def run_record(scenario: Scenario, config: MarketConfig) -> RunRecord:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return runloop.run(serve(args))
+
+
+def feeder_limits(scenario: Scenario, base_dir: Path, prosumers: list[str]) -> CapacityLimits:
+    """The feeder's branch limits for capacity-aware clearing, with the prosumers on their
+    buses as the DSO agent maps them (registry order: the order `microte sim` writes)."""
+    from market.feeder.network import Feeder  # pandapower: only a market that asks for it
+
+    assert scenario.feeder is not None
+    feeder = Feeder.load(scenario.feeder, prosumers, base_dir)
+    return feeder.capacity_limits(scenario.feeder.max_loading)

@@ -57,6 +57,14 @@ class GridStateSetMsg(Message, frozen=True):
     state: GridState
 
 
+class GridFlowsSetMsg(Message, frozen=True):
+    """`grid_flows.set` (dso): the feeder's branch flows before trading in one auction slot,
+    W per branch in the feeder's order (capacity-aware clearing, docs/grid.md)."""
+
+    time_delivery: Interval
+    flows_w: Annotated[list[Finite], msgspec.Meta(max_length=100_000)]
+
+
 class LemDefaultsSetMsg(Message, frozen=True):
     """`lem.defaults.set` (operator)."""
 

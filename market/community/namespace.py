@@ -42,6 +42,7 @@ import msgspec
 from market.community.messages import (
     KPI_PLAYER_ROLES,
     LEM_PLAYER_ROLES,
+    GridFlowsSetMsg,
     GridStateSetMsg,
     KpiMeasureMsg,
     LemDefaultsSetMsg,
@@ -83,6 +84,7 @@ SOLVER_ID = "solver"  # `by` of the periodic solver in logs
 # wire event -> handler suffix (`on_<suffix>`)
 EVENTS: dict[str, str] = {
     "grid_state.set": "grid_state_set",
+    "grid_flows.set": "grid_flows_set",
     "lem.defaults.set": "lem_defaults_set",
     "lem.set": "lem_set",
     "lem.measure": "lem_measure",
@@ -364,6 +366,16 @@ class GridNamespace(Namespace):
         self._to_auction(*msg.time_delivery)
         log.info("grid state %s for %s by %s", msg.state, list(msg.time_delivery), pid)
         return reply
+
+    @replying
+    async def on_grid_flows_set(self, sid: str, data: Any) -> dict[str, Any]:
+        """The DSO's forecast branch flows of an auction slot, for capacity-aware clearing at
+        its gate (held by the market until then; not a ledger row: the DSO's own `grid_flows`
+        rows and each cut's `curtailments` row carry what was used)."""
+        self._who(sid, "dso")
+        msg = decode(data, GridFlowsSetMsg)
+        self.ms.market.set_base_flows(msg.time_delivery, msg.flows_w)
+        return {"time_delivery": list(msg.time_delivery), "branches": len(msg.flows_w)}
 
     @replying
     async def on_lem_defaults_set(self, sid: str, data: Any) -> dict[str, Any]:

@@ -64,6 +64,18 @@ class CapacityLimits(msgspec.Struct, frozen=True):
     max_loading: Annotated[float, msgspec.Meta(gt=0, le=10)] = 1.0
 
 
+class Cut(msgspec.Struct, frozen=True):
+    """One fill `limit_fills` curtailed: its index among the fills given, the quantity kept
+    (0: dropped), and the binding branch (index into the sensitivities' branches) with its
+    flow before the fill and its limit, in W."""
+
+    index: int
+    kept: int
+    branch: int
+    flow_w: float
+    limit_w: float
+
+
 def limit_fills(
     fills: Sequence[Fill],
     limits: CapacityLimits,
@@ -77,14 +89,25 @@ def limit_fills(
 
     Greedy in commit order (best prices first), so the cheapest energy keeps the capacity;
     O(fills x path length)."""
+    return curtail(fills, limits, duration, base_w)[0]
+
+
+def curtail(
+    fills: Sequence[Fill],
+    limits: CapacityLimits,
+    duration: int,
+    base_w: Sequence[float] | None = None,
+) -> tuple[list[Fill], list[Cut]]:
+    """`limit_fills`, and a `Cut` for every fill it curtailed or dropped."""
     sens = limits.sensitivities
     flow = list(base_w) if base_w is not None else [0.0] * len(sens.branches)
     cap = [br.limit_kw * 1000.0 * limits.max_loading for br in sens.branches]
     paths = sens.paths
     out: list[Fill] = []
+    cuts: list[Cut] = []
     w_per_wh = 3600.0 / duration
     pairs: dict[tuple[int | None, int | None], list[tuple[int, float]]] = {}  # (seller bus, buyer bus) -> shifts
-    for f in fills:
+    for i, f in enumerate(fills):
         seller = limits.bus_of.get(f.ask.participant)
         buyer = limits.bus_of.get(f.bid.participant)
         coef = pairs.get((seller, buyer))
@@ -92,18 +115,27 @@ def limit_fills(
             up = set(paths[seller]) if seller is not None else set()
             down = set(paths[buyer]) if buyer is not None else set()
             coef = pairs[seller, buyer] = [(b, 1.0) for b in sorted(up - down)] + [(b, -1.0) for b in sorted(down - up)]
-        p_max = math.inf
+        p_max, binding = math.inf, -1
         for b, c in coef:
-            room = cap[b] - c * flow[b]
-            p_max = min(p_max, max(0.0, room))
+            room = max(0.0, cap[b] - c * flow[b])
+            if room < p_max:
+                p_max, binding = room, b
         q = f.quantity if p_max == math.inf else min(f.quantity, math.floor(p_max / w_per_wh + 1e-9))
+        if q < f.quantity:
+            cuts.append(Cut(i, max(q, 0), binding, coef_flow(flow, coef, binding), cap[binding]))
         if q <= 0:
             continue
         p = q * w_per_wh
         for b, c in coef:
             flow[b] += c * p
         out.append(f if q == f.quantity else msgspec.structs.replace(f, quantity=q))
-    return out
+    return out, cuts
+
+
+def coef_flow(flow: Sequence[float], coef: Sequence[tuple[int, float]], branch: int) -> float:
+    """A branch's flow as the fill sees it: in the direction the fill would load it."""
+    sign = next(c for b, c in coef if b == branch)
+    return sign * flow[branch]
 
 
 # -- pandapower networks -------------------------------------------------------------------

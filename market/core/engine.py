@@ -9,21 +9,23 @@ they produced; the server emits and stores them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
 import msgspec
 
 from market.core.book import Book, Entry, tie_key
-from market.core.capacity import CapacityLimits, limit_fills
+from market.core.capacity import CapacityLimits, Cut, curtail
 from market.core.clearing import Fill, Matching, Pricing, clear
 from market.core.errors import IllegalTransition, MarketError
 from market.core.exchange import EXTERNAL, exchange
 from market.core.grid import GridStates, GridTariff
 from market.core.protocol import MAX_QUANTITY, ConsumptionMsg, EntryMsg, MeterMsg, OrdersMsg, Side
 from market.core.records import (
+    BaseFlowRecord,
     CancelRecord,
+    CurtailmentRecord,
     EntryRecord,
     MeterRecord,
     Record,
@@ -267,11 +269,19 @@ class Market:
             fills = clear(
                 bids, asks, self.config.pricing, ranked=True, owners=self.owners, matching=self.config.matching
             )
+        cuts: list[Cut] = []
+        cleared = fills
+        base = self.base_flows.pop(slot[0], None)
         if self.capacity is not None and fills:
-            fills = limit_fills(fills, self.capacity, slot[1] - slot[0], self.base_flows.get(slot[0]))
-        self.base_flows.pop(slot[0], None)
+            fills, cuts = curtail(fills, self.capacity, slot[1] - slot[0], base)
+        if self.capacity is not None and base is not None:
+            flows = msgspec.json.encode(base).decode()
+            self.journal.append(BaseFlowRecord(f"b{slot[0]}", slot[0], slot[1], flows, now))
         records = [self._settlement(slot, i, f, now) for i, f in enumerate(fills)]
         self._matched[slot[0]] = records
+        if cuts:
+            assert self.capacity is not None
+            self.journal += _curtailments(slot, cleared, fills, cuts, self.capacity, now)
         return records
 
     def _settlement(self, slot: Slot, seq: int, f: Fill, now: int) -> Settlement:
@@ -359,6 +369,25 @@ class Market:
         counters[participant] = n + 1
         self.journal.append(_entry_record(entry, n))
         return {"entry": entry.reply()}
+
+    def set_base_flows(self, slot: Slot, flows_w: Sequence[float]) -> None:
+        """The feeder's branch flows before trading in `slot` (W per branch, in the
+        sensitivities' order, towards the slack; the DSO's forecast), for capacity-aware
+        clearing at its gate. Only while the gate is open and within the horizon, so at most
+        `horizon` slots are held; a later setting replaces an earlier one."""
+        if self.capacity is None:
+            raise MarketError("invalid", "capacity-aware clearing is off: no branch flows to set ([feeder] capacity)")
+        r = self._require_round()
+        if not is_aligned(slot, r.duration):
+            raise MarketError("invalid", f"time_delivery {list(slot)} is not an aligned {r.duration} s slot")
+        if slot[0] < r.next_settle[0]:
+            raise MarketError("closed", f"the gate of slot {slot[0]} has closed (next open slot {r.next_settle[0]})")
+        if slot[0] > r.next_settle[0] + self.config.horizon * r.duration:
+            raise MarketError("invalid", f"slot {slot[0]} is beyond the horizon of {self.config.horizon} slots")
+        n = len(self.capacity.sensitivities.branches)
+        if len(flows_w) != n:
+            raise MarketError("invalid", f"flows_w has {len(flows_w)} values: the feeder has {n} branches")
+        self.base_flows[slot[0]] = list(flows_w)
 
     def _check_entry(self, side: Side, msg: EntryMsg, r: RoundTimes) -> None:
         c = self.config
@@ -669,3 +698,38 @@ def _meter_record(participant: str, slot: Slot, m: MeterMsg, now: int) -> MeterR
         consumption=enc.encode(m.consumption).decode(),
         time_creation=now,
     )
+
+
+def _curtailments(
+    slot: Slot, cleared: Sequence[Fill], kept: Sequence[Fill], cuts: Sequence[Cut], limits: CapacityLimits, now: int
+) -> list[Record]:
+    """The ledger's account of each cut: kept fills keep their commit order, so the i-th
+    fill of the clearing is the settlement c{start}-{j} where j counts the fills kept before."""
+    dropped = {c.index for c in cuts if c.kept == 0}
+    commit: dict[int, str] = {}
+    j = 0
+    for i in range(len(cleared)):
+        if i not in dropped:
+            commit[i] = f"c{slot[0]}-{j}"
+            j += 1
+    assert j == len(kept)
+    branches = limits.sensitivities.branches
+    return [
+        CurtailmentRecord(
+            id=f"k{slot[0]}-{c.index}",
+            time_delivery_start=slot[0],
+            time_delivery_end=slot[1],
+            seller_id=cleared[c.index].ask.participant,
+            buyer_id=cleared[c.index].bid.participant,
+            bid_uuid=cleared[c.index].bid.uuid,
+            ask_uuid=cleared[c.index].ask.uuid,
+            cleared=cleared[c.index].quantity,
+            kept=c.kept,
+            commit_id=commit.get(c.index),
+            branch=branches[c.branch].name,
+            flow_w=c.flow_w,
+            limit_w=c.limit_w,
+            time_creation=now,
+        )
+        for c in cuts
+    ]

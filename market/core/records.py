@@ -491,7 +491,40 @@ class GridFlowRecord(Record, frozen=True):
     time: int  # market time of the assessment
 
 
-TABLES = (*TABLES, GridFlowRecord)
+class CurtailmentRecord(Record, frozen=True):
+    """A fill of the clearing that capacity-aware clearing cut (docs/grid.md): what the
+    clearing matched, what the feeder's branch limits kept, and the branch that bound it."""
+
+    TABLE: ClassVar[str] = "curtailments"
+    id: str  # f"k{start}-{i}": the i-th fill of the slot's clearing, in commit order
+    time_delivery_start: int
+    time_delivery_end: int
+    seller_id: str
+    buyer_id: str
+    bid_uuid: str
+    ask_uuid: str
+    cleared: int  # Wh the clearing matched
+    kept: int  # Wh left after the cut (0: dropped)
+    commit_id: str | None  # the settlement of what was kept (None: dropped)
+    branch: str  # the binding branch's name
+    flow_w: float  # its flow before this fill (the base flow plus the fills before), towards the slack
+    limit_w: float  # its limit: rating x max_loading
+    time_creation: int
+
+
+class BaseFlowRecord(Record, frozen=True):
+    """The branch flows before trading that capacity-aware clearing used at a slot's gate
+    (the DSO's `grid_flows.set`; a slot without one used zero flows and has no row)."""
+
+    TABLE: ClassVar[str] = "base_flows"
+    id: str  # f"b{start}"
+    time_delivery_start: int
+    time_delivery_end: int
+    flows_w: str  # JSON list, W per branch in the feeder's order, towards the slack
+    time_creation: int
+
+
+TABLES = (*TABLES, GridFlowRecord, CurtailmentRecord, BaseFlowRecord)
 
 
 # -- balancing journal (seed 002; docs/balancing.md, section Ledger) ---------------------------

@@ -92,6 +92,10 @@ class FeederConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lookahead: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 8
     lem_duration: Annotated[int, msgspec.Meta(gt=0, le=86400)] = 900
     dso_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "dso"
+    # Capacity-aware clearing in the live market (docs/grid.md): fills that would load a
+    # branch past `max_loading` x its rating, on top of the DSO's forecast flows, are cut.
+    capacity: bool = False
+    max_loading: Annotated[float, msgspec.Meta(gt=0, le=10)] = 1.0
 
     def __post_init__(self) -> None:
         if self.file is None and self.network not in NETWORKS:

@@ -1,6 +1,6 @@
-"""Proposed (engine-capacity.diff): capacity-aware clearing. Fills that would push a feeder
-branch past its limit are curtailed at gate closure, using the feeder's sensitivities
-(market.feeder.limit_fills); the clearing stays pure and fast."""
+"""Capacity-aware clearing (docs/grid.md): fills that would push a feeder branch past its
+limit are curtailed at gate closure, using the feeder's sensitivities (`curtail`); each cut
+is on the ledger (`curtailments`) with the branch that bound it. Pure and fast."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from market.core.capacity import Branch, CapacityLimits, Sensitivities
 from market.core.engine import Market, MarketConfig
+from market.core.records import CurtailmentRecord
 from tests.market.builders import ask, bid
 
 # A two-branch radial feeder: slack 0 -- trafo (b0, 100 kW) -- busbar 1; busbar 1 -- line b1
@@ -81,3 +82,34 @@ def test_capacity_check_is_cheap() -> None:
     fills = m.open_round(900).settlements
     assert len(fills) == 1000
     print(f"clearing with capacity check: {(time.perf_counter() - t) * 1000:.1f} ms for 1000 fills")
+
+
+def test_each_cut_is_recorded_with_its_binding_branch_and_settlement() -> None:
+    """The same book as above: the ledger's `curtailments` say, for every fill the limits
+    cut, what was cleared and kept, which settlement holds the rest, and the weak line's
+    flow and limit; the uncut fills have no row."""
+    free, capped = market(None), market(LIMITS)
+    for m in (free, capped):
+        bid(m, "B", 12_000, 0.30, SLOT)
+        bid(m, "B2", 6_000, 0.25, SLOT)
+        for seller, q, p in (("S", 6000, 0.10), ("S2", 6000, 0.11), ("S3", 6000, 0.12)):
+            ask(m, seller, q, p, SLOT)
+    cleared = free.open_round(900).settlements
+    kept = {s.commit_id: s for s in capped.open_round(900).settlements}
+    cuts = [r for r in capped.take_journal() if isinstance(r, CurtailmentRecord)]
+    assert cuts and all(c.branch == "weak" and c.limit_w == 30_000.0 for c in cuts)
+    for c in cuts:
+        i = int(c.id.rsplit("-", 1)[1])
+        assert (c.seller_id, c.buyer_id, c.cleared) == (cleared[i].seller_id, cleared[i].buyer_id, cleared[i].quantity)
+        assert c.kept < c.cleared and c.flow_w <= c.limit_w
+        if c.kept:
+            assert c.commit_id is not None and kept[c.commit_id].quantity == c.kept
+            assert (kept[c.commit_id].bid_uuid, kept[c.commit_id].ask_uuid) == (c.bid_uuid, c.ask_uuid)
+        else:
+            assert c.commit_id is None
+    cut_pairs = {(c.bid_uuid, c.ask_uuid) for c in cuts}
+    whole = [s for s in cleared if (s.bid_uuid, s.ask_uuid) not in cut_pairs]
+    assert {(s.bid_uuid, s.ask_uuid, s.quantity) for s in whole} <= {
+        (s.bid_uuid, s.ask_uuid, s.quantity) for s in kept.values()
+    }
+    assert sum(s.quantity for s in kept.values()) == sum(s.quantity for s in whole) + sum(c.kept for c in cuts)
