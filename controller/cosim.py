@@ -362,7 +362,9 @@ async def market_federate(opts: Options, progress: bool = False) -> dict[str, An
                         start = msg["time_delivery"][0]
                         flow = msgspec.convert(msg["flow"], FlowResult, strict=False)
                         inj = forecast_of.get(start, {})
-                        records.append(flow_record("forecast", (start, start + d), flow, msg["state"], inj, now))
+                        records.append(
+                            flow_record("forecast", (start, start + d), flow, msg["state"], inj, now, per_bus(inj))
+                        )
                         if msg["state"] != states.get(start, "GREEN") and start > now:
                             reply = await dso.call(
                                 "grid_state.set",
@@ -378,7 +380,9 @@ async def market_federate(opts: Options, progress: bool = False) -> dict[str, An
                         start = volt["time_delivery"][0]
                         flow = msgspec.convert(volt["flow"], FlowResult, strict=False)
                         inj = metered_of.get(start, {})
-                        records.append(flow_record("metered", (start, start + d), flow, volt["state"], inj, now))
+                        records.append(
+                            flow_record("metered", (start, start + d), flow, volt["state"], inj, now, per_bus(inj))
+                        )
                         stats["received"].append({"slot": start, "vm_max_pu": flow.vm_max_pu, "state": volt["state"]})
                     if records:
                         await sink.write(Batch(tuple(records)))

@@ -64,8 +64,16 @@ def metered_injections(rows: Iterable[Mapping[str, Any]], start: int, end: int) 
 
 
 def flow_record(
-    kind: str, slot: tuple[int, int], result: FlowResult, state: GridState, injections: Mapping[str, float], now: int
+    kind: str,
+    slot: tuple[int, int],
+    result: FlowResult,
+    state: GridState,
+    injections: Mapping[str, float],
+    now: int,
+    buses: Mapping[int, float] | Mapping[str, float] | None = None,
 ) -> GridFlowRecord:
+    """The ledger's row of one power flow; `buses`: the injections it ran on, W per bus."""
+    per_bus = {str(b): round(w, 3) for b, w in sorted((buses or {}).items(), key=lambda x: int(x[0]))}
     return GridFlowRecord(
         id=f"pf{slot[0]}.{kind}",
         kind=kind,
@@ -81,6 +89,7 @@ def flow_record(
         injection_kw=round(sum(injections.values()) / 1000.0, 6),
         participants=len(injections),
         time=now,
+        buses=json.dumps(per_bus, separators=(",", ":")),
     )
 
 
@@ -181,7 +190,8 @@ class DsoAgent:
         injections = forecast_injections(self.profiles, *slot)
         result, state = await self._flow(injections)
         self.assessed.add(slot[0])
-        await self._store(flow_record("forecast", slot, result, state, injections, self._now or 0))
+        buses = self.feeder.bus_injections(injections)
+        await self._store(flow_record("forecast", slot, result, state, injections, self._now or 0, buses))
         if state != self.states.get(slot[0], "GREEN"):
             reply = await self.sio.call(
                 "grid_state.set", {"time_delivery": list(slot), "state": state}, namespace="/grid", timeout=30
@@ -221,7 +231,8 @@ class DsoAgent:
         if not injections:
             return
         result, state = await self._flow(injections)
-        await self._store(flow_record("metered", slot, result, state, injections, self._now or slot[0]))
+        buses = self.feeder.bus_injections(injections)
+        await self._store(flow_record("metered", slot, result, state, injections, self._now or slot[0], buses))
 
     async def _flow(self, injections: Mapping[str, float]) -> tuple[FlowResult, GridState]:
         started = time.perf_counter()

@@ -489,6 +489,10 @@ class GridFlowRecord(Record, frozen=True):
     injection_kw: float  # the participants' net injection into the feeder (export positive)
     participants: int  # participants counted (metered: those with a reading)
     time: int  # market time of the assessment
+    # The injections the power flow ran on, W per bus index (JSON object), so that it can be
+    # run again from the ledger alone with the scenario's [feeder] (the network's own loads
+    # are in the network).
+    buses: str = "{}"
 
 
 class CurtailmentRecord(Record, frozen=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -76,6 +77,14 @@ async def test_feeder_run_sets_grid_states_from_power_flows_and_red_slots_clear_
         assert row["line_loading_max"] == pytest.approx(r.line_loading_max, abs=1e-4)
         assert row["state"] == classify(r, scenario.feeder.thresholds)
     assert metered[red[0]]["trafo_loading_max"] > 100
+    # ...and each power flow runs again from the ledger alone: its row's per-bus injections
+    # (forecasts too) on the scenario's feeder give the row's figures (#18 item 7).
+    for row in (forecast[slots[3]], metered[slots[3]], metered[red[0]]):
+        buses = {int(b): w for b, w in json.loads(row["buses"]).items()}
+        assert buses and sum(buses.values()) == pytest.approx(row["injection_kw"] * 1000, abs=0.1)
+        again = feeder.run(buses)
+        assert row["vm_max_pu"] == pytest.approx(again.vm_max_pu, abs=1e-6)
+        assert row["line_loading_max"] == pytest.approx(again.line_loading_max, abs=1e-3)
 
     # `microte grid-report`: voltage and loading next to P2P volume and prices, per slot.
     from controller import grid_report
