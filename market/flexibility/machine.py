@@ -880,16 +880,20 @@ class Flexibility:
         }
         return {"requests": wires, "totals": {"requests": len(wires), **totals}, "next": nxt}
 
-    def status(self, pid: str, role: str) -> dict[str, Any]:
+    def status(self, pid: str, roles: str | Collection[str]) -> dict[str, Any]:
         """A prosumer's own contract and standing; an aggregator's contracts, prosumers and
-        budget; the operator's view of the token: supply and every non-zero balance."""
-        if role == "operator":
+        budget; the operator's view of the token: supply and every non-zero balance. An id
+        holding several roles gets the operator's and the aggregator's views together (their
+        fields differ); the prosumer's view only when it holds neither (`tokens` is in both)."""
+        held = {roles} if isinstance(roles, str) else set(roles)
+        out: dict[str, Any] = {}
+        if "operator" in held:
             balances = {p: v for p, v in sorted(self._s.tokens.items()) if v}
-            return {"supply": self._s.supply, "balances": balances}
-        if role == "aggregator":
+            out |= {"supply": self._s.supply, "balances": balances}
+        if "aggregator" in held:
             mine = self.contracts(pid)
             prosumers = sorted({c.prosumer for c in mine})
-            return {
+            out |= {
                 "strategy": self.strategy_of(pid),
                 "contracts": [c.wire() for c in mine],
                 "prosumers": [self._standing(p) for p in prosumers],
@@ -897,6 +901,8 @@ class Flexibility:
                 "reserved": self.reserved(pid),
                 "available": self.available(pid),
             }
+        if out:
+            return out
         c = self.active_contract(pid)
         return {"contract": None if c is None else c.wire(), **self._standing(pid)}
 

@@ -202,11 +202,12 @@ class FlexNamespace(Namespace):
             self._answered.set()
 
     def _check_aggregator(self, pid: str) -> None:
-        if self.ms.registry.role(pid) != "aggregator":
+        if not self.ms.registry.has_role(pid, "aggregator"):
             raise MarketError("not_found", f"unknown aggregator {pid!r}")
 
     def _online_prosumers(self) -> set[str]:
-        return {p for sid, p in self.sessions.pid_of.items() if self.sessions.role_of.get(sid) == "prosumer"}
+        roles = self.sessions.roles_of
+        return {p for sid, p in self.sessions.pid_of.items() if "prosumer" in roles.get(sid, ())}
 
     # -- contracts -----------------------------------------------------------------------
 
@@ -334,7 +335,7 @@ class FlexNamespace(Namespace):
         pid = self._who(sid, "prosumer", "aggregator", "operator")
         decode(data, EmptyMsg)
         async with self._transaction():
-            return self.core.status(pid, self.sessions.role_of[sid])
+            return self.core.status(pid, self.sessions.roles_of.get(sid) or {self.sessions.role_of[sid]})
 
     @replying
     async def on_results(self, sid: str, data: Any) -> dict[str, Any]:
