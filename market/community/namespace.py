@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from market.community.messages import (
 from market.community.parity import PARITY_RECORDS, Parity
 from market.community.pseudonyms import (
     KEY_FILE,
+    PREFIX,
     HmacSource,
     PseudonymError,
     Pseudonyms,
@@ -77,6 +79,7 @@ log = logging.getLogger("microte.grid")
 
 NAMESPACE = "/grid"
 PERIODIC = "periodic"  # `sla_results.solved_by` of the periodic SLA checker
+KEYED = re.compile(PREFIX + r"[0-9a-f]{32}")  # a keyed pseudonym anywhere in a ledger value
 ROLES: frozenset[Role] = frozenset({"dso", "aggregator", "operator", "prosumer", "oracle"})
 SEE_ALL: frozenset[Role] = frozenset({"aggregator", "operator"})  # tokens.balances of every account
 SOLVER_ID = "solver"  # `by` of the periodic solver in logs
@@ -164,12 +167,25 @@ class GridNamespace(Namespace):
                 "restore the key they were made with ([parity.pseudonyms] key_file); a new key would give "
                 "every participant new pseudonyms"
             )
+        if isinstance(source, HmacSource) and source.from_file:
+            self._check_key(records)
         self.core.restore(records)
         now, d = self.ms.clock.now(), self.core.config.lem_duration
         for start in self.core.grid_states():
             if start + d > now:
                 self._to_auction(start, start + d)
         log.info("resumed /grid from the ledger: %d records", len(records))
+
+    def _check_key(self, records: list[Record]) -> None:
+        """Refuse a key file that is not the one the records' keyed pseudonyms were made with
+        (a key from the wrong backup would silently give everyone new pseudonyms): at least
+        one of them must name a registered id under this key."""
+        found = {m for r in records for v in r.row().values() if isinstance(v, str) for m in KEYED.findall(v)}
+        if found and not any(self.pseudonyms.id_of(p) is not None for p in found):
+            raise RuntimeError(
+                f"/grid: {self._key_path} is not the key the ledger's pseudonyms were made with "
+                f"(none of its {len(found)} keyed pseudonyms names a registered id): restore the right key file"
+            )
 
     async def on_time(self, now: int) -> None:
         """The market clock is at `now`: run every periodic solve due by then.

@@ -19,6 +19,7 @@ from controller import cli, serve
 from controller.scenario import Scenario, load_scenario
 from market.community.messages import KpiMeasureMsg, LemSetMsg, ParityConfig, PseudonymConfig, SlaSetMsg
 from market.community.namespace import GridNamespace
+from market.community.pseudonyms import create_key
 from market.core.engine import MarketConfig
 from market.core.protocol import decode
 from market.core.records import Batch
@@ -222,6 +223,26 @@ async def test_a_restart_without_the_pseudonym_key_is_refused(tmp_path: Path) ->
     key.write_text("not a key\n")
     with pytest.raises(ValueError, match="not a pseudonym key"):
         await grid(Port(SimClock(T), sink), keyed).start()
+
+
+async def test_a_restart_with_another_pseudonym_key_is_refused(tmp_path: Path) -> None:
+    """A valid key file, but not the one the ledger's pseudonyms were made with (a key
+    restored from the wrong backup): the server refuses to start instead of giving every
+    participant new pseudonyms."""
+    sink, key = MemorySink(), tmp_path / "pseudonym.key"
+    keyed = ParityConfig(pseudonyms=PseudonymConfig(key_file=str(key)))
+    first = grid(Port(SimClock(T - Q), sink), keyed)
+    await first.start()
+    await set_lems(first, [T], T - Q)
+    key.rename(tmp_path / "right.key")
+    create_key(key)  # another valid key in its place
+    with pytest.raises(RuntimeError, match="not the key the ledger's pseudonyms were made with"):
+        await grid(Port(SimClock(T), sink), keyed).start()
+    key.unlink()
+    (tmp_path / "right.key").rename(key)
+    again = grid(Port(SimClock(T), sink), keyed)
+    await again.start()
+    assert again.core.lem(T).players == first.core.lem(T).players
 
 
 def test_configure_only_before_start() -> None:
