@@ -138,6 +138,7 @@ class MarketServer:
         # auction knows it by; empty: the auction uses registry ids.
         self.market_ids: dict[str, str] = {}
         self._registry_ids: dict[str, str] = {}
+        self._resumed_ids: set[str] = set()
         self.run = run or RunRecord(
             id=cuid.cuid(), scenario="", seed=0, started=int(time.time()), config=canonical_config(config)
         )
@@ -292,6 +293,8 @@ class MarketServer:
                 msgspec.convert(r, MeterRecord) for r in await self.sink.read("meters", ("time_interval_start", after))
             ],
         )
+        # Who the open book, fills and readings name (a pseudonymous auction checks its key).
+        self._resumed_ids = {e.participant_id for e in rec.entries} | {m.participant_id for m in rec.meters}
         if last is None and not (rec.entries or rec.settlements or rec.meters):
             return
         self.market.restore(rec)
@@ -452,6 +455,11 @@ class MarketServer:
                 f"the auction trades under pseudonyms ([parity.pseudonyms] market) and none could be had: {err}; "
                 "the market did not start and wrote nothing"
             ) from None
+        if self._resumed_ids and self._resumed_ids.isdisjoint(names.values()):
+            raise RuntimeError(
+                "the auction trades under pseudonyms and none of those its open book and readings were stored "
+                "under is a pseudonym of a registered id now: the pseudonym key or service changed; restore it"
+            )
         self.market_ids, self._registry_ids = names, {m: p for p, m in names.items()}
         self.market.owners = {names[a]: names[o] for a, o in self.registry.owners().items()}
         log.info("the auction trades under pseudonyms: %d participants", len(names))

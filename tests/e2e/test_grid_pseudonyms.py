@@ -32,7 +32,7 @@ from ledger.digest import read_rows
 from market.community.messages import ParityConfig, PseudonymConfig
 from market.community.namespace import NAMESPACE
 from market.community.parity import PARITY_RECORDS
-from market.community.pseudonyms import hmac_pseudonym, read_key
+from market.community.pseudonyms import create_key, hmac_pseudonym, read_key
 from market.core.engine import MarketConfig
 from market.server.app import MarketServer
 from tests.e2e.conftest import serving
@@ -347,3 +347,29 @@ async def test_a_pseudonymous_auction_names_no_registry_id(ledger_url: str, tmp_
         assert rows, table
         names = {n for r in rows for v in r.values() if isinstance(v, str) for n in NAME.findall(v)}
         assert not names & IDS, (table, names & IDS)
+
+
+async def test_a_pseudonymous_auction_refuses_another_key_on_restart(ledger_url: str, tmp_path: Path) -> None:
+    """The open book was stored under the pseudonyms of one key; a restart with another
+    valid key would orphan it (every participant renamed): the server does not start."""
+    key = tmp_path / "k.key"
+    config = PseudonymConfig(key_file=str(key), market=True)
+    slot = T + 600
+    async with market(ledger_url, config) as (m, _server):
+        ctl, p1 = await connect(m, "CTL", "/simulation"), await connect(m, "P1", "/market")
+        await step(ctl, T - 60)
+        bid = {"quantity": 1000, "price": 0.20, "time_delivery": [slot, slot + 60]}
+        assert (await p1.call("bid", bid, namespace="/market"))["ok"]
+        await step(ctl, T)  # the entry is stored with the round
+        for c in (ctl, p1):
+            await c.disconnect()
+    assert [e["participant_id"] for e in read_rows(ledger_url, "entries")] == [hmac_pseudonym(read_key(key), "P1")]
+    key.rename(tmp_path / "right.key")
+    create_key(key)
+    with pytest.raises(RuntimeError, match="the pseudonym key or service changed"):
+        async with market(ledger_url, config):
+            pass
+    key.unlink()
+    (tmp_path / "right.key").rename(key)
+    async with market(ledger_url, config) as (_m, server):
+        assert len(server.market.book) == 1  # the right key: the book is back, under the same name
