@@ -16,6 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", required=True, help="scenario TOML with the participants' devices and traders")
     p.add_argument("--registry", required=True, help="TOML with each participant's id and token")
     p.add_argument("--id", action="append", dest="ids", help="only these participants (repeatable)")
+    p.add_argument(
+        "--connect-retry",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="keep retrying while nothing listens at --url for this long (a refusal is final at once; default 30)",
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -49,6 +56,7 @@ async def run(args: argparse.Namespace) -> int:
         scenario.seed,
         timezone=scenario.timezone,
         base_dir=Path(args.scenario).parent,
+        connect_retry=args.connect_retry,
     )
     async with fleet:
         logging.getLogger("microte.participant").info("%d participants connected to %s", len(specs), args.url)

@@ -26,9 +26,11 @@ class Fleet:
         timezone: str = "UTC",
         base_dir: str | Path | None = None,
         concurrency: int = 32,
+        connect_retry: float = 0.0,
         **client_options: Any,
     ) -> None:
         self.url = url
+        self.connect_retry = connect_retry  # seconds each client retries while nothing listens
         self._tokens = [token for _, token in members]
         self._concurrency = max(1, concurrency)
         self.clients = [
@@ -41,7 +43,7 @@ class Fleet:
 
         async def one(client: ParticipantClient, token: str) -> None:
             async with gate:
-                await client.connect(self.url, client.prosumer.spec.id, token)
+                await client.connect(self.url, client.prosumer.spec.id, token, connect_retry=self.connect_retry)
 
         results = await asyncio.gather(
             *(one(c, t) for c, t in zip(self.clients, self._tokens, strict=True)),

@@ -4,10 +4,13 @@ yet) is retried until the server is up; a refusal by the server fails at once.""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import socketio
@@ -75,3 +78,32 @@ async def test_a_refused_login_fails_at_once_despite_connect_retry(ledger_url: s
             await client.connect(url, "P1", "wrong", connect_retry=15)
         assert time.monotonic() - start < 3
         assert client.refusal is not None and client.refusal.startswith("unauthorized")
+
+
+async def test_microte_participant_started_before_the_market_connects_once_it_is_up(tmp_path: Path) -> None:
+    """`microte participant --connect-retry`: the command started first waits for the
+    market instead of failing, and trades once the market listens."""
+    port = free_port()
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[[participants]]\nid = "P1"\nload = { kind = "synthetic", annual_kwh = 3000 }\n')
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[participants]]\nid = "P1"\ntoken = "{TOKENS["P1"]}"\n')
+    cmd = [sys.executable, "-m", "controller", "participant", "--url", f"http://127.0.0.1:{port}"]
+    cmd += ["--scenario", str(scenario), "--registry", str(tokens), "--connect-retry", "20"]
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await asyncio.sleep(2.0)  # nothing listens yet: the command must still be trying
+        assert proc.returncode is None
+        server = MarketServer(CONFIG, registry(), open_sink(f"sqlite:///{tmp_path / 'p.db'}"))
+        async with serving_on(server, port):
+            deadline = time.monotonic() + 15
+            while "P1" not in server.online() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert "P1" in server.online()
+            proc.send_signal(signal.SIGTERM)
+            out, _err = await asyncio.wait_for(proc.communicate(), 15)
+        assert proc.returncode == 0 and b"P1: rounds=" in out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
