@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from controller import grid_report
+from controller import grid_view
 from controller.run_report.queries import Bills, Flex, Grid, Lems, Slas, Slots
 
 DPI = 100
@@ -91,7 +91,7 @@ def _shade_states(ax: Axes, slots: Slots, states: Sequence[str] | None) -> None:
         while j + 1 < n and states[j + 1] == states[i]:
             j += 1
         if states[i] != "GREEN":
-            colour = grid_report.STATE_COLOURS.get(states[i], "white")
+            colour = grid_view.STATE_COLOURS.get(states[i], "white")
             ax.axvspan(edges[i], edges[j + 1], color=colour, lw=0, zorder=0)
         i = j + 1
 
@@ -240,10 +240,10 @@ def sufficiency(slots: Slots, tz: ZoneInfo) -> bytes:
 
 
 def grid(g: Grid, tz: ZoneInfo) -> bytes:
-    """controller.grid_report's figure: voltage, loading, P2P volume and prices per slot,
+    """controller.grid_view's figure: voltage, loading, P2P volume and prices per slot,
     shaded by the DSO's grid state."""
     buf = io.BytesIO()
-    grid_report.plot(g.rows, buf, timezone=tz.key)
+    grid_view.plot(g.rows, buf, timezone=tz.key)
     return buf.getvalue()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import sqlalchemy as sa
 
-from controller.grid_report import SlotRow, slot_table
+from controller.grid_view import SlotRow, slot_table
 from controller.report import P2P_KINDS, Bill, Reading, Summary, grid_only_amount, metered
 from ledger.schema import TABLE_MAP
 from market.core.grid import GridTariff

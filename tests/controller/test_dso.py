@@ -159,7 +159,7 @@ async def test_a_green_feeder_sets_nothing_and_a_listening_agent_follows_start_r
 
 
 def test_grid_report_slot_table_joins_flows_states_and_fills() -> None:
-    from controller.grid_report import slot_table
+    from controller.grid_view import slot_table
 
     def flow(kind: str, start: int, vmax: float, trafo: float) -> dict[str, Any]:
         row = flow_record(kind, (start, start + 900), FlowResult(True, 1.0, vmax, 20.0, trafo, 1.0), "GREEN", {}, 0)
