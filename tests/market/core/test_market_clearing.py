@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from market.core.book import Entry
-from market.core.clearing import _greedy, _merge_unless_self_pair, ask_order, bid_order, clear, match_sorted
+from market.core.clearing import (
+    _greedy,
+    _merge_unless_self_pair,
+    ask_order,
+    bid_order,
+    clear,
+    match_sorted,
+    priority_order,
+)
 from tests.market.builders import book_with, entry, fills
 
 PRIORITY = book_with(
@@ -207,6 +215,26 @@ def test_match_sorted_by_hand() -> None:
     ]
     empty = match_sorted(np.zeros(0), np.zeros(0, np.int64), np.array([0.5]), np.array([5]))
     assert [x.tolist() for x in empty] == [[], [], []]
+    # A bid and an ask ending together close one piece, not two.
+    bi, ai, q = match_sorted(np.array([1.0, 1.0]), np.array([30, 30]), np.array([0.5, 0.5]), np.array([30, 40]))
+    assert list(zip(bi.tolist(), ai.tolist(), q.tolist(), strict=True)) == [(0, 0, 30), (1, 1, 30)]
+    # Orders of 0 Wh close no piece (as the scan skips them), even when a whole side is 0 Wh.
+    bi, ai, q = match_sorted(np.array([1.0, 1.0]), np.array([0, 30]), np.array([0.5] * 3), np.array([20, 0, 10]))
+    assert list(zip(bi.tolist(), ai.tolist(), q.tolist(), strict=True)) == [(1, 0, 20), (1, 2, 10)]
+    no_energy = match_sorted(np.array([1.0]), np.array([0]), np.array([0.5]), np.array([5]))
+    assert [x.tolist() for x in no_energy] == [[], [], []]
+
+
+def test_priority_order_by_hand() -> None:
+    price = np.array([0.25, 0.5, 0.25, 0.25, 0.0, -0.0, 0.25])
+    time = np.array([60, 60, 0, 60, 0, 0, 60])
+    # Orders 0 and 6 share every key but position; 0 and 3 differ only in the low bits of the tie key.
+    tie = np.array([2**63 + 1, 0, 9, 2**63, 5, 5, 2**63 + 1], np.uint64)
+    # Bids: 0.5, then the 0.25s (time 0 first, then tie keys), then 0.0 and -0.0 as one price.
+    assert priority_order(price, time, tie, descending=True).tolist() == [1, 2, 3, 0, 6, 4, 5]
+    assert priority_order(price, time, tie, descending=False).tolist() == [4, 5, 2, 3, 0, 6, 1]
+    empty = priority_order(np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.uint64), descending=True)
+    assert empty.tolist() == []
 
 
 def big_book(n: int, seed: int, self_pair: bool = False) -> tuple[list[Entry], list[Entry]]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
+from unittest import mock
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from market.core import clearing
 from market.core.book import Entry
 from market.core.clearing import (
     MATCHINGS,
@@ -20,10 +22,13 @@ from market.core.clearing import (
     Pricing,
     _greedy,
     _merge_unless_self_pair,
+    _sorted,
     ask_order,
     bid_order,
     clear,
     match_sorted,
+    priority_order,
+    pro_rata_sorted,
 )
 from market.core.engine import Market, MarketConfig
 from market.core.exchange import exchange
@@ -344,3 +349,72 @@ def test_match_sorted_equals_python_merge(b: list[tuple[int, int]], a: list[tupl
         i += rb[i] == 0
         j += ra[j] == 0
     assert list(zip(bi.tolist(), ai.tolist(), q.tolist(), strict=True)) == expected
+
+
+# -- the numpy path from unsorted arrays ----------------------------------------------------
+
+# Tie keys that agree in their top bits (so the packed sort keys collide), small ones, the
+# extremes of 64 bits; times close together (offsets) or far apart (ranks).
+TIES = st.sampled_from([0, 1, 2, 7, 2**63, 2**63 + 1, 2**63 + 2**20, 2**64 - 2, 2**64 - 1])
+TIMES = st.sampled_from([[0, 60], [0, 900, 1800], [0, 2**40], [5]])
+ANY_PRICES = st.sampled_from([-0.5, -0.0, 0.0, 0.1, 0.125, 1 / 3, 0.5, 1e6])
+
+
+@st.composite
+def unsorted_side(draw: Any, side: str, max_size: int = 30) -> list[Entry]:
+    times = draw(TIMES)
+    return [
+        entry(
+            f"{side}{k}",  # every order its own participant: no self-pair constrains the fills
+            draw(st.integers(1, 60)),
+            draw(ANY_PRICES),
+            "solar" if side == "A" else None,
+            side="ask" if side == "A" else "bid",
+            uuid=f"{side}{k}",
+            time_submission=draw(st.sampled_from(times)),
+            tie=draw(TIES),
+        )
+        for k in range(draw(st.integers(0, max_size)))
+    ]
+
+
+def arrays(entries: Sequence[Entry]) -> tuple[Any, Any, Any, Any]:
+    """(price, quantity, time, tie) columns of entries, in their order."""
+    return (
+        np.array([e.price for e in entries], np.float64),
+        np.array([e.quantity for e in entries], np.int64),
+        np.array([e.time_submission for e in entries], np.int64),
+        np.array([e.tie for e in entries], np.uint64),
+    )
+
+
+def array_fills(bids: Sequence[Entry], asks: Sequence[Entry], matching: Matching) -> list[tuple[str, str, int]]:
+    """The numpy path from unsorted arrays: `priority_order` of each side, then the kernel."""
+    bp, bq, bt, btie = arrays(bids)
+    ap, aq, at, atie = arrays(asks)
+    bo = priority_order(bp, bt, btie, descending=True)
+    ao = priority_order(ap, at, atie, descending=False)
+    kernel = pro_rata_sorted if matching == "pro_rata" else match_sorted
+    bi, ai, q = kernel(bp[bo], bq[bo], ap[ao], aq[ao])
+    return [
+        (bids[b].uuid, asks[a].uuid, n) for b, a, n in zip(bo[bi].tolist(), ao[ai].tolist(), q.tolist(), strict=True)
+    ]
+
+
+@FAST
+@given(unsorted_side("B"), st.booleans(), st.sampled_from([64, 16, 6]))
+def test_priority_order_is_the_object_paths_sort(side: list[Entry], descending: bool, key_bits: int) -> None:
+    # Narrower keys keep fewer tie bits (more runs to re-sort), or none (the lexsort fallback).
+    price, _, time, tie = arrays(side)
+    with mock.patch.object(clearing, "_KEY_BITS", key_bits):
+        order = priority_order(price, time, tie, descending=descending)
+    assert order.dtype == np.int64
+    assert [side[k].uuid for k in order.tolist()] == [e.uuid for e in _sorted(side, descending)]
+
+
+@FAST
+@given(unsorted_side("B"), unsorted_side("A"), st.sampled_from(MATCHINGS))
+def test_numpy_path_from_unsorted_arrays_equals_clear(bids: list[Entry], asks: list[Entry], matching: Matching) -> None:
+    # Empty sides, one side only, equal prices, times and tie keys all come up.
+    expected = [(f.bid.uuid, f.ask.uuid, f.quantity) for f in clear(bids, asks, matching=matching)]
+    assert array_fills(bids, asks, matching) == expected
