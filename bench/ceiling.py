@@ -1,12 +1,15 @@
 """The bare python-socketio round: the physical limit microte's round is measured against.
 
-    python bench/ceiling.py [--n 10 50 100 500] [--seconds 3] [--msgpack | --fastjson] [--uvloop] [--json]
+    python bench/ceiling.py [--n 10 50 100 500] [--seconds 3] [--msgpack | --fastjson] [--uvloop] [--no-ack] [--json]
 
 One round has microte's shape (issue 5) and nothing else: the controller calls `step` on
 `/simulation`; the server broadcasts `start_round` on `/market`; every client answers with
 one acknowledged `bid` and one acknowledged `meter` (sent back to back, both awaited, as
 participants/client.py does); once the server has every meter it sends one private
 `settled` to each client and replies to `step`. No validation, no matching, no ledger.
+That is 6 messages per participant (start_round, bid + ack, meter + ack, settled).
+`--no-ack` is the bare round of issue 16, 4 messages: the bid and the meter go without an
+acknowledgement (the server still counts the meters before it answers `step`).
 Payloads have the size of microte's (a start_round of ~570 bytes, a bid of ~110, a
 meter of ~120, a settled of ~180, replies as the market's).
 
@@ -305,8 +308,9 @@ async def server_process(serializer: str, use_uvloop: bool, timeout: float = 30.
 class BareClient:
     """A participant reduced to its socket traffic."""
 
-    def __init__(self, pid: str, serializer: str) -> None:
+    def __init__(self, pid: str, serializer: str, ack: bool = True) -> None:
         self.pid = pid
+        self.ack = ack  # False: bid and meter without an acknowledgement (4 messages a round)
         self.settled = 0
         self.errors = 0
         self.sio = socketio.AsyncClient(reconnection=False, serializer=SERIALIZERS[serializer])
@@ -320,6 +324,10 @@ class BareClient:
 
     async def on_start_round(self, payload: Any) -> None:
         t = payload["time"]
+        if not self.ack:
+            await self.sio.emit("bid", bid(t, self.pid), namespace="/market")
+            await self.sio.emit("meter", meter(t), namespace="/market")
+            return
         loop = asyncio.get_running_loop()
         futs = []
         for event, data in (("bid", bid(t, self.pid)), ("meter", meter(t))):
@@ -345,6 +353,7 @@ class CeilingResult:
     n: int
     serializer: str
     uvloop: bool
+    ack: bool
     rounds: int
     seconds: float
     rounds_per_second: float
@@ -359,11 +368,17 @@ class CeilingResult:
 
 
 async def measure(
-    n: int, seconds: float = 3.0, *, serializer: str = "default", use_uvloop: bool = False, warmup: int = 5
+    n: int,
+    seconds: float = 3.0,
+    *,
+    serializer: str = "default",
+    use_uvloop: bool = False,
+    warmup: int = 5,
+    ack: bool = True,
 ) -> CeilingResult:
     """Step rounds for about `seconds` (after `warmup` rounds) with n clients."""
     async with server_process(serializer, use_uvloop) as (url, server_pid):
-        clients = [BareClient(f"P{i:05d}", serializer) for i in range(n)]
+        clients = [BareClient(f"P{i:05d}", serializer, ack) for i in range(n)]
         t_connect = time.perf_counter()
         gate = asyncio.Semaphore(64)  # as controller/sim.py's Fleet(concurrency=64)
 
@@ -407,6 +422,7 @@ async def measure(
         n=n,
         serializer=serializer,
         uvloop=use_uvloop,
+        ack=ack,
         rounds=rounds,
         seconds=elapsed,
         rounds_per_second=rounds / elapsed,
@@ -423,13 +439,14 @@ async def measure(
 
 def render(results: Sequence[CeilingResult]) -> str:
     lines = [
-        "| N | serializer | loop | rounds | rounds/s | p50 ms | p99 ms | server CPU ms/round "
+        "| N | serializer | loop | acks | rounds | rounds/s | p50 ms | p99 ms | server CPU ms/round "
         "| client CPU ms/round | server peak RSS MiB |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r.n} | {r.serializer} | {'uvloop' if r.uvloop else 'asyncio'} | {r.rounds} "
+            f"| {r.n} | {r.serializer} | {'uvloop' if r.uvloop else 'asyncio'} | {'yes' if r.ack else 'no'} "
+            f"| {r.rounds} "
             f"| {r.rounds_per_second:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.server_cpu_ms_per_round:.1f} "
             f"| {r.client_cpu_ms_per_round:.1f} | {r.server_peak_rss_kib / 1024:.0f} |"
         )
@@ -445,6 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--fastjson", action="store_true", help="JSON packets by msgspec, no binary scan (FastJsonPacket) on both ends"
     )
     p.add_argument("--uvloop", action="store_true", help="uvloop on both ends")
+    p.add_argument(
+        "--no-ack", action="store_true", help="bid and meter without acknowledgements (issue 16's 4-message round)"
+    )
     p.add_argument("--budget", type=float, default=60.0, help="skip an N >= 500 once this many seconds are spent")
     p.add_argument("--json", action="store_true", help="print one JSON object per N instead of a table")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -463,7 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         try:
             r = run_loop(
-                functools.partial(measure, n, args.seconds, serializer=serializer, use_uvloop=args.uvloop), args.uvloop
+                functools.partial(
+                    measure, n, args.seconds, serializer=serializer, use_uvloop=args.uvloop, ack=not args.no_ack
+                ),
+                args.uvloop,
             )
         except Exception as exc:  # a benchmark reports, it does not crash half-way
             print(f"N={n} failed: {exc!r}", file=sys.stderr)

@@ -1,20 +1,27 @@
 """Full microte rounds against the bare python-socketio ceiling, measured in the same run.
 
-    python bench/sim.py [--n 10 50 100] [--seconds 5] [--repeat 1] [--no-fast-ceiling] [--no-memory-ledger] [--write]
+    python bench/sim.py [--n 10 50 100] [--seconds 5] [--repeat 1] [--no-fast-ceiling] [--no-memory-ledger]
+                        [--no-combined] [--write]
 
 For each N, in this order and each in a fresh process (so peak memory and event loops
 never mix):
 
-1. `bench/ceiling.py --n N`: the bare round (default serializer, asyncio), and unless
-   `--no-fast-ceiling` the same with msgpack + uvloop, for reference;
+1. `bench/ceiling.py --n N`: the bare round (default serializer, asyncio; bid and meter
+   acknowledged, 6 messages per participant), the same with `--no-ack` (issue 16's bare
+   round of 4 messages: bid and meter unacknowledged), and unless `--no-fast-ceiling` the
+   acknowledged one with msgpack + uvloop, for reference;
 2. microte, own loop: `microte market` as a subprocess (`controller.sim.market_process`,
    the same arguments as `run_sim`), the scenario's community grown to N
    (`controller.sim.community`), a `participants.fleet.Fleet` of real clients and a
    controller stepping rounds like `controller.sim._step_all`, each `step` call timed
    (p50/p99), for about `--seconds`; a temporary SQLite ledger (on disk, synchronous=FULL);
-   the server's peak RSS read from /proc/PID/status (VmHWM) before it stops;
+   the server's peak RSS read from /proc/PID/status (VmHWM) before it stops; with the v1
+   events (`orders` + ack, `meter` + ack, `settled`, `delivery`), then unless
+   `--no-combined` with microte's one-event round (`round.submit` + ack, one
+   `round.result`: docs/protocol.md), 4 messages per participant as the bare round;
 3. microte through `controller.sim.run_sim` itself (what `microte sim` runs), for the same
-   number of rounds: its rounds/s and start-up time, as a cross-check of (2).
+   number of rounds (its default: the one-event round): its rounds/s and start-up time,
+   as a cross-check of (2).
 
 `--write` puts the tables into docs/benchmarks-sim.md (between markers; the rest of the
 file is kept). Prints figures; never asserts (DESIGN.md).
@@ -79,7 +86,9 @@ def ledger_counts(path: Path) -> dict[str, int]:
         }
 
 
-async def own_loop(n: int, seconds: float, max_rounds: int, memory_ledger: bool = False) -> dict[str, Any]:
+async def own_loop(
+    n: int, seconds: float, max_rounds: int, memory_ledger: bool = False, combined: bool = False
+) -> dict[str, Any]:
     """microte rounds stepped and timed here; everything else is the library's own code."""
     import msgspec
     import socketio
@@ -113,6 +122,7 @@ async def own_loop(n: int, seconds: float, max_rounds: int, memory_ledger: bool 
                 timezone=scenario.timezone,
                 base_dir=SCENARIO.parent,
                 concurrency=64,
+                combined=combined,
             )
             async with fleet:
                 ctl = socketio.AsyncClient(reconnection=False)
@@ -154,6 +164,7 @@ async def own_loop(n: int, seconds: float, max_rounds: int, memory_ledger: bool 
     rounds = len(times)
     return {
         "n": n,
+        "combined": combined,
         "ledger": ledger.split(":")[0],
         "rounds": rounds,
         "seconds": elapsed,
@@ -292,6 +303,7 @@ def render(rows: list[dict[str, Any]], meta: dict[str, str], command: str, cli_i
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     fast = any(r.get("fast") for r in rows)
     memory = any(r.get("memory") for r in rows)
+    combined = any(r.get("combined") for r in rows)
     out = [
         "## Full microte rounds against the bare python-socketio round (`bench/sim.py`)",
         "",
@@ -302,9 +314,11 @@ def render(rows: list[dict[str, Any]], meta: dict[str, str], command: str, cli_i
         f"Libraries: {meta['versions']}",
         "",
         "Each figure comes from its own process, in this order per N: the ceiling (`bench/ceiling.py`, default "
-        "serializer and asyncio loop"
-        + (", then msgpack + uvloop for reference" if fast else "")
-        + "), microte (own timed loop, SQLite ledger), microte via `controller.sim.run_sim`"
+        "serializer and asyncio loop; bid and meter acknowledged, then unacknowledged"
+        + (", then acknowledged with msgpack + uvloop for reference" if fast else "")
+        + "), microte with the v1 events (own timed loop, SQLite ledger)"
+        + (", microte with `round.submit` / `round.result` (same loop)" if combined else "")
+        + ", microte via `controller.sim.run_sim` (its default: `round.submit` / `round.result`)"
         + (", microte with the `memory:` ledger" if memory else "")
         + ". Server and clients share the machine's cores; other work on the machine makes rounds/s noisy, "
         "the CPU milliseconds per round much less so.",
@@ -312,43 +326,67 @@ def render(rows: list[dict[str, Any]], meta: dict[str, str], command: str, cli_i
         "### Throughput",
         "",
     ]
-    header = ["N", "ceiling rounds/s"]
+    header = ["N", "ceiling rounds/s (acked, 6 msgs)", "ceiling, no acks (4 msgs)"]
     if fast:
         header.append("ceiling msgpack+uvloop")
-    header += ["microte rounds/s", "ratio", "via run_sim", "ratio"]
+    header += ["microte v1 events rounds/s", "ratio"]
+    if combined:
+        header += ["microte round.submit/round.result", "ratio", "ratio to no-ack ceiling"]
+    header += ["via run_sim", "ratio"]
     if memory:
-        header += ["microte, memory: ledger", "ratio"]
+        header += ["microte v1, memory: ledger", "ratio"]
     header += ["p50 ms", "p99 ms", "ceiling p50 / p99 ms"]
     body = []
     for r in rows:
         c, m, s = r["ceiling"], r["microte"], r["run_sim"]
         base = _get(c, "rounds_per_second")
-        line = [str(r["n"]), fmt(base)]
+        bare = _get(r.get("bare4"), "rounds_per_second")
+        line = [str(r["n"]), fmt(base), fmt(bare)]
         if fast:
             line.append(fmt(_get(r.get("fast"), "rounds_per_second")))
-        for run in (m, s, *((r.get("memory"),) if memory else ())):
+        rate = _get(m, "rounds_per_second")
+        line += [fmt(rate), fmt(_ratio(rate, base), ".0%")]
+        if combined:
+            rate = _get(r.get("combined"), "rounds_per_second")
+            line += [fmt(rate), fmt(_ratio(rate, base), ".0%"), fmt(_ratio(rate, bare), ".0%")]
+        for run in (s, *((r.get("memory"),) if memory else ())):
             rate = _get(run, "rounds_per_second")
             line += [fmt(rate), fmt(_ratio(rate, base), ".0%")]
-        line += [fmt(_get(m, "p50_ms")), fmt(_get(m, "p99_ms")), f"{fmt(_get(c, 'p50_ms'))} / {fmt(_get(c, 'p99_ms'))}"]
+        timed = r.get("combined") or m
+        line += [
+            fmt(_get(timed, "p50_ms")),
+            fmt(_get(timed, "p99_ms")),
+            f"{fmt(_get(c, 'p50_ms'))} / {fmt(_get(c, 'p99_ms'))}",
+        ]
         body.append(line)
     out += _table(header, body)
 
     out += ["", "### CPU per round (the part other load distorts least)", ""]
-    header = ["N", "ceiling server ms", "ceiling clients ms", "microte server ms", "microte clients ms"]
+    header = ["N", "ceiling server ms", "ceiling clients ms", "microte v1 server ms", "microte v1 clients ms"]
+    if combined:
+        header += ["round.submit server ms", "round.submit clients ms"]
     if memory:
-        header.append("microte server ms, memory: ledger")
-    header += ["CPU ratio (ceiling / microte)", "orders/round", "ledger rows/round"]
+        header.append("microte v1 server ms, memory: ledger")
+    header += ["CPU ratio (ceiling / microte v1)"]
+    if combined:
+        header.append("CPU ratio (ceiling / round.submit)")
+    header += ["orders/round", "ledger rows/round"]
     body = []
     for r in rows:
-        c, m = r["ceiling"], r["microte"]
+        c, m, k = r["ceiling"], r["microte"], r.get("combined")
         cs, cc = _get(c, "server_cpu_ms_per_round"), _get(c, "client_cpu_ms_per_round")
         ms, mc = _get(m, "server_cpu_ms_per_round"), _get(m, "client_cpu_ms_per_round")
+        ks, kc = _get(k, "server_cpu_ms_per_round"), _get(k, "client_cpu_ms_per_round")
         line = [str(r["n"]), fmt(cs), fmt(cc), fmt(ms), fmt(mc)]
+        if combined:
+            line += [fmt(ks), fmt(kc)]
         if memory:
             line.append(fmt(_get(r.get("memory"), "server_cpu_ms_per_round")))
-        cpu_ratio = (cs + cc) / (ms + mc) if None not in (cs, cc, ms, mc) else None
+        line.append(fmt((cs + cc) / (ms + mc) if None not in (cs, cc, ms, mc) else None, ".0%"))
+        if combined:
+            line.append(fmt((cs + cc) / (ks + kc) if None not in (cs, cc, ks, kc) else None, ".0%"))
         per_round = sum(m["ledger_rows"].values()) / (m["rounds"] + 1) if m else None
-        line += [fmt(cpu_ratio, ".0%"), fmt(_get(m, "orders_per_round")), fmt(per_round, ".0f")]
+        line += [fmt(_get(m, "orders_per_round")), fmt(per_round, ".0f")]
         body.append(line)
     out += _table(header, body)
 
@@ -392,14 +430,19 @@ def render(rows: list[dict[str, Any]], meta: dict[str, str], command: str, cli_i
     out += [
         "",
         "Notes: rounds/s counts the steady state only (the first round is in the start-up figures); p50/p99 are "
-        'the `step` round trips the controller sees; "ratio" is microte\'s rounds/s over the default-settings '
-        "ceiling of the same N; the CPU ratio is the ceiling's server + client CPU per round over microte's. "
+        "the `step` round trips the controller sees (of the `round.submit` run when there is one); "
+        '"ratio" is microte\'s rounds/s over the default-settings '
+        '(acknowledged) ceiling of the same N, "ratio to no-ack ceiling" over the 4-message bare round of '
+        "issue 16 (start_round, bid, meter, settled; nothing acknowledged): microte's one-event round also "
+        "has 4, but one of them is the acknowledgement every PROTOCOL.md event gets; "
+        "the CPU ratio is the ceiling's server + client CPU per round over microte's. "
         '"server KiB / participant" is the server\'s RSS growth from idle to all clients connected, divided by N. '
         '"run_sim start-up" is `run_sim`\'s own figure (subprocess start to controller connected); "first round '
         "done\" counts from the subprocess start to the first `step` reply. The clients' process holds all N "
-        "participant clients and the controller. A microte round carries more messages than the bare round "
-        "(`settled` per fill and a `delivery` per participant besides the `start_round` broadcast, the `orders` "
-        "and `meter` acks and the `step` reply).",
+        "participant clients and the controller. A microte round with the v1 events carries more messages than "
+        "the bare round (`settled` per fill and a `delivery` per participant besides the `start_round` broadcast, "
+        "the `orders` and `meter` acks and the `step` reply); with `round.submit` / `round.result` it is 4 per "
+        "participant (start_round, round.submit + ack, round.result).",
     ]
     details = {str(r["n"]): r for r in rows}
     out += ["", "<details><summary>raw figures (JSON)</summary>", "", "```json", json.dumps(details, indent=1)]
@@ -431,9 +474,12 @@ def orchestrate(args: argparse.Namespace) -> int:
         row: dict[str, Any] = {"n": n}
         secs = str(args.ceiling_seconds)
         runs: dict[str, list[str]] = {"ceiling": [ceiling, "--n", str(n), "--seconds", secs, "--json"]}
+        runs["bare4"] = [*runs["ceiling"], "--no-ack"]
         if args.fast_ceiling:
             runs["fast"] = [*runs["ceiling"], "--msgpack", "--uvloop"]
         runs["microte"] = [here, "--worker", "own", "--n", str(n), "--seconds", str(args.seconds)]
+        if args.combined:
+            runs["combined"] = [*runs["microte"], "--worker-combined"]
         runs["run_sim"] = [here, "--worker", "run_sim", "--n", str(n)]  # + --rounds of the first microte run
         if args.memory_ledger:
             runs["memory"] = [*runs["microte"], "--worker-ledger", "memory"]
@@ -449,10 +495,12 @@ def orchestrate(args: argparse.Namespace) -> int:
         for kind in runs:
             row.setdefault(kind, None)
         rows.append(row)
-        c, m, s = row["ceiling"], row["microte"], row["run_sim"]
+        c, m, s, k, b = row["ceiling"], row["microte"], row["run_sim"], row.get("combined"), row["bare4"]
         print(
-            f"N={n}: ceiling {fmt(c and c['rounds_per_second'])} rounds/s, "
-            f"microte {fmt(m and m['rounds_per_second'])} (run_sim {fmt(s and s['rounds_per_second'])}), "
+            f"N={n}: ceiling {fmt(c and c['rounds_per_second'])} rounds/s "
+            f"(no acks {fmt(b and b['rounds_per_second'])}), "
+            f"microte {fmt(m and m['rounds_per_second'])}, round.submit {fmt(k and k['rounds_per_second'])} "
+            f"(run_sim {fmt(s and s['rounds_per_second'])}), "
             f"p50/p99 {fmt(m and m['p50_ms'])}/{fmt(m and m['p99_ms'])} ms "
             f"[{time.perf_counter() - began:.0f} s]",
             file=sys.stderr,
@@ -484,7 +532,14 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also run microte with the `memory:` ledger, to isolate the SQLite commit per round",
     )
+    p.add_argument(
+        "--combined",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run microte with `round.submit` / `round.result` (docs/protocol.md)",
+    )
     p.add_argument("--worker-ledger", choices=["sqlite", "memory"], default="sqlite", help=argparse.SUPPRESS)
+    p.add_argument("--worker-combined", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-rounds", type=int, default=5000, help=argparse.SUPPRESS)
     p.add_argument("--rounds", type=int, default=96, help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help="runs of each kind per N (interleaved); the best is kept")
@@ -494,7 +549,17 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     if args.worker == "own":
         print(
-            json.dumps(asyncio.run(own_loop(args.n[0], args.seconds, args.max_rounds, args.worker_ledger == "memory")))
+            json.dumps(
+                asyncio.run(
+                    own_loop(
+                        args.n[0],
+                        args.seconds,
+                        args.max_rounds,
+                        args.worker_ledger == "memory",
+                        combined=args.worker_combined,
+                    )
+                )
+            )
         )
         return 0
     if args.worker == "run_sim":

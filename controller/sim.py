@@ -171,11 +171,14 @@ async def run_sim(
     market_args: Sequence[str] = (),
     transport: str = "socket",
     overrides: Mapping[str, Any] | None = None,
+    combined: bool = True,
 ) -> SimResult:
     """Run a scenario; `fleets` > 0 serves the participants over that many `/fleet`
-    connections instead of one connection each; `market_args` go to `microte market`
-    (the `--lem-*` flags). `transport="inproc"`: no server process and no sockets, the same
-    ledger (controller/inproc.py). `overrides`: scenario values by dotted key (`load_scenario`)."""
+    connections instead of one connection each, else each on its own `/market` connection
+    speaking `round.submit` and `round.result` (`combined`, docs/protocol.md; False: the v1
+    events, the same ledger); `market_args` go to `microte market` (the `--lem-*` flags).
+    `transport="inproc"`: no server process and no sockets, the same ledger
+    (controller/inproc.py). `overrides`: scenario values by dotted key (`load_scenario`)."""
     scenario = load_scenario(scenario_path, overrides)
     if days is not None:
         scenario = msgspec.structs.replace(scenario, days=days)
@@ -257,7 +260,7 @@ async def run_sim(
             clients = (
                 FleetConnections(url, members, scenario.seed, fleets, **options)
                 if fleets
-                else Fleet(url, members, scenario.seed, concurrency=64, **options)
+                else Fleet(url, members, scenario.seed, concurrency=64, combined=combined, **options)
             )
             async with clients, contextlib.AsyncExitStack() as stack:
                 dso = None

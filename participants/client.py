@@ -1,5 +1,9 @@
 """The socket shell around a `Prosumer`: connects to `/market`, answers `start_round` with
-its orders and meter reading, feeds `settled` and `delivery` back into the prosumer."""
+its orders and meter reading, feeds `settled` and `delivery` back into the prosumer.
+
+`combined=True` speaks microte's extension (docs/protocol.md, *One event per round*): it
+logs in with `auth.combined`, sends each round's orders and reading as one `round.submit`
+and gets its fills and deliveries in one `round.result` per round."""
 
 from __future__ import annotations
 
@@ -29,8 +33,10 @@ class ParticipantClient:
         transports: Sequence[str] = ("websocket",),
         reconnection: bool = True,
         serializer: str = "json",
+        combined: bool = False,
     ) -> None:
         self.prosumer = prosumer
+        self.combined = combined  # `round.submit` and `round.result` instead of the v1 events
         self.namespace = namespace
         self.timeout = timeout
         self.transports = list(transports)
@@ -47,6 +53,7 @@ class ParticipantClient:
             ("start_round", self._on_start_round),
             ("settled", self._on_settled),
             ("delivery", self._on_delivery),
+            ("round.result", self._on_round_result),
             ("connect_error", self._on_connect_error),
             ("connect", self._on_connect),
         ):
@@ -81,7 +88,9 @@ class ParticipantClient:
         self._closing = False
         self.refusal = None
         self.transport_error = None
-        auth = {"id": id or self.prosumer.spec.id, "token": token}
+        auth: dict[str, Any] = {"id": id or self.prosumer.spec.id, "token": token}
+        if self.combined:
+            auth["combined"] = True
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=0.1, max=2.0),
             stop=stop_after_delay(connect_retry),
@@ -158,6 +167,9 @@ class ParticipantClient:
             log.exception("%s: start_round failed", self.prosumer.spec.id)
             self.stats.errors += 1
             return
+        if self.combined:
+            await self._submit(meter, orders)
+            return
         # Orders go out first: once the last meter of the round arrives the controller may
         # step on and close `next_settle`, and one socket delivers packets in order.
         sends: list[tuple[str, asyncio.Future[Any]]] = []
@@ -168,6 +180,43 @@ class ParticipantClient:
         replies = await self._replies([fut for _, fut in sends])
         for (event, _), reply in zip(sends, replies, strict=True):
             self._record(event, reply, len(orders))
+
+    async def _submit(self, meter: dict[str, Any] | None, orders: list[Any]) -> None:
+        """The round's orders and reading as one `round.submit`; its reply is recorded as the
+        `orders` and `meter` replies would be. A reading refused as a whole (say `closed`:
+        it came too late) refuses the orders with it: they are sent again as `orders`."""
+        payload: dict[str, Any] = {}
+        if orders:
+            payload["orders"] = orders
+        if meter is not None:
+            payload["meter"] = meter
+        if not payload:
+            return
+        reply = await self._reply(await self._emit("round.submit", payload))
+        if isinstance(reply, dict) and reply.get("ok") is True:
+            if orders:
+                self._record("orders", {"ok": True, "results": reply.get("results", [])}, len(orders))
+            if meter is not None:
+                self._record("meter", reply.get("meter"), 0)
+            return
+        error = reply.get("error") if isinstance(reply, dict) else None
+        if meter is not None and isinstance(error, dict) and error.get("part") == "meter":
+            self._record("meter", reply, 0)
+            if orders:
+                self._record("orders", await self._reply(await self._emit("orders", {"orders": orders})), len(orders))
+            return
+        self._record("orders" if orders else "meter", reply, len(orders))
+
+    async def _on_round_result(self, payload: Any) -> None:
+        """One `round.result`: each `settled` and `delivery` payload it carries, as if it had
+        come on its own (numbered, so a replay overlapping it is skipped)."""
+        if not isinstance(payload, dict):
+            self.stats.errors += 1
+            return
+        for event, handler in (("settled", self._on_settled), ("delivery", self._on_delivery)):
+            items = payload.get(event, [])
+            for item in items if isinstance(items, list) else []:
+                await handler(item)
 
     async def _on_settled(self, payload: Any) -> None:
         if self._fresh(payload):

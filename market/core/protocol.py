@@ -93,6 +93,14 @@ class MeterMsg(Message, frozen=True):
     consumption: ConsumptionMsg = ConsumptionMsg()
 
 
+class RoundSubmitMsg(Message, frozen=True):
+    """`round.submit` (extension, docs/protocol.md): a participant's orders of the round and
+    its meter reading in one acknowledged event; each part as the `orders` and `meter` events."""
+
+    orders: Annotated[list[OrderMsg], msgspec.Meta(max_length=MAX_ORDERS)] = []
+    meter: MeterMsg | None = None
+
+
 RESUME_PAGE = 64  # `resume` events per reply by default: a 40-byte request never returns megabytes
 RESUME_PAGE_MAX = 512
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import cuid
@@ -105,9 +105,10 @@ class MarketServer:
         self.fleet = FleetNamespace(self)
         self.grid = GridNamespace(self)
         self.dashboard = DashboardFeed(self, self.sio)  # GET /dashboard and /observe (read-only)
+        self.market_ns = MarketNamespace(self)
         # Every namespace of PROTOCOL.md; each owns its sessions and its core.
         self.namespaces: tuple[Namespace, ...] = (
-            MarketNamespace(self),
+            self.market_ns,
             SimulationNamespace(self),
             BalancingNamespace(self),
             self.fleet,
@@ -119,6 +120,9 @@ class MarketServer:
         for ns in self.namespaces:
             self.sio.register_namespace(ns)
         self.outbox = Outbox()
+        # Private events of `auth.combined` sessions, held until the round's `round.result`
+        # (`_flush_private`): participant -> (event, payload), in the order they were made.
+        self._held: dict[str, list[tuple[str, dict[str, Any]]]] = {}
         self._waits: dict[int, _MeterWait] = {}
         self._round_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -351,11 +355,14 @@ class MarketServer:
                 self._admit.set()
             self.clock.set(t)
             wait = self._expect(t)
-            await self._announce(opened)
-            for skipped in [s for s in self.market.delivering() if s < t]:  # a step that jumped ahead
-                await self._finish(opened, skipped, [])
-            await self._await_readings(wait, self.config.round_timeout)
-            reply = await self._finish(opened, t, opened.settlements)
+            try:
+                await self._announce(opened)
+                for skipped in [s for s in self.market.delivering() if s < t]:  # a step that jumped ahead
+                    await self._finish(opened, skipped, [])
+                await self._await_readings(wait, self.config.round_timeout)
+                reply = await self._finish(opened, t, opened.settlements)
+            finally:
+                await self._flush_private()  # the step's one `round.result` per combined session
             self.dashboard.recent.cleared(opened)
             # /grid's periodic solver follows the market clock, after the slot's readings are stored.
             await self.grid.on_time(t)
@@ -394,15 +401,21 @@ class MarketServer:
                     self._unannounced += opened.settled  # sent once stored, at a later boundary
                     return
                 self.dashboard.recent.cleared(opened)
+                # What an earlier boundary still holds (its slots are still being processed)
+                # reaches combined sessions before this round's start_round.
+                await self._flush_private()
                 if self._unannounced:
                     await self._send_private("settled", self._unannounced)
                     self._unannounced = []
                 await self._announce(opened)
         except Exception:
             log.exception("round=%s could not open; the next boundary will try again", t)
+            await self._flush_private()
             return
         if late:
             self.spawn(self._rt_process(opened, late, waits))
+        else:
+            await self._flush_private()
 
     async def _store(self, records: Sequence[Record]) -> bool:
         """Write `records` after any the ledger refused before (in order: fills before the
@@ -421,6 +434,12 @@ class MarketServer:
         return True
 
     async def _rt_process(self, opened: RoundOpen, slots: list[int], waits: list[_MeterWait]) -> None:
+        try:
+            await self._rt_process_slots(opened, slots, waits)
+        finally:
+            await self._flush_private()  # the boundary's fills and deliveries: one `round.result`
+
+    async def _rt_process_slots(self, opened: RoundOpen, slots: list[int], waits: list[_MeterWait]) -> None:
         # One grace for all: readings of a slot are asked for by this round's announcement.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.meter_grace
@@ -505,6 +524,12 @@ class MarketServer:
 
     async def _announce(self, opened: RoundOpen) -> None:
         await self._send_private("settled", opened.settled)
+        if self.config.mode == "sim":
+            # A fill of a slot this very round delivers (close_steps = 1, or a step that jumped
+            # to a slot it cleared) steers the reading a participant sends on start_round: a
+            # combined session gets those before it, in a `round.result` of their own.
+            t = opened.times.time
+            await self._flush_private(lambda _event, payload: bool(payload["time_delivery"][0] <= t))
         await self.sio.emit("start_round", opened.start_round, namespace="/market")
         if self.fleet.members:
             await self.sio.emit("start_round", opened.start_round, namespace="/fleet")
@@ -540,18 +565,63 @@ class MarketServer:
 
     async def _send_private(self, event: str, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Send each participant its private events: one message each on /market, one
-        batch per fleet connection on /fleet. Each is kept (numbered) for `resume`."""
+        batch per fleet connection on /fleet. Each is kept (numbered) for `resume`. A
+        session that logged in with `auth.combined` gets them later, with the rest of its
+        round, in one `round.result` (`_flush_private`)."""
         market_sids = self.sessions["/market"].sid_of
+        combined = self.market_ns.combined
         batches: dict[str, list[dict[str, Any]]] = {}
         for pid, payload in items:
-            numbered = self.outbox.push(pid, event, self.own_view(pid, payload) if self.market_ids else payload)
+            shown = self.own_view(pid, payload) if self.market_ids else payload
             sid = market_sids.get(pid)
+            if sid is not None and sid in combined:
+                self._held.setdefault(pid, []).append((event, shown))
+                continue
+            numbered = self.outbox.push(pid, event, shown)
             if sid is not None:
                 await self.sio.emit(event, numbered, to=sid, namespace="/market")
             elif (fleet_sid := self.fleet.sid_of.get(pid)) is not None:
                 batches.setdefault(fleet_sid, []).append({"participant": pid, **numbered})
         for fleet_sid, events in batches.items():
             await self.sio.emit(event, {"events": events}, to=fleet_sid, namespace="/fleet")
+
+    async def _flush_private(self, due: Callable[[str, dict[str, Any]], bool] | None = None) -> None:
+        """Send what `_send_private` held for combined sessions (all of it, or what `due`
+        selects): each participant one `round.result` `{"settled": [...], "delivery": [...]}`.
+        Each payload is numbered in the outbox now, in the order it was made, so `resume`
+        never returns what a `round.result` is about to carry. A participant that meanwhile
+        logged in again without `combined` gets the separate events; one that is away finds
+        them with `resume`."""
+        if not self._held:
+            return
+        if due is None:
+            sending, self._held = self._held, {}
+        else:
+            sending = {}
+            for pid, events in list(self._held.items()):
+                now = [e for e in events if due(*e)]
+                if now:
+                    sending[pid] = now
+                    kept = [e for e in events if not due(*e)]
+                    if kept:
+                        self._held[pid] = kept
+                    else:
+                        del self._held[pid]
+        market_sids, combined = self.sessions["/market"].sid_of, self.market_ns.combined
+        for pid, events in sending.items():
+            numbered = [(event, self.outbox.push(pid, event, payload)) for event, payload in events]
+            sid = market_sids.get(pid)
+            if sid is None:
+                continue  # away (or moved to /fleet): kept for `resume`
+            if sid in combined:
+                result = {
+                    "settled": [p for e, p in numbered if e == "settled"],
+                    "delivery": [p for e, p in numbered if e == "delivery"],
+                }
+                await self.sio.emit("round.result", result, to=sid, namespace="/market")
+            else:
+                for event, payload in numbered:
+                    await self.sio.emit(event, payload, to=sid, namespace="/market")
 
     # -- events of the /market namespace ----------------------------------------------------
 
