@@ -53,6 +53,27 @@ def report(ledger: str, out: str | Path, *, scenario: str | None = None) -> list
     png, table = out / "grid.png", out / "grid_slots.csv"
     plot(rows, png, thresholds=thresholds, timezone=timezone)
     write_csv(rows, table)
+    return [png, table, *_pem_report(ledger, out, present, timezone)]
+
+
+def _pem_report(ledger: str, out: Path, present: set[str], timezone: str) -> list[Path]:
+    """A PEM site's figure and table (docs/pem.md), when the ledger has one."""
+    import ledger as ledgers
+    from controller import pem_view
+
+    if "pem_slots" not in present:
+        return []
+    with ledgers.connect(ledger) as conn:
+        slots = pem_view.read_pem(conn)
+        if not slots:
+            return []
+        run = pem_view.summarize_pem(conn, slots)
+        houses = pem_view.read_houses(conn, run.site)
+    png, table = out / "pem.png", out / "pem_slots.csv"
+    pem_view.plot_pem(
+        slots, png, houses=houses, timezone=timezone, title=f"{run.site} ({run.mode}, {run.houses} houses)"
+    )
+    pem_view.write_csv(slots, table)
     return [png, table]
 
 

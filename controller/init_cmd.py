@@ -28,6 +28,7 @@ import argparse
 import os
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -36,6 +37,7 @@ import msgspec
 import numpy as np
 import tomli_w
 
+from controller import init_pemt
 from controller.scenario import load_scenario
 from market.community.messages import Beta, Cents
 from market.community.pseudonyms import KEY_FILE, create_key
@@ -335,9 +337,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--from", dest="source", required=True, type=Path, help="conf_sidechain_initializer_example.json")
     q.add_argument("--out", required=True, type=Path, help="directory for the registry, tokens, key and scenario")
     q.add_argument("--controller", metavar="ID", help="also an account of role controller (to drive a sim-mode market)")
+    q.set_defaults(init=main_parity)
+    pemt = sub.add_parser("pemt", help="the PEMT-CoSim case: thermal houses, a PEM coordinator, a feeder")
+    init_pemt.add_arguments(pemt)
+    pemt.set_defaults(init=init_pemt.main)
 
 
 def main(args: argparse.Namespace) -> int:
+    init: Callable[[argparse.Namespace], int] = args.init
+    return init(args)
+
+
+def main_parity(args: argparse.Namespace) -> int:
     try:
         community = load(args.source, args.controller)
         paths = write(community, args.out, args.source)

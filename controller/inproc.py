@@ -25,7 +25,7 @@ from market.core.protocol import MeterMsg, OrdersMsg, decode
 from market.core.records import Batch, Record, RoundRecord, Settlement
 from market.core.sink import Sink
 from participants.messages import StartRound, parse
-from participants.prosumer import Prosumer
+from participants.sites import site_for
 from participants.spec import ParticipantSpec
 
 # Records kept before a write: the ledger is written in large batches (nobody waits for an
@@ -54,7 +54,7 @@ class InprocMarket:
         self.config = scenario.market_config("sim")
         self.market = Market(self.config)
         self.prosumers = {
-            s.id: Prosumer(s, scenario.seed, timezone=scenario.timezone, base_dir=base_dir) for s in specs
+            s.id: site_for(s, scenario.seed, timezone=scenario.timezone, base_dir=base_dir, others=specs) for s in specs
         }
         unknown = sorted(set(external) - set(self.prosumers))
         if unknown:
@@ -106,7 +106,10 @@ class InprocMarket:
         t = opened.times.time
         for skipped in [s for s in self.market.delivering() if s < t]:  # never when stepping by one slot
             self._finish(opened, skipped, [])
-        return self._finish(opened, t, opened.settlements)
+        summary = self._finish(opened, t, opened.settlements)
+        for pid in self.order:  # what sites record of their own (a PEM site's houses)
+            self.records += self.prosumers[pid].take_records()
+        return summary
 
     def step(self, t: int) -> RoundRecord:
         self.open(t)

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import sqlalchemy as sa
 
-from ledger.schema import DIGEST_TABLES, TABLE_MAP, key_column
+from ledger.schema import DIGEST_TABLES, DIGEST_TABLES_IF_FILLED, TABLE_MAP, key_column
 
 
 @contextmanager
@@ -55,12 +55,18 @@ def read_rows(url: str, table: str) -> list[dict[str, Any]]:
         return [{str(k): v for k, v in row._mapping.items()} for row in result]
 
 
+def _filled(conn: sa.Connection, tables: tuple[str, ...]) -> list[str]:
+    """Those of `tables` that exist and hold a row (an older ledger lacks them)."""
+    names = set(sa.inspect(conn).get_table_names())
+    return [t for t in tables if t in names and conn.execute(sa.select(TABLE_MAP[t]).limit(1)).first() is not None]
+
+
 def ledger_digest(url: str) -> str:
     """sha256 hex of the outcome tables, independent of batch splits and backend."""
     digest = hashlib.sha256()
     encode = msgspec.json.Encoder().encode
     with connect(url) as conn:
-        for table in DIGEST_TABLES:
+        for table in (*DIGEST_TABLES, *_filled(conn, DIGEST_TABLES_IF_FILLED)):
             columns = [str(c.name) for c in TABLE_MAP[table].columns]
             digest.update(encode([table, columns]) + b"\n")
             # Streamed: a long run's ledger need not fit in memory.

@@ -9,7 +9,8 @@ from types import TracebackType
 from typing import Any
 
 from participants.client import ParticipantClient
-from participants.prosumer import Prosumer, Stats
+from participants.prosumer import Stats
+from participants.sites import site_for
 from participants.spec import ParticipantSpec
 
 
@@ -33,9 +34,10 @@ class Fleet:
         self.connect_retry = connect_retry  # seconds each client retries while nothing listens
         self._tokens = [token for _, token in members]
         self._concurrency = max(1, concurrency)
+        specs = [spec for spec, _ in members]
         self.clients = [
-            ParticipantClient(Prosumer(spec, seed, timezone=timezone, base_dir=base_dir), **client_options)
-            for spec, _ in members
+            ParticipantClient(site_for(s, seed, timezone=timezone, base_dir=base_dir, others=specs), **client_options)
+            for s in specs
         ]
 
     async def connect(self) -> None:

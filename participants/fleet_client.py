@@ -12,7 +12,8 @@ import socketio
 
 from market.core import wire
 from market.core.protocol import MAX_FLEET_ITEMS
-from participants.prosumer import Prosumer, Stats
+from participants.prosumer import Stats
+from participants.sites import site_for
 from participants.spec import ParticipantSpec
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,8 @@ class FleetClient:
         serializer: str = "json",
         timeout: float = 60.0,
     ) -> None:
-        self.prosumers = {spec.id: Prosumer(spec, seed, timezone=timezone, base_dir=base_dir) for spec, _ in members}
+        specs = [spec for spec, _ in members]
+        self.prosumers = {s.id: site_for(s, seed, timezone=timezone, base_dir=base_dir, others=specs) for s in specs}
         self._auth = {"fleet": [{"id": spec.id, "token": token} for spec, token in members]}
         self.timeout = timeout
         self.errors = 0

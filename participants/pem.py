@@ -231,6 +231,10 @@ class Trajectory:
     accepted: np.ndarray  # (S,) packets granted (PEM)
     opted_out: np.ndarray  # (S,) devices outside their band, out of the packet scheme (PEM)
     final: SimState  # after the last step (continue from here)
+    # (N,) per house over all steps: packets asked for and granted, steps opted out (PEM)
+    house_requested: np.ndarray
+    house_accepted: np.ndarray
+    house_opted_out: np.ndarray
 
 
 def _targets(target_w: Target, times: np.ndarray) -> np.ndarray:
@@ -273,6 +277,7 @@ def simulate(
     requested = np.zeros(steps, dtype=np.int64)
     accepted = np.zeros(steps, dtype=np.int64)
     opted = np.zeros(steps, dtype=np.int64)
+    per_house = np.zeros((3, h.n), dtype=np.int64)  # requested, accepted, opted out
     state = ThermalState(s.air, s.mass)
     on, left = s.on, s.packet_left
     for k in range(steps):
@@ -285,6 +290,7 @@ def simulate(
             requested[k] = int(st.devices.requesting.sum())
             accepted[k] = int(st.decision.accepted.sum())
             opted[k] = int(st.devices.opted_out.sum())
+            per_house += (st.devices.requesting, st.decision.accepted, st.devices.opted_out)
         power = np.where(on, h.rated_w, 0)
         hvac[:, k] = power
         state = prop.advance(h, state, cond.temperature[k], cond.ghi[k], power)
@@ -301,6 +307,7 @@ def simulate(
         accepted,
         opted,
         SimState(state.air, state.mass, on, left),
+        *per_house,
     )
 
 

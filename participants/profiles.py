@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
+import numpy as np
+
 from participants.spec import CsvLoad, ParticipantSpec, SyntheticLoad
 from participants.synthetic import LoadProfile, SolarProfile, WindProfile, stable_key
+from participants.weather import load_weather, year_of
 
 
 class Profile(Protocol):
@@ -31,6 +34,26 @@ class _Consumption:
 
     def energy(self, start: int, end: int) -> tuple[int, int]:
         return 0, self._inner.wh(start, end)
+
+
+class _WeatherPv:
+    """PV output from a weather file's GHI (the houses' weather: participants/weather.py):
+    kW x GHI/1000 x PERFORMANCE, the mean of per-minute values over the slot, in Wh.
+    A horizontal array: GHI is what the file gives, and the houses' solar gain uses it too."""
+
+    PERFORMANCE = SolarProfile.PERFORMANCE
+
+    def __init__(self, kw: float, weather: str, base_dir: str | Path | None) -> None:
+        self._w = kw * 1000 * self.PERFORMANCE
+        self._name, self._base = weather, base_dir
+
+    def energy(self, start: int, end: int) -> tuple[int, int]:
+        if end <= start:
+            return 0, 0
+        w = load_weather(self._name, year_of(start), self._base)
+        minutes = start + 30 + 60 * np.arange((end - start + 59) // 60)
+        ghi = w.at(minutes).ghi
+        return round(self._w * float(ghi.mean()) / 1000 * (end - start) / 3600), 0
 
 
 class _Generation:
@@ -168,7 +191,9 @@ def build_profiles(
         table = CsvProfile(path, tz)
         load.append(table)
         sources.setdefault(spec.load.source, []).append(table)
-    if spec.pv is not None:
+    if spec.pv is not None and spec.pv.weather is not None:
+        sources.setdefault("solar", []).append(_WeatherPv(spec.pv.kw, spec.pv.weather, base_dir))
+    elif spec.pv is not None:
         sources.setdefault("solar", []).append(_Generation(SolarProfile(spec.pv, seed, key, tz)))
     if spec.wind is not None:
         sources.setdefault("wind", []).append(_Generation(WindProfile(spec.wind, seed, key, tz)))

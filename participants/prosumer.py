@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from market.core.records import amount
+from market.core.records import Record, amount
 from participants.devices import Battery, Commitment, meter_reading, split_own_use
 from participants.messages import Delivery, MarketInfo, Settled, StartRound, parse
 from participants.profiles import SiteProfiles, build_profiles
@@ -279,6 +279,10 @@ class Prosumer:
         keys = self._energy_keys
         while keys and keys[0][0] < current[0] - duration:
             self._energy.pop(heapq.heappop(keys), None)
+
+    def take_records(self) -> list[Record]:
+        """Ledger rows this site made since the last call (a PEM site's houses); none here."""
+        return []
 
     # -- settlements and deliveries ------------------------------------------------------
 

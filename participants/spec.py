@@ -6,7 +6,7 @@ instead of silently producing a household without its PV array.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
@@ -40,12 +40,20 @@ class CsvLoad(Spec, frozen=True, tag="csv", tag_field="kind"):
 ForecastError = Annotated[float, msgspec.Meta(ge=0, le=2)]
 
 
+# A TMY3 weather file (participants/weather.py): "greensboro" (pvlib's shipped sample, no
+# download) or a path (relative: to the scenario directory).
+WeatherName = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
 class PvSpec(Spec, frozen=True):
     kw: NonNeg
     latitude: Annotated[float, msgspec.Meta(ge=-90, le=90)] = 50.0
     # None: the standard meridian of the market's timezone (solar noon near 12:00 standard time).
     longitude: Annotated[float, msgspec.Meta(ge=-180, le=180)] | None = None
     forecast_error: ForecastError = 0.0
+    # Set: the array follows the file's measured irradiance (GHI) instead of the synthetic
+    # clear-sky model, the same weather the thermal houses of a `pem` site see.
+    weather: WeatherName | None = None
 
 
 class WindSpec(Spec, frozen=True):
@@ -86,6 +94,21 @@ TraderSpec = NoTrader | FixedPriceTrader | RandomPriceTrader | BatteryTrader
 LoadSpec = SyntheticLoad | CsvLoad
 
 
+class PemSpec(Spec, frozen=True):
+    """A PEM coordinator's site (docs/pem.md): `houses` cooled thermal houses whose HVAC
+    units ask it for energy packets; the participant meters their HVAC energy and bids for
+    it. `capacity_kw`: what the feeder head may carry; the coordinator's target in a slot is
+    that minus the forecast import of the scenario's other participants (None: no limit)."""
+
+    houses: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+    mode: Literal["pem", "thermostat"] = "pem"  # thermostat: the same houses without PEM
+    weather: WeatherName = "greensboro"
+    capacity_kw: Annotated[float, msgspec.Meta(gt=0, le=1e6)] | None = None
+    dt: Annotated[int, msgspec.Meta(ge=10, le=900)] = 60  # s per device step; divides the slot
+    packet_seconds: Annotated[int, msgspec.Meta(ge=10, le=3600)] = 300
+    request_minutes: Annotated[float, msgspec.Meta(gt=0, le=1440)] = 5.0  # mean time to ask at the setpoint
+
+
 class ParticipantSpec(Spec, frozen=True):
     id: ParticipantId
     load: LoadSpec | None = None
@@ -93,6 +116,14 @@ class ParticipantSpec(Spec, frozen=True):
     wind: WindSpec | None = None
     battery: BatterySpec | None = None
     trader: TraderSpec = NoTrader()
+    pem: PemSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.pem is not None and (
+            self.load or self.pv or self.wind or self.battery or not isinstance(self.trader, NoTrader)
+        ):
+            # The coordinator meters only its houses' HVAC and prices its own bids.
+            raise ValueError("a pem site has no load, pv, wind, battery or trader of its own")
 
 
 def decode_spec(table: Any) -> ParticipantSpec:

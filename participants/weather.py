@@ -17,6 +17,7 @@ from __future__ import annotations
 import calendar
 import csv
 import datetime as dt
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from importlib.resources import as_file, files
 import numpy as np
 
 GREENSBORO = "723170TYA.CSV"  # pvlib's sample TMY3 file
+SHIPPED = "greensboro"  # the scenario name of that file
 HOURS = 8760
 TEMPERATURE = "Dry-bulb (C)"
 GHI = "GHI (W/m^2)"
@@ -133,6 +135,24 @@ def pvlib_tmy3(year: int, name: str = GREENSBORO) -> Weather:
     """A TMY3 file that pvlib ships (its `data` directory), mapped onto `year`."""
     with as_file(files("pvlib") / "data" / name) as path:
         return read_tmy3(path, year)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(name: str, year: int) -> Weather:
+    return pvlib_tmy3(year) if name == SHIPPED else read_tmy3(name, year)
+
+
+def load_weather(name: str, year: int, base_dir: str | os.PathLike[str] | None = None) -> Weather:
+    """The weather a scenario names (`SHIPPED`: pvlib's Greensboro file; else a TMY3 path,
+    relative to `base_dir`) mapped onto `year`; read once per process and year."""
+    if name != SHIPPED and base_dir is not None and not os.path.isabs(name):
+        name = os.path.join(base_dir, name)
+    return _cached(name, year)
+
+
+def year_of(t: int, w_tz_hours: float = 0.0) -> int:
+    """The calendar year of Unix time `t` (UTC shifted by `w_tz_hours`)."""
+    return dt.datetime.fromtimestamp(t + w_tz_hours * 3600, dt.UTC).year
 
 
 def _station(where: str, head: list[str]) -> tuple[str, str, float, float, float, float]:

@@ -546,3 +546,59 @@ class BalanceEventRecord(Record, frozen=True):
 
 
 TABLES = (*TABLES, BalanceEventRecord)
+
+
+# -- packetized energy management (seed 004; docs/pem.md, section Ledger) -----------------------
+
+
+class HouseSlotRecord(Record, frozen=True):
+    """One thermal house of a PEM site over one slot: its air temperature against its comfort
+    band, its HVAC energy (the coordinator's meter reading is the sum over its houses) and
+    its packets. Temperatures in C at the device steps' starts (rounded to 1e-4)."""
+
+    TABLE: ClassVar[str] = "house_slots"
+    id: str  # f"h{start}.{site}.{house}"
+    site: str  # the coordinator's participant id
+    house: int  # the house's number in the site (its key: 0, 1, ...)
+    time_delivery_start: int
+    time_delivery_end: int
+    air_start: float
+    air_min: float
+    air_max: float
+    air_end: float  # after the slot's last step
+    band_low: float  # comfort band [band_low, band_high]
+    band_high: float
+    hvac_wh: int
+    requested: int  # packets asked for (0 under plain thermostats)
+    accepted: int
+    opted_out_steps: int  # steps spent outside the band, out of the packet scheme
+    kh_above: float  # K.h above the band over the slot (from the steps' temperatures)
+    kh_below: float  # K.h below it
+
+
+class PemSlotRecord(Record, frozen=True):
+    """A PEM site's feeder figures of one slot: the coordinator's target (the feeder capacity
+    left after the other participants' forecast import; None: no limit), the load it
+    metered, its peak, and its packets. `steps_over` counts device steps whose HVAC load
+    exceeded the target (0 under PEM unless opted-out devices alone exceed it)."""
+
+    TABLE: ClassVar[str] = "pem_slots"
+    id: str  # f"pem{start}.{site}"
+    site: str
+    mode: str  # pem | thermostat
+    time_delivery_start: int
+    time_delivery_end: int
+    capacity_w: int | None  # the site's `capacity_kw` (None: no limit)
+    target_w: int | None
+    load_wh: int
+    peak_w: int
+    steps_over: int
+    requested: int
+    accepted: int
+    denied: int
+    opted_out: int  # device steps outside the band
+    outdoor_c: float  # mean outdoor temperature over the slot
+    houses: int
+
+
+TABLES = (*TABLES, HouseSlotRecord, PemSlotRecord)
