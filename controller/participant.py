@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -23,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="keep retrying while nothing listens at --url for this long (a refusal is final at once; default 30)",
     )
+    p.add_argument(
+        "--ledger",
+        metavar="URL",
+        help="sqlite:/// or postgresql:// ledger for a pem site's house rows (docs/pem.md; required with one)",
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -37,12 +43,16 @@ def _tokens(path: str) -> dict[str, str]:
 async def run(args: argparse.Namespace) -> int:
     # Imported here: `microte market` shares this module's arguments, not the client stack.
     from controller.scenario import load_scenario
+    from controller.site_records import plain_database, site_records
     from participants.fleet import Fleet
     from participants.spec import decode_specs
 
     scenario = load_scenario(args.scenario)
     tokens = _tokens(args.registry)
-    specs = [s for s in decode_specs(scenario.participants) if not args.ids or s.id in args.ids]
+    everyone = decode_specs(scenario.participants)
+    specs = [s for s in everyone if not args.ids or s.id in args.ids]
+    if any(s.pem is not None for s in specs) and not (args.ledger and plain_database(args.ledger)):
+        raise SystemExit("a pem site writes its houses' rows: give --ledger sqlite:///... or postgresql://...")
     absent = [s.id for s in specs if s.id not in tokens]
     if absent:
         raise SystemExit(f"no token in {args.registry} for: {', '.join(absent)}")
@@ -57,10 +67,14 @@ async def run(args: argparse.Namespace) -> int:
         timezone=scenario.timezone,
         base_dir=Path(args.scenario).parent,
         connect_retry=args.connect_retry,
+        others=everyone,
     )
-    async with fleet:
+    async with fleet, site_records([c.prosumer for c in fleet.clients], args.ledger) as flush:
         logging.getLogger("microte.participant").info("%d participants connected to %s", len(specs), args.url)
-        await stop.wait()
+        while not stop.is_set():  # the houses' rows go out about every second, and at the end
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            await flush()
     for pid, st in fleet.stats().items():
         print(f"{pid}: rounds={st.rounds} fills={st.fills} cost={st.cost / 1e6:.2f} errors={st.errors}")
     return 0

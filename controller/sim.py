@@ -24,10 +24,10 @@ from tqdm import tqdm
 from controller import runloop
 from controller.report import Summary, render, summarize
 from controller.scenario import Scenario, load_scenario, scenario_table
+from controller.site_records import plain_database, site_records
 from ledger import is_memory, open_sink, read_rows
 from market.community.pseudonyms import KEY_FILE
 from market.core import wire
-from market.core.records import Batch
 from market.core.sink import Sink
 from participants.fleet import Fleet
 from participants.fleet_client import FleetClient
@@ -207,7 +207,7 @@ async def run_sim(
             "--ledger memory: keeps the ledger in the market server's process, which ends with the run; "
             "use --transport inproc (the same ledger, in this process) or a sqlite:/// ledger"
         )
-    if any(s.pem is not None for s in specs) and not _plain_database(ledger):
+    if any(s.pem is not None for s in specs) and not plain_database(ledger):
         # The server never sees a site's houses: this process writes their rows (`_site_records`).
         raise ValueError("a pem site's house rows need a sqlite:/// or postgresql:// ledger over sockets")
     tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {CONTROLLER_ID: secrets.token_urlsafe(18)}
@@ -287,7 +287,7 @@ async def run_sim(
                     )
                     stack.push_async_callback(parity.close)
                     await parity.connect(url)
-                sites = await stack.enter_async_context(_site_records(_sites_of(clients), ledger))
+                sites = await stack.enter_async_context(site_records(_sites_of(clients), ledger))
                 ctl = socketio.AsyncClient(reconnection=False, serializer=wire.serializer(serializer))
                 await ctl.connect(
                     url,
@@ -353,7 +353,7 @@ async def _dso_agent(
     assert scenario.feeder is not None
     # Its own connection to a database ledger; a memory: ledger is the server's own, and a chain
     # ledger's (evm+) state belongs to the server: there the agent keeps its records in memory.
-    sink = open_sink(ledger) if _plain_database(ledger) else None
+    sink = open_sink(ledger) if plain_database(ledger) else None
     if sink is not None:
         await sink.start()
     agent = DsoAgent(
@@ -375,42 +375,10 @@ async def _dso_agent(
             await sink.close()
 
 
-def _plain_database(ledger: str) -> bool:
-    """A SQLite or PostgreSQL ledger, which a second connection of this process can write."""
-    return ledger.split(":", 1)[0].split("+", 1)[0].lower() in ("sqlite", "postgresql")
-
-
 def _sites_of(clients: Fleet | FleetConnections) -> list[Prosumer]:
     if isinstance(clients, Fleet):
         return [c.prosumer for c in clients.clients]
     return [p for fc in clients.clients for p in fc.prosumers.values()]
-
-
-@contextlib.asynccontextmanager
-async def _site_records(prosumers: Sequence[Prosumer], ledger: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-    """What the sites record of their own (a PEM site's houses, docs/pem.md) written to the
-    ledger after every step, on a connection of this process (as the DSO agent's)."""
-    sites = [p for p in prosumers if p.spec.pem is not None]
-
-    async def nothing() -> None:
-        return None
-
-    if not sites:
-        yield nothing
-        return
-    sink = open_sink(ledger)
-    await sink.start()
-
-    async def flush() -> None:
-        records = [r for p in sites for r in p.take_records()]
-        if records:
-            await sink.write(Batch(tuple(records)))
-
-    try:
-        yield flush
-        await flush()
-    finally:
-        await sink.close()
 
 
 async def _step_all(

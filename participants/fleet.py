@@ -28,6 +28,7 @@ class Fleet:
         base_dir: str | Path | None = None,
         concurrency: int = 32,
         connect_retry: float = 0.0,
+        others: Sequence[ParticipantSpec] | None = None,
         **client_options: Any,
     ) -> None:
         self.url = url
@@ -35,8 +36,12 @@ class Fleet:
         self._tokens = [token for _, token in members]
         self._concurrency = max(1, concurrency)
         specs = [spec for spec, _ in members]
+        # `others`: the whole scenario when this fleet runs only some of it (a PEM site's target).
+        everyone = specs if others is None else others
         self.clients = [
-            ParticipantClient(site_for(s, seed, timezone=timezone, base_dir=base_dir, others=specs), **client_options)
+            ParticipantClient(
+                site_for(s, seed, timezone=timezone, base_dir=base_dir, others=everyone), **client_options
+            )
             for s in specs
         ]
 

@@ -14,6 +14,7 @@ a look-ahead starts from the state after the last metered slot and changes nothi
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,12 +25,16 @@ from market.core.records import HouseSlotRecord, PemSlotRecord, Record
 from participants.messages import StartRound
 from participants.pem import PemConfig, SimState, Trajectory, initial_state, simulate, urgency
 from participants.profiles import SiteProfiles, build_profiles
-from participants.prosumer import Prosumer
+from participants.prosumer import KEEP_SLOTS, Prosumer
 from participants.spec import ParticipantSpec, PemSpec
 from participants.thermal import Houses, houses
 from participants.traders import Order, inside
 from participants.weather import Weather, load_weather, year_of
 
+log = logging.getLogger(__name__)
+# Slots of rows kept for `take_records`: microte sim takes them every step and `microte
+# participant` every second; a caller that never does loses the oldest, with a warning.
+PENDING_SLOTS = 2 * KEEP_SLOTS
 _ROUND = 4  # decimals of the temperatures on the ledger: the same digits on every platform
 
 
@@ -88,6 +93,7 @@ class PemSite(Prosumer):
         self._simulated = -1  # start of the last slot simulated
         self._hvac: dict[tuple[int, int], int] = {}  # metered slot -> HVAC Wh
         self.records: list[Record] = []  # ledger rows not yet taken (`take_records`)
+        self.dropped = 0  # slots whose rows were dropped untaken (PENDING_SLOTS)
 
     # -- the houses ------------------------------------------------------------------------
 
@@ -134,6 +140,11 @@ class PemSite(Prosumer):
         wh = house_wh(traj)
         self._hvac = {slot: int(wh.sum())}  # only the slot being metered is asked again
         self.records.extend(self._rows(slot, traj, wh))
+        per_slot = self.houses.n + 1
+        if len(self.records) > PENDING_SLOTS * per_slot:  # nobody takes them: bound the memory
+            del self.records[:per_slot]
+            self.dropped += 1
+            log.warning("%s: house rows of a slot dropped (%d so far): nothing writes them", self.spec.id, self.dropped)
         return {}, int(wh.sum())
 
     def _ahead(self, slot: tuple[int, int]) -> Trajectory:

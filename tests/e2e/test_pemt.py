@@ -86,3 +86,55 @@ def test_init_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtur
     init(tmp_path, capsys)
     assert cli.main(["init", "pemt", "--out", str(tmp_path / "case")]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err
+
+
+async def test_microte_participant_writes_a_pem_sites_rows(tmp_path: Path) -> None:
+    """A PEM site run by `microte participant` against a market someone else steps: it
+    refuses to start without a ledger for its houses, and with one writes them as it goes."""
+    import asyncio
+    import signal
+    import sys
+
+    from ledger import open_sink
+    from market.core.engine import MarketConfig
+    from market.server.app import MarketServer
+    from tests.e2e.conftest import TOKENS, registry
+    from tests.e2e.test_connect_retry import free_port, serving_on
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[[participants]]\nid = "P1"\npem = { houses = 3, capacity_kw = 8.0 }\n')
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[participants]]\nid = "P1"\ntoken = "{TOKENS["P1"]}"\n')
+    port = free_port()
+    cmd = [sys.executable, "-m", "controller", "participant", "--url", f"http://127.0.0.1:{port}"]
+    cmd += ["--scenario", str(scenario), "--registry", str(tokens)]
+    refused = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(refused.communicate(), 30)
+    assert refused.returncode != 0 and b"--ledger" in err
+    houses = f"sqlite:///{tmp_path / 'houses.db'}"
+    proc = await asyncio.create_subprocess_exec(*cmd, "--ledger", houses, stdout=asyncio.subprocess.PIPE)
+    try:
+        server = MarketServer(
+            MarketConfig(duration=900, round_timeout=5), registry(), open_sink(f"sqlite:///{tmp_path / 'm.db'}")
+        )
+        async with serving_on(server, port):
+            for _ in range(300):
+                if "P1" in server.online():
+                    break
+                await asyncio.sleep(0.1)
+            for k in range(4):
+                await server.step(1_689_051_600 + k * 900, None)
+            await asyncio.sleep(2.5)  # the command writes about every second
+            assert len(read_rows(houses, "pem_slots")) == 4  # written while it runs
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.communicate(), 15)
+        assert proc.returncode == 0
+        assert len(read_rows(houses, "house_slots")) == 3 * 4
+        meters = read_rows(f"sqlite:///{tmp_path / 'm.db'}", "meters")
+        assert sum(json.loads(m["consumption"])["other"]["external"] for m in meters) == sum(
+            r["load_wh"] for r in read_rows(houses, "pem_slots")
+        )
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -165,3 +165,13 @@ def test_dt_must_divide_the_slot() -> None:
     p = site_for(spec, 0)
     with pytest.raises(ValueError, match="does not divide"):
         p.on_round(round_msg(START))
+
+
+def test_untaken_rows_are_bounded() -> None:
+    from participants.pem_site import PENDING_SLOTS
+
+    p = site(houses=1)
+    for k in range(PENDING_SLOTS + 3):
+        p.on_round(round_msg(START + k * SLOT))
+    assert len(p.records) == PENDING_SLOTS * 2 and p.dropped == 3
+    assert p.records[0].time_delivery_start == START + 3 * SLOT  # type: ignore[attr-defined]
