@@ -6,11 +6,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-Flush = Callable[[], Awaitable[None]]
-
 from ledger import open_sink
 from market.core.records import Batch
 from participants.prosumer import Prosumer
+
+Flush = Callable[[], Awaitable[None]]
 
 
 def plain_database(ledger: str) -> bool:
