@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
         sub.add_parser("report", help="a run's figures and one self-contained HTML page, from its ledger")
     )
     cosim.add_arguments(
-        sub.add_parser("cosim", help="HELICS co-simulation: market, pandapower grid and weather federates")
+        sub.add_parser("cosim", help="HELICS co-simulation: market, pandapower grid, weather (and buildings) federates")
     )
     sweep.add_arguments(
         sub.add_parser("sweep", help="run every combination of scenario values over several seeds, compare the KPIs")

@@ -25,6 +25,8 @@ solve_every = 3600                # periodic LEM solver: every hour of the marke
 solve_delay = 60                  # ... a minute after the boundary
 [parity.agents]                   # optional: `microte sim` runs the Parity flow's agents
 aggregator = "AGG"                # participants.parity_agents.AgentsConfig (docs/parity.md)
+[cosim.buildings]                 # optional: `microte cosim`'s buildings federate (docs/grid.md)
+houses = 30                       # controller.buildings_federate.BuildingsConfig, decoded there
 ```
 """
 
@@ -59,6 +61,8 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     parity: ParityConfig = ParityConfig()  # the /grid market: LEM length, periodic solver
     # `[parity.agents]`: the agents `microte sim` runs on /grid (the server ignores them)
     parity_agents: AgentsConfig | None = None
+    # `[cosim.*]`: tables of `microte cosim` only, decoded strictly by it (the server ignores them)
+    cosim: dict[str, Any] = {}
 
     @property
     def start_time(self) -> int:
