@@ -56,6 +56,23 @@ class _WeatherPv:
         return round(self._w * float(ghi.mean()) / 1000 * (end - start) / 3600), 0
 
 
+class _WeatherWind:
+    """Turbine output from a weather file's wind speed at 10 m, raised to hub height by the
+    1/7 power law, through the spec's power curve (`WindProfile.curve`): the mean of
+    per-minute values over the slot, in Wh."""
+
+    def __init__(self, curve: WindProfile, weather: str, hub_m: float, base_dir: str | Path | None) -> None:
+        self._curve, self._name, self._base = curve, weather, base_dir
+        self._shear = (hub_m / 10.0) ** (1 / 7)
+
+    def energy(self, start: int, end: int) -> tuple[int, int]:
+        if end <= start:
+            return 0, 0
+        w = load_weather(self._name, year_of(start), self._base)
+        wind = w.at(start + 30 + 60 * np.arange((end - start + 59) // 60)).wind * self._shear
+        return round(float(self._curve.curve(wind).mean()) * (end - start) / 3600), 0
+
+
 class _Generation:
     def __init__(self, inner: SolarProfile | WindProfile) -> None:
         self._inner = inner
@@ -195,6 +212,9 @@ def build_profiles(
         sources.setdefault("solar", []).append(_WeatherPv(spec.pv.kw, spec.pv.weather, base_dir))
     elif spec.pv is not None:
         sources.setdefault("solar", []).append(_Generation(SolarProfile(spec.pv, seed, key, tz)))
-    if spec.wind is not None:
+    if spec.wind is not None and spec.wind.weather is not None:
+        turbine = WindProfile(spec.wind, seed, key, tz)
+        sources.setdefault("wind", []).append(_WeatherWind(turbine, spec.wind.weather, spec.wind.hub_m, base_dir))
+    elif spec.wind is not None:
         sources.setdefault("wind", []).append(_Generation(WindProfile(spec.wind, seed, key, tz)))
     return SiteProfiles(load, sources)

@@ -63,6 +63,10 @@ class WindSpec(Spec, frozen=True):
     rated_speed: Annotated[float, msgspec.Meta(gt=0)] = 12.0
     cut_out: Annotated[float, msgspec.Meta(gt=0)] = 25.0
     forecast_error: ForecastError = 0.0
+    # Set: the turbine follows the file's measured wind speed (10 m, raised to `hub_m` by the
+    # 1/7 power law) instead of the synthetic wind process; `mean_speed` is then unused.
+    weather: WeatherName | None = None
+    hub_m: Annotated[float, msgspec.Meta(ge=10, le=200)] = 30.0
 
 
 class BatterySpec(Spec, frozen=True):

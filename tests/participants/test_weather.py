@@ -123,3 +123,35 @@ def test_bad_files_name_file_and_line(tmp_path, mutate, line, message):
         read_tmy3(path, 2023)
     assert str(info.value).startswith(f"{path}:{line}: ")
     assert message in str(info.value)
+
+
+def test_pv_and_wind_follow_the_weather_file() -> None:
+    """`weather = "greensboro"` on a PV array or a turbine: its output follows the file (the
+    houses' weather), not the synthetic models, and a night slot gives no PV."""
+    from participants.profiles import build_profiles
+    from participants.spec import decode_spec
+    from participants.weather import pvlib_tmy3
+
+    site = decode_spec(
+        {"id": "W1", "pv": {"kw": 10.0, "weather": "greensboro"}, "wind": {"kw": 5.0, "weather": "greensboro"}}
+    )
+    profiles = build_profiles(site, 0, "America/New_York")
+    w = pvlib_tmy3(2023)
+    noon = 1_689_051_600 + 12 * 3600  # 2023-07-10 12:00 local standard time
+    for start in (noon, noon - 12 * 3600):
+        gen, _ = profiles.slot((start, start + 900))
+        minutes = start + 30 + 60 * np.arange(15)
+        ghi = w.at(minutes).ghi.mean()
+        assert gen["solar"] == round(10_000 * 0.85 * ghi / 1000 * 0.25)
+        assert (gen["solar"] > 1000) == (start == noon)
+        wind = w.at(minutes).wind * 3 ** (1 / 7)
+        expected = np.where(
+            (wind < 3) | (wind >= 25), 0, np.where(wind < 12, 5000 * np.clip((wind**3 - 27) / (12**3 - 27), 0, 1), 5000)
+        )
+        assert gen["wind"] == round(float(expected.mean()) * 0.25)
+    day = sum(
+        profiles.slot((noon - 12 * 3600 + k * 900, noon - 12 * 3600 + (k + 1) * 900))[0]["wind"] for k in range(96)
+    )
+    assert day > 1000  # the file's winds turn it on that day (a check of the curve, not of zeros)
+    synthetic = build_profiles(decode_spec({"id": "W1", "pv": {"kw": 10.0}}), 0, "America/New_York")
+    assert synthetic.slot((noon, noon + 900))[0]["solar"] != profiles.slot((noon, noon + 900))[0]["solar"]
