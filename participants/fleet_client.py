@@ -12,6 +12,7 @@ import socketio
 
 from market.core import wire
 from market.core.protocol import MAX_FLEET_ITEMS
+from participants.messages import StartRound, parse
 from participants.prosumer import Stats
 from participants.sites import site_for
 from participants.spec import ParticipantSpec
@@ -54,9 +55,15 @@ class FleetClient:
     async def _on_start_round(self, payload: Any) -> None:
         orders: list[dict[str, Any]] = []
         readings: list[dict[str, Any]] = []
+        try:  # decoded once for every prosumer of the connection (and its facts computed once)
+            msg = parse(payload, StartRound)
+        except ValueError:
+            log.exception("start_round: bad payload")
+            self.errors += 1
+            return
         for pid, prosumer in self.prosumers.items():
             try:
-                meter, own = prosumer.on_round(payload)
+                meter, own = prosumer.on_round_msg(msg)
             except Exception:
                 log.exception("%s: start_round failed", pid)
                 prosumer.stats.errors += 1
