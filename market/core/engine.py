@@ -21,6 +21,15 @@ from market.core.clearing import Fill, Matching, Pricing, clear
 from market.core.errors import IllegalTransition, MarketError
 from market.core.exchange import EXTERNAL, exchange
 from market.core.grid import GridStates, GridTariff
+from market.core.hierarchy import (
+    UPSTREAM_ID,
+    Residual,
+    UpstreamFill,
+    check_fills,
+    residuals,
+    upstream_meter,
+    upstream_settlements,
+)
 from market.core.protocol import MAX_QUANTITY, ConsumptionMsg, EntryMsg, MeterMsg, OrdersMsg, Side
 from market.core.records import (
     BaseFlowRecord,
@@ -173,8 +182,14 @@ class Market:
         config: MarketConfig,
         grid_states: GridStates | None = None,
         capacity: CapacityLimits | None = None,
+        *,
+        upstream: bool = False,
     ) -> None:
         self.config = config
+        # A market below another (docs/hierarchy.md): each cleared slot's unmatched remainders
+        # are kept for the market above, whose fills settle here with `UPSTREAM_ID`.
+        self.upstream = upstream
+        self._residuals: dict[int, list[Residual]] = {}
         self.grid_states = grid_states or GridStates()
         # Capacity-aware clearing (docs/grid.md): fills that would push a feeder branch past
         # its limit are curtailed at gate closure; `base_flows` per slot (W per branch, e.g.
@@ -279,6 +294,8 @@ class Market:
             self.journal.append(BaseFlowRecord(f"b{slot[0]}", slot[0], slot[1], flows, now))
         records = [self._settlement(slot, i, f, now) for i, f in enumerate(fills)]
         self._matched[slot[0]] = records
+        if self.upstream:
+            self._residuals[slot[0]] = residuals(bids, asks, fills)
         if cuts:
             assert self.capacity is not None
             self.journal += _curtailments(slot, cleared, fills, cuts, self.capacity, now)
@@ -306,6 +323,41 @@ class Market:
             seq=seq,
             time_creation=now,
         )
+
+    # -- a market above (docs/hierarchy.md) ----------------------------------------------
+
+    def residuals_of(self, start: int) -> list[Residual]:
+        """What the clearing of slot `start` left unmatched (kept until it is processed)."""
+        return list(self._residuals.get(start, ()))
+
+    def upstream_fills(self, start: int, fills: Sequence[UpstreamFill], now: int) -> list[tuple[str, dict[str, Any]]]:
+        """Settle fills of the slot's residuals in the market above: settlements between each
+        member and `UPSTREAM_ID` after the local ones (journalled), and the members' `settled`
+        events. Once per slot, before it is processed; a bad fill refuses them all."""
+        if not self.upstream:
+            raise MarketError("invalid", "this market has no market above it")
+        phase = self.phase(start)
+        if phase not in (Phase.MATCHED, Phase.DELIVERING):
+            raise MarketError(
+                "closed", f"slot {start} is {phase.value}: upstream fills come between clearing and processing"
+            )
+        local = self._matched.get(start) if phase is Phase.MATCHED else self._delivering[start].settlements
+        assert local is not None
+        if any(s.commit_id.startswith("u") for s in local):
+            raise MarketError("conflict", f"slot {start} already has its upstream fills")
+        try:
+            check_fills(fills, {r.uuid: r for r in self._residuals.get(start, ())})
+        except ValueError as err:
+            raise MarketError("invalid", str(err)) from None
+        d = self._require_round().duration
+        settlements = upstream_settlements((start, start + d), fills, len(local), now, self.config.dispatch)
+        local += settlements
+        self.journal += settlements
+        return [(p, e) for p, e in _settled_events(settlements) if p != UPSTREAM_ID]
+
+    def _check_not_upstream(self, participant: str) -> None:
+        if self.upstream and participant == UPSTREAM_ID:
+            raise MarketError("forbidden", f"{UPSTREAM_ID!r} is the account of the market above: nobody trades as it")
 
     def market_info(self, slots: Iterable[Slot]) -> list[dict[str, Any]]:
         info = []
@@ -344,6 +396,7 @@ class Market:
 
     def submit(self, participant: str, side: Side, msg: EntryMsg) -> dict[str, Any]:
         """Add a bid or ask; the ok reply's fields (`entry`, and `duplicate` on a resubmission)."""
+        self._check_not_upstream(participant)
         r = self._require_round()
         self._check_entry(side, msg, r)
         counters = self._counters.setdefault(msg.time_delivery[0], {})
@@ -458,6 +511,7 @@ class Market:
 
     def meter(self, participant: str, msg: MeterMsg) -> dict[str, Any]:
         r = self._require_round()
+        self._check_not_upstream(participant)
         slot = msg.time_interval
         if not is_aligned(slot, r.duration):
             raise MarketError("invalid", f"time_interval {list(slot)} is not an aligned {r.duration} s slot")
@@ -506,6 +560,12 @@ class Market:
         duration = self._require_round().duration
         slot = (slot_start, slot_start + duration)
         buy, sell = self.config.grid.prices(slot_start)
+        self._residuals.pop(slot_start, None)
+        if self.upstream and UPSTREAM_ID not in d.meters:
+            reading = upstream_meter(slot, d.settlements)
+            if reading is not None:  # the market above delivers what it sold and takes what it bought
+                d.meters[UPSTREAM_ID] = reading
+                d.records[UPSTREAM_ID] = _meter_record(UPSTREAM_ID, slot, reading, now)
         rows = exchange(slot, d.settlements, d.meters, buy, sell, now, self.config.non_dispatch)
         self.grid_states.forget_before(slot_start)
         return SlotResult(

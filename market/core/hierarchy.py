@@ -1,0 +1,150 @@
+"""A market of markets (docs/hierarchy.md), pure: what a community passes up to the market
+above it after its own clearing, and how what comes back settles in the community.
+
+After a slot's local clearing, every entry's unmatched remainder is a `Residual`. The
+community trades its residuals in the upstream market as one participant, one upstream
+order per residual (so a fill upstream belongs to exactly one member: nothing is split,
+and quantities and amounts are the same at both levels, exactly). A fill upstream comes
+back as a settlement between the member and the community's upstream account
+`UPSTREAM_ID`, at the upstream fill's prices; the exchange then settles it like any P2P
+fill against the member's meter and the upstream account's reading, which is what it
+bought upstream (generation) and sold upstream (consumption). What the upstream account
+physically passed on is the community's reading in the upstream market (`physical_flows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+import msgspec
+
+from market.core.book import Entry
+from market.core.clearing import Fill
+from market.core.protocol import ConsumptionMsg, MeterMsg
+from market.core.records import Settlement, Transaction, amount
+
+UPSTREAM_ID = "upstream"  # a community's account with the market above it (reserved id)
+_PHYSICAL = ("p2p", "bess_compensation")
+
+
+class Residual(msgspec.Struct, frozen=True):
+    """What was left of one entry after its slot's local clearing."""
+
+    side: Literal["bid", "ask"]
+    participant: str
+    uuid: str
+    id: str | None
+    price: float
+    quantity: int  # Wh not matched locally, > 0
+    source: str | None  # an ask's source
+
+
+class UpstreamFill(msgspec.Struct, frozen=True):
+    """A fill of one residual in the upstream market: `quantity` Wh of it at the upstream
+    fill's prices; `source` is the energy's source (an ask's own, or the upstream seller's
+    for a bid); `ref` names the upstream fill (its commit id there)."""
+
+    residual: Residual
+    quantity: int
+    price_buy: float
+    price_sell: float
+    source: str
+    ref: str
+
+
+def residuals(bids: Sequence[Entry], asks: Sequence[Entry], fills: Iterable[Fill]) -> list[Residual]:
+    """The unmatched remainder of every entry of a slot (bids, then asks, in book order)."""
+    matched: dict[str, int] = {}
+    for f in fills:
+        matched[f.bid.uuid] = matched.get(f.bid.uuid, 0) + f.quantity
+        matched[f.ask.uuid] = matched.get(f.ask.uuid, 0) + f.quantity
+    out: list[Residual] = []
+    for e in (*bids, *asks):
+        left = e.quantity - matched.get(e.uuid, 0)
+        if left > 0:
+            out.append(Residual(e.side, e.participant, e.uuid, e.id, e.price, left, e.source))
+    return out
+
+
+def check_fills(fills: Sequence[UpstreamFill], open_residuals: Mapping[str, Residual]) -> None:
+    """Refuse fills of residuals the community never passed up, or beyond what was left."""
+    taken: dict[str, int] = {}
+    for f in fills:
+        r = open_residuals.get(f.residual.uuid)
+        if r is None or r != f.residual:
+            raise ValueError(f"upstream fill {f.ref}: no such residual {f.residual.uuid}")
+        if f.quantity <= 0:
+            raise ValueError(f"upstream fill {f.ref}: quantity {f.quantity} is not positive")
+        taken[r.uuid] = taken.get(r.uuid, 0) + f.quantity
+        if taken[r.uuid] > r.quantity:
+            raise ValueError(f"upstream fill {f.ref}: {taken[r.uuid]} Wh of residual {r.uuid} exceed its {r.quantity}")
+
+
+def upstream_settlements(
+    slot: tuple[int, int], fills: Sequence[UpstreamFill], first_seq: int, now: int, dispatch: Iterable[str]
+) -> list[Settlement]:
+    """The community's settlements of upstream fills, after its local ones (`first_seq` on),
+    ids `u{start}-{i}`: a member's bid is bought from `UPSTREAM_ID`, its ask sold to it."""
+    dispatching = frozenset(dispatch)
+    out: list[Settlement] = []
+    for i, f in enumerate(fills):
+        r, bid = f.residual, f.residual.side == "bid"
+        out.append(
+            Settlement(
+                commit_id=f"u{slot[0]}-{i}",
+                time_delivery_start=slot[0],
+                time_delivery_end=slot[1],
+                seller_id=UPSTREAM_ID if bid else r.participant,
+                buyer_id=r.participant if bid else UPSTREAM_ID,
+                bid_uuid=r.uuid if bid else f.ref,
+                ask_uuid=f.ref if bid else r.uuid,
+                bid_id=r.id if bid else None,
+                ask_id=None if bid else r.id,
+                energy_source=f.source,
+                quantity=f.quantity,
+                price_buy=f.price_buy,
+                price_sell=f.price_sell,
+                amount_buy=amount(f.quantity, f.price_buy),
+                amount_sell=amount(f.quantity, f.price_sell),
+                dispatch=f.source in dispatching,
+                seq=first_seq + i,
+                time_creation=now,
+            )
+        )
+    return out
+
+
+def upstream_meter(slot: tuple[int, int], settlements: Iterable[Settlement]) -> MeterMsg | None:
+    """The upstream account's reading of a slot: it delivers what the community bought
+    upstream (generation per source) and takes what it sold (imports); None if neither."""
+    gen: dict[str, int] = {}
+    taken = 0
+    for s in settlements:
+        if s.seller_id == UPSTREAM_ID:
+            gen[s.energy_source] = gen.get(s.energy_source, 0) + s.quantity
+        elif s.buyer_id == UPSTREAM_ID:
+            taken += s.quantity
+    if not gen and not taken:
+        return None
+    return MeterMsg(
+        time_interval=slot,
+        generation=dict(sorted(gen.items())),
+        consumption=ConsumptionMsg(other={"external": taken} if taken else {}),
+    )
+
+
+def physical_flows(rows: Iterable[Transaction]) -> tuple[dict[str, int], int]:
+    """What the upstream account physically passed on in a slot: (energy the members
+    delivered to it, per source; energy it delivered to the members): the community's
+    reading in the upstream market. Financial rows moved no energy."""
+    out: dict[str, int] = {}
+    delivered = 0
+    for t in rows:
+        if t.kind not in _PHYSICAL:
+            continue
+        if t.buyer_id == UPSTREAM_ID:
+            out[t.energy_source] = out.get(t.energy_source, 0) + t.quantity
+        elif t.seller_id == UPSTREAM_ID:
+            delivered += t.quantity
+    return dict(sorted(out.items())), delivered
