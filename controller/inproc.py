@@ -12,14 +12,14 @@ driven from outside, then `close` (the slot is processed, deliveries handed out)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from controller.scenario import Scenario
 from controller.serve import run_record
 from ledger import open_sink
-from market.core.engine import Market, RoundOpen, slot_records
+from market.core.engine import Market, RoundOpen, SlotResult, slot_records
 from market.core.errors import MarketError
 from market.core.protocol import MeterMsg, OrdersMsg, decode
 from market.core.records import Batch, Record, RoundRecord, Settlement
@@ -27,10 +27,20 @@ from market.core.sink import Sink
 from participants.messages import StartRound, parse
 from participants.sites import site_for
 from participants.spec import ParticipantSpec
+from participants.traders import Order
 
 # Records kept before a write: the ledger is written in large batches (nobody waits for an
 # acknowledgement in-process), and once more at the end.
 WRITE_EVERY = 50_000
+
+
+class Site(Protocol):
+    """What the in-process market asks of a participant (a `Prosumer`, or anything acting as one)."""
+
+    def on_round_msg(self, msg: StartRound, *, trade: bool = True) -> tuple[dict[str, Any] | None, list[Order]]: ...
+    def on_settled(self, payload: Any) -> None: ...
+    def on_delivery(self, payload: Any) -> None: ...
+    def take_records(self) -> list[Record]: ...
 
 
 class InprocMarket:
@@ -45,25 +55,34 @@ class InprocMarket:
         *,
         base_dir: str | Path | None = None,
         external: Sequence[str] = (),
+        upstream: bool = False,
+        sites: Mapping[str, Site] | None = None,
     ) -> None:
+        """`upstream`: this market trades its residuals in a market above (docs/hierarchy.md);
+        `sites`: participants that are not built from specs (a community in its district)."""
         if scenario.feeder is not None:
             raise ValueError(
                 "--transport inproc does not run the DSO agent of a [feeder] scenario yet; use --transport socket"
             )
         self.scenario = scenario
         self.config = scenario.market_config("sim")
-        self.market = Market(self.config)
+        self.market = Market(self.config, upstream=upstream)
         self.prosumers = {
             s.id: site_for(s, scenario.seed, timezone=scenario.timezone, base_dir=base_dir, others=specs) for s in specs
         }
+        for pid in sites or {}:
+            if pid in self.prosumers:
+                raise ValueError(f"participant {pid}: both a spec and a site")
+        self._sites: dict[str, Site] = {**self.prosumers, **(sites or {})}  # everyone, by id
         unknown = sorted(set(external) - set(self.prosumers))
         if unknown:
             raise ValueError(f"external participants not in the scenario: {unknown}")
         self.external = frozenset(external)
-        self.order = [s.id for s in specs]  # the registry's order (the `missing` lists)
+        self.order = [*(s.id for s in specs), *(sites or {})]  # the registry's order (the `missing` lists)
         self.records: list[Record] = []  # to be written, in the order the server writes them
         self.opened: RoundOpen | None = None
         self.last: RoundRecord | None = None
+        self.results: list[SlotResult] = []  # the slots the last `close` processed (a district reads them)
         self.refused = 0  # orders and readings the market refused (a client's `errors`)
         self.missing = 0  # readings missing, over every processed slot
 
@@ -79,12 +98,12 @@ class InprocMarket:
             raise ValueError(f"round {t} is not after round {last.time}")
         self.opened = opened = self.market.open_round(t, None)
         for pid, payload in opened.settled:
-            p = self.prosumers.get(pid)
+            p = self._sites.get(pid)
             if p is not None:
                 p.on_settled(payload)
         msg = parse(opened.start_round, StartRound)  # once for all: each client would parse its copy
         for pid in self.order:
-            p = self.prosumers[pid]
+            p = self._sites[pid]
             meter, orders = p.on_round_msg(msg, trade=pid not in self.external)
             if orders:
                 self.submit(pid, orders)
@@ -103,12 +122,13 @@ class InprocMarket:
         if opened is None:
             raise RuntimeError("no round is open")
         self.opened = None
+        self.results = []
         t = opened.times.time
         for skipped in [s for s in self.market.delivering() if s < t]:  # never when stepping by one slot
             self._finish(opened, skipped, [])
         summary = self._finish(opened, t, opened.settlements)
         for pid in self.order:  # what sites record of their own (a PEM site's houses)
-            self.records += self.prosumers[pid].take_records()
+            self.records += self._sites[pid].take_records()
         return summary
 
     def step(self, t: int) -> RoundRecord:
@@ -137,6 +157,7 @@ class InprocMarket:
 
     def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> RoundRecord:
         result = self.market.process(slot, opened.times.time)
+        self.results.append(result)
         metered = set(result.metered)
         missing = [p for p in self.order if p not in metered]
         self.missing += len(missing)
@@ -145,7 +166,7 @@ class InprocMarket:
         self.records.append(summary)
         self.last = summary
         for pid, payload in result.deliveries.items():
-            p = self.prosumers.get(pid)
+            p = self._sites.get(pid)
             if p is not None:
                 p.on_delivery(payload)
         return summary

@@ -63,6 +63,9 @@ class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     parity_agents: AgentsConfig | None = None
     # `[cosim.*]`: tables of `microte cosim` only, decoded strictly by it (the server ignores them)
     cosim: dict[str, Any] = {}
+    # `[[communities]]`: a district of community markets (docs/hierarchy.md), decoded strictly
+    # by controller/hierarchy.py; the district's own `[market]`, `[grid]` and participants.
+    communities: list[dict[str, Any]] = []
 
     @property
     def start_time(self) -> int:

@@ -1,0 +1,143 @@
+"""A district of community markets in lockstep, in-process (controller/hierarchy.py,
+docs/hierarchy.md): district fills conserve energy and money exactly across levels, the
+same seed gives the same ledgers, the district saves grid energy, bad districts are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from controller.hierarchy import load_district, run_district
+from controller.inproc import run_inproc
+from controller.scenario import load_scenario
+from ledger.digest import ledger_digest, read_rows
+from market.core.hierarchy import UPSTREAM_ID
+from participants.spec import decode_specs
+
+DISTRICT = Path(__file__).parents[2] / "scenarios" / "district"
+COMMUNITIES = ("sunny", "town", "windy")
+
+
+@pytest.fixture(scope="module")
+def ledgers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("district")
+    _run, urls, _ = asyncio.run(run_district(DISTRICT / "district.toml", f"sqlite:///{tmp}/{{market}}.db"))
+    return urls
+
+
+def test_district_fills_are_the_communities_upstream_settlements(ledgers: dict[str, str]) -> None:
+    district = read_rows(ledgers["district"], "settlements")
+    assert district, "the district traded nothing: the scenario no longer exercises it"
+    for c in COMMUNITIES:
+        local = read_rows(ledgers[c], "settlements")
+        bought = Counter(
+            (s["time_delivery_start"], s["quantity"], s["price_buy"], s["amount_buy"])
+            for s in local
+            if s["seller_id"] == UPSTREAM_ID
+        )
+        sold = Counter(
+            (s["time_delivery_start"], s["quantity"], s["price_sell"], s["amount_sell"])
+            for s in local
+            if s["buyer_id"] == UPSTREAM_ID
+        )
+        assert bought == Counter(
+            (s["time_delivery_start"], s["quantity"], s["price_buy"], s["amount_buy"])
+            for s in district
+            if s["buyer_id"] == c
+        )
+        assert sold == Counter(
+            (s["time_delivery_start"], s["quantity"], s["price_sell"], s["amount_sell"])
+            for s in district
+            if s["seller_id"] == c
+        )
+        assert all(s["commit_id"].startswith("u") for s in local if UPSTREAM_ID in (s["seller_id"], s["buyer_id"]))
+    assert {s["buyer_id"] for s in district} | {s["seller_id"] for s in district} <= set(COMMUNITIES)
+
+
+def test_what_the_upstream_account_passed_on_is_the_communitys_reading_above(ledgers: dict[str, str]) -> None:
+    above = {(m["participant_id"], m["time_interval_start"]): m for m in read_rows(ledgers["district"], "meters")}
+    checked = 0
+    for c in COMMUNITIES:
+        per_slot: dict[int, tuple[Counter[str], int]] = {}
+        for t in read_rows(ledgers[c], "transactions"):
+            if t["kind"] not in ("p2p", "bess_compensation"):
+                continue
+            gen, taken = per_slot.setdefault(t["time_delivery_start"], (Counter(), 0))
+            if t["buyer_id"] == UPSTREAM_ID:
+                gen[t["energy_source"]] += t["quantity"]
+            elif t["seller_id"] == UPSTREAM_ID:
+                per_slot[t["time_delivery_start"]] = (gen, taken + t["quantity"])
+        for (pid, start), m in above.items():
+            if pid != c:
+                continue
+            gen, taken = per_slot.get(start, (Counter(), 0))
+            assert json.loads(m["generation"]) == dict(gen)
+            assert json.loads(m["consumption"])["other"].get("external", 0) == taken
+            checked += bool(gen or taken)
+    assert checked > 10
+    # Every district reading was sent, one per community and slot after the first round.
+    assert len(above) == len(COMMUNITIES) * 96
+
+
+def test_money_passes_through_the_upstream_account_exactly(ledgers: dict[str, str]) -> None:
+    """What the members paid and received for district energy, through their settlements
+    with the upstream account, is what their community paid and received in the district."""
+    for c in COMMUNITIES:
+        local = read_rows(ledgers[c], "settlements")
+        paid_below = sum(s["amount_buy"] for s in local if s["seller_id"] == UPSTREAM_ID)
+        got_below = sum(s["amount_sell"] for s in local if s["buyer_id"] == UPSTREAM_ID)
+        district = read_rows(ledgers["district"], "settlements")
+        assert paid_below == sum(s["amount_buy"] for s in district if s["buyer_id"] == c)
+        assert got_below == sum(s["amount_sell"] for s in district if s["seller_id"] == c)
+
+
+def test_same_seed_same_ledgers(ledgers: dict[str, str], tmp_path: Path) -> None:
+    _run, again, _ = asyncio.run(run_district(DISTRICT / "district.toml", f"sqlite:///{tmp_path}/{{market}}.db"))
+    assert {m: ledger_digest(u) for m, u in again.items()} == {m: ledger_digest(u) for m, u in ledgers.items()}
+
+
+def test_the_district_saves_grid_energy(ledgers: dict[str, str], tmp_path: Path) -> None:
+    def grid(url: str, kind: str) -> int:
+        return sum(t["quantity"] for t in read_rows(url, "transactions") if t["kind"] == kind)
+
+    for c in COMMUNITIES:  # the same community without a district above it
+        sc = load_scenario(DISTRICT / f"{c}.toml")
+        asyncio.run(run_inproc(sc, decode_specs(sc.participants), ledger=f"sqlite:///{tmp_path}/{c}.db"))
+    alone = sum(grid(f"sqlite:///{tmp_path}/{c}.db", "grid_buy") for c in COMMUNITIES)
+    together = sum(grid(ledgers[c], "grid_buy") for c in COMMUNITIES)
+    assert together < alone
+    assert alone - together >= 0.9 * sum(t["quantity"] for t in read_rows(ledgers["district"], "transactions"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d, c: d.replace('id = "town"', 'id = "sunny"'), "taken"),
+        (lambda d, c: d.replace('id = "town"', 'id = "upstream"'), "taken"),
+        (lambda d, c: d.replace("close_steps = 2", "close_steps = 1"), "close_steps >= 2"),
+        (lambda d, c: d.replace('scenario = "town.toml"', 'scenario = "town.toml"\ncolour = "red"'), "colour"),
+        (lambda d, c: d.replace("step = 900", "step = 600"), "differs from the district"),
+        (lambda d, c: d.split("[[communities]]")[0], "no \\[\\[communities\\]\\]"),
+    ],
+)
+def test_bad_districts_are_refused(tmp_path: Path, edit: object, message: str) -> None:
+    for f in DISTRICT.glob("*.toml"):
+        shutil.copy(f, tmp_path / f.name)
+    path = tmp_path / "district.toml"
+    path.write_text(edit(path.read_text(), None))  # type: ignore[operator]
+    with pytest.raises(ValueError, match=message):
+        load_district(path)
+
+
+def test_a_community_may_not_use_the_reserved_id(tmp_path: Path) -> None:
+    for f in DISTRICT.glob("*.toml"):
+        shutil.copy(f, tmp_path / f.name)
+    town = tmp_path / "town.toml"
+    town.write_text(town.read_text().replace('id = "T01"', 'id = "upstream"'))
+    with pytest.raises(ValueError, match="reserved"):
+        load_district(tmp_path / "district.toml")
