@@ -26,7 +26,9 @@ from market.core.hierarchy import (
     Residual,
     UpstreamFill,
     check_fills,
+    matched,
     residuals,
+    settled,
     upstream_meter,
     upstream_settlements,
 )
@@ -295,7 +297,7 @@ class Market:
         records = [self._settlement(slot, i, f, now) for i, f in enumerate(fills)]
         self._matched[slot[0]] = records
         if self.upstream:
-            self._residuals[slot[0]] = residuals(bids, asks, fills)
+            self._residuals[slot[0]] = residuals((*bids, *asks), matched(fills))
         if cuts:
             assert self.capacity is not None
             self.journal += _curtailments(slot, cleared, fills, cuts, self.capacity, now)
@@ -623,6 +625,15 @@ class Market:
         for m in rec.meters:
             if m.time_interval_start > self._processed_until:
                 self._early_meters.setdefault(m.time_interval_start, {})[m.participant_id] = m
+        if self.upstream:  # what the clearing of each matched slot left, as it was before the stop
+            for start, fills in self._matched.items():
+                own = [
+                    _entry_from_record(e)
+                    for e in rec.entries
+                    if e.time_delivery_start == start and e.id not in cancelled
+                ]
+                local = [s for s in fills if not s.commit_id.startswith("u")]
+                self._residuals[start] = residuals(own, settled(local))
 
     def undo(self, records: Iterable[Record]) -> None:
         """Take back acknowledged-to-be actions whose records could not be made durable: the

@@ -53,17 +53,34 @@ class UpstreamFill(msgspec.Struct, frozen=True):
     ref: str
 
 
-def residuals(bids: Sequence[Entry], asks: Sequence[Entry], fills: Iterable[Fill]) -> list[Residual]:
-    """The unmatched remainder of every entry of a slot (bids, then asks, in book order)."""
-    matched: dict[str, int] = {}
+def matched(fills: Iterable[Fill]) -> dict[str, int]:
+    """Wh matched per entry uuid by a slot's fills."""
+    out: dict[str, int] = {}
     for f in fills:
-        matched[f.bid.uuid] = matched.get(f.bid.uuid, 0) + f.quantity
-        matched[f.ask.uuid] = matched.get(f.ask.uuid, 0) + f.quantity
-    out: list[Residual] = []
-    for e in (*bids, *asks):
-        left = e.quantity - matched.get(e.uuid, 0)
-        if left > 0:
-            out.append(Residual(e.side, e.participant, e.uuid, e.id, e.price, left, e.source))
+        out[f.bid.uuid] = out.get(f.bid.uuid, 0) + f.quantity
+        out[f.ask.uuid] = out.get(f.ask.uuid, 0) + f.quantity
+    return out
+
+
+def settled(settlements: Iterable[Settlement]) -> dict[str, int]:
+    """`matched` from a slot's recorded (local) settlements, as a restart finds them."""
+    out: dict[str, int] = {}
+    for s in settlements:
+        out[s.bid_uuid] = out.get(s.bid_uuid, 0) + s.quantity
+        out[s.ask_uuid] = out.get(s.ask_uuid, 0) + s.quantity
+    return out
+
+
+def residuals(entries: Iterable[Entry], matched_wh: Mapping[str, int]) -> list[Residual]:
+    """The unmatched remainder of every entry of a slot, bids first, each side by uuid: an
+    order that depends only on the entries and the fills, so a restart finds the same list
+    (the upstream orders are named by their position in it)."""
+    out = [
+        Residual(e.side, e.participant, e.uuid, e.id, e.price, e.quantity - matched_wh.get(e.uuid, 0), e.source)
+        for e in entries
+        if e.quantity > matched_wh.get(e.uuid, 0)
+    ]
+    out.sort(key=lambda r: (r.side != "bid", r.uuid))
     return out
 
 

@@ -6,26 +6,30 @@ from __future__ import annotations
 
 import pytest
 
-from market.core.engine import Market, MarketConfig
+from market.core.engine import Market, MarketConfig, Recovered
 from market.core.errors import MarketError
 from market.core.hierarchy import UPSTREAM_ID, Residual, UpstreamFill, physical_flows
+from market.core.records import CancelRecord, EntryRecord, RoundRecord, Settlement
 from tests.market.builders import ask, bid, meter
 
 D = 60
 
 
-@pytest.fixture
-def cleared() -> Market:
-    """SLOT's gate closed (at round 0 its gate is the next round's): B1 bought 3000 from S1
-    and 2000 from S2 at midpoints; B2's 1000 Wh are left, nothing of the asks."""
+def clearing() -> tuple[Market, list[Settlement]]:
+    """Slot (120, 180) cleared at round 60; its local settlements."""
     m = Market(MarketConfig(duration=D, close_steps=2), upstream=True)
     m.open_round(0)
     bid(m, "B1", 4000, 0.20, (120, 180), id="b1")
     bid(m, "B2", 1000, 0.12, (120, 180))
     ask(m, "S1", 3000, 0.10, (120, 180), id="s1")
     ask(m, "S2", 2500, 0.18, (120, 180))
-    m.open_round(D)  # closes (120, 180)
-    return m
+    opened = m.open_round(D)  # closes (120, 180)
+    return m, opened.settlements
+
+
+@pytest.fixture
+def cleared() -> Market:
+    return clearing()[0]
 
 
 def test_residual_remainders(cleared: Market) -> None:
@@ -113,3 +117,29 @@ def test_nobody_trades_as_the_upstream_account(cleared: Market) -> None:
     plain = Market(MarketConfig(duration=D))  # elsewhere `upstream` is an id like any other
     plain.open_round(0)
     assert "entry" in bid(plain, UPSTREAM_ID, 100, 0.1, (120, 180))
+
+
+def test_a_restart_finds_the_same_residuals() -> None:
+    """After a stop between a slot's clearing and its upstream fills, the restored market
+    has the same residuals (so the upstream orders named by position still mean the same),
+    and fills already settled before the stop are not taken twice."""
+    cleared, local = clearing()
+    journal = cleared.take_journal()
+    entries = [r for r in journal if isinstance(r, EntryRecord)]
+    cancels = [r for r in journal if isinstance(r, CancelRecord)]
+    assert local and entries
+    last = RoundRecord("r60-60", 60, D, 60, 120, 0, 0, "[]", 0)
+
+    def restarted(settlements: list[Settlement]) -> Market:
+        m = Market(MarketConfig(duration=D, close_steps=2), upstream=True)
+        m.restore(Recovered(last, entries, cancels, settlements, []))
+        return m
+
+    again = restarted(local)
+    assert again.residuals_of(120) == cleared.residuals_of(120)
+    res = {r.participant: r for r in again.residuals_of(120)}
+    again.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D)
+    upstream = [r for r in again.take_journal() if isinstance(r, Settlement)]
+    twice = restarted([*local, *upstream])
+    with pytest.raises(MarketError, match="already has"):
+        twice.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D)
