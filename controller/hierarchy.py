@@ -34,6 +34,7 @@ from controller.inproc import InprocMarket
 from controller.scenario import Scenario, load_scenario
 from controller.serve import run_record
 from ledger import open_sink
+from ledger.markets import market_url
 from market.core.hierarchy import UPSTREAM_ID, Residual, UpstreamFill, physical_flows
 from market.core.records import Batch, Record
 from participants.messages import StartRound
@@ -145,6 +146,7 @@ class District(msgspec.Struct, frozen=True):
     scenario: Scenario
     communities: dict[str, Scenario]  # id -> its scenario, in the order listed
     base_dirs: dict[str, Path]
+    files: dict[str, Path]  # id -> its scenario file
 
 
 def load_district(path: str | Path) -> District:
@@ -165,6 +167,7 @@ def load_district(path: str | Path) -> District:
     own = {s.id for s in decode_specs(sc.participants)}
     out: dict[str, Scenario] = {}
     dirs: dict[str, Path] = {}
+    files: dict[str, Path] = {}
     for ref in refs:
         if ref.id in out or ref.id in own or ref.id == UPSTREAM_ID:
             raise ValueError(f"{path}: community id {ref.id!r} is taken (a community, a participant or reserved)")
@@ -182,8 +185,8 @@ def load_district(path: str | Path) -> District:
             raise ValueError(f"{where}: participant id {UPSTREAM_ID!r} is reserved for the district's account")
         if c.feeder is not None or c.communities:
             raise ValueError(f"{where}: a community with [feeder] or communities of its own is not run in-process yet")
-        out[ref.id], dirs[ref.id] = c, where.parent
-    return District(sc, out, dirs)
+        out[ref.id], dirs[ref.id], files[ref.id] = c, where.parent, where
+    return District(sc, out, dirs, files)
 
 
 class DistrictRun:
@@ -221,11 +224,10 @@ class DistrictRun:
         return out
 
 
-def ledger_urls(template: str, ids: Sequence[str]) -> dict[str, str]:
-    """One ledger per market from a template with `{market}` (e.g. `sqlite:///run/{market}.db`)."""
-    if "{market}" not in template:
-        raise ValueError("a district writes one ledger per market: put {market} in the ledger URL")
-    return {i: template.replace("{market}", i) for i in ids}
+def ledger_urls(ledger: str, ids: Sequence[str]) -> dict[str, str]:
+    """One ledger per market: `{market}` in the URL (a file each), or one PostgreSQL database
+    with a schema per market (ledger/markets.py)."""
+    return {i: market_url(ledger, i) for i in ids}
 
 
 async def run_district(

@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ack: entries and readings durable before each reply (rt default); "
         "round: durable with the round, before the step reply (sim default)",
     )
+    p.add_argument(
+        "--in-district",
+        action="store_true",
+        help="a community in a district (docs/hierarchy.md): keep each slot's residuals and take the "
+        "district's fills from the controller (/simulation upstream.*)",
+    )
     p.add_argument("--serializer", choices=["json", "msgpack"], default="json")
     p.add_argument("--log-level", default="INFO")
     # Connection bounds (docs/reliability.md, Bounds).
@@ -126,6 +132,7 @@ async def serve(args: argparse.Namespace) -> int:
         serializer=args.serializer,
         run=run,
         guard=guard,
+        in_district=args.in_district,
     )
     server.grid.configure(parity)
     if scenario.feeder is not None and (scenario.feeder.capacity or args.capacity):

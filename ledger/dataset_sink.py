@@ -31,6 +31,7 @@ from tenacity import (
 
 from ledger import sqlite_insert
 from ledger.batch_rows import Groups, group, rows
+from ledger.markets import ensure_schema
 from ledger.schema import KEYS, TABLE_MAP, metadata
 from market.core.records import TABLES, Batch, Record
 
@@ -195,6 +196,7 @@ class DatasetSink:
 
     def _open(self) -> None:
         is_sqlite = sa.make_url(self.url).get_backend_name() == "sqlite"
+        ensure_schema(self.url)  # a market's own schema in a shared PostgreSQL database (ledger/markets.py)
         engine_kwargs: dict[str, Any] = {}
         statements: list[str] = []
         if is_sqlite:

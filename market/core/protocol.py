@@ -154,6 +154,30 @@ class StepMsg(Message, frozen=True):
     duration: Annotated[int, msgspec.Meta(gt=0, le=86400)] | None = None
 
 
+class UpstreamSlotMsg(Message, frozen=True):
+    """`upstream.residuals`, `upstream.flows` (/simulation, docs/hierarchy.md): one slot."""
+
+    time_delivery: Interval
+
+
+MAX_UPSTREAM_FILLS = 100_000  # fills of one slot the district may hand back in one event
+
+
+class UpstreamFillMsg(Message, frozen=True):
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]  # the residual's id (`upstream.residuals`)
+    quantity: Annotated[int, msgspec.Meta(gt=0, le=MAX_QUANTITY)]
+    price: Annotated[float, msgspec.Meta(ge=-1e6, le=1e6)]
+    source: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+    ref: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]  # the fill's commit id above
+
+
+class UpstreamFillsMsg(Message, frozen=True):
+    """`upstream.fills`: the district's fills of one slot's residuals."""
+
+    time_delivery: Interval
+    fills: Annotated[list[UpstreamFillMsg], msgspec.Meta(max_length=MAX_UPSTREAM_FILLS)]
+
+
 class EmptyMsg(Message, frozen=True):
     """`reset`, `status`: no fields allowed."""
 

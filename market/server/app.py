@@ -23,8 +23,10 @@ from market.balancing.namespace import BalancingNamespace
 from market.community.namespace import GridNamespace
 from market.community.pseudonyms import PseudonymError
 from market.core import wire
-from market.core.engine import Market, MarketConfig, Recovered, RoundOpen, SlotResult, slot_records
+from market.core.engine import Market, MarketConfig, Phase, Recovered, RoundOpen, SlotResult, slot_records
 from market.core.errors import MarketError
+from market.core.hierarchy import UpstreamFill, physical_flows
+from market.core.protocol import UpstreamFillsMsg
 from market.core.records import (
     Batch,
     CancelRecord,
@@ -34,6 +36,7 @@ from market.core.records import (
     RoundRecord,
     RunRecord,
     Settlement,
+    Transaction,
 )
 from market.core.registry import Registry
 from market.core.sink import Sink
@@ -81,9 +84,12 @@ class MarketServer:
         serializer: str = "json",
         run: RunRecord | None = None,
         guard: ConnectionGuard | None = None,
+        in_district: bool = False,
     ) -> None:
         self.config = config
-        self.market = Market(config)
+        # A community in a district (docs/hierarchy.md): residuals kept, the district's fills
+        # taken from the controller on /simulation.
+        self.market = Market(config, upstream=in_district)
         self.market.owners = registry.owners()  # same-owner pairs never trade (wash trades)
         self.registry = registry
         self.sink = sink
@@ -336,6 +342,49 @@ class MarketServer:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- a community in a district (docs/hierarchy.md) ---------------------------------------
+
+    def upstream_residuals(self, start: int) -> list[dict[str, Any]]:
+        """The residuals of a cleared slot as the district sees them: `{start}-{n}` by
+        position (the order restore finds again), no member named."""
+        if not self.market.upstream:
+            raise MarketError("invalid", "this market is not in a district (microte market --in-district)")
+        return [
+            {"id": f"{start}-{n}", "side": r.side, "quantity": r.quantity, "price": r.price, "source": r.source}
+            for n, r in enumerate(self.market.residuals_of(start))
+        ]
+
+    async def upstream_fills(self, msg: UpstreamFillsMsg) -> dict[str, Any]:
+        """Settle the district's fills of a slot's residuals: durable before the reply, and
+        each member told (`settled`) before its next `start_round`."""
+        start = msg.time_delivery[0]
+        mine = {f"{start}-{n}": r for n, r in enumerate(self.market.residuals_of(start))}
+        fills = []
+        for f in msg.fills:
+            r = mine.get(f.id)
+            if r is None:
+                raise MarketError("invalid", f"upstream.fills: no residual {f.id!r} in slot {start}")
+            fills.append(UpstreamFill(r, f.quantity, f.price, f.price, f.source, f.ref))
+        async with self._round_lock:
+            events = self.market.upstream_fills(start, fills, self.clock.now())
+            records = self.market.take_journal()
+            if not await self._store(records):
+                self.market.undo(records)
+                raise MarketError("unavailable", "the ledger refused the upstream fills; nothing was applied")
+            await self._send_private("settled", events)
+        return {"settled": len(events), "duplicate": not events and bool(fills)}
+
+    async def upstream_flows(self, start: int) -> dict[str, Any]:
+        """What the upstream account physically passed on in a processed slot (from the
+        ledger, so a restarted community answers the same): the community's reading above."""
+        if not self.market.upstream:
+            raise MarketError("invalid", "this market is not in a district (microte market --in-district)")
+        if self.market.phase(start) is not Phase.PROCESSED:
+            raise MarketError("invalid", f"slot {start} is not processed yet")
+        rows = await self.sink.read("transactions", ("time_delivery_start", start - 1))
+        gen, taken = physical_flows(msgspec.convert(r, Transaction) for r in rows if r["time_delivery_start"] == start)
+        return {"generation": gen, "external": taken}
 
     # -- rounds ----------------------------------------------------------------------------
 

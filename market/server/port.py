@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from market.core.protocol import UpstreamFillsMsg
 from market.dispatch.base import ServerPort, Sessions
 from market.server.outbox import Outbox
 
@@ -15,6 +16,12 @@ class MarketPort(ServerPort, Protocol):
     sessions: dict[str, Sessions]  # namespace -> its sessions
 
     async def step(self, t: int, duration: int | None) -> dict[str, Any]: ...
+
+    def upstream_residuals(self, start: int) -> list[dict[str, Any]]: ...
+
+    async def upstream_fills(self, msg: UpstreamFillsMsg) -> dict[str, Any]: ...
+
+    async def upstream_flows(self, start: int) -> dict[str, Any]: ...
 
     async def reset(self) -> None: ...
 

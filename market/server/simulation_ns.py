@@ -1,11 +1,13 @@
-"""Namespace `/simulation` (PROTOCOL.md): the controller's `step`, `reset` and `status`."""
+"""Namespace `/simulation` (PROTOCOL.md): the controller's `step`, `reset` and `status`; and
+for a community in a district (`microte market --in-district`, docs/hierarchy.md) its
+`upstream.residuals`, `upstream.fills` and `upstream.flows`."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from market.core.errors import MarketError
-from market.core.protocol import EmptyMsg, StepMsg, decode
+from market.core.protocol import EmptyMsg, StepMsg, UpstreamFillsMsg, UpstreamSlotMsg, decode
 from market.core.registry import Role
 from market.dispatch.base import Namespace, replying
 from market.server.port import MarketPort
@@ -16,6 +18,12 @@ class SimulationNamespace(Namespace):
 
     NAME = "/simulation"
     ROLES = frozenset[Role]({"controller"})
+    EVENTS: ClassVar[dict[str, str] | None] = {
+        **{e: e for e in ("step", "reset", "status")},
+        "upstream.residuals": "upstream_residuals",
+        "upstream.fills": "upstream_fills",
+        "upstream.flows": "upstream_flows",
+    }
 
     def __init__(self, server: MarketPort) -> None:
         super().__init__(server)
@@ -47,3 +55,21 @@ class SimulationNamespace(Namespace):
                 "online": self.ms.online(),
             },
         }
+
+    @replying
+    async def on_upstream_residuals(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "controller")
+        msg = decode(data, UpstreamSlotMsg)
+        return {"residuals": self.ms.upstream_residuals(msg.time_delivery[0])}
+
+    @replying
+    async def on_upstream_fills(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "controller")
+        msg = decode(data, UpstreamFillsMsg)
+        return await self.ms.upstream_fills(msg)
+
+    @replying
+    async def on_upstream_flows(self, sid: str, data: Any) -> dict[str, Any]:
+        self._who(sid, "controller")
+        msg = decode(data, UpstreamSlotMsg)
+        return await self.ms.upstream_flows(msg.time_delivery[0])

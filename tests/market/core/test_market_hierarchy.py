@@ -90,9 +90,11 @@ def test_bad_upstream_fills_change_nothing(cleared: Market) -> None:
             cleared.upstream_fills(120, fills, now=D)
         assert info.value.code == code
     assert (cleared.residuals_of(120), cleared.take_journal()) == (before[0], [])
-    cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D)
-    with pytest.raises(MarketError, match="already has"):
+    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D)
+    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D + 7) == []  # a resend
+    with pytest.raises(MarketError, match="already has") as info:
         cleared.upstream_fills(120, [upstream_fill(res["B2"], 100, 0.1, "y")], now=D)
+    assert info.value.code == "conflict"
     with pytest.raises(MarketError) as info:
         cleared.upstream_fills(180, [], now=D)  # still open
     assert info.value.code == "closed"
@@ -141,5 +143,7 @@ def test_a_restart_finds_the_same_residuals() -> None:
     again.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D)
     upstream = [r for r in again.take_journal() if isinstance(r, Settlement)]
     twice = restarted([*local, *upstream])
+    assert twice.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D) == []  # not twice
+    assert len([s for s in twice.take_journal() if isinstance(s, Settlement)]) == 0
     with pytest.raises(MarketError, match="already has"):
-        twice.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D)
+        twice.upstream_fills(120, [upstream_fill(res["B2"], 300, 0.1, "x")], now=D)
