@@ -131,11 +131,11 @@ class CommunitySite:
         n = 0
         for start in sorted(self._fills):
             fills = self._fills.pop(start)
-            events = self.community.market.upstream_fills(start, fills, now)
+            result = self.community.market.upstream_fills(start, fills, now)
             # Written with this round's records: the slot is delivered rounds later (or never,
             # if the run ends first), and a settlement must not wait for it.
-            self.community.records += self.community.market.take_journal()
-            for pid, payload in events:
+            self.community.records += result.settlements
+            for pid, payload in result.settled:
                 self.community.prosumers[pid].on_settled(payload)
             n += len(fills)
         self._orders = {k: r for k, r in self._orders.items() if int(k.split("-")[0]) > now}

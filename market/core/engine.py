@@ -162,6 +162,11 @@ def slot_records(
     return records, summary
 
 
+class UpstreamResult(msgspec.Struct, frozen=True):
+    settlements: list[Settlement]  # to store
+    settled: list[tuple[str, dict[str, Any]]]  # (member, `settled` payload)
+
+
 class _Delivering(msgspec.Struct):
     settlements: list[Settlement]
     meters: dict[str, MeterMsg]
@@ -332,10 +337,11 @@ class Market:
         """What the clearing of slot `start` left unmatched (kept until it is processed)."""
         return list(self._residuals.get(start, ()))
 
-    def upstream_fills(self, start: int, fills: Sequence[UpstreamFill], now: int) -> list[tuple[str, dict[str, Any]]]:
+    def upstream_fills(self, start: int, fills: Sequence[UpstreamFill], now: int) -> UpstreamResult:
         """Settle fills of the slot's residuals in the market above: settlements between each
-        member and `UPSTREAM_ID` after the local ones (journalled), and the members' `settled`
-        events. Once per slot, before it is processed; a bad fill refuses them all."""
+        member and `UPSTREAM_ID` after the local ones, for the caller to store (`drop_upstream`
+        if it cannot), and the members' `settled` events. Once per slot, before it is
+        processed (a resend of the same fills gives nothing new); a bad fill refuses them all."""
         if not self.upstream:
             raise MarketError("invalid", "this market has no market above it")
         phase = self.phase(start)
@@ -350,7 +356,7 @@ class Market:
         if before:  # a resend (a controller retrying after a restart) is fine; other fills are not
             again = upstream_settlements((start, start + d), fills, before[0].seq, now, self.config.dispatch)
             if [_timeless(s) for s in again] == [_timeless(s) for s in before]:
-                return []
+                return UpstreamResult([], [])
             raise MarketError("conflict", f"slot {start} already has its upstream fills, and they were others")
         try:
             check_fills(fills, {r.uuid: r for r in self._residuals.get(start, ())})
@@ -358,8 +364,13 @@ class Market:
             raise MarketError("invalid", str(err)) from None
         settlements = upstream_settlements((start, start + d), fills, len(local), now, self.config.dispatch)
         local += settlements
-        self.journal += settlements
-        return [(p, e) for p, e in _settled_events(settlements) if p != UPSTREAM_ID]
+        return UpstreamResult(settlements, [(p, e) for p, e in _settled_events(settlements) if p != UPSTREAM_ID])
+
+    def drop_upstream(self, start: int) -> None:
+        """Take back a slot's upstream fills that could not be stored (as if never given)."""
+        for fills in (self._matched.get(start), getattr(self._delivering.get(start), "settlements", None)):
+            if fills is not None:
+                fills[:] = [s for s in fills if not s.commit_id.startswith("u")]
 
     def _check_not_upstream(self, participant: str) -> None:
         if self.upstream and participant == UPSTREAM_ID:

@@ -367,13 +367,12 @@ class MarketServer:
                 raise MarketError("invalid", f"upstream.fills: no residual {f.id!r} in slot {start}")
             fills.append(UpstreamFill(r, f.quantity, f.price, f.price, f.source, f.ref))
         async with self._round_lock:
-            events = self.market.upstream_fills(start, fills, self.clock.now())
-            records = self.market.take_journal()
-            if not await self._store(records):
-                self.market.undo(records)
+            result = self.market.upstream_fills(start, fills, self.clock.now())
+            if not await self._store(result.settlements):
+                self.market.drop_upstream(start)
                 raise MarketError("unavailable", "the ledger refused the upstream fills; nothing was applied")
-            await self._send_private("settled", events)
-        return {"settled": len(events), "duplicate": not events and bool(fills)}
+            await self._send_private("settled", result.settled)
+        return {"settled": len(result.settlements), "duplicate": not result.settlements and bool(fills)}
 
     async def upstream_flows(self, start: int) -> dict[str, Any]:
         """What the upstream account physically passed on in a processed slot (from the

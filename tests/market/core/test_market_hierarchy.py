@@ -47,15 +47,16 @@ def upstream_fill(r: Residual, q: int, price: float, ref: str, source: str = "wi
 
 def test_upstream_fills_settle_with_the_upstream_account(cleared: Market) -> None:
     res = {r.participant: r for r in cleared.residuals_of(120)}
-    events = cleared.upstream_fills(
+    result = cleared.upstream_fills(
         120, [upstream_fill(res["B2"], 800, 0.11, "d1"), upstream_fill(res["S2"], 1500, 0.14, "d2")], now=D
     )
+    events = result.settled
     assert [(p, e["side"], e["quantity"], e["price"]) for p, e in events] == [
         ("B2", "bid", 800, 0.11),
         ("S2", "ask", 1500, 0.14),
     ]
-    journal = [r for r in cleared.take_journal() if getattr(r, "commit_id", "").startswith("u")]
-    assert [(s.seller_id, s.buyer_id, s.quantity, s.amount_buy) for s in journal] == [  # type: ignore[attr-defined]
+    assert not any(isinstance(r, Settlement) for r in cleared.take_journal())  # the caller stores them
+    assert [(s.seller_id, s.buyer_id, s.quantity, s.amount_buy) for s in result.settlements] == [
         (UPSTREAM_ID, "B2", 800, 88_000),
         ("S2", UPSTREAM_ID, 1500, 210_000),
     ]
@@ -90,8 +91,12 @@ def test_bad_upstream_fills_change_nothing(cleared: Market) -> None:
             cleared.upstream_fills(120, fills, now=D)
         assert info.value.code == code
     assert (cleared.residuals_of(120), cleared.take_journal()) == (before[0], [])
-    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D)
-    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D + 7) == []  # a resend
+    cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D)
+    cleared.drop_upstream(120)  # the ledger refused them: as if never given
+    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 700, 0.1, "z")], now=D).settlements
+    cleared.drop_upstream(120)
+    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D).settlements
+    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D + 7).settlements == []
     with pytest.raises(MarketError, match="already has") as info:
         cleared.upstream_fills(120, [upstream_fill(res["B2"], 100, 0.1, "y")], now=D)
     assert info.value.code == "conflict"
@@ -140,10 +145,8 @@ def test_a_restart_finds_the_same_residuals() -> None:
     again = restarted(local)
     assert again.residuals_of(120) == cleared.residuals_of(120)
     res = {r.participant: r for r in again.residuals_of(120)}
-    again.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D)
-    upstream = [r for r in again.take_journal() if isinstance(r, Settlement)]
+    upstream = again.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D).settlements
     twice = restarted([*local, *upstream])
-    assert twice.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D) == []  # not twice
-    assert len([s for s in twice.take_journal() if isinstance(s, Settlement)]) == 0
+    assert twice.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D).settlements == []
     with pytest.raises(MarketError, match="already has"):
         twice.upstream_fills(120, [upstream_fill(res["B2"], 300, 0.1, "x")], now=D)
