@@ -27,6 +27,8 @@ from market.core.hierarchy import (
     UpstreamFill,
     check_fills,
     matched,
+    member_uuid,
+    ref_of,
     residuals,
     settled,
     upstream_meter,
@@ -338,10 +340,11 @@ class Market:
         return list(self._residuals.get(start, ()))
 
     def upstream_fills(self, start: int, fills: Sequence[UpstreamFill], now: int) -> UpstreamResult:
-        """Settle fills of the slot's residuals in the market above: settlements between each
-        member and `UPSTREAM_ID` after the local ones, for the caller to store (`drop_upstream`
-        if it cannot), and the members' `settled` events. Once per slot, before it is
-        processed (a resend of the same fills gives nothing new); a bad fill refuses them all."""
+        """Settle fills of the slot's residuals in the markets above: settlements between each
+        member and `UPSTREAM_ID` after the others, for the caller to store (`drop_upstream`
+        if it cannot), and the members' `settled` events. In batches (each market above),
+        before the slot is processed; a fill already settled (same `ref`) is settled once; a
+        bad fill refuses the batch."""
         if not self.upstream:
             raise MarketError("invalid", "this market has no market above it")
         phase = self.phase(start)
@@ -352,25 +355,35 @@ class Market:
         local = self._matched.get(start) if phase is Phase.MATCHED else self._delivering[start].settlements
         assert local is not None
         d = self._require_round().duration
-        before = [s for s in local if s.commit_id.startswith("u")]
-        if before:  # a resend (a controller retrying after a restart) is fine; other fills are not
-            again = upstream_settlements((start, start + d), fills, before[0].seq, now, self.config.dispatch)
-            if [_timeless(s) for s in again] == [_timeless(s) for s in before]:
-                return UpstreamResult([], [])
-            raise MarketError("conflict", f"slot {start} already has its upstream fills, and they were others")
+        before = {ref_of(s): s for s in local if s.commit_id.startswith("u")}
+        fresh = [f for f in fills if f.ref not in before]
+        for f in fills:  # a resend (a controller retrying after a restart) settles nothing twice
+            known = before.get(f.ref)
+            if known is not None:
+                again = upstream_settlements((start, start + d), [f], known.seq, now, self.config.dispatch)[0]
+                if _timeless(msgspec.structs.replace(again, commit_id=known.commit_id)) != _timeless(known):
+                    raise MarketError("conflict", f"upstream fill {f.ref} of slot {start} was settled otherwise")
+        if len({f.ref for f in fresh}) != len(fresh):
+            raise MarketError("invalid", f"upstream fills of slot {start} name one fill twice")
+        taken: dict[str, int] = {}
+        for s in before.values():
+            taken[member_uuid(s)] = taken.get(member_uuid(s), 0) + s.quantity
         try:
-            check_fills(fills, {r.uuid: r for r in self._residuals.get(start, ())})
+            check_fills(fresh, {r.uuid: r for r in self._residuals.get(start, ())}, taken)
         except ValueError as err:
             raise MarketError("invalid", str(err)) from None
-        settlements = upstream_settlements((start, start + d), fills, len(local), now, self.config.dispatch)
+        settlements = upstream_settlements(
+            (start, start + d), fresh, len(local), now, self.config.dispatch, first_id=len(before)
+        )
         local += settlements
         return UpstreamResult(settlements, [(p, e) for p, e in _settled_events(settlements) if p != UPSTREAM_ID])
 
-    def drop_upstream(self, start: int) -> None:
-        """Take back a slot's upstream fills that could not be stored (as if never given)."""
+    def drop_upstream(self, start: int, settlements: Sequence[Settlement]) -> None:
+        """Take back upstream settlements that could not be stored (as if never given)."""
+        dropped = {s.commit_id for s in settlements}
         for fills in (self._matched.get(start), getattr(self._delivering.get(start), "settlements", None)):
             if fills is not None:
-                fills[:] = [s for s in fills if not s.commit_id.startswith("u")]
+                fills[:] = [s for s in fills if s.commit_id not in dropped]
 
     def _check_not_upstream(self, participant: str) -> None:
         if self.upstream and participant == UPSTREAM_ID:

@@ -84,32 +84,51 @@ def residuals(entries: Iterable[Entry], matched_wh: Mapping[str, int]) -> list[R
     return out
 
 
-def check_fills(fills: Sequence[UpstreamFill], open_residuals: Mapping[str, Residual]) -> None:
-    """Refuse fills of residuals the community never passed up, or beyond what was left."""
-    taken: dict[str, int] = {}
+def check_fills(
+    fills: Sequence[UpstreamFill], open_residuals: Mapping[str, Residual], taken: Mapping[str, int] | None = None
+) -> None:
+    """Refuse fills of residuals the community never passed up, or beyond what was left of
+    them (`taken`: Wh of each residual that earlier upstream fills already took)."""
+    total = dict(taken or {})
     for f in fills:
         r = open_residuals.get(f.residual.uuid)
         if r is None or r != f.residual:
             raise ValueError(f"upstream fill {f.ref}: no such residual {f.residual.uuid}")
         if f.quantity <= 0:
             raise ValueError(f"upstream fill {f.ref}: quantity {f.quantity} is not positive")
-        taken[r.uuid] = taken.get(r.uuid, 0) + f.quantity
-        if taken[r.uuid] > r.quantity:
-            raise ValueError(f"upstream fill {f.ref}: {taken[r.uuid]} Wh of residual {r.uuid} exceed its {r.quantity}")
+        total[r.uuid] = total.get(r.uuid, 0) + f.quantity
+        if total[r.uuid] > r.quantity:
+            raise ValueError(f"upstream fill {f.ref}: {total[r.uuid]} Wh of residual {r.uuid} exceed its {r.quantity}")
+
+
+def ref_of(s: Settlement) -> str:
+    """The upstream fill a community's upstream settlement came from (`UpstreamFill.ref`)."""
+    return s.ask_uuid if s.seller_id == UPSTREAM_ID else s.bid_uuid
+
+
+def member_uuid(s: Settlement) -> str:
+    """The residual (the member's entry) an upstream settlement filled."""
+    return s.bid_uuid if s.seller_id == UPSTREAM_ID else s.ask_uuid
 
 
 def upstream_settlements(
-    slot: tuple[int, int], fills: Sequence[UpstreamFill], first_seq: int, now: int, dispatch: Iterable[str]
+    slot: tuple[int, int],
+    fills: Sequence[UpstreamFill],
+    first_seq: int,
+    now: int,
+    dispatch: Iterable[str],
+    first_id: int = 0,
 ) -> list[Settlement]:
-    """The community's settlements of upstream fills, after its local ones (`first_seq` on),
-    ids `u{start}-{i}`: a member's bid is bought from `UPSTREAM_ID`, its ask sold to it."""
+    """The community's settlements of upstream fills, after its other ones (`first_seq` on),
+    ids `u{start}-{i}` from `first_id`: a member's bid is bought from `UPSTREAM_ID`, its ask
+    sold to it. (Fills come in batches: the market above, then the one above that.)"""
     dispatching = frozenset(dispatch)
     out: list[Settlement] = []
     for i, f in enumerate(fills):
         r, bid = f.residual, f.residual.side == "bid"
         out.append(
             Settlement(
-                commit_id=f"u{slot[0]}-{i}",
+                commit_id=f"u{slot[0]}-{first_id + i}",
                 time_delivery_start=slot[0],
                 time_delivery_end=slot[1],
                 seller_id=UPSTREAM_ID if bid else r.participant,

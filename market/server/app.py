@@ -369,7 +369,7 @@ class MarketServer:
         async with self._round_lock:
             result = self.market.upstream_fills(start, fills, self.clock.now())
             if not await self._store(result.settlements):
-                self.market.drop_upstream(start)
+                self.market.drop_upstream(start, result.settlements)
                 raise MarketError("unavailable", "the ledger refused the upstream fills; nothing was applied")
             await self._send_private("settled", result.settled)
         return {"settled": len(result.settlements), "duplicate": not result.settlements and bool(fills)}

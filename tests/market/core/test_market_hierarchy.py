@@ -91,15 +91,20 @@ def test_bad_upstream_fills_change_nothing(cleared: Market) -> None:
             cleared.upstream_fills(120, fills, now=D)
         assert info.value.code == code
     assert (cleared.residuals_of(120), cleared.take_journal()) == (before[0], [])
-    cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D)
-    cleared.drop_upstream(120)  # the ledger refused them: as if never given
-    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 700, 0.1, "z")], now=D).settlements
-    cleared.drop_upstream(120)
-    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D).settlements
-    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D + 7).settlements == []
-    with pytest.raises(MarketError, match="already has") as info:
-        cleared.upstream_fills(120, [upstream_fill(res["B2"], 100, 0.1, "y")], now=D)
+    refused = cleared.upstream_fills(120, [upstream_fill(res["B2"], 500, 0.1, "x")], now=D)
+    cleared.drop_upstream(120, refused.settlements)  # the ledger refused them: as if never given
+    first = cleared.upstream_fills(120, [upstream_fill(res["B2"], 700, 0.1, "z")], now=D)
+    assert [s.commit_id for s in first.settlements] == ["u120-0"]
+    # A resend settles nothing twice; the same fill with other terms is a conflict.
+    assert cleared.upstream_fills(120, [upstream_fill(res["B2"], 700, 0.1, "z")], now=D + 7).settlements == []
+    with pytest.raises(MarketError, match="settled otherwise") as info:
+        cleared.upstream_fills(120, [upstream_fill(res["B2"], 600, 0.1, "z")], now=D)
     assert info.value.code == "conflict"
+    # A second batch (the market above the one above) takes what is left, and no more.
+    with pytest.raises(MarketError, match="exceed"):
+        cleared.upstream_fills(120, [upstream_fill(res["B2"], 301, 0.1, "y")], now=D)
+    second = cleared.upstream_fills(120, [upstream_fill(res["B2"], 300, 0.09, "y")], now=D)
+    assert [s.commit_id for s in second.settlements] == ["u120-1"]
     with pytest.raises(MarketError) as info:
         cleared.upstream_fills(180, [], now=D)  # still open
     assert info.value.code == "closed"
@@ -148,5 +153,7 @@ def test_a_restart_finds_the_same_residuals() -> None:
     upstream = again.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D).settlements
     twice = restarted([*local, *upstream])
     assert twice.upstream_fills(120, [upstream_fill(res["B2"], 400, 0.1, "x")], now=D).settlements == []
-    with pytest.raises(MarketError, match="already has"):
+    with pytest.raises(MarketError, match="settled otherwise"):
         twice.upstream_fills(120, [upstream_fill(res["B2"], 300, 0.1, "x")], now=D)
+    with pytest.raises(MarketError, match="exceed"):  # what the restored fills took is counted
+        twice.upstream_fills(120, [upstream_fill(res["B2"], 601, 0.1, "w")], now=D)
