@@ -136,7 +136,7 @@ class CommunitySite:
             # if the run ends first), and a settlement must not wait for it.
             self.community.records += result.settlements
             for pid, payload in result.settled:
-                self.community.prosumers[pid].on_settled(payload)
+                self.community.site(pid).on_settled(payload)
             n += len(fills)
         self._orders = {k: r for k, r in self._orders.items() if int(k.split("-")[0]) > now}
         return n
@@ -149,7 +149,7 @@ class District(msgspec.Struct, frozen=True):
     files: dict[str, Path]  # id -> its scenario file
 
 
-def load_district(path: str | Path) -> District:
+def load_district(path: str | Path, *, nested: bool = False) -> District:
     """The district scenario and its communities', checked for lockstep: the same start,
     step, number of rounds and `close_steps` (>= 2: a district fill must come before its
     slot is delivered), distinct ids, none of them the reserved upstream id."""
@@ -183,45 +183,79 @@ def load_district(path: str | Path) -> District:
                 raise ValueError(f"{where}: {what} {theirs} differs from the district's {mine} (lockstep)")
         if UPSTREAM_ID in {s.id for s in decode_specs(c.participants)}:
             raise ValueError(f"{where}: participant id {UPSTREAM_ID!r} is reserved for the district's account")
-        if c.feeder is not None or c.communities:
-            raise ValueError(f"{where}: a community with [feeder] or communities of its own is not run in-process yet")
+        if c.feeder is not None:
+            raise ValueError(f"{where}: a community with a [feeder] is not run in a district yet")
+        if c.communities and not nested:
+            raise ValueError(f"{where}: a community with communities of its own runs in-process only (a city)")
         out[ref.id], dirs[ref.id], files[ref.id] = c, where.parent, where
     return District(sc, out, dirs, files)
 
 
-class DistrictRun:
-    """The district and its communities, stepped as the module docstring says."""
+class Node:
+    """One market of the tree: its in-process market, the markets below it, and (below
+    another) its participant in the market above."""
 
-    def __init__(self, district: District, base_dir: Path) -> None:
+    def __init__(self, mid: str, path: Path, *, upstream: bool, seen: set[str]) -> None:
+        d = load_district(path, nested=True) if load_scenario(path).communities else None
+        self.id, self.path = mid, path
+        self.children: dict[str, Node] = {}
+        if d is not None:
+            for cid, file in d.files.items():
+                if cid in seen:
+                    raise ValueError(f"{file}: market id {cid!r} is used twice in the tree")
+                seen.add(cid)
+                self.children[cid] = Node(cid, file, upstream=True, seen=seen)
+        sc = load_scenario(path)
+        sites = {cid: c.site for cid, c in self.children.items() if c.site is not None}
+        self.market = InprocMarket(
+            sc, decode_specs(sc.participants), base_dir=path.parent, upstream=upstream, sites=sites
+        )
+        self.site: CommunitySite | None = CommunitySite(self.market, mid) if upstream else None
+
+    def markets(self) -> dict[str, InprocMarket]:
+        out = {self.id: self.market}
+        for c in self.children.values():
+            out |= c.markets()
+        return out
+
+
+class DistrictRun:
+    """The tree of markets (a district of communities, a city of districts, ...), stepped as
+    the module docstring says, level by level from the bottom: nothing new per level."""
+
+    def __init__(self, district: District, base_dir: Path, path: Path | None = None) -> None:
         self.district = district
-        self.communities = {
-            cid: InprocMarket(sc, decode_specs(sc.participants), base_dir=district.base_dirs[cid], upstream=True)
-            for cid, sc in district.communities.items()
-        }
-        self.sites = {cid: CommunitySite(m, cid) for cid, m in self.communities.items()}
-        sc = district.scenario
-        self.upper = InprocMarket(sc, decode_specs(sc.participants), base_dir=base_dir, sites=self.sites)
-        self.passed_up = 0  # residual orders placed in the district
-        self.brought_down = 0  # district fills settled in communities
+        root = path or base_dir / f"{district.scenario.name}.toml"
+        self.root = Node(district.scenario.name, root, upstream=False, seen={district.scenario.name})
+        self.communities = {cid: c.market for cid, c in self.root.children.items()}
+        self.sites = {cid: c.site for cid, c in self.root.children.items() if c.site is not None}
+        self.upper = self.root.market
+        self.passed_up = 0  # residual orders placed in the market above
+        self.brought_down = 0  # fills from above settled below
 
     def step(self, t: int) -> None:
-        first = self.upper.market.times is None
-        for cid, m in self.communities.items():
-            opened = m.open(t)
-            gate = int(opened["last_settle"][0])
-            if not first:  # before the district's first round no district slot is open
-                self.passed_up += self.sites[cid].pass_up(self.upper, gate)
-            m.close()
-            self.sites[cid].processed()
-        self.upper.open(t)
-        for site in self.sites.values():
-            self.brought_down += site.bring_down(t)
-        self.upper.close()
+        self._visit(self.root, t, None)
+
+    def _visit(self, node: Node, t: int, parent: Node | None) -> None:
+        for child in node.children.values():
+            self._visit(child, t, node)
+        opened = node.market.open(t)  # meters what each child passed on in slot t, clears the gate
+        for child in node.children.values():
+            self._bring_down(child, t)
+        if node.site is not None and parent is not None and parent.market.market.times is not None:
+            self.passed_up += node.site.pass_up(parent.market, int(opened["last_settle"][0]))
+        node.market.close()
+        if node.site is not None:
+            node.site.processed()
+
+    def _bring_down(self, node: Node, t: int) -> None:
+        assert node.site is not None
+        self.brought_down += node.site.bring_down(t)
+        for child in node.children.values():  # fills from above reach the members below, level by level
+            self._bring_down(child, t)
 
     def take_records(self) -> dict[str, list[Record]]:
-        out = {cid: m.take_records() for cid, m in self.communities.items()}
-        out["district"] = self.upper.take_records()
-        return out
+        return {mid: m.take_records() for mid, m in self.root.markets().items()}
 
 
 def ledger_urls(ledger: str, ids: Sequence[str]) -> dict[str, str]:
@@ -235,11 +269,11 @@ async def run_district(
 ) -> tuple[DistrictRun, dict[str, str], float]:
     """Every round of a district scenario, each market's ledger written (`ledger_urls`):
     (the run, the ledgers by market id, seconds the rounds took)."""
-    district = load_district(path)
-    run = DistrictRun(district, Path(path).parent)
-    urls = ledger_urls(ledger, [*district.communities, "district"])
+    district = load_district(path, nested=True)
+    run = DistrictRun(district, Path(path).parent, Path(path))
+    markets: Mapping[str, InprocMarket] = run.root.markets()
+    urls = ledger_urls(ledger, list(markets))
     sinks = {i: open_sink(u) for i, u in urls.items()}
-    markets: Mapping[str, InprocMarket] = {**run.communities, "district": run.upper}
     for i, sink in sinks.items():
         await sink.start()
         m = markets[i]

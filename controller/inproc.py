@@ -86,6 +86,10 @@ class InprocMarket:
         self.refused = 0  # orders and readings the market refused (a client's `errors`)
         self.missing = 0  # readings missing, over every processed slot
 
+    def site(self, pid: str) -> Site:
+        """The participant `pid`: a prosumer of the scenario, or a site given to the market."""
+        return self._sites[pid]
+
     # -- one round ---------------------------------------------------------------------------
 
     def open(self, t: int) -> dict[str, Any]:

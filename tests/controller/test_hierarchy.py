@@ -141,3 +141,47 @@ def test_a_community_may_not_use_the_reserved_id(tmp_path: Path) -> None:
     town.write_text(town.read_text().replace('id = "T01"', 'id = "upstream"'))
     with pytest.raises(ValueError, match="reserved"):
         load_district(tmp_path / "district.toml")
+
+
+def test_levels_compose_a_city_of_a_district_and_a_community(tmp_path: Path) -> None:
+    """city -> (north: the district of three communities, farms: a community): the city's
+    fills reach the members of north's communities through two levels, and every edge of the
+    tree conserves fills and amounts exactly, with nothing new per level."""
+    for f in DISTRICT.glob("*.toml"):
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "farms.toml").write_text(
+        (DISTRICT / "windy.toml").read_text().replace('name = "windy"', 'name = "farms"')
+    )
+    city = (DISTRICT / "district.toml").read_text().replace('name = "district"', 'name = "city"')
+    city = city.split("[[communities]]")[0]
+    for cid, file in (("north", "district.toml"), ("farms", "farms.toml")):
+        city += f'[[communities]]\nid = "{cid}"\nscenario = "{file}"\n\n'
+    (tmp_path / "city.toml").write_text(city)
+    run, urls, _ = asyncio.run(run_district(tmp_path / "city.toml", f"sqlite:///{tmp_path}/{{market}}.db"))
+    assert set(urls) == {"city", "north", "farms", "sunny", "town", "windy"}
+    tree = {"city": ("north", "farms"), "north": COMMUNITIES}
+
+    def key(s: dict[str, object], side: str) -> tuple[object, ...]:
+        return (s["time_delivery_start"], s["quantity"], s[f"price_{side}"], s[f"amount_{side}"])
+
+    for parent, children in tree.items():
+        above = read_rows(urls[parent], "settlements")
+        for c in children:
+            below = read_rows(urls[c], "settlements")
+            assert Counter(key(s, "buy") for s in below if s["seller_id"] == UPSTREAM_ID) == Counter(
+                key(s, "buy") for s in above if s["buyer_id"] == c
+            )
+            assert Counter(key(s, "sell") for s in below if s["buyer_id"] == UPSTREAM_ID) == Counter(
+                key(s, "sell") for s in above if s["seller_id"] == c
+            )
+    # A community's upstream settlement names the fill above it (its ref): north's own fills
+    # are `c...`, those north got from the city `u...`: the city's reach the communities.
+    refs = Counter(
+        (s["ask_uuid"] if s["seller_id"] == UPSTREAM_ID else s["bid_uuid"])[0]
+        for c in COMMUNITIES
+        for s in read_rows(urls[c], "settlements")
+        if UPSTREAM_ID in (s["seller_id"], s["buyer_id"])
+    )
+    assert refs["c"] > 0 and refs["u"] > 0, refs
+    assert read_rows(urls["city"], "settlements"), "the city traded nothing: the test no longer exercises it"
+    assert run.brought_down > 0
