@@ -28,6 +28,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ import socketio
 
 from controller.hierarchy import District, ledger_urls, load_district
 from controller.sim import CONTROLLER_ID, LISTENING, fresh_ledger, write_registry
-from participants.fleet import Fleet
 from participants.spec import decode_specs
 
 CALL_TIMEOUT = 60.0
@@ -77,6 +77,17 @@ class MarketProcess:
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
+        proc.terminate()
+        try:
+            async with asyncio.timeout(15):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
         proc.terminate()
         try:
             async with asyncio.timeout(15):
@@ -171,8 +182,8 @@ class DistrictRunner:
         self.tokens: dict[str, dict[str, str]] = {}
         self.ctl: dict[str, socketio.AsyncClient] = {}
         self.sessions = {cid: CommunitySession(cid, secrets.token_urlsafe(18)) for cid in district.communities}
-        self.fleets: dict[str, Fleet] = {}
         self.rounds_done = 0
+        self.seconds: dict[str, float] = {}  # wall time per phase of the rounds (bench/district.py)
 
     def _server_args(self, market: str, scenario: Path, tokens: dict[str, str]) -> list[str]:
         registry = self.tmp / f"{market}.registry.toml"
@@ -199,16 +210,37 @@ class DistrictRunner:
             stack.push_async_callback(proc.stop)
         await asyncio.gather(*(p.start() for p in self.procs.values()))
         for market, proc in self.procs.items():
-            sc = d.scenario if market == "district" else d.communities[market]
-            base = self.path.parent if market == "district" else d.base_dirs[market]
-            members = [(s, self.tokens[market][s.id]) for s in decode_specs(sc.participants)]
-            fleet = Fleet(proc.url, members, sc.seed, concurrency=64, timezone=sc.timezone, base_dir=base)
-            self.fleets[market] = await stack.enter_async_context(fleet)
             self.ctl[market] = await _controller(proc.url, self.tokens[market][CONTROLLER_ID])
             stack.push_async_callback(self.ctl[market].disconnect)
+            if decode_specs((d.scenario if market == "district" else d.communities[market]).participants):
+                # The members of a market in a process of their own (`microte participant`), as
+                # they would run: the controller's process measures the markets, not 1,000 clients.
+                members = await self._members(market, proc.url)
+                stack.push_async_callback(_terminate, members)
         for session in self.sessions.values():
             await session.connect(self.procs["district"].url)
             stack.push_async_callback(session.sio.disconnect)
+        for market in self.procs:
+            await self._all_online(market)
+
+    async def _members(self, market: str, url: str) -> asyncio.subprocess.Process:
+        scenario = self.path if market == "district" else self.district.files[market]
+        registry = self.tmp / f"{market}.registry.toml"
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "controller", "participant", "--url", url, "--scenario", str(scenario),
+            "--registry", str(registry), "--connect-retry", "60", "--log-level", "WARNING",
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    async def _all_online(self, market: str, timeout: float = 120.0) -> None:
+        """Wait until every member of `market` (and, for the district, every community) is online."""
+        expected = set(self.tokens[market]) - {CONTROLLER_ID}
+        async with asyncio.timeout(timeout):
+            while True:
+                status = await _call(self.ctl[market], "status", {})
+                if expected <= set(status["participants"]["online"]):
+                    return
+                await asyncio.sleep(0.1)
 
     async def step(self, t: int, between: Callable[[], Awaitable[None]] | None = None) -> None:
         """Round t (module docstring); `between()` (awaited) runs after the communities
@@ -217,21 +249,37 @@ class DistrictRunner:
         d = sc.step
         gate = t + (int(sc.market.get("close_steps", 2)) - 1) * d
         communities = list(self.district.communities)
+        clock = time.perf_counter
+        t0 = clock()
         await asyncio.gather(*(self._step_community(cid, t) for cid in communities))
+        t1 = clock()
         if between is not None:
             await between()
-        for cid in communities:
-            res = await _call(self.ctl[cid], "upstream.residuals", {"time_delivery": [gate, gate + d]})
-            if self.rounds_done and res["residuals"]:  # before the district's first round no slot is open
-                await self.sessions[cid].place(res["residuals"], [gate, gate + d])
-            flows = await _call(self.ctl[cid], "upstream.flows", {"time_delivery": [t, t + d]})
-            self.sessions[cid].flows[t] = {"generation": flows["generation"], "external": flows["external"]}
+        # Each community's calls are its own; the district orders them by uuid, not by arrival.
+        t2 = clock()
+        await asyncio.gather(*(self._pass_up(cid, t, gate) for cid in communities))
+        t3 = clock()
         await _call(self.ctl["district"], "step", {"time": t})
-        for cid in communities:
-            fills = self.sessions[cid].take_fills(gate)
-            if fills:
-                await _call(self.ctl[cid], "upstream.fills", {"time_delivery": [gate, gate + d], "fills": fills})
+        t4 = clock()
+        await asyncio.gather(*(self._bring_down(cid, gate) for cid in communities))
+        t5 = clock()
+        for phase, seconds in (("communities", t1 - t0), ("up", t3 - t2), ("district", t4 - t3), ("down", t5 - t4)):
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
         self.rounds_done += 1
+
+    async def _pass_up(self, cid: str, t: int, gate: int) -> None:
+        d = self.district.scenario.step
+        res = await _call(self.ctl[cid], "upstream.residuals", {"time_delivery": [gate, gate + d]})
+        if self.rounds_done and res["residuals"]:  # before the district's first round no slot is open
+            await self.sessions[cid].place(res["residuals"], [gate, gate + d])
+        flows = await _call(self.ctl[cid], "upstream.flows", {"time_delivery": [t, t + d]})
+        self.sessions[cid].flows[t] = {"generation": flows["generation"], "external": flows["external"]}
+
+    async def _bring_down(self, cid: str, gate: int) -> None:
+        fills = self.sessions[cid].take_fills(gate)
+        if fills:
+            d = self.district.scenario.step
+            await _call(self.ctl[cid], "upstream.fills", {"time_delivery": [gate, gate + d], "fills": fills})
 
     async def _step_community(self, cid: str, t: int) -> None:
         await _call(self.ctl[cid], "step", {"time": t})
@@ -247,13 +295,7 @@ class DistrictRunner:
             await self.ctl[cid].disconnect()
         await proc.start()
         self.ctl[cid] = await _controller(proc.url, self.tokens[cid][CONTROLLER_ID])
-        expected = set(self.tokens[cid]) - {CONTROLLER_ID}
-        async with asyncio.timeout(60):  # every member back online before the next step
-            while True:
-                status = await _call(self.ctl[cid], "status", {})
-                if expected <= set(status["participants"]["online"]):
-                    break
-                await asyncio.sleep(0.2)
+        await self._all_online(cid)  # every member back before the round goes on
 
 
 async def run_district_socket(
@@ -261,17 +303,23 @@ async def run_district_socket(
     ledger: str,
     *,
     between: Callable[[DistrictRunner, int], Awaitable[None]] | None = None,
+    timing: dict[str, float] | None = None,
 ) -> dict[str, str]:
     """Every round of a district scenario over sockets; the ledgers by market id.
-    `between(runner, k)` runs in round k after the communities stepped (a test kills one)."""
+    `between(runner, k)` runs in round k after the communities stepped (a test kills one);
+    `timing` gets the seconds of the start-up and of the rounds."""
     path = Path(path)
     district = load_district(path)
     with tempfile.TemporaryDirectory(prefix="microte-district-") as tmp:
         async with contextlib.AsyncExitStack() as stack:
             runner = DistrictRunner(district, path, ledger, Path(tmp))
+            t0 = time.perf_counter()
             await runner.start(stack)
+            t1 = time.perf_counter()
             sc = district.scenario
             for k in range(sc.rounds):
                 hook = None if between is None else functools.partial(between, runner, k)
                 await runner.step(sc.start_time + k * sc.step, hook)
+            if timing is not None:
+                timing.update(startup=t1 - t0, rounds=time.perf_counter() - t1, **runner.seconds)
     return runner.urls
