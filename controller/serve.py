@@ -21,6 +21,7 @@ from market.core.records import RunRecord
 from market.core.registry import Registry
 from market.server.app import MarketServer, canonical_config
 from market.server.guard import ConnectionGuard
+from market.server.upstream import UpstreamLink
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a community in a district (docs/hierarchy.md): keep each slot's residuals and take the "
         "district's fills from the controller (/simulation upstream.*)",
+    )
+    p.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="rt: join the district market at URL as --upstream-id (docs/hierarchy.md); implies --in-district",
+    )
+    p.add_argument("--upstream-id", metavar="ID", help="this community's participant id in the district")
+    p.add_argument(
+        "--upstream-token-file", metavar="FILE", help="file holding this community's token in the district"
     )
     p.add_argument("--serializer", choices=["json", "msgpack"], default="json")
     p.add_argument("--log-level", default="INFO")
@@ -132,8 +142,15 @@ async def serve(args: argparse.Namespace) -> int:
         serializer=args.serializer,
         run=run,
         guard=guard,
-        in_district=args.in_district,
+        in_district=args.in_district or bool(args.upstream),
     )
+    if args.upstream:
+        if args.mode != "rt":
+            raise SystemExit("--upstream is for rt markets; in sim the district's controller links the markets")
+        if not (args.upstream_id and args.upstream_token_file):
+            raise SystemExit("--upstream needs --upstream-id and --upstream-token-file")
+        token = Path(args.upstream_token_file).read_text().strip()
+        server.upstream_link = UpstreamLink(server, args.upstream, args.upstream_id, token, args.serializer)
     server.grid.configure(parity)
     if scenario.feeder is not None and (scenario.feeder.capacity or args.capacity):
         server.market.capacity = feeder_limits(scenario, Path(args.scenario).parent, server.registry.ids("prosumer"))

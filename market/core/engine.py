@@ -335,6 +335,10 @@ class Market:
 
     # -- a market above (docs/hierarchy.md) ----------------------------------------------
 
+    def residual_slots(self) -> list[int]:
+        """Slots cleared and not yet processed whose residuals are kept."""
+        return sorted(self._residuals)
+
     def residuals_of(self, start: int) -> list[Residual]:
         """What the clearing of slot `start` left unmatched (kept until it is processed)."""
         return list(self._residuals.get(start, ()))

@@ -53,6 +53,7 @@ from market.server.market_ns import MarketNamespace
 from market.server.observe import Health, Metrics, attach
 from market.server.outbox import Outbox
 from market.server.simulation_ns import SimulationNamespace
+from market.server.upstream import UpstreamLink
 
 log = logging.getLogger("microte.market")
 
@@ -90,6 +91,8 @@ class MarketServer:
         # A community in a district (docs/hierarchy.md): residuals kept, the district's fills
         # taken from the controller on /simulation.
         self.market = Market(config, upstream=in_district)
+        self.upstream_link: UpstreamLink | None = None  # rt: the session above (`--upstream URL`)
+        self._passed_up: set[int] = set()  # slots whose residuals went up
         self.market.owners = registry.owners()  # same-owner pairs never trade (wash trades)
         self.registry = registry
         self.sink = sink
@@ -260,12 +263,16 @@ class MarketServer:
             await ns.start()
         await self._name_the_auction()
         await self._write(Batch((self.run,)))
+        if self.upstream_link is not None:
+            self.spawn(self.upstream_link.run())
         if self.config.mode == "rt":
             # Orders are accepted as soon as the server listens: the round the wall clock is
             # in opens now (catching up any slot left from before a restart).
             await self._rt_boundary(self.clock.now() // self.config.duration * self.config.duration)
             self.spawn(self._rt_loop())
         yield
+        if self.upstream_link is not None:
+            await self.upstream_link.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -344,6 +351,15 @@ class MarketServer:
         task.add_done_callback(self._tasks.discard)
 
     # -- a community in a district (docs/hierarchy.md) ---------------------------------------
+
+    def _pass_up(self, duration: int) -> None:
+        """rt: place above the residuals of every slot whose gate closed and that has not gone up."""
+        assert self.upstream_link is not None
+        for start in self.market.residual_slots():
+            if start not in self._passed_up:
+                self._passed_up.add(start)
+                self.spawn(self.upstream_link.pass_up(start, duration))
+        self._passed_up = {s for s in self._passed_up if s in set(self.market.residual_slots())}
 
     def upstream_residuals(self, start: int) -> list[dict[str, Any]]:
         """The residuals of a cleared slot as the district sees them: `{start}-{n}` by
@@ -456,6 +472,8 @@ class MarketServer:
                     await self._send_private("settled", self._unannounced)
                     self._unannounced = []
                 await self._announce(opened)
+            if self.upstream_link is not None:
+                self._pass_up(opened.times.duration)
         except Exception:
             log.exception("round=%s could not open; the next boundary will try again", t)
             await self._flush_private()
@@ -501,6 +519,8 @@ class MarketServer:
                         continue  # processed by a later boundary's catch-up: once only
                     trades = len(opened.settlements) if slot == opened.times.time - d else 0
                     await self._finish(opened, slot, [], trades=trades)
+                    if self.upstream_link is not None:
+                        self.spawn(self.upstream_link.processed(slot, d))
                     if opened.times.time > slot + d:
                         self.caught_up += 1
                         log.warning("slot=%s processed late, at round=%s", slot, opened.times.time)
