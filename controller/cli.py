@@ -84,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         from controller import sim  # the client stack and progress bar: only for this command
 
         lem = serve.parity_flags(args)
+        if _is_district(args.scenario):  # [[communities]]: a market of markets (docs/hierarchy.md)
+            from controller import district_cmd
+
+            if lem or args.serializer != "json":
+                print("microte sim: --lem-* and --serializer are not for a district", file=sys.stderr)
+                return 2
+            return district_cmd.main(args)
         if args.transport == "inproc" and (args.fleet or lem or args.serializer != "json"):
             print(
                 "microte sim: --fleet, --serializer and --lem-* are socket options (--transport socket)",
@@ -107,3 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     return 2
+
+
+def _is_district(path: str) -> bool:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            return bool(tomllib.load(f).get("communities"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False  # `microte sim` reports the file's own error

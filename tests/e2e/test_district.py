@@ -67,3 +67,17 @@ async def test_one_postgresql_database_and_a_killed_community(
     assert len({s["commit_id"] for s in town}) == len(town)
     rounds = Counter(r["current_round_start"] for r in read_rows(urls["town"], "rounds"))
     assert max(rounds.values()) == 1  # every slot processed once
+
+
+def test_microte_sim_runs_a_district(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], inproc: dict[str, str]
+) -> None:
+    from controller import cli
+
+    path = half_day(tmp_path)
+    assert cli.main(["sim", str(path), "--ledger", f"sqlite:///{tmp_path}/run.db", "--transport", "inproc"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"run-{m}.db" in out for m in MARKETS), out
+    assert digests({m: f"sqlite:///{tmp_path}/run-{m}.db" for m in MARKETS}) == inproc
+    assert cli.main(["sim", str(path), "--participants", "5"]) == 2
+    assert "not for a district" in capsys.readouterr().err
