@@ -103,10 +103,20 @@ def community(scenario: Scenario, participants: int | None) -> list[ParticipantS
 class FleetConnections:
     """The participants split over `n` `/fleet` connections (contiguous groups, in order)."""
 
-    def __init__(self, url: str, members: list[tuple[ParticipantSpec, str]], seed: int, n: int, **options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        members: list[tuple[ParticipantSpec, str]],
+        seed: int,
+        n: int,
+        warm: Sequence[tuple[int, int]] = (),
+        **options: Any,
+    ) -> None:
         size = -(-len(members) // n)
         self.url = url
         self.clients = [FleetClient(members[i : i + size], seed, **options) for i in range(0, len(members), size)]
+        for client in self.clients:  # the first round's slots, before its deadline runs
+            client.warm(warm)
 
     async def __aenter__(self) -> FleetConnections:
         await asyncio.gather(*(c.connect(self.url) for c in self.clients))
@@ -114,6 +124,13 @@ class FleetConnections:
 
     async def __aexit__(self, *_exc: object) -> None:
         await asyncio.gather(*(c.disconnect() for c in self.clients), return_exceptions=True)
+
+
+def _first_slots(scenario: Scenario) -> list[tuple[int, int]]:
+    """What the first sim round meters (its current slot) and trades (its next_settle)."""
+    t, d = scenario.start_time, scenario.step
+    c = int(scenario.market.get("close_steps", 2))
+    return [(t, t + d), (t + c * d, t + (c + 1) * d)]
 
 
 def write_registry(path: Path, tokens: dict[str, str], roles: dict[str, str] | None = None) -> None:
@@ -263,7 +280,7 @@ async def run_sim(
                 "serializer": serializer,
             }
             clients = (
-                FleetConnections(url, members, scenario.seed, fleets, **options)
+                FleetConnections(url, members, scenario.seed, fleets, _first_slots(scenario), **options)
                 if fleets
                 else Fleet(url, members, scenario.seed, concurrency=64, combined=combined, **options)
             )
@@ -295,6 +312,9 @@ async def run_sim(
                     transports=["websocket"],
                     auth={"id": CONTROLLER_ID, "token": tokens[CONTROLLER_ID]},
                 )
+                # The participants (thousands of prosumers in fleet mode) are built and
+                # connected: out of the collector's way, as the server's heap is.
+                runloop.settle_heap()
                 startup = time.perf_counter() - started
                 t0 = time.perf_counter()
                 missing = await _step_all(ctl, scenario, progress, dso, parity, sites)

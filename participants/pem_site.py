@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +122,9 @@ class PemSite(Prosumer):
             config=self.config,
             initial=state,
         )
+
+    def warm(self, slots: Iterable[tuple[int, int]]) -> None:
+        """Nothing to warm: `energy` simulates the houses once, in order, when metered."""
 
     def energy(self, slot: tuple[int, int]) -> tuple[dict[str, int], int]:
         """The houses' HVAC energy of `slot`, simulated once: the slots between the last one

@@ -7,6 +7,7 @@ deterministic given (spec, seed) and the sequence of server payloads.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,12 @@ class Prosumer:
         self._forget(msg.current_round)
         return meter, orders
 
+    def warm(self, slots: Iterable[tuple[int, int]]) -> None:
+        """Compute the energy of `slots` ahead (it is memoized, with the day of profiles it
+        builds), so the rounds that meter or trade them do not pay for it."""
+        for slot in slots:
+            self.energy(slot)
+
     def energy(self, slot: tuple[int, int]) -> tuple[dict[str, int], int]:
         """(generation per source, load) of a slot; memoized because each slot is forecast
         when traded and computed again when metered."""
@@ -288,7 +295,10 @@ class Prosumer:
 
     def on_settled(self, payload: Any) -> None:
         """Record a fill as a commitment of its slot (it steers the battery at metering)."""
-        fill = parse(payload, Settled)
+        self.on_settled_msg(parse(payload, Settled))
+
+    def on_settled_msg(self, fill: Settled) -> None:
+        """`on_settled` of a decoded payload (a fleet decodes its batch at once)."""
         start = fill.time_delivery[0]
         self._keep(start)
         if fill.commit_id is not None:
@@ -308,7 +318,10 @@ class Prosumer:
 
     def on_delivery(self, payload: Any) -> None:
         """Add a delivered slot's ledger rows to the bill (once per slot)."""
-        d = parse(payload, Delivery)
+        self.on_delivery_msg(parse(payload, Delivery))
+
+    def on_delivery_msg(self, d: Delivery) -> None:
+        """`on_delivery` of a decoded payload."""
         start = d.time_delivery[0]
         if start in self._delivered:
             return

@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import socketio
 
 from market.core.errors import MarketError
-from market.core.protocol import FleetMetersMsg, FleetOrdersMsg, decode
+from market.core.fleet_columns import MeterColumns, OrderColumns
+from market.core.protocol import EntryMsg, FleetMetersMsg, FleetOrdersMsg, MeterMsg, Side, decode
 from market.core.registry import Role
-from market.dispatch.base import Namespace, login_keys, refuse_throttled, replying
+from market.dispatch.base import Namespace, backing_off, login_keys, refuse_throttled, replying
 from market.server.port import MarketPort
 
 log = logging.getLogger("microte.market")
@@ -30,6 +31,13 @@ class FleetNamespace(Namespace):
     ms: MarketPort
 
     NAME = "/fleet"
+    EVENTS: ClassVar[dict[str, str] | None] = {
+        "orders": "orders",
+        "meters": "meters",
+        "join": "join",
+        "orders.columns": "orders_columns",
+        "meters.columns": "meters_columns",
+    }
     ROLES = frozenset[Role]({"prosumer"})
 
     def __init__(self, server: MarketPort) -> None:
@@ -53,6 +61,18 @@ class FleetNamespace(Namespace):
             )
         ids = [cred.get("id") if isinstance(cred, dict) else None for cred in creds]
         refuse_throttled(logins.wait(login_keys(environ, ids)), self.namespace)
+        try:
+            members = self._check_logins(environ, creds, ids)
+        except MarketError as err:
+            raise socketio.exceptions.ConnectionRefusedError(f"{err.code}: {err.message}") from None
+        self.members[sid] = frozenset()
+        await self._admit_members(sid, members)
+        log.info("ns=/fleet connect members=%d", len(members))
+
+    def _check_logins(self, environ: dict[str, Any], creds: list[Any], ids: list[Any]) -> list[str]:
+        """The members `creds` name, each with its own token and role prosumer, or
+        `unauthorized` naming the first that is not (a wrong token counts as a failed login)."""
+        logins = self.ms.limiter.logins
         pids = []
         for cred, name in zip(creds, ids, strict=True):
             who = self.ms.registry.authenticate(cred)
@@ -60,21 +80,42 @@ class FleetNamespace(Namespace):
                 if who is None:  # a wrong token (a prosumer-only namespace is no guess)
                     logins.failed(login_keys(environ, [name]))
                 log.warning("ns=/fleet refused: bad credentials for %r", name)
-                raise socketio.exceptions.ConnectionRefusedError(f"unauthorized: member {name!r}")
+                raise MarketError("unauthorized", f"member {name!r}")
             pids.append(who[0])
         for pid in pids:
             logins.succeeded(f"id:{pid}")
-        members = frozenset(pids)
+        return pids
+
+    async def _admit_members(self, sid: str, pids: list[str]) -> None:
         market_sessions = self.ms.sessions["/market"]
-        for pid in members:
+        for pid in pids:
             old = market_sessions.sid_of.get(pid)
             if old is not None:  # one live session per id: the fleet login replaces it
                 market_sessions.pid_of.pop(old, None)
                 await self.ms.sio.disconnect(old, namespace="/market")
             self.sid_of[pid] = sid
-        self.members[sid] = members
+        self.members[sid] = members = self.members[sid] | frozenset(pids)
         self.ms.authenticated(sid, self.namespace, len(members))
-        log.info("ns=/fleet connect members=%d", len(members))
+
+    @replying
+    async def on_join(self, sid: str, data: Any) -> dict[str, Any]:
+        """More members for a logged-in connection (`{"fleet": [{"id", "token"}, ...]}`), all
+        or none: a connect packet is held to the server's byte budget before login (64 KB,
+        ~1,000 members), so a larger fleet logs in with its first members and joins the rest."""
+        members = self._fleet(sid)
+        creds = data.get("fleet") if isinstance(data, dict) else None
+        room = MAX_MEMBERS - len(members)
+        if not isinstance(creds, list) or not 0 < len(creds) <= room:
+            raise MarketError("invalid", f"payload must be {{'fleet': [{{'id', 'token'}}, ...]}} with 1 to {room} ids")
+        environ = self.ms.sio.get_environ(sid, namespace=self.namespace) or {}
+        ids = [cred.get("id") if isinstance(cred, dict) else None for cred in creds]
+        wait = self.ms.limiter.logins.wait(login_keys(environ, ids))
+        if wait > 0:
+            raise MarketError("unauthorized", backing_off(wait).removeprefix("unauthorized: "))
+        pids = self._check_logins(environ, creds, ids)
+        await self._admit_members(sid, pids)
+        log.info("ns=/fleet join members=%d total=%d", len(pids), len(self.members[sid]))
+        return {"members": len(self.members[sid])}
 
     async def on_disconnect(self, sid: str, *_reason: Any) -> None:
         members = self.members.pop(sid, frozenset())
@@ -104,38 +145,65 @@ class FleetNamespace(Namespace):
         if pid not in members or self.sid_of.get(pid) != sid:
             raise MarketError("unauthorized", f"{pid!r} is not a member of this fleet connection")
 
-    @replying
-    async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
-        members = self._fleet(sid)
-        orders = decode(data, FleetOrdersMsg).orders
-        self._charge_members(sid, members, (o.participant for o in orders))
+    async def _submit(self, sid: str, orders: list[tuple[str, Side, EntryMsg]]) -> list[dict[str, Any]]:
+        """Book a batch's orders, each accepted or refused on its own (a reply each)."""
+        members = self.members[sid]
+        self._charge_members(sid, members, (pid for pid, _, _ in orders))
         results = []
         await self.ms.admit()
-        for order in orders:
+        for pid, side, entry in orders:
             try:
-                self._member(members, sid, order.participant)
-                results.append({"ok": True, **self.ms.market.submit(order.participant, order.side, order.entry())})
+                self._member(members, sid, pid)
+                results.append({"ok": True, **self.ms.market.submit(pid, side, entry)})
             except MarketError as err:
                 results.append(err.reply())
         await self.ms.persist()
-        return {"results": results}
+        return results
 
-    @replying
-    async def on_meters(self, sid: str, data: Any) -> dict[str, Any]:
-        members = self._fleet(sid)
-        readings = decode(data, FleetMetersMsg).readings
-        self._charge_members(sid, members, (r.participant for r in readings))
+    async def _meter(self, sid: str, readings: list[tuple[str, MeterMsg]]) -> list[dict[str, Any]]:
+        members = self.members[sid]
+        self._charge_members(sid, members, (pid for pid, _ in readings))
         results: list[dict[str, Any]] = []
         arrived = []
         await self.ms.admit()
-        for reading in readings:
+        for pid, reading in readings:
             try:
-                self._member(members, sid, reading.participant)
-                results.append({"ok": True, **self.ms.market.meter(reading.participant, reading.meter())})
-                arrived.append((reading.participant, reading.time_interval[0]))
+                self._member(members, sid, pid)
+                results.append({"ok": True, **self.ms.market.meter(pid, reading)})
+                arrived.append((pid, reading.time_interval[0]))
             except MarketError as err:
                 results.append(err.reply())
         await self.ms.persist()
         for pid, slot in arrived:
             self.ms.meter_arrived(pid, slot)
-        return {"results": results}
+        return results
+
+    @replying
+    async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
+        self._fleet(sid)
+        orders = decode(data, FleetOrdersMsg).orders
+        return {"results": await self._submit(sid, [(o.participant, o.side, o.entry()) for o in orders])}
+
+    @replying
+    async def on_meters(self, sid: str, data: Any) -> dict[str, Any]:
+        self._fleet(sid)
+        readings = decode(data, FleetMetersMsg).readings
+        return {"results": await self._meter(sid, [(r.participant, r.meter()) for r in readings])}
+
+    @replying
+    async def on_orders_columns(self, sid: str, data: Any) -> dict[str, Any]:
+        """`orders.columns`: the reply is columnar too, a uuid per order (null if refused)
+        and the refusals by index, instead of a dict per order."""
+        self._fleet(sid)
+        results = await self._submit(sid, decode(data, OrderColumns).items())
+        uuids = [r["entry"]["uuid"] if r["ok"] else None for r in results]
+        return {"uuid": uuids, "refused": _refused(results)}
+
+    @replying
+    async def on_meters_columns(self, sid: str, data: Any) -> dict[str, Any]:
+        self._fleet(sid)
+        return {"refused": _refused(await self._meter(sid, decode(data, MeterColumns).items()))}
+
+
+def _refused(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"index": i, **r["error"]} for i, r in enumerate(results) if not r["ok"]]
