@@ -61,6 +61,12 @@ def parser() -> argparse.ArgumentParser:
     led.add_argument("url")
     led.add_argument("--record", metavar="ID", help="verify: print the inclusion proof (JSON) of this record")
     led.add_argument("--table", help="verify --record: the record's table (when the id is in several)")
+    led.add_argument(
+        "--markets",
+        action="store_true",
+        help="digest: every market of a PostgreSQL database (a schema each, docs/hierarchy.md): each one's digest, "
+        "then one over all",
+    )
     return p
 
 
@@ -108,12 +114,30 @@ def main(argv: list[str] | None = None) -> int:
         from ledger import ledger_digest
 
         try:
+            if args.markets:
+                return _market_digests(args.url)
             print(ledger_digest(args.url))
         except ValueError as err:  # a memory: URL, or a scheme it cannot read
             print(f"microte ledger digest: {err}", file=sys.stderr)
             return 2
         return 0
     return 2
+
+
+def _market_digests(url: str) -> int:
+    from ledger import ledger_digest
+    from ledger.markets import digest_of_all, markets_in
+
+    schemas = markets_in(url)
+    if not schemas:
+        print(f"microte ledger digest: no market schemas (m_...) in {url}", file=sys.stderr)
+        return 2
+    sep = "&" if "?" in url else "?"
+    digests = {m: ledger_digest(f"{url}{sep}options=-csearch_path%3D{m}") for m in schemas}
+    for m, d in digests.items():
+        print(f"{m} {d}")
+    print(f"all {digest_of_all(digests)}")
+    return 0
 
 
 def _is_district(path: str) -> bool:

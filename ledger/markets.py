@@ -52,3 +52,24 @@ def ensure_schema(url: str) -> None:
             conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{found.group(1)}"'))
     finally:
         engine.dispose()
+
+
+def markets_in(url: str) -> list[str]:
+    """The market schemas (`m_...`) of a PostgreSQL database, by schema name."""
+    engine = sa.create_engine(sa.make_url(url))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'm\\_%' ORDER BY 1")
+            )
+            return [r[0] for r in rows]
+    finally:
+        engine.dispose()
+
+
+def digest_of_all(digests: dict[str, str]) -> str:
+    """One digest over several markets' digests: sha256 of `market digest` lines, sorted."""
+    import hashlib
+
+    text = "".join(f"{m} {d}\n" for m, d in sorted(digests.items()))
+    return hashlib.sha256(text.encode()).hexdigest()

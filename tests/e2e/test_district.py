@@ -10,6 +10,7 @@ those of the uninterrupted run: nothing lost, nothing doubled."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from controller.district_socket import DistrictRunner, run_district_socket
 from controller.hierarchy import run_district
 from ledger import ledger_digest, read_rows
 from ledger.markets import market_url
+from market.core.hierarchy import UPSTREAM_ID
 
 DISTRICT = Path(__file__).parents[2] / "scenarios" / "district"
 MARKETS = ("sunny", "town", "windy", "district")
@@ -49,7 +51,7 @@ async def test_sockets_give_the_in_process_ledgers(tmp_path: Path, inproc: dict[
 
 
 async def test_one_postgresql_database_and_a_killed_community(
-    tmp_path: Path, pg_url: str, inproc: dict[str, str]
+    tmp_path: Path, pg_url: str, inproc: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = half_day(tmp_path)
     killed: list[int] = []
@@ -67,6 +69,32 @@ async def test_one_postgresql_database_and_a_killed_community(
     assert len({s["commit_id"] for s in town}) == len(town)
     rounds = Counter(r["current_round_start"] for r in read_rows(urls["town"], "rounds"))
     assert max(rounds.values()) == 1  # every slot processed once
+    # Across levels, from this run's own ledgers: each district fill is one upstream
+    # settlement below (quantity and amount), and each reading above what flowed below.
+    district = read_rows(urls["district"], "settlements")
+    above = {(m["participant_id"], m["time_interval_start"]): m for m in read_rows(urls["district"], "meters")}
+    assert district
+    for c in ("sunny", "town", "windy"):
+        below = read_rows(urls[c], "settlements")
+        for side, mine, theirs in (("buy", "seller_id", "buyer_id"), ("sell", "buyer_id", "seller_id")):
+            assert Counter(
+                (s["time_delivery_start"], s["quantity"], s[f"amount_{side}"]) for s in below if s[mine] == UPSTREAM_ID
+            ) == Counter(
+                (s["time_delivery_start"], s["quantity"], s[f"amount_{side}"]) for s in district if s[theirs] == c
+            )
+        flowed: Counter[int] = Counter()
+        for t in read_rows(urls[c], "transactions"):
+            if t["kind"] in ("p2p", "bess_compensation") and t["seller_id"] == UPSTREAM_ID:
+                flowed[t["time_delivery_start"]] += t["quantity"]
+        for (pid, start), m in above.items():
+            if pid == c:
+                assert json.loads(m["consumption"])["other"].get("external", 0) == flowed[start]
+    # One digest per market, and one over all, from the database alone.
+    from controller import cli
+
+    assert cli.main(["ledger", "digest", pg_url, "--markets"]) == 0
+    lines = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert {k: v for k, v in lines.items() if k != "all"} == {f"m_{m}": inproc[m] for m in MARKETS}
 
 
 def test_microte_sim_runs_a_district(
