@@ -96,6 +96,11 @@ def check_fills(
             raise ValueError(f"upstream fill {f.ref}: no such residual {f.residual.uuid}")
         if f.quantity <= 0:
             raise ValueError(f"upstream fill {f.ref}: quantity {f.quantity} is not positive")
+        # The member's limit holds above too: nobody pays above its bid or gets below its ask.
+        if r.side == "bid" and f.price_buy > r.price:
+            raise ValueError(f"upstream fill {f.ref}: price {f.price_buy} above the bid's {r.price}")
+        if r.side == "ask" and f.price_sell < r.price:
+            raise ValueError(f"upstream fill {f.ref}: price {f.price_sell} below the ask's {r.price}")
         total[r.uuid] = total.get(r.uuid, 0) + f.quantity
         if total[r.uuid] > r.quantity:
             raise ValueError(f"upstream fill {f.ref}: {total[r.uuid]} Wh of residual {r.uuid} exceed its {r.quantity}")

@@ -48,17 +48,17 @@ def upstream_fill(r: Residual, q: int, price: float, ref: str, source: str = "wi
 def test_upstream_fills_settle_with_the_upstream_account(cleared: Market) -> None:
     res = {r.participant: r for r in cleared.residuals_of(120)}
     result = cleared.upstream_fills(
-        120, [upstream_fill(res["B2"], 800, 0.11, "d1"), upstream_fill(res["S2"], 1500, 0.14, "d2")], now=D
+        120, [upstream_fill(res["B2"], 800, 0.11, "d1"), upstream_fill(res["S2"], 1500, 0.19, "d2")], now=D
     )
     events = result.settled
     assert [(p, e["side"], e["quantity"], e["price"]) for p, e in events] == [
         ("B2", "bid", 800, 0.11),
-        ("S2", "ask", 1500, 0.14),
+        ("S2", "ask", 1500, 0.19),
     ]
     assert not any(isinstance(r, Settlement) for r in cleared.take_journal())  # the caller stores them
     assert [(s.seller_id, s.buyer_id, s.quantity, s.amount_buy) for s in result.settlements] == [
         (UPSTREAM_ID, "B2", 800, 88_000),
-        ("S2", UPSTREAM_ID, 1500, 210_000),
+        ("S2", UPSTREAM_ID, 1500, 285_000),
     ]
     # Delivery: B2 takes 1000, S2 produces only 1200 of its 1500 sold upstream.
     cleared.open_round(2 * D)
@@ -86,6 +86,8 @@ def test_bad_upstream_fills_change_nothing(cleared: Market) -> None:
         ([upstream_fill(res["B2"], 1001, 0.1, "x")], "invalid", "exceed"),
         ([upstream_fill(res["B2"], 600, 0.1, "x"), upstream_fill(res["B2"], 600, 0.1, "y")], "invalid", "exceed"),
         ([upstream_fill(res["B2"], 0, 0.1, "x")], "invalid", "not positive"),
+        ([upstream_fill(res["B2"], 100, 0.121, "x")], "invalid", "above the bid"),  # B2 bid 0.12
+        ([upstream_fill(res["S2"], 100, 0.179, "x")], "invalid", "below the ask"),  # S2 asked 0.18
     ]:
         with pytest.raises(MarketError, match=words) as info:
             cleared.upstream_fills(120, fills, now=D)
