@@ -101,9 +101,7 @@ def main() -> None:
         )
         if not args.no_socket:
             timing: dict[str, float] = {}
-            c2 = cpu()
             sock = asyncio.run(run_district_socket(path, f"sqlite:///{out}/so-{{market}}.db", timing=timing))
-            c3 = cpu()
             wall = timing["rounds"]
             per = {k: timing[k] / rounds * 1000 for k in ("communities", "up", "district", "down")}
             print(
@@ -111,8 +109,8 @@ def main() -> None:
                 f"{timing['startup']:.1f} s); per round: communities stepping {per['communities']:.0f} ms "
                 f"(all {args.communities} at once on {os.cpu_count()} CPUs), residuals up {per['up']:.0f} ms, "
                 f"district step {per['district']:.0f} ms, fills down {per['down']:.0f} ms; "
-                f"CPU {(c3 - c2) / rounds / args.communities * 1000:.0f} ms per community per round "
-                "(every process, start-up included)"
+                f"CPU {timing['cpu'] / rounds / args.communities * 1000:.1f} ms per community per round "
+                "(every market, member and controller process, rounds only)"
             )
             serial = per["up"] + per["district"] + per["down"]
             parallel = per["communities"]

@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import resource
 import secrets
 import subprocess
 import sys
@@ -184,6 +186,7 @@ class DistrictRunner:
         self.sessions = {cid: CommunitySession(cid, secrets.token_urlsafe(18)) for cid in district.communities}
         self.rounds_done = 0
         self.seconds: dict[str, float] = {}  # wall time per phase of the rounds (bench/district.py)
+        self.member_procs: list[asyncio.subprocess.Process] = []
 
     def _server_args(self, market: str, scenario: Path, tokens: dict[str, str]) -> list[str]:
         registry = self.tmp / f"{market}.registry.toml"
@@ -216,12 +219,30 @@ class DistrictRunner:
                 # The members of a market in a process of their own (`microte participant`), as
                 # they would run: the controller's process measures the markets, not 1,000 clients.
                 members = await self._members(market, proc.url)
+                self.member_procs.append(members)
                 stack.push_async_callback(_terminate, members)
         for session in self.sessions.values():
             await session.connect(self.procs["district"].url)
             stack.push_async_callback(session.sio.disconnect)
         for market in self.procs:
             await self._all_online(market)
+
+    def cpu_seconds(self) -> float:
+        """CPU time so far of this process and every market and member process (Linux /proc;
+        0 for a process it cannot read)."""
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        total = own.ru_utime + own.ru_stime
+        procs = [p.proc for p in self.procs.values()] + list(self.member_procs)
+        tick = os.sysconf("SC_CLK_TCK")
+        for proc in procs:
+            if proc is None:
+                continue
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            except (OSError, IndexError, ValueError):
+                continue
+        return total
 
     async def _members(self, market: str, url: str) -> asyncio.subprocess.Process:
         scenario = self.path if market == "district" else self.district.files[market]
@@ -315,11 +336,12 @@ async def run_district_socket(
             runner = DistrictRunner(district, path, ledger, Path(tmp))
             t0 = time.perf_counter()
             await runner.start(stack)
-            t1 = time.perf_counter()
+            t1, cpu0 = time.perf_counter(), runner.cpu_seconds()
             sc = district.scenario
             for k in range(sc.rounds):
                 hook = None if between is None else functools.partial(between, runner, k)
                 await runner.step(sc.start_time + k * sc.step, hook)
             if timing is not None:
-                timing.update(startup=t1 - t0, rounds=time.perf_counter() - t1, **runner.seconds)
+                cpu = runner.cpu_seconds() - cpu0
+                timing.update(startup=t1 - t0, rounds=time.perf_counter() - t1, cpu=cpu, **runner.seconds)
     return runner.urls
