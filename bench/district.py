@@ -103,17 +103,17 @@ def main() -> None:
             timing: dict[str, float] = {}
             sock = asyncio.run(run_district_socket(path, f"sqlite:///{out}/so-{{market}}.db", timing=timing))
             wall = timing["rounds"]
-            per = {k: timing[k] / rounds * 1000 for k in ("communities", "up", "district", "down")}
+            per = {k: timing[k] / rounds * 1000 for k in ("below", "top", "down")}
             print(
                 f"sockets: {rounds / wall:.1f} rounds/s ({wall:.2f} s; start-up of {len(sock)} processes "
-                f"{timing['startup']:.1f} s); per round: communities stepping {per['communities']:.0f} ms "
-                f"(all {args.communities} at once on {os.cpu_count()} CPUs), residuals up {per['up']:.0f} ms, "
-                f"district step {per['district']:.0f} ms, fills down {per['down']:.0f} ms; "
+                f"{timing['startup']:.1f} s); per round: communities stepping and passing their residuals up "
+                f"{per['below']:.0f} ms (all {args.communities} at once on {os.cpu_count()} CPUs), district step "
+                f"{per['top']:.0f} ms, fills down {per['down']:.0f} ms; "
                 f"CPU {timing['cpu'] / rounds / args.communities * 1000:.1f} ms per community per round "
                 "(every market, member and controller process, rounds only)"
             )
-            serial = per["up"] + per["district"] + per["down"]
-            parallel = per["communities"]
+            serial = per["top"] + per["down"]
+            parallel = per["below"]
             for m in (1, 2, 5, 10, 20):
                 # The communities spread over m machines of this kind; the district round and the
                 # barrier stay serial (the controller waits for the slowest community).

@@ -1,21 +1,22 @@
-"""A district of community markets in lockstep over sockets: one `microte market` process
-per community (`--in-district`) and one for the district, each with its own registry and
-ledger; the members as socket.io clients of their community; the controller steps them all
-(docs/hierarchy.md). The rounds are those of controller/hierarchy.py, moved onto the wire:
+"""A tree of markets in lockstep over sockets (a district of communities, a city of
+districts, ...): one `microte market` process per market, every market below another
+`--in-district`, each with its own registry and ledger; the members of each market in a
+`microte participant` process of their own; the controller steps them all and holds each
+lower market's session in the market above (docs/hierarchy.md). Round t, from the bottom:
 
-1. every community `step`s round t (concurrently: they share nothing);
-2. the controller asks each for the residuals of the slot its gate just closed
-   (`upstream.residuals`) and places them in the district as that community (`orders` on the
-   district's `/market`, one order per residual, client id = the residual's id), and asks
-   what its upstream account passed on in slot t (`upstream.flows`);
-3. the district `step`s round t: each community's session meters those flows, the
-   district clears, and its `settled` events come back to the community's session;
-4. the controller hands each community its fills (`upstream.fills`), which it stores before
-   replying and announces to its members before their next `start_round`.
+1. each market below another `step`s round t, after the markets below it (siblings at once);
+   it gets the fills its own round made for the markets below it (`upstream.fills` there),
+   then the controller reads the residuals of the slot its gate just closed
+   (`upstream.residuals`) and places them in the market above as that market (`orders` on
+   its `/market`, one order per residual, client id = the residual's id), and reads what
+   its upstream account passed on in slot t (`upstream.flows`), which its session meters
+   above on the next `start_round`;
+2. the top market `step`s round t and its fills go down (`upstream.fills`), each level's
+   reply naming the part that filled orders of the markets below it, which goes on down.
 
-A community process that dies is started again on the same port and ledger (`restart`):
-it resumes from its ledger, its members reconnect, and the round is stepped again; every
-write is idempotent, so no row is lost or doubled. The same scenario and seed give the same
+A market process that dies is started again on the same port and ledger (`restart`): it
+resumes from its ledger, its members reconnect, and the round goes on; every write is
+idempotent, so no row is lost or doubled. The same scenario and seed give the same
 ledgers as the in-process run (tests/e2e/test_district.py).
 """
 
@@ -38,6 +39,7 @@ from typing import Any
 import socketio
 
 from controller.hierarchy import District, ledger_urls, load_district
+from controller.scenario import Scenario
 from controller.sim import CONTROLLER_ID, LISTENING, fresh_ledger, write_registry
 from participants.spec import decode_specs
 
@@ -175,54 +177,67 @@ async def _controller(url: str, token: str) -> socketio.AsyncClient:
 
 
 class DistrictRunner:
-    """The processes, clients and sessions of one district run (see the module docstring)."""
+    """The processes, clients and sessions of one run over a tree of markets (a district of
+    communities, a city of districts, ...; see the module docstring): every market below
+    another is `--in-district` and has a session in the one above, held by the controller."""
 
     def __init__(self, district: District, path: Path, ledger: str, tmp: Path) -> None:
         self.district, self.path, self.tmp = district, path, tmp
-        self.urls = ledger_urls(ledger, [*district.communities, "district"])
+        self.root = district.scenario.name
+        self.files: dict[str, Path] = {self.root: path}
+        self.scenarios: dict[str, Scenario] = {self.root: district.scenario}
+        self.children: dict[str, list[str]] = {}
+        self.parent: dict[str, str] = {}
+        self._tree(self.root, district)
+        self.urls = ledger_urls(ledger, list(self.files))
         self.procs: dict[str, MarketProcess] = {}
         self.tokens: dict[str, dict[str, str]] = {}
         self.ctl: dict[str, socketio.AsyncClient] = {}
-        self.sessions = {cid: CommunitySession(cid, secrets.token_urlsafe(18)) for cid in district.communities}
+        self.sessions = {m: CommunitySession(m, secrets.token_urlsafe(18)) for m in self.parent}
         self.rounds_done = 0
         self.seconds: dict[str, float] = {}  # wall time per phase of the rounds (bench/district.py)
         self.member_procs: list[asyncio.subprocess.Process] = []
 
-    def _server_args(self, market: str, scenario: Path, tokens: dict[str, str]) -> list[str]:
+    def _tree(self, mid: str, d: District) -> None:
+        self.children[mid] = list(d.communities)
+        for cid, sc in d.communities.items():
+            if cid in self.files:
+                raise ValueError(f"{d.files[cid]}: market id {cid!r} is used twice in the tree")
+            self.files[cid], self.scenarios[cid], self.parent[cid] = d.files[cid], sc, mid
+            self.children[cid] = []
+            if sc.communities:
+                self._tree(cid, load_district(d.files[cid], nested=True))
+
+    def _server_args(self, market: str, tokens: dict[str, str]) -> list[str]:
         registry = self.tmp / f"{market}.registry.toml"
         write_registry(registry, tokens)
-        args = ["--registry", str(registry), "--scenario", str(scenario), "--ledger", self.urls[market]]
+        args = ["--registry", str(registry), "--scenario", str(self.files[market]), "--ledger", self.urls[market]]
         args += ["--mode", "sim", "--log-level", "WARNING"]
-        return [*args, "--in-district"] if market != "district" else args
+        return [*args, "--in-district"] if market in self.parent else args
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
-        d = self.district
         for url in self.urls.values():
             fresh_ledger(url)
-        for cid, sc in d.communities.items():
+        for market, sc in self.scenarios.items():
             specs = decode_specs(sc.participants)
             tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {CONTROLLER_ID: secrets.token_urlsafe(18)}
-            self.tokens[cid] = tokens
-            self.procs[cid] = MarketProcess(self._server_args(cid, d.files[cid], tokens))
-        specs = decode_specs(d.scenario.participants)
-        tokens = {s.id: secrets.token_urlsafe(18) for s in specs} | {CONTROLLER_ID: secrets.token_urlsafe(18)}
-        tokens |= {cid: s.token for cid, s in self.sessions.items()}
-        self.tokens["district"] = tokens
-        self.procs["district"] = MarketProcess(self._server_args("district", self.path, tokens))
+            tokens |= {c: self.sessions[c].token for c in self.children[market]}
+            self.tokens[market] = tokens
+            self.procs[market] = MarketProcess(self._server_args(market, tokens))
         for proc in self.procs.values():
             stack.push_async_callback(proc.stop)
         await asyncio.gather(*(p.start() for p in self.procs.values()))
         for market, proc in self.procs.items():
             self.ctl[market] = await _controller(proc.url, self.tokens[market][CONTROLLER_ID])
             stack.push_async_callback(self.ctl[market].disconnect)
-            if decode_specs((d.scenario if market == "district" else d.communities[market]).participants):
+            if decode_specs(self.scenarios[market].participants):
                 # The members of a market in a process of their own (`microte participant`), as
                 # they would run: the controller's process measures the markets, not 1,000 clients.
                 members = await self._members(market, proc.url)
                 self.member_procs.append(members)
                 stack.push_async_callback(_terminate, members)
-        for session in self.sessions.values():
-            await session.connect(self.procs["district"].url)
+        for market, session in self.sessions.items():
+            await session.connect(self.procs[self.parent[market]].url)
             stack.push_async_callback(session.sio.disconnect)
         for market in self.procs:
             await self._all_online(market)
@@ -245,16 +260,15 @@ class DistrictRunner:
         return total
 
     async def _members(self, market: str, url: str) -> asyncio.subprocess.Process:
-        scenario = self.path if market == "district" else self.district.files[market]
         registry = self.tmp / f"{market}.registry.toml"
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller", "participant", "--url", url, "--scenario", str(scenario),
+            sys.executable, "-m", "controller", "participant", "--url", url, "--scenario", str(self.files[market]),
             "--registry", str(registry), "--connect-retry", "60", "--log-level", "WARNING",
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
 
     async def _all_online(self, market: str, timeout: float = 120.0) -> None:
-        """Wait until every member of `market` (and, for the district, every community) is online."""
+        """Wait until every member of `market` (and every market below it) is online."""
         expected = set(self.tokens[market]) - {CONTROLLER_ID}
         async with asyncio.timeout(timeout):
             while True:
@@ -263,74 +277,87 @@ class DistrictRunner:
                     return
                 await asyncio.sleep(0.1)
 
-    async def step(self, t: int, between: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Round t (module docstring); `between()` (awaited) runs after the communities
-        stepped and before anything else of the round: where a test kills one."""
-        sc = self.district.scenario
-        d = sc.step
-        gate = t + (int(sc.market.get("close_steps", 2)) - 1) * d
-        communities = list(self.district.communities)
+    async def step(self, t: int, between: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """Round t, level by level from the bottom (module docstring); `between(market)` (awaited)
+        runs right after each market below another stepped, before its residuals go up: where
+        a test kills one."""
         clock = time.perf_counter
         t0 = clock()
-        await asyncio.gather(*(self._step_community(cid, t) for cid in communities))
+        await asyncio.gather(*(self._visit(c, t, between) for c in self.children[self.root]))
         t1 = clock()
-        if between is not None:
-            await between()
-        # Each community's calls are its own; the district orders them by uuid, not by arrival.
+        await _call(self.ctl[self.root], "step", {"time": t})
         t2 = clock()
-        await asyncio.gather(*(self._pass_up(cid, t, gate) for cid in communities))
+        await asyncio.gather(*(self._fills_from_above(c, t) for c in self.children[self.root]))
         t3 = clock()
-        await _call(self.ctl["district"], "step", {"time": t})
-        t4 = clock()
-        await asyncio.gather(*(self._bring_down(cid, gate) for cid in communities))
-        t5 = clock()
-        for phase, seconds in (("communities", t1 - t0), ("up", t3 - t2), ("district", t4 - t3), ("down", t5 - t4)):
+        for phase, seconds in (("below", t1 - t0), ("top", t2 - t1), ("down", t3 - t2)):
             self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
         self.rounds_done += 1
 
-    async def _pass_up(self, cid: str, t: int, gate: int) -> None:
+    def _gate(self, t: int) -> tuple[int, int]:
+        sc = self.district.scenario
+        g = t + (int(sc.market.get("close_steps", 2)) - 1) * sc.step
+        return g, g + sc.step
+
+    async def _visit(self, market: str, t: int, between: Callable[[str], Awaitable[None]] | None) -> None:
+        """A market below another, and everything below it: step, hand its fills down, pass its
+        residuals and flows up. Siblings share nothing and go concurrently; the market above
+        orders their orders by uuid, not by arrival."""
+        await asyncio.gather(*(self._visit(c, t, between) for c in self.children[market]))
+        await _call(self.ctl[market], "step", {"time": t})
+        if between is not None:
+            await between(market)
+        await asyncio.gather(*(self._fills_from_above(c, t) for c in self.children[market]))
         d = self.district.scenario.step
-        res = await _call(self.ctl[cid], "upstream.residuals", {"time_delivery": [gate, gate + d]})
-        if self.rounds_done and res["residuals"]:  # before the district's first round no slot is open
-            await self.sessions[cid].place(res["residuals"], [gate, gate + d])
-        flows = await _call(self.ctl[cid], "upstream.flows", {"time_delivery": [t, t + d]})
-        self.sessions[cid].flows[t] = {"generation": flows["generation"], "external": flows["external"]}
+        gate = self._gate(t)
+        res = await _call(self.ctl[market], "upstream.residuals", {"time_delivery": list(gate)})
+        if self.rounds_done and res["residuals"]:  # before the first round above no slot is open there
+            await self.sessions[market].place(res["residuals"], list(gate))
+        flows = await _call(self.ctl[market], "upstream.flows", {"time_delivery": [t, t + d]})
+        self.sessions[market].flows[t] = {"generation": flows["generation"], "external": flows["external"]}
 
-    async def _bring_down(self, cid: str, gate: int) -> None:
-        fills = self.sessions[cid].take_fills(gate)
-        if fills:
-            d = self.district.scenario.step
-            await _call(self.ctl[cid], "upstream.fills", {"time_delivery": [gate, gate + d], "fills": fills})
+    async def _fills_from_above(self, market: str, t: int) -> None:
+        """The fills the market above gave `market`'s session in its round: settled in `market`."""
+        await self._settle(market, self.sessions[market].take_fills(self._gate(t)[0]), t)
 
-    async def _step_community(self, cid: str, t: int) -> None:
-        await _call(self.ctl[cid], "step", {"time": t})
+    async def _settle(self, market: str, fills: list[dict[str, Any]], t: int) -> None:
+        """Settle fills in `market`; the part of them that filled orders of markets below it
+        goes on down, level by level (the reply names each member's fill)."""
+        if not fills:
+            return
+        reply = await _call(self.ctl[market], "upstream.fills", {"time_delivery": list(self._gate(t)), "fills": fills})
+        below: dict[str, list[dict[str, Any]]] = {}
+        for e in reply.get("events", []):
+            if e["participant"] in self.children[market]:
+                fill = {"id": e["id"], "quantity": e["quantity"], "price": e["price"], "source": e["source"]}
+                below.setdefault(e["participant"], []).append(fill | {"ref": e["commit_id"]})
+        await asyncio.gather(*(self._settle(c, f, t) for c, f in below.items()))
 
-    async def restart(self, cid: str) -> None:
-        """Kill a community's server (SIGKILL) and start it again on its port and ledger; its
+    async def restart(self, market: str) -> None:
+        """Kill a market's server (SIGKILL) and start it again on its port and ledger; its
         members reconnect by themselves, the controller's session is made again."""
-        proc = self.procs[cid]
+        proc = self.procs[market]
         proc.kill()
         assert proc.proc is not None
         await proc.proc.wait()
         with contextlib.suppress(Exception):
-            await self.ctl[cid].disconnect()
+            await self.ctl[market].disconnect()
         await proc.start()
-        self.ctl[cid] = await _controller(proc.url, self.tokens[cid][CONTROLLER_ID])
-        await self._all_online(cid)  # every member back before the round goes on
+        self.ctl[market] = await _controller(proc.url, self.tokens[market][CONTROLLER_ID])
+        await self._all_online(market)  # every member back before the round goes on
 
 
 async def run_district_socket(
     path: str | Path,
     ledger: str,
     *,
-    between: Callable[[DistrictRunner, int], Awaitable[None]] | None = None,
+    between: Callable[[DistrictRunner, int, str], Awaitable[None]] | None = None,
     timing: dict[str, float] | None = None,
 ) -> dict[str, str]:
     """Every round of a district scenario over sockets; the ledgers by market id.
-    `between(runner, k)` runs in round k after the communities stepped (a test kills one);
+    `between(runner, k, market)` runs in round k after each market below another stepped;
     `timing` gets the seconds of the start-up and of the rounds."""
     path = Path(path)
-    district = load_district(path)
+    district = load_district(path, nested=True)
     with tempfile.TemporaryDirectory(prefix="microte-district-") as tmp:
         async with contextlib.AsyncExitStack() as stack:
             runner = DistrictRunner(district, path, ledger, Path(tmp))

@@ -388,7 +388,14 @@ class MarketServer:
                 self.market.drop_upstream(start, result.settlements)
                 raise MarketError("unavailable", "the ledger refused the upstream fills; nothing was applied")
             await self._send_private("settled", result.settled)
-        return {"settled": len(result.settlements), "duplicate": not result.settlements and bool(fills)}
+        # The members' fills go back to the caller too (the controller, the operator): a member
+        # that is itself a market below gets them from there, with no race against `settled`.
+        events = [{"participant": pid, **payload} for pid, payload in result.settled]
+        return {
+            "settled": len(result.settlements),
+            "duplicate": not result.settlements and bool(fills),
+            "events": events,
+        }
 
     async def upstream_flows(self, start: int) -> dict[str, Any]:
         """What the upstream account physically passed on in a processed slot (from the

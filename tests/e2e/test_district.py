@@ -56,8 +56,8 @@ async def test_one_postgresql_database_and_a_killed_community(
     path = half_day(tmp_path)
     killed: list[int] = []
 
-    async def kill_town(runner: DistrictRunner, k: int) -> None:
-        if k == 9:  # round 10: after the communities stepped, before residuals, flows and fills
+    async def kill_town(runner: DistrictRunner, k: int, market: str) -> None:
+        if k == 9 and market == "town":  # round 10: after it stepped, before its residuals, flows and fills
             await runner.restart("town")
             killed.append(k)
 
@@ -109,3 +109,28 @@ def test_microte_sim_runs_a_district(
     assert digests({m: f"sqlite:///{tmp_path}/run-{m}.db" for m in MARKETS}) == inproc
     assert cli.main(["sim", str(path), "--participants", "5"]) == 2
     assert "not for a district" in capsys.readouterr().err
+
+
+async def test_a_city_over_sockets_gives_the_in_process_ledgers(tmp_path: Path) -> None:
+    """Three levels as processes: city -> (north: the district of three communities, farms):
+    the city's fills reach north's communities through north, level by level, and every
+    market's ledger equals the in-process run's."""
+    half_day(tmp_path)
+    farms = (tmp_path / "windy.toml").read_text().replace('name = "windy"', 'name = "farms"')
+    (tmp_path / "farms.toml").write_text(farms)
+    city = (tmp_path / "district.toml").read_text().replace('name = "district"', 'name = "city"')
+    city = city.split("[[communities]]")[0]
+    for cid, file in (("north", "district.toml"), ("farms", "farms.toml")):
+        city += f'[[communities]]\nid = "{cid}"\nscenario = "{file}"\n\n'
+    (tmp_path / "city.toml").write_text(city)
+    _run, inproc, _ = await run_district(tmp_path / "city.toml", f"sqlite:///{tmp_path}/in-{{market}}.db")
+    sockets = await run_district_socket(tmp_path / "city.toml", f"sqlite:///{tmp_path}/so-{{market}}.db")
+    assert set(sockets) == {"city", "north", "farms", "sunny", "town", "windy"}
+    assert digests(sockets) == digests(inproc)
+    refs = [
+        s["ask_uuid"] if s["seller_id"] == UPSTREAM_ID else s["bid_uuid"]
+        for c in ("sunny", "town", "windy")
+        for s in read_rows(sockets[c], "settlements")
+        if UPSTREAM_ID in (s["seller_id"], s["buyer_id"])
+    ]
+    assert any(r.startswith("u") for r in refs)  # fills that came from the city, through north
