@@ -126,14 +126,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _market_digests(url: str) -> int:
     from ledger import ledger_digest
-    from ledger.markets import digest_of_all, markets_in
+    from ledger.markets import digest_of_all, market_url, markets_in
 
     schemas = markets_in(url)
     if not schemas:
         print(f"microte ledger digest: no market schemas (m_...) in {url}", file=sys.stderr)
         return 2
-    sep = "&" if "?" in url else "?"
-    digests = {m: ledger_digest(f"{url}{sep}options=-csearch_path%3D{m}") for m in schemas}
+    digests = {m: ledger_digest(market_url(url, m.removeprefix("m_"))) for m in schemas}
     for m, d in digests.items():
         print(f"{m} {d}")
     print(f"all {digest_of_all(digests)}")

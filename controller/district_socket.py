@@ -135,7 +135,9 @@ class CommunitySession:
     async def place(self, residuals: list[dict[str, Any]], slot: list[int]) -> None:
         orders = []
         for r in residuals:
-            order = {k: r[k] for k in ("side", "quantity", "price")} | {"time_delivery": slot, "id": r["id"]}
+            # The community's id in the order id: a fill routed to another community is refused.
+            order = {k: r[k] for k in ("side", "quantity", "price")} | {"time_delivery": slot}
+            order["id"] = f"{self.cid}:{r['id']}"
             if r["source"] is not None:
                 order["source"] = r["source"]
             orders.append(order)
@@ -149,16 +151,14 @@ class CommunitySession:
                 self.errors += [x for x in reply["results"] if not x.get("ok")]
 
     def take_fills(self, start: int) -> list[dict[str, Any]]:
-        return [
-            {
-                "id": f["id"],
-                "quantity": f["quantity"],
-                "price": f["price"],
-                "source": f["source"],
-                "ref": f["commit_id"],
-            }
-            for f in self.fills.pop(start, [])
-        ]
+        out = []
+        for f in self.fills.pop(start, []):
+            mine, _, rid = str(f["id"]).partition(":")
+            if mine != self.cid or not rid:
+                raise RuntimeError(f"{self.cid}: a district fill of order {f['id']!r}, which it never placed")
+            out.append({"id": rid, "quantity": f["quantity"], "price": f["price"], "source": f["source"]})
+            out[-1]["ref"] = f["commit_id"]
+        return out
 
 
 async def _call(sio: socketio.AsyncClient, event: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -327,9 +327,13 @@ class DistrictRunner:
         reply = await _call(self.ctl[market], "upstream.fills", {"time_delivery": list(self._gate(t)), "fills": fills})
         below: dict[str, list[dict[str, Any]]] = {}
         for e in reply.get("events", []):
-            if e["participant"] in self.children[market]:
-                fill = {"id": e["id"], "quantity": e["quantity"], "price": e["price"], "source": e["source"]}
-                below.setdefault(e["participant"], []).append(fill | {"ref": e["commit_id"]})
+            child = e["participant"]
+            if child in self.children[market]:
+                mine, _, rid = str(e["id"]).partition(":")
+                if mine != child or not rid:
+                    raise RuntimeError(f"{child}: a fill of order {e['id']!r}, which it never placed")
+                fill = {"id": rid, "quantity": e["quantity"], "price": e["price"], "source": e["source"]}
+                below.setdefault(child, []).append(fill | {"ref": e["commit_id"]})
         await asyncio.gather(*(self._settle(c, f, t) for c, f in below.items()))
 
     async def restart(self, market: str) -> None:

@@ -34,14 +34,15 @@ from controller.inproc import InprocMarket
 from controller.scenario import Scenario, load_scenario
 from controller.serve import run_record
 from ledger import open_sink
-from ledger.markets import market_url
+from ledger.markets import market_url, schema_of
 from market.core.hierarchy import UPSTREAM_ID, Residual, UpstreamFill, physical_flows
 from market.core.records import Batch, Record
 from participants.messages import StartRound
 from participants.spec import decode_specs
 from participants.traders import Order
 
-MarketId = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")]
+# Lower case, digits and _: a market's PostgreSQL schema is `m_<id>`, one to one (ledger/markets.py).
+MarketId = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_]*$")]
 
 
 class CommunityRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -96,11 +97,11 @@ class CommunitySite:
     # -- the community side ------------------------------------------------------------------
 
     def pass_up(self, district: InprocMarket, start: int) -> int:
-        """Residuals of slot `start` as district orders (client ids `{start}-{n}`)."""
+        """Residuals of slot `start` as district orders (client ids `{community}:{start}-{n}`)."""
         d = self.community.config.duration
         orders: list[Order] = []
         for n, r in enumerate(self.community.market.residuals_of(start)):
-            oid = f"{start}-{n}"
+            oid = f"{self.pid}:{start}-{n}"  # as the socket runner and the rt link name it
             self._orders[oid] = r
             order: Order = {
                 "side": r.side,
@@ -138,7 +139,7 @@ class CommunitySite:
             for pid, payload in result.settled:
                 self.community.site(pid).on_settled(payload)
             n += len(fills)
-        self._orders = {k: r for k, r in self._orders.items() if int(k.split("-")[0]) > now}
+        self._orders = {k: r for k, r in self._orders.items() if int(k.partition(":")[2].split("-")[0]) > now}
         return n
 
 
@@ -161,6 +162,10 @@ def load_district(path: str | Path, *, nested: bool = False) -> District:
         refs = msgspec.convert(sc.communities, list[CommunityRef])
     except msgspec.ValidationError as err:
         raise ValueError(f"{path}: communities: {err}") from None
+    try:
+        schema_of(sc.name)
+    except ValueError as err:
+        raise ValueError(f"{path}: the district's name is its market id: {err}") from None
     close = int(sc.market.get("close_steps", 2))
     if close < 2:
         raise ValueError(f"{path}: the district needs close_steps >= 2 (its fills must come before delivery)")

@@ -13,15 +13,16 @@ from urllib.parse import quote
 
 import sqlalchemy as sa
 
-_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
+_ID = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+SCHEMA = re.compile(r"^m_[a-z][a-z0-9_]{0,31}$")
 _SEARCH_PATH = re.compile(r"-csearch_path=([a-z][a-z0-9_]*)")
 
 
 def schema_of(market: str) -> str:
-    """The schema of a market id: `m_` + the id, lower case, `-` as `_` (ids are checked)."""
+    """The schema of a market id: `m_` + the id, one to one (so two markets never share one)."""
     if not _ID.match(market):
-        raise ValueError(f"market id {market!r}: a letter, then up to 31 letters, digits, - or _")
-    return "m_" + market.lower().replace("-", "_")
+        raise ValueError(f"market id {market!r}: a lower-case letter, then up to 31 lower-case letters, digits or _")
+    return "m_" + market
 
 
 def market_url(url: str, market: str) -> str:
@@ -62,7 +63,7 @@ def markets_in(url: str) -> list[str]:
             rows = conn.execute(
                 sa.text("SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE 'm\\_%' ORDER BY 1")
             )
-            return [r[0] for r in rows]
+            return [r[0] for r in rows if SCHEMA.match(r[0])]  # a name of any other shape is nobody's market
     finally:
         engine.dispose()
 

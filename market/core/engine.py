@@ -28,6 +28,7 @@ from market.core.hierarchy import (
     check_fills,
     matched,
     member_uuid,
+    passed_reading,
     ref_of,
     residuals,
     settled,
@@ -376,6 +377,9 @@ class Market:
             check_fills(fresh, {r.uuid: r for r in self._residuals.get(start, ())}, taken)
         except ValueError as err:
             raise MarketError("invalid", str(err)) from None
+        unknown = sorted({f.source for f in fresh} - self._known_sources)
+        if unknown:
+            raise MarketError("invalid", f"upstream fills of slot {start}: unknown source {unknown[0]!r}")
         settlements = upstream_settlements(
             (start, start + d), fresh, len(local), now, self.config.dispatch, first_id=len(before)
         )
@@ -595,12 +599,18 @@ class Market:
         slot = (slot_start, slot_start + duration)
         buy, sell = self.config.grid.prices(slot_start)
         self._residuals.pop(slot_start, None)
-        if self.upstream and UPSTREAM_ID not in d.meters:
-            reading = upstream_meter(slot, d.settlements)
-            if reading is not None:  # the market above delivers what it sold and takes what it bought
-                d.meters[UPSTREAM_ID] = reading
-                d.records[UPSTREAM_ID] = _meter_record(UPSTREAM_ID, slot, reading, now)
+        reading = upstream_meter(slot, d.settlements) if self.upstream and UPSTREAM_ID not in d.meters else None
+        if reading is not None:  # the market above delivers what it sold and takes what it bought
+            d.meters[UPSTREAM_ID] = reading
         rows = exchange(slot, d.settlements, d.meters, buy, sell, now, self.config.non_dispatch)
+        if reading is not None:
+            # The upstream account is a pass-through: what members did not deliver of an upstream
+            # sale is short above too (settled there), not bought from this market's grid; its
+            # reading on the ledger is what physically passed (docs/hierarchy.md, *Delivery*).
+            rows = [t for t in rows if not (t.kind == "grid_buy" and t.buyer_id == UPSTREAM_ID)]
+            passed = passed_reading(slot, rows)
+            d.meters[UPSTREAM_ID] = passed
+            d.records[UPSTREAM_ID] = _meter_record(UPSTREAM_ID, slot, passed, now)
         self.grid_states.forget_before(slot_start)
         return SlotResult(
             slot=slot,
@@ -619,6 +629,7 @@ class Market:
         self._processed_until = -1
         self._early_meters.clear()
         self._cancelled.clear()
+        self._residuals.clear()
         self.times = None
 
     def restore(self, rec: Recovered) -> None:

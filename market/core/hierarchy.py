@@ -14,6 +14,7 @@ physically passed on is the community's reading in the upstream market (`physica
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
@@ -21,10 +22,11 @@ import msgspec
 
 from market.core.book import Entry
 from market.core.clearing import Fill
-from market.core.protocol import ConsumptionMsg, MeterMsg
+from market.core.protocol import MAX_QUANTITY, ConsumptionMsg, MeterMsg
 from market.core.records import Settlement, Transaction, amount
 
 UPSTREAM_ID = "upstream"  # a community's account with the market above it (reserved id)
+MAX_PRICE = 1e6  # per kWh: an upstream fill's amounts stay far inside int64
 _PHYSICAL = ("p2p", "bess_compensation")
 
 
@@ -96,6 +98,15 @@ def check_fills(
             raise ValueError(f"upstream fill {f.ref}: no such residual {f.residual.uuid}")
         if f.quantity <= 0:
             raise ValueError(f"upstream fill {f.ref}: quantity {f.quantity} is not positive")
+        if (
+            not (math.isfinite(f.price_buy) and math.isfinite(f.price_sell))
+            or max(abs(f.price_buy), abs(f.price_sell)) > MAX_PRICE
+        ):
+            raise ValueError(f"upstream fill {f.ref}: price outside +-{MAX_PRICE:g}")
+        if f.quantity > MAX_QUANTITY:
+            raise ValueError(f"upstream fill {f.ref}: quantity {f.quantity} above {MAX_QUANTITY}")
+        if r.side == "ask" and f.source != r.source:
+            raise ValueError(f"upstream fill {f.ref}: source {f.source!r}, the ask offered {r.source!r}")
         # The member's limit holds above too: nobody pays above its bid or gets below its ask.
         if r.side == "bid" and f.price_buy > r.price:
             raise ValueError(f"upstream fill {f.ref}: price {f.price_buy} above the bid's {r.price}")
@@ -189,3 +200,19 @@ def physical_flows(rows: Iterable[Transaction]) -> tuple[dict[str, int], int]:
         elif t.seller_id == UPSTREAM_ID:
             delivered += t.quantity
     return dict(sorted(out.items())), delivered
+
+
+def passed_reading(slot: tuple[int, int], rows: Iterable[Transaction]) -> MeterMsg:
+    """The upstream account's reading as it physically passed energy on in a slot: what it
+    delivered to members (generation, by source) and what it took from them (imports)."""
+    gen: dict[str, int] = {}
+    taken = 0
+    for t in rows:
+        if t.kind not in _PHYSICAL:
+            continue
+        if t.seller_id == UPSTREAM_ID:
+            gen[t.energy_source] = gen.get(t.energy_source, 0) + t.quantity
+        elif t.buyer_id == UPSTREAM_ID:
+            taken += t.quantity
+    other = {"external": taken} if taken else {}
+    return MeterMsg(time_interval=slot, generation=dict(sorted(gen.items())), consumption=ConsumptionMsg(other=other))

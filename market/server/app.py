@@ -383,10 +383,17 @@ class MarketServer:
                 raise MarketError("invalid", f"upstream.fills: no residual {f.id!r} in slot {start}")
             fills.append(UpstreamFill(r, f.quantity, f.price, f.price, f.source, f.ref))
         async with self._round_lock:
+            # Whatever the ledger refused before goes first; if it still cannot, nothing is applied.
+            if not await self._store([]):
+                raise MarketError("unavailable", "the ledger refuses writes; nothing was applied")
             result = self.market.upstream_fills(start, fills, self.clock.now())
-            if not await self._store(result.settlements):
+            try:  # on their own, not through the backlog: a refusal must leave nothing behind
+                if result.settlements:
+                    await self._write(Batch(tuple(result.settlements)))
+            except Exception as err:
                 self.market.drop_upstream(start, result.settlements)
-                raise MarketError("unavailable", "the ledger refused the upstream fills; nothing was applied")
+                log.error("upstream fills of slot %s refused by the ledger (%s); nothing was applied", start, err)
+                raise MarketError("unavailable", "the ledger refused the upstream fills; nothing was applied") from None
             await self._send_private("settled", result.settled)
         # The members' fills go back to the caller too (the controller, the operator): a member
         # that is itself a market below gets them from there, with no race against `settled`.

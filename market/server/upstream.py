@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import socketio
 
 from market.core import wire
-from market.core.protocol import UpstreamFillMsg, UpstreamFillsMsg
+from market.core.protocol import UpstreamFillMsg, UpstreamFillsMsg, decode
 
 log = logging.getLogger("microte.upstream")
 CALL_TIMEOUT = 30.0
@@ -83,7 +83,7 @@ class UpstreamLink:
         orders = []
         for r in self.community.upstream_residuals(start):
             order = {k: r[k] for k in ("side", "quantity", "price")} | {"time_delivery": [start, start + duration]}
-            order["id"] = r["id"]
+            order["id"] = f"{self.pid}:{r['id']}"  # a fill routed to another community is refused there
             if r["source"] is not None:
                 order["source"] = r["source"]
             orders.append(order)
@@ -125,11 +125,10 @@ class UpstreamLink:
     # -- what comes from above ------------------------------------------------------------
 
     async def _on_connect(self) -> None:
-        self.community.spawn(self._resume())
+        self.community.spawn(self._resume(self.last_seq))  # from what was seen before this connection
 
-    async def _resume(self) -> None:
-        """The private events sent while away (numbered after the last one seen), page by page."""
-        since = self.last_seq
+    async def _resume(self, since: int) -> None:
+        """The private events sent while away (numbered after `since`), page by page."""
         while True:
             reply = await self._call("resume", {"since": since})
             if reply is None:
@@ -153,13 +152,13 @@ class UpstreamLink:
         await self._seen(payload)
         try:
             start, end = payload["time_delivery"]
-            fill = UpstreamFillMsg(
-                id=str(payload["id"]),
-                quantity=int(payload["quantity"]),
-                price=float(payload["price"]),
-                source=str(payload["source"]),
-                ref=str(payload["commit_id"]),
-            )
+            oid = str(payload["id"])
+            mine, _, rid = oid.partition(":")
+            if mine != self.pid or not rid:
+                raise ValueError(f"a fill of order {oid!r}, which {self.pid} never placed")
+            # Decoded as the controller's `upstream.fills` is: the same bounds, whoever sends it.
+            item = {"id": rid, "quantity": payload["quantity"], "price": payload["price"]}
+            fill = decode(item | {"source": payload["source"], "ref": payload["commit_id"]}, UpstreamFillMsg)
             async with self._lock:
                 reply = await self.community.upstream_fills(UpstreamFillsMsg((int(start), int(end)), [fill]))
             self.settled += int(reply.get("settled", 0))

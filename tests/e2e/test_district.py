@@ -89,8 +89,13 @@ async def test_one_postgresql_database_and_a_killed_community(
         for (pid, start), m in above.items():
             if pid == c:
                 assert json.loads(m["consumption"])["other"].get("external", 0) == flowed[start]
-    # One digest per market, and one over all, from the database alone.
+    # One digest per market, and one over all, from the database alone; a schema whose name
+    # would smuggle connection parameters into a market's URL is nobody's market.
     from controller import cli
+    from tests.pg import connect
+
+    with connect(pg_url, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "m_x&host=evil.example&sslmode=disable"')
 
     assert cli.main(["ledger", "digest", pg_url, "--markets"]) == 0
     lines = dict(line.split() for line in capsys.readouterr().out.splitlines())

@@ -5,9 +5,14 @@ not in the book, not filled, and its retry is a new entry that reaches the ledge
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+import pytest
 
 from ledger import read_rows
 from market.core.engine import MarketConfig
+from market.core.errors import MarketError
+from market.core.protocol import EntryMsg, UpstreamFillMsg, UpstreamFillsMsg
 from market.server.app import MarketServer
 from tests.e2e.conftest import FlakySink, client, registry, serving
 
@@ -39,3 +44,32 @@ async def test_a_bid_refused_for_a_failed_write_changes_nothing(ledger_url: str)
     stored = [r["id"] for r in read_rows(ledger_url, "entries")]
     assert stored == [retried["entry"]["uuid"]]
     assert read_rows(ledger_url, "cancels") == []
+
+
+async def test_upstream_fills_refused_by_the_ledger_leave_nothing_behind(tmp_path: Path) -> None:
+    """A community whose ledger refuses a batch of district fills answers `unavailable` and
+    keeps none of it, in memory or queued for a later write: the next, different fills of
+    the slot are the ones stored (docs/hierarchy.md)."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    sink = FlakySink(url)
+    server = MarketServer(MarketConfig(duration=60, close_steps=2), registry(), sink, in_district=True)
+    async with serving(server):
+        m = server.market
+        m.open_round(0)
+        m.submit("P1", "bid", EntryMsg(quantity=1000, price=0.2, time_delivery=(120, 180)))
+        m.open_round(60)  # closes (120, 180): P1's bid is a residual
+        (residual,) = server.upstream_residuals(120)
+
+        def fills(q: int, ref: str) -> UpstreamFillsMsg:
+            return UpstreamFillsMsg((120, 180), [UpstreamFillMsg(residual["id"], q, 0.15, "solar", ref)])
+
+        sink.failing = True
+        with pytest.raises(MarketError) as refused:
+            await server.upstream_fills(fills(500, "x"))
+        assert refused.value.code == "unavailable"
+        sink.failing = False
+        reply = await server.upstream_fills(fills(700, "z"))
+        assert reply["settled"] == 1 and reply["events"][0]["quantity"] == 700
+        await server.upstream_fills(fills(200, "y"))  # a later batch: what was left
+    stored = [(s["commit_id"], s["quantity"], s["ask_uuid"]) for s in read_rows(url, "settlements")]
+    assert stored == [("u120-0", 700, "z"), ("u120-1", 200, "y")]

@@ -68,12 +68,15 @@ def test_upstream_fills_settle_with_the_upstream_account(cleared: Market) -> Non
     cleared.meter("S2", meter(gen={"solar": 2200}, slot=(120, 180)))
     result = cleared.process(120, 2 * D)
     up = next(r for r in result.meters if r.participant_id == UPSTREAM_ID)
-    assert up.generation == '{"wind":800}' and '"external":1500' in up.consumption
+    # Its reading on the ledger is what physically passed: 800 delivered to B2, 1200 taken from S2.
+    assert up.generation == '{"wind":800}' and '"external":1200' in up.consumption
     rows = [(t.kind, t.seller_id, t.buyer_id, t.quantity) for t in result.transactions]
     assert ("p2p", UPSTREAM_ID, "B2", 800) in rows
     assert ("grid_buy", "grid", "B2", 200) in rows  # the rest of B2's load
     assert ("p2p", "S2", UPSTREAM_ID, 1200) in rows  # S2's 1000 locally came first
     assert ("financial", "S2", UPSTREAM_ID, 300) in rows  # 300 sold upstream and not produced
+    # ... and short above too (settled there): not bought here from the grid a second time.
+    assert not [r for r in rows if r[0] == "grid_buy" and r[2] == UPSTREAM_ID]
     assert physical_flows(result.transactions) == ({"solar": 1200}, 800)
 
 
@@ -88,6 +91,10 @@ def test_bad_upstream_fills_change_nothing(cleared: Market) -> None:
         ([upstream_fill(res["B2"], 0, 0.1, "x")], "invalid", "not positive"),
         ([upstream_fill(res["B2"], 100, 0.121, "x")], "invalid", "above the bid"),  # B2 bid 0.12
         ([upstream_fill(res["S2"], 100, 0.179, "x")], "invalid", "below the ask"),  # S2 asked 0.18
+        ([upstream_fill(res["S2"], 100, 1e300, "x")], "invalid", "price outside"),  # amounts would overflow
+        ([upstream_fill(res["B2"], 100, float("nan"), "x")], "invalid", "price outside"),
+        ([UpstreamFill(res["S2"], 100, 0.2, 0.2, "wind", "x")], "invalid", "the ask offered"),  # S2 sold solar
+        ([upstream_fill(res["B2"], 100, 0.1, "x", source="plutonium")], "invalid", "unknown source"),
     ]:
         with pytest.raises(MarketError, match=words) as info:
             cleared.upstream_fills(120, fills, now=D)
