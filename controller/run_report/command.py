@@ -199,6 +199,33 @@ def report(url: str, out: str | Path | None = None) -> Path:
     return (target / HTML).resolve()
 
 
+def report_markets(url: str, out: str | Path | None = None) -> Path:
+    """Every market of a PostgreSQL database with a schema per market (docs/hierarchy.md): a
+    report per market in `out/<market>/` and `out/index.html` linking them, with each
+    market's energy traded locally, through its upstream account, and with the grid."""
+    import html
+
+    from controller.district_cmd import summary
+    from ledger.markets import market_url, markets_in
+
+    try:
+        schemas = markets_in(ledger.db_url(url))
+    except sa.exc.SQLAlchemyError as exc:
+        raise ReportError(f"{shown_url(url)}: {exc.__class__.__name__}") from None
+    if not schemas:
+        raise ReportError(f"{shown_url(url)}: no market schemas (m_...) in this database")
+    target = Path(out) if out is not None else default_out(url)
+    urls = {m.removeprefix("m_"): market_url(url, m.removeprefix("m_")) for m in schemas}
+    pages = {m: report(u, target / m) for m, u in urls.items()}  # each checks its own ledger first
+    rows = "".join(f'<li><a href="{html.escape(m)}/{HTML}">{html.escape(m)}</a></li>' for m in pages)
+    table = html.escape("\n".join(line.rsplit("  ", 1)[0] for line in summary(urls)))
+    index = (
+        f"<!doctype html><meta charset=utf-8><title>markets</title><h1>Markets</h1><ul>{rows}</ul><pre>{table}</pre>"
+    )
+    (target / "index.html").write_text(index)
+    return (target / "index.html").resolve()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ledger", help="ledger URL (sqlite:///file, postgresql://..., evm+sqlite:///...)")
     p.add_argument(
@@ -206,11 +233,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="output directory (default: NAME-report/ next to a SQLite ledger NAME.db; "
         "DATABASE-report/ here for PostgreSQL)",
     )
+    p.add_argument(
+        "--markets",
+        action="store_true",
+        help="every market of a PostgreSQL database with a schema each (docs/hierarchy.md): a report per market "
+        "and an index page",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        path = report(args.ledger, args.out)
+        path = report_markets(args.ledger, args.out) if args.markets else report(args.ledger, args.out)
     except ReportError as exc:
         print(f"microte report: {exc}", file=sys.stderr)
         return 2

@@ -100,6 +100,11 @@ async def test_one_postgresql_database_and_a_killed_community(
     assert cli.main(["ledger", "digest", pg_url, "--markets"]) == 0
     lines = dict(line.split() for line in capsys.readouterr().out.splitlines())
     assert {k: v for k, v in lines.items() if k != "all"} == {f"m_{m}": inproc[m] for m in MARKETS}
+    # A report per market and an index over them, from the database alone.
+    assert cli.main(["report", pg_url, "--markets", "--out", str(tmp_path / "reports")]) == 0
+    index = (tmp_path / "reports" / "index.html").read_text()
+    assert all((tmp_path / "reports" / m / "report.html").exists() and f'href="{m}/' in index for m in MARKETS)
+    assert "SECRET" not in index and "password" not in index
 
 
 def test_microte_sim_runs_a_district(
