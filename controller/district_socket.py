@@ -40,7 +40,8 @@ import socketio
 
 from controller.hierarchy import District, ledger_urls, load_district
 from controller.scenario import Scenario
-from controller.sim import CONTROLLER_ID, LISTENING, fresh_ledger, write_registry
+from controller.sim import CONTROLLER_ID, fresh_ledger, stop_process, wait_listening, write_registry
+from market.core.hierarchy import fill_of, upstream_orders
 from participants.spec import decode_specs
 
 CALL_TIMEOUT = 60.0
@@ -57,18 +58,10 @@ class MarketProcess:
 
     async def start(self, timeout: float = 30.0) -> str:
         args = [*self.args, "--port", str(self.port)]
-        self.proc = proc = await asyncio.create_subprocess_exec(
+        self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "controller", "market", *args, stdout=subprocess.PIPE
         )
-        assert proc.stdout is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                line = (await proc.stdout.readline()).decode()
-                if not line:
-                    raise RuntimeError(f"a market server exited (code {await proc.wait()}) before listening")
-                if line.startswith(LISTENING):
-                    break
-        self.url = line.removeprefix(LISTENING).strip()
+        self.url = await wait_listening(self.proc, timeout)
         self.port = int(self.url.rsplit(":", 1)[1])  # the same port after a restart
         return self.url
 
@@ -78,27 +71,8 @@ class MarketProcess:
             self.proc.kill()
 
     async def stop(self) -> None:
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        proc.terminate()
-        try:
-            async with asyncio.timeout(15):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
-async def _terminate(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            async with asyncio.timeout(15):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if self.proc is not None:
+            await stop_process(self.proc)
 
 
 class CommunitySession:
@@ -133,14 +107,7 @@ class CommunitySession:
         self.fills.setdefault(int(payload["time_delivery"][0]), []).append(payload)
 
     async def place(self, residuals: list[dict[str, Any]], slot: list[int]) -> None:
-        orders = []
-        for r in residuals:
-            # The community's id in the order id: a fill routed to another community is refused.
-            order = {k: r[k] for k in ("side", "quantity", "price")} | {"time_delivery": slot}
-            order["id"] = f"{self.cid}:{r['id']}"
-            if r["source"] is not None:
-                order["source"] = r["source"]
-            orders.append(order)
+        orders = upstream_orders(self.cid, residuals, slot)
         for i in range(0, len(orders), 1000):
             reply = await self.sio.call(
                 "orders", {"orders": orders[i : i + 1000]}, namespace="/market", timeout=CALL_TIMEOUT
@@ -151,14 +118,7 @@ class CommunitySession:
                 self.errors += [x for x in reply["results"] if not x.get("ok")]
 
     def take_fills(self, start: int) -> list[dict[str, Any]]:
-        out = []
-        for f in self.fills.pop(start, []):
-            mine, _, rid = str(f["id"]).partition(":")
-            if mine != self.cid or not rid:
-                raise RuntimeError(f"{self.cid}: a district fill of order {f['id']!r}, which it never placed")
-            out.append({"id": rid, "quantity": f["quantity"], "price": f["price"], "source": f["source"]})
-            out[-1]["ref"] = f["commit_id"]
-        return out
+        return [fill_of(self.cid, f) for f in self.fills.pop(start, [])]
 
 
 async def _call(sio: socketio.AsyncClient, event: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +195,7 @@ class DistrictRunner:
                 # they would run: the controller's process measures the markets, not 1,000 clients.
                 members = await self._members(market, proc.url)
                 self.member_procs.append(members)
-                stack.push_async_callback(_terminate, members)
+                stack.push_async_callback(stop_process, members)
         for market, session in self.sessions.items():
             await session.connect(self.procs[self.parent[market]].url)
             stack.push_async_callback(session.sio.disconnect)
@@ -329,11 +289,7 @@ class DistrictRunner:
         for e in reply.get("events", []):
             child = e["participant"]
             if child in self.children[market]:
-                mine, _, rid = str(e["id"]).partition(":")
-                if mine != child or not rid:
-                    raise RuntimeError(f"{child}: a fill of order {e['id']!r}, which it never placed")
-                fill = {"id": rid, "quantity": e["quantity"], "price": e["price"], "source": e["source"]}
-                below.setdefault(child, []).append(fill | {"ref": e["commit_id"]})
+                below.setdefault(child, []).append(fill_of(child, e))
         await asyncio.gather(*(self._settle(c, f, t) for c, f in below.items()))
 
     async def restart(self, market: str) -> None:

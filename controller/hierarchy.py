@@ -35,7 +35,7 @@ from controller.scenario import Scenario, load_scenario
 from controller.serve import run_record
 from ledger import open_sink
 from ledger.markets import market_url, schema_of
-from market.core.hierarchy import UPSTREAM_ID, Residual, UpstreamFill, physical_flows
+from market.core.hierarchy import UPSTREAM_ID, Residual, UpstreamFill, physical_flows, residual_rows, upstream_orders
 from market.core.records import Batch, Record
 from participants.messages import StartRound
 from participants.spec import decode_specs
@@ -99,20 +99,10 @@ class CommunitySite:
     def pass_up(self, district: InprocMarket, start: int) -> int:
         """Residuals of slot `start` as district orders (client ids `{community}:{start}-{n}`)."""
         d = self.community.config.duration
-        orders: list[Order] = []
-        for n, r in enumerate(self.community.market.residuals_of(start)):
-            oid = f"{self.pid}:{start}-{n}"  # as the socket runner and the rt link name it
-            self._orders[oid] = r
-            order: Order = {
-                "side": r.side,
-                "quantity": r.quantity,
-                "price": r.price,
-                "time_delivery": [start, start + d],
-                "id": oid,
-            }
-            if r.source is not None:
-                order["source"] = r.source
-            orders.append(order)
+        found = self.community.market.residuals_of(start)
+        orders = upstream_orders(self.pid, residual_rows(start, found), [start, start + d])
+        for order, r in zip(orders, found, strict=True):
+            self._orders[order["id"]] = r
         if not orders:
             return 0
         results = district.submit(self.pid, orders)

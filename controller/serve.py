@@ -59,9 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="rt: join the district market at URL as --upstream-id (docs/hierarchy.md); implies --in-district",
     )
     p.add_argument("--upstream-id", metavar="ID", help="this community's participant id in the district")
-    p.add_argument(
-        "--upstream-token-file", metavar="FILE", help="file holding this community's token in the district"
-    )
+    p.add_argument("--upstream-token-file", metavar="FILE", help="file holding this community's token in the district")
     p.add_argument("--serializer", choices=["json", "msgpack"], default="json")
     p.add_argument("--log-level", default="INFO")
     # Connection bounds (docs/reliability.md, Bounds).

@@ -151,31 +151,41 @@ def fresh_ledger(url: str) -> None:
             base.with_name(base.name + suffix).unlink(missing_ok=True)
 
 
+async def wait_listening(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> str:
+    """The URL a `microte market` subprocess prints once it listens."""
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        while True:
+            line = (await proc.stdout.readline()).decode()
+            if not line:
+                raise RuntimeError(f"the market server exited (code {await proc.wait()}) before listening")
+            if line.startswith(LISTENING):
+                return line.removeprefix(LISTENING).strip()
+
+
+async def stop_process(proc: asyncio.subprocess.Process, timeout: float = 15.0) -> None:
+    """SIGTERM (graceful: a market flushes its ledger), then SIGKILL after `timeout` seconds."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        async with asyncio.timeout(timeout):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 @contextlib.asynccontextmanager
 async def market_process(args: Sequence[str], timeout: float = 30.0) -> AsyncIterator[str]:
     """Start `microte market` and yield its URL; SIGTERM (graceful: the ledger is flushed) at the end."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "controller", "market", *args, stdout=subprocess.PIPE
     )
-    assert proc.stdout is not None
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                line = (await proc.stdout.readline()).decode()
-                if not line:
-                    raise RuntimeError(f"the market server exited (code {await proc.wait()}) before listening")
-                if line.startswith(LISTENING):
-                    break
-        yield line.removeprefix(LISTENING).strip()
+        yield await wait_listening(proc, timeout)
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)
 
 
 async def run_sim(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -186,33 +186,76 @@ def upstream_meter(slot: tuple[int, int], settlements: Iterable[Settlement]) -> 
     )
 
 
-def physical_flows(rows: Iterable[Transaction]) -> tuple[dict[str, int], int]:
-    """What the upstream account physically passed on in a slot: (energy the members
-    delivered to it, per source; energy it delivered to the members): the community's
-    reading in the upstream market. Financial rows moved no energy."""
-    out: dict[str, int] = {}
-    delivered = 0
+def _passed(rows: Iterable[Transaction]) -> tuple[dict[str, int], dict[str, int]]:
+    """What the upstream account physically passed in a slot, per source: (taken from the
+    members, delivered to them). Financial rows moved no energy."""
+    taken: dict[str, int] = {}
+    given: dict[str, int] = {}
     for t in rows:
         if t.kind not in _PHYSICAL:
             continue
         if t.buyer_id == UPSTREAM_ID:
-            out[t.energy_source] = out.get(t.energy_source, 0) + t.quantity
+            taken[t.energy_source] = taken.get(t.energy_source, 0) + t.quantity
         elif t.seller_id == UPSTREAM_ID:
-            delivered += t.quantity
-    return dict(sorted(out.items())), delivered
+            given[t.energy_source] = given.get(t.energy_source, 0) + t.quantity
+    return dict(sorted(taken.items())), dict(sorted(given.items()))
+
+
+def physical_flows(rows: Iterable[Transaction]) -> tuple[dict[str, int], int]:
+    """The community's reading in the upstream market for a slot: (energy the members
+    delivered to the upstream account, per source; energy it delivered to the members)."""
+    taken, given = _passed(rows)
+    return taken, sum(given.values())
 
 
 def passed_reading(slot: tuple[int, int], rows: Iterable[Transaction]) -> MeterMsg:
     """The upstream account's reading as it physically passed energy on in a slot: what it
     delivered to members (generation, by source) and what it took from them (imports)."""
-    gen: dict[str, int] = {}
-    taken = 0
-    for t in rows:
-        if t.kind not in _PHYSICAL:
-            continue
-        if t.seller_id == UPSTREAM_ID:
-            gen[t.energy_source] = gen.get(t.energy_source, 0) + t.quantity
-        elif t.buyer_id == UPSTREAM_ID:
-            taken += t.quantity
-    other = {"external": taken} if taken else {}
-    return MeterMsg(time_interval=slot, generation=dict(sorted(gen.items())), consumption=ConsumptionMsg(other=other))
+    taken, given = _passed(rows)
+    total = sum(taken.values())
+    other = {"external": total} if total else {}
+    return MeterMsg(time_interval=slot, generation=given, consumption=ConsumptionMsg(other=other))
+
+
+# -- the wire between a market and the one above (the socket runner, the rt link, in-process) --
+
+
+def residual_rows(start: int, found: Sequence[Residual]) -> list[dict[str, Any]]:
+    """A slot's residuals as the market above may see them: `{start}-{n}` by position (the
+    order a restart finds again), no member named (`upstream.residuals`)."""
+    return [
+        {"id": f"{start}-{n}", "side": r.side, "quantity": r.quantity, "price": r.price, "source": r.source}
+        for n, r in enumerate(found)
+    ]
+
+
+def upstream_orders(market: str, rows: Iterable[Mapping[str, Any]], slot: Sequence[int]) -> list[dict[str, Any]]:
+    """The orders `market` places above for residual rows: one each, client id
+    `{market}:{id}`, so a fill routed to another market is refused there (`residual_id`)."""
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        order = {"side": r["side"], "quantity": r["quantity"], "price": r["price"], "time_delivery": list(slot)}
+        order["id"] = f"{market}:{r['id']}"
+        if r["source"] is not None:
+            order["source"] = r["source"]
+        out.append(order)
+    return out
+
+
+def residual_id(market: str, order_id: str) -> str:
+    """The residual an order of `market` above carries; ValueError for another's order."""
+    mine, _, rid = order_id.partition(":")
+    if mine != market or not rid:
+        raise ValueError(f"{market}: a fill of order {order_id!r}, which it never placed")
+    return rid
+
+
+def fill_of(market: str, settled: Mapping[str, Any]) -> dict[str, Any]:
+    """An `upstream.fills` item from the `settled` payload `market` got above."""
+    return {
+        "id": residual_id(market, str(settled["id"])),
+        "quantity": settled["quantity"],
+        "price": settled["price"],
+        "source": settled["source"],
+        "ref": settled["commit_id"],
+    }

@@ -25,7 +25,7 @@ from market.community.pseudonyms import PseudonymError
 from market.core import wire
 from market.core.engine import Market, MarketConfig, Phase, Recovered, RoundOpen, SlotResult, slot_records
 from market.core.errors import MarketError
-from market.core.hierarchy import UpstreamFill, physical_flows
+from market.core.hierarchy import UpstreamFill, physical_flows, residual_rows
 from market.core.protocol import UpstreamFillsMsg
 from market.core.records import (
     Batch,
@@ -366,10 +366,7 @@ class MarketServer:
         position (the order restore finds again), no member named."""
         if not self.market.upstream:
             raise MarketError("invalid", "this market is not in a district (microte market --in-district)")
-        return [
-            {"id": f"{start}-{n}", "side": r.side, "quantity": r.quantity, "price": r.price, "source": r.source}
-            for n, r in enumerate(self.market.residuals_of(start))
-        ]
+        return residual_rows(start, self.market.residuals_of(start))
 
     async def upstream_fills(self, msg: UpstreamFillsMsg) -> dict[str, Any]:
         """Settle the district's fills of a slot's residuals: durable before the reply, and

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import socketio
 
 from market.core import wire
+from market.core.hierarchy import fill_of, upstream_orders
 from market.core.protocol import UpstreamFillMsg, UpstreamFillsMsg, decode
 
 log = logging.getLogger("microte.upstream")
@@ -80,13 +81,7 @@ class UpstreamLink:
 
     async def pass_up(self, start: int, duration: int) -> None:
         """Place the residuals of a slot whose gate closed here (once; a resend is a duplicate above)."""
-        orders = []
-        for r in self.community.upstream_residuals(start):
-            order = {k: r[k] for k in ("side", "quantity", "price")} | {"time_delivery": [start, start + duration]}
-            order["id"] = f"{self.pid}:{r['id']}"  # a fill routed to another community is refused there
-            if r["source"] is not None:
-                order["source"] = r["source"]
-            orders.append(order)
+        orders = upstream_orders(self.pid, self.community.upstream_residuals(start), [start, start + duration])
         for i in range(0, len(orders), 1000):
             reply = await self._call("orders", {"orders": orders[i : i + 1000]})
             if reply is None:
@@ -152,13 +147,8 @@ class UpstreamLink:
         await self._seen(payload)
         try:
             start, end = payload["time_delivery"]
-            oid = str(payload["id"])
-            mine, _, rid = oid.partition(":")
-            if mine != self.pid or not rid:
-                raise ValueError(f"a fill of order {oid!r}, which {self.pid} never placed")
             # Decoded as the controller's `upstream.fills` is: the same bounds, whoever sends it.
-            item = {"id": rid, "quantity": payload["quantity"], "price": payload["price"]}
-            fill = decode(item | {"source": payload["source"], "ref": payload["commit_id"]}, UpstreamFillMsg)
+            fill = decode(fill_of(self.pid, payload), UpstreamFillMsg)
             async with self._lock:
                 reply = await self.community.upstream_fills(UpstreamFillsMsg((int(start), int(end)), [fill]))
             self.settled += int(reply.get("settled", 0))
