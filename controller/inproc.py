@@ -21,10 +21,12 @@ from controller.serve import run_record
 from ledger import open_sink
 from market.core.engine import Market, RoundOpen, SlotResult, slot_records
 from market.core.errors import MarketError
-from market.core.protocol import MeterMsg, OrdersMsg, decode
+from market.core.protocol import EntryMsg, MeterMsg, OrdersMsg, Side, decode
 from market.core.records import Batch, Record, RoundRecord, Settlement
 from market.core.sink import Sink
-from participants.messages import StartRound, parse
+from participants.messages import Settled, StartRound, parse
+from participants.population import Population, plain
+from participants.prosumer import Stats
 from participants.sites import site_for
 from participants.spec import ParticipantSpec
 from participants.traders import Order
@@ -57,9 +59,14 @@ class InprocMarket:
         external: Sequence[str] = (),
         upstream: bool = False,
         sites: Mapping[str, Site] | None = None,
+        own: Sequence[str] = (),
+        population: bool = True,
     ) -> None:
         """`upstream`: this market trades its residuals in a market above (docs/hierarchy.md);
-        `sites`: participants that are not built from specs (a community in its district)."""
+        `sites`: participants that are not built from specs (a community in its district).
+        The plain prosumers that are neither external nor listed in `own` are members of one
+        `Population` (participants/population.py: the same decisions as arrays; `population`
+        False: a `Prosumer` each, the reference); the others are in `prosumers`."""
         if scenario.feeder is not None:
             raise ValueError(
                 "--transport inproc does not run the DSO agent of a [feeder] scenario yet; use --transport socket"
@@ -67,16 +74,26 @@ class InprocMarket:
         self.scenario = scenario
         self.config = scenario.market_config("sim")
         self.market = Market(self.config, upstream=upstream)
-        self.prosumers = {
-            s.id: site_for(s, scenario.seed, timezone=scenario.timezone, base_dir=base_dir, others=specs) for s in specs
-        }
-        for pid in sites or {}:
-            if pid in self.prosumers:
-                raise ValueError(f"participant {pid}: both a spec and a site")
-        self._sites: dict[str, Site] = {**self.prosumers, **(sites or {})}  # everyone, by id
-        unknown = sorted(set(external) - set(self.prosumers))
+        unknown = sorted(set(external) - {s.id for s in specs})
         if unknown:
             raise ValueError(f"external participants not in the scenario: {unknown}")
+        apart = {*external, *own}
+        members = [s for s in specs if population and plain(s) and s.id not in apart]
+        self.population = (
+            Population(members, scenario.seed, timezone=scenario.timezone, base_dir=base_dir) if members else None
+        )
+        self._members = self.population.index if self.population is not None else {}
+        self.prosumers = {
+            s.id: site_for(s, scenario.seed, timezone=scenario.timezone, base_dir=base_dir, others=specs)
+            for s in specs
+            if s.id not in self._members
+        }
+        for pid in sites or {}:
+            if pid in self.prosumers or pid in self._members:
+                raise ValueError(f"participant {pid}: both a spec and a site")
+        self._sites: dict[str, Site] = {**self.prosumers, **(sites or {})}  # everyone else, by id
+        for pid in self._members:
+            self._sites[pid] = _Member(self, pid)
         self.external = frozenset(external)
         self.order = [*(s.id for s in specs), *(sites or {})]  # the registry's order (the `missing` lists)
         self.records: list[Record] = []  # to be written, in the order the server writes them
@@ -85,6 +102,15 @@ class InprocMarket:
         self.results: list[SlotResult] = []  # the slots the last `close` processed (a district reads them)
         self.refused = 0  # orders and readings the market refused (a client's `errors`)
         self.missing = 0  # readings missing, over every processed slot
+
+    def stats(self, pid: str) -> Stats:
+        """Participant `pid`'s counters and bill (a member of the population or a prosumer)."""
+        i = self._members.get(pid)
+        if i is not None:
+            assert self.population is not None
+            return self.population.stats_of(i)
+        p = self._sites[pid]
+        return p.stats  # type: ignore[attr-defined,no-any-return]
 
     def site(self, pid: str) -> Site:
         """The participant `pid`: a prosumer of the scenario, or a site given to the market."""
@@ -101,12 +127,30 @@ class InprocMarket:
         if last is not None and t <= last.time:
             raise ValueError(f"round {t} is not after round {last.time}")
         self.opened = opened = self.market.open_round(t, None)
+        pop, members = self.population, self._members
         for pid, payload in opened.settled:
+            i = members.get(pid)
+            if i is not None:
+                assert pop is not None
+                pop.on_settled(i, parse(payload, Settled))
+                continue
             p = self._sites.get(pid)
             if p is not None:
                 p.on_settled(payload)
         msg = parse(opened.start_round, StartRound)  # once for all: each client would parse its copy
+        meters, batch = pop.on_round(msg) if pop is not None else (None, None)
+        entries: dict[int, list[tuple[Side, EntryMsg]]] = {}
+        for m, side, entry in batch.entries() if batch is not None else ():
+            entries.setdefault(m, []).append((side, entry))
         for pid in self.order:
+            i = members.get(pid)
+            if i is not None:  # as its prosumer would: its orders, then its reading
+                own = entries.get(i)
+                if own:
+                    self._book(pid, own)
+                if meters is not None:
+                    self._meter(pid, meters.message(i))
+                continue
             p = self._sites[pid]
             meter, orders = p.on_round_msg(msg, trade=pid not in self.external)
             if orders:
@@ -132,7 +176,8 @@ class InprocMarket:
             self._finish(opened, skipped, [])
         summary = self._finish(opened, t, opened.settlements)
         for pid in self.order:  # what sites record of their own (a PEM site's houses)
-            self.records += self._sites[pid].take_records()
+            if pid not in self._members:
+                self.records += self._sites[pid].take_records()
         return summary
 
     def step(self, t: int) -> RoundRecord:
@@ -159,6 +204,20 @@ class InprocMarket:
             return err.reply()
         return reply
 
+    def _book(self, pid: str, entries: list[tuple[Side, EntryMsg]]) -> None:
+        """A member's orders, each booked or refused on its own (as `submit_orders`)."""
+        for side, entry in entries:
+            try:
+                self.market.submit(pid, side, entry)
+            except MarketError:
+                self.refused += 1
+
+    def _meter(self, pid: str, reading: MeterMsg) -> None:
+        try:
+            self.market.meter(pid, reading)
+        except MarketError:
+            self.refused += 1
+
     def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> RoundRecord:
         result = self.market.process(slot, opened.times.time)
         self.results.append(result)
@@ -169,11 +228,40 @@ class InprocMarket:
         self.records += records
         self.records.append(summary)
         self.last = summary
+        if self.population is not None:
+            self.population.on_transactions(slot, result.transactions)
         for pid, payload in result.deliveries.items():
+            if pid in self._members:
+                continue
             p = self._sites.get(pid)
             if p is not None:
                 p.on_delivery(payload)
         return summary
+
+
+class _Member:
+    """A member of the market's population where a `Site` is asked for (a district's fills)."""
+
+    def __init__(self, run: InprocMarket, pid: str) -> None:
+        self._run, self._pid = run, pid
+
+    @property
+    def stats(self) -> Stats:
+        return self._run.stats(self._pid)
+
+    def on_round_msg(self, msg: StartRound, *, trade: bool = True) -> tuple[dict[str, Any] | None, list[Order]]:
+        raise RuntimeError("a member of the population trades with it (InprocMarket.open)")
+
+    def on_settled(self, payload: Any) -> None:
+        pop = self._run.population
+        assert pop is not None
+        pop.on_settled(pop.index[self._pid], parse(payload, Settled))
+
+    def on_delivery(self, payload: Any) -> None:
+        raise RuntimeError("a member of the population is delivered with it (InprocMarket.close)")
+
+    def take_records(self) -> list[Record]:
+        return []
 
 
 async def run_inproc(

@@ -256,7 +256,7 @@ def rule_run(
     specs = [msgspec.structs.replace(s, trader=trader) if s.id == participant else s for s in community(scn, None)]
     if participant not in {s.id for s in specs}:
         raise ValueError(f"no such participant in the scenario: {participant}")
-    market = InprocMarket(scn, specs, base_dir=Path(scenario).parent)
+    market = InprocMarket(scn, specs, base_dir=Path(scenario).parent, own=[participant])
     for i in range(scn.rounds):
         market.step(scn.start_time + i * scn.step)
         market.take_records()  # no ledger: nothing to keep

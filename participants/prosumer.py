@@ -78,7 +78,7 @@ class _Facts(msgspec.Struct, frozen=True):
 _last_facts: tuple[StartRound | None, _Facts | None] = (None, None)
 
 
-def _facts(msg: StartRound) -> _Facts:
+def facts_of(msg: StartRound) -> _Facts:
     """The facts of `msg`, computed once per message object (the in-process market hands
     every prosumer the same one; over sockets each client has its own)."""
     global _last_facts
@@ -91,6 +91,14 @@ def _facts(msg: StartRound) -> _Facts:
     facts = _Facts(prices, sum(buys) / len(buys) if buys else None, info)
     _last_facts = (msg, facts)
     return facts
+
+
+def forecast_wh(seed: int, key: int, start: int, source: str, error: float, wh: int) -> int:
+    """What a forecast off by `error` expects of `wh` (a source's energy in the slot at
+    `start`): drawn per (seed, participant key, slot, source), so always the same."""
+    seq = [seed % 2**64, key, start, stable_key(source)]
+    z = float(np.random.Generator(np.random.PCG64(seq)).standard_normal())
+    return max(0, round(wh * (1 + error * z)))
 
 
 class Prosumer:
@@ -163,7 +171,7 @@ class Prosumer:
             self._restart()
         self._time = msg.time
         self.stats.rounds += 1
-        facts = _facts(msg)
+        facts = facts_of(msg)
         self._prices.update(facts.prices)
         for start in sorted(facts.prices.keys() - self._kept):
             self._keep(start)
@@ -205,9 +213,7 @@ class Prosumer:
         out = dict(gen)
         for src, error in sorted(self._forecast_errors.items()):
             if out.get(src):
-                seq = [self.seed % 2**64, self._key, slot[0], stable_key(src)]
-                z = float(np.random.Generator(np.random.PCG64(seq)).standard_normal())
-                out[src] = max(0, round(out[src] * (1 + error * z)))
+                out[src] = forecast_wh(self.seed, self._key, slot[0], src, error, out[src])
         return out, load
 
     def _meter(self, slot: tuple[int, int]) -> dict[str, Any]:
@@ -246,7 +252,7 @@ class Prosumer:
         """What the trader knows when it trades `msg.next_settle` (after this round's reading)."""
         slot = msg.next_settle
         gen, load = self.forecast(slot)
-        facts = _facts(msg)
+        facts = facts_of(msg)
         info = facts.next_info
         prices = self._prices.get(slot[0])
         obs = Observation(

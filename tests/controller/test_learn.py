@@ -100,7 +100,7 @@ def test_an_agent_that_orders_nothing_is_the_none_trader() -> None:
         market.step(scn.start_time + i * scn.step)
         records += market.take_records()
     assert records == env.records
-    assert msgspec.structs.asdict(market.prosumers["H06"].stats) == msgspec.structs.asdict(agent.stats)
+    assert msgspec.structs.asdict(market.stats("H06")) == msgspec.structs.asdict(agent.stats)
     rule = learn.rule_days(NoTrader(), [day])[0]
     assert rule.bill == agent.stats.cost / 1e6 == pytest.approx(-ret, abs=1e-9)
     agent_day = learn.policy_days(lambda _: np.zeros(4, dtype=np.float32), [day])[0]

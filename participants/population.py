@@ -1,0 +1,612 @@
+"""Many prosumers as arrays: the decisions of `Prosumer` (participants/prosumer.py) for a
+whole population at once, with numpy over the members instead of Python per member.
+
+Exactly the same readings, orders and bills as one `Prosumer` per spec fed the same
+payloads (tests/participants/test_population.py compares them round by round, and the
+ledger digests of whole runs): integer Wh, the same float operations in the same order
+(IEEE arithmetic is the same elementwise in numpy), the same seeded generators for the
+traders that draw and the forecasts that err. What a member reads and trades is still
+one dict per reading and per order where a caller needs them (`MeterBatch.reading`), or
+columns (`MeterBatch.columns`, `OrderBatch`) for the columnar paths.
+
+Only plain specs join (`plain`): a `pem` site or a trader outside the four built-in ones
+stays a `Prosumer` of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from market.core.protocol import ConsumptionMsg, EntryMsg, MeterMsg, Side
+from participants.devices import Battery
+from participants.messages import Delivery, Settled, StartRound
+from participants.profiles import SiteProfiles, build_profiles
+from participants.prosumer import KEEP_SLOTS, P2P_KINDS, Stats, facts_of, forecast_wh
+from participants.spec import BatteryTrader, FixedPriceTrader, ParticipantSpec
+from participants.synthetic import stable_key
+from participants.traders import inside
+
+# Trader kinds by index (the spec's tag).
+KINDS = ("none", "fixed_price", "random_price", "battery")
+NONE, FIXED, RANDOM, BATTERY = range(4)
+BESS = "bess"
+
+
+def plain(spec: ParticipantSpec) -> bool:
+    """Whether `spec` can be a member (a `Prosumer` with a built-in trader, not a PEM site)."""
+    return spec.pem is None and type(spec.trader).__struct_config__.tag in KINDS
+
+
+def _split(load: np.ndarray, gen: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`split_own_use` per member: own generation covers own load, sources in name order
+    (the columns are in name order). Returns (used, surplus, deficit)."""
+    remaining = load.copy()
+    used = np.empty_like(gen)
+    for j in range(gen.shape[1]):
+        use = np.minimum(gen[:, j], remaining)
+        remaining -= use
+        used[:, j] = use
+    return used, gen - used, remaining
+
+
+def _stored(wh_in: np.ndarray, eff: np.ndarray) -> np.ndarray:
+    out: np.ndarray = np.floor(wh_in * eff).astype(np.int64)  # `Battery.stored`: losses never create energy
+    return out
+
+
+def _max_input(cap: np.ndarray, soc: np.ndarray, eff: np.ndarray) -> np.ndarray:
+    """`Battery.max_input` per member: the same first guess and the same corrections."""
+    room = cap - soc
+    x: np.ndarray = np.maximum(0, np.ceil((room + 1) / eff).astype(np.int64) - 1)
+    while True:
+        over = (x > 0) & (_stored(x, eff) > room)
+        if not over.any():
+            break
+        x -= over
+    while True:
+        under = _stored(x + 1, eff) <= room
+        if not under.any():
+            break
+        x += under
+    return x
+
+
+def _inside(price: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
+    """`traders.inside` of each price."""
+    if low is None or high is None or high <= low:
+        return price.astype(np.float64)
+    margin = min(1e-4, (high - low) / 4)
+    out: np.ndarray = np.minimum(np.maximum(price, low + margin), high - margin)
+    return out
+
+
+def _amount(quantity: np.ndarray, price: float) -> np.ndarray:
+    """`records.amount` of each quantity: round(q * price * 1000), half to even as `round`."""
+    out: np.ndarray = np.rint(quantity.astype(np.float64) * price * 1000).astype(np.int64)
+    return out
+
+
+class MeterBatch(msgspec.Struct):
+    """Every member's reading of one slot, as `meter_reading` splits it (Wh per member;
+    per source in `sources` order)."""
+
+    slot: tuple[int, int]
+    sources: tuple[str, ...]
+    exported: np.ndarray  # generation per source after charging (N x S)
+    bess_out: np.ndarray  # generation.bess
+    charge: np.ndarray  # consumption.bess per source (N x S)
+    used: np.ndarray  # consumption.other per source: own use (N x S)
+    to_load: np.ndarray  # consumption.other.bess
+    external: np.ndarray  # consumption.other.external
+
+    def reading(self, i: int) -> dict[str, Any]:
+        """Member `i`'s `meter` payload, as `meter_reading` builds it."""
+        generation = {s: int(v) for s, v in zip(self.sources, self.exported[i].tolist(), strict=True) if v}
+        if self.bess_out[i]:
+            generation[BESS] = int(self.bess_out[i])
+        other = {s: int(v) for s, v in zip(self.sources, self.used[i].tolist(), strict=True) if v}
+        if self.to_load[i]:
+            other[BESS] = int(self.to_load[i])
+        other["external"] = int(self.external[i])
+        return {
+            "time_interval": [self.slot[0], self.slot[1]],
+            "generation": generation,
+            "consumption": {
+                "bess": {s: int(v) for s, v in zip(self.sources, self.charge[i].tolist(), strict=True) if v},
+                "other": other,
+            },
+        }
+
+    def message(self, i: int) -> MeterMsg:
+        """`reading(i)` as the market decodes it (no JSON in between: the in-process market)."""
+        r = self.reading(i)
+        c = r["consumption"]
+        return MeterMsg(self.slot, r["generation"], ConsumptionMsg(c["bess"], c["other"]))
+
+    def columns(self, rows: Sequence[int], participants: list[str]) -> dict[str, Any]:
+        """`meters.columns` of members `rows` (docs/protocol.md): null where a reading has
+        no such entry, as the dicts of `reading` leave out zeros (but never `external`)."""
+        idx = np.asarray(rows, dtype=np.int64)
+
+        def table(values: np.ndarray, names: Sequence[str]) -> dict[str, list[int | None]]:
+            out: dict[str, list[int | None]] = {}
+            for j, name in enumerate(names):
+                col = values[idx, j]
+                if col.any():
+                    out[name] = [v or None for v in col.tolist()]
+            return out
+
+        sources = list(self.sources)
+        gen = table(np.column_stack([self.exported, self.bess_out]), [*sources, BESS])
+        other = table(np.column_stack([self.used, self.to_load]), [*sources, BESS])
+        other["external"] = self.external[idx].tolist()
+        data: dict[str, Any] = {
+            "participant": participants,
+            "time_interval": [[self.slot[0], self.slot[1]]] * len(participants),
+            "other": other,
+        }
+        if gen:
+            data["generation"] = gen
+        bess = table(self.charge, sources)
+        if bess:
+            data["bess"] = bess
+        return data
+
+
+class OrderBatch(msgspec.Struct):
+    """The orders of one round for `slot`, in member order and, within a member, in the
+    order its trader lists them (`<slot start>-<n>` ids)."""
+
+    slot: tuple[int, int]
+    member: np.ndarray  # index of the member of each order
+    bid: np.ndarray  # bool: a bid, else an ask
+    quantity: np.ndarray
+    price: np.ndarray
+    source: list[str | None]
+    seq: np.ndarray  # n of the order's id
+
+    def __len__(self) -> int:
+        return len(self.member)
+
+    def entries(self) -> list[tuple[int, Side, EntryMsg]]:
+        """(member, side, entry) of each order, as the market decodes `orders()`."""
+        slot, first = self.slot, self.slot[0]
+        return [
+            (m, "bid" if b else "ask", EntryMsg(q, p, slot, f"{first}-{n}", s))
+            for m, b, q, p, s, n in zip(
+                self.member.tolist(),
+                self.bid.tolist(),
+                self.quantity.tolist(),
+                self.price.tolist(),
+                self.source,
+                self.seq.tolist(),
+                strict=True,
+            )
+        ]
+
+    def orders(self) -> list[tuple[int, dict[str, Any]]]:
+        """(member, order dict as the trader builds it) of each order."""
+        slot = [self.slot[0], self.slot[1]]
+        out = []
+        for m, b, q, p, s, n in zip(
+            self.member.tolist(),
+            self.bid.tolist(),
+            self.quantity.tolist(),
+            self.price.tolist(),
+            self.source,
+            self.seq.tolist(),
+            strict=True,
+        ):
+            order: dict[str, Any] = {
+                "side": "bid" if b else "ask",
+                "quantity": q,
+                "price": p,
+                "time_delivery": slot,
+                "id": f"{self.slot[0]}-{n}",
+            }
+            if s is not None:
+                order["source"] = s
+            out.append((m, order))
+        return out
+
+
+class _Slot(msgspec.Struct):
+    """What the population remembers of one slot (as the prosumer's per-slot tables)."""
+
+    bought: np.ndarray  # committed P2P purchases, Wh per member
+    sold: np.ndarray  # committed sales per source (N x S+1: the last column is `bess`)
+    sold_other: np.ndarray  # sales of a source no member has (only ever short)
+    seen: set[tuple[str, str, str]] = set()  # (commit_id, side, participant) of the fills counted
+    delivered: np.ndarray | None = None  # bool per member: its delivery was counted
+    pending: tuple[np.ndarray, np.ndarray] | None = None  # grid-only (paid, received)
+
+
+class Population:
+    """The members' state as arrays: batteries, commitments and bills per slot, stats."""
+
+    def __init__(
+        self,
+        specs: Sequence[ParticipantSpec],
+        seed: int = 0,
+        *,
+        timezone: str = "UTC",
+        base_dir: str | Path | None = None,
+    ) -> None:
+        bad = [s.id for s in specs if not plain(s)]
+        if bad:
+            raise ValueError(f"not plain prosumers (a pem site or another trader): {bad[:5]}")
+        self.specs = list(specs)
+        self.ids = [s.id for s in specs]
+        self.index = {pid: i for i, pid in enumerate(self.ids)}
+        self.seed = seed
+        self.base_dir = base_dir
+        self.timezone = timezone
+        self._keys = [stable_key(pid) for pid in self.ids]
+        self.profiles: list[SiteProfiles] = [build_profiles(s, seed, timezone, base_dir) for s in specs]
+        self.sources = tuple(sorted({src for p in self.profiles for src in p.sources} - {BESS}))
+        if len(self.sources) != len({src for p in self.profiles for src in p.sources}):
+            raise ValueError("'bess' is not a generation source")
+        self._col = {s: j for j, s in enumerate(self.sources)}
+        self._own = [sorted(p.sources) for p in self.profiles]  # each member's sources (random draws)
+        n = len(specs)
+        self.kind = np.array([KINDS.index(type(s.trader).__struct_config__.tag) for s in specs], dtype=np.int64)
+        fixed = [s.trader if isinstance(s.trader, FixedPriceTrader) else FixedPriceTrader() for s in specs]
+        self._bid_price = np.array([t.bid_price for t in fixed], dtype=np.float64)
+        self._ask_price = np.array([t.ask_price for t in fixed], dtype=np.float64)
+        bt = [s.trader if isinstance(s.trader, BatteryTrader) else BatteryTrader() for s in specs]
+        self._high = np.array([t.high for t in bt], dtype=np.float64)
+        self.has_battery = np.array([s.battery is not None for s in specs], dtype=bool)
+        batteries = [Battery.from_spec(s.battery) if s.battery else None for s in specs]
+        self.capacity = np.array([b.capacity_wh if b else 0 for b in batteries], dtype=np.int64)
+        self.power = np.array([b.power_w if b else 0 for b in batteries], dtype=np.int64)
+        self.efficiency = np.array([b.efficiency if b else 1.0 for b in batteries], dtype=np.float64)
+        self._soc0 = np.array([b.soc_wh if b else 0 for b in batteries], dtype=np.int64)
+        self._reserve = np.array(
+            [b.reserve_wh(t.reserve) if b else 0 for b, t in zip(batteries, bt, strict=True)], dtype=np.int64
+        )
+        self._errors = [
+            sorted(
+                (src, g.forecast_error)
+                for src, g in (("solar", s.pv), ("wind", s.wind))
+                if g is not None and g.forecast_error > 0
+            )
+            for s in specs
+        ]
+        self._erring = [i for i, e in enumerate(self._errors) if e]
+        self._drawing = np.flatnonzero(self.kind == RANDOM).tolist()
+        self.stats = {name: np.zeros(n, dtype=np.int64) for name in Stats.__struct_fields__}
+        self._restart()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _restart(self) -> None:
+        self.soc = self._soc0.copy()
+        self._slots: dict[int, _Slot] = {}
+        self._prices: dict[int, tuple[float, float]] = {}
+        self._energy: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._time: int | None = None
+        self._metered = -1
+        self._traded = -1
+
+    def battery(self, i: int) -> Battery | None:
+        """Member `i`'s battery state now."""
+        s = self.specs[i].battery
+        if s is None:
+            return None
+        return Battery(s.capacity_wh, s.power_w, s.efficiency, int(self.soc[i]))
+
+    def stats_of(self, i: int) -> Stats:
+        return Stats(**{name: int(col[i]) for name, col in self.stats.items()})
+
+    def _slot(self, start: int) -> _Slot:
+        s = self._slots.get(start)
+        if s is None:
+            n = len(self.ids)
+            s = self._slots[start] = _Slot(
+                np.zeros(n, dtype=np.int64),
+                np.zeros((n, len(self.sources) + 1), dtype=np.int64),
+                np.zeros(n, dtype=np.int64),
+                set(),
+            )
+        return s
+
+    # -- energy ---------------------------------------------------------------------------
+
+    def energy(self, slot: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(generation N x S, load N) of `slot`, memoized as `Prosumer.energy`."""
+        hit = self._energy.get(slot)
+        if hit is None:
+            gen = np.zeros((len(self.ids), len(self.sources)), dtype=np.int64)
+            load = np.zeros(len(self.ids), dtype=np.int64)
+            col = self._col
+            for i, p in enumerate(self.profiles):
+                g, load[i] = p.slot(slot)
+                for src, wh in g.items():
+                    gen[i, col[src]] = wh
+            hit = self._energy[slot] = (gen, load)
+        return hit
+
+    def warm(self, slots: Iterable[tuple[int, int]]) -> None:
+        for slot in slots:
+            self.energy(slot)
+
+    def forecast(self, slot: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """`Prosumer.forecast` of every member: `energy` with erring sources drawn off."""
+        gen, load = self.energy(slot)
+        if not self._erring:
+            return gen, load
+        out = gen.copy()
+        for i in self._erring:
+            for src, error in self._errors[i]:
+                j = self._col[src]
+                if out[i, j]:
+                    out[i, j] = forecast_wh(self.seed, self._keys[i], slot[0], src, error, int(out[i, j]))
+        return out, load
+
+    # -- rounds ---------------------------------------------------------------------------
+
+    def on_round(self, msg: StartRound, *, trade: bool = True) -> tuple[MeterBatch | None, OrderBatch | None]:
+        """`Prosumer.on_round_msg` of every member: the slot's readings (None if it was
+        metered) and the orders for `next_settle` (None if not traded now)."""
+        if msg.timezone != self.timezone:
+            self.timezone = msg.timezone
+            self.profiles = [build_profiles(s, self.seed, msg.timezone, self.base_dir) for s in self.specs]
+            self._energy.clear()
+        if self._time is not None and msg.time < self._time:
+            self._restart()
+        self._time = msg.time
+        self.stats["rounds"] += 1
+        facts = facts_of(msg)
+        self._prices.update(facts.prices)
+        slot = msg.current_round if msg.mode == "sim" else msg.last_round
+        meters = None
+        if slot is not None and slot[0] > self._metered:
+            meters = self._meter(slot)
+        orders = None
+        if trade and msg.next_settle[0] > self._traded:
+            self._traded = msg.next_settle[0]
+            orders = self._trade(msg, facts.buy_mean)
+        self._forget(msg.current_round)
+        return meters, orders
+
+    def _meter(self, slot: tuple[int, int]) -> MeterBatch:
+        gen, load = self.energy(slot)
+        used, surplus, deficit = _split(load, gen)
+        c = self._slots.get(slot[0])
+        n, s = gen.shape
+        sold = c.sold if c is not None else np.zeros((n, s + 1), dtype=np.int64)
+        bought = c.bought if c is not None else np.zeros(n, dtype=np.int64)
+        has = self.has_battery
+        budget = np.where(has, self.power * (slot[1] - slot[0]) // 3600, 0)
+        soc = self.soc
+        shortfall = np.maximum(0, sold[:, :s] - surplus).sum(axis=1)
+        if c is not None:
+            shortfall += c.sold_other
+        bess_out = np.where(has, np.minimum(np.minimum(sold[:, s] + shortfall, soc), budget), 0)
+        soc = soc - bess_out
+        budget = budget - bess_out
+        to_load = np.where(has, np.minimum(np.minimum(np.maximum(0, deficit - bought), soc), budget), 0)
+        soc -= to_load
+        budget -= to_load
+        allowance = np.where(has, np.minimum(budget, _max_input(self.capacity, soc, self.efficiency)), 0)
+        charge = np.zeros_like(gen)
+        for j in range(s):
+            take = np.minimum(allowance, np.maximum(0, surplus[:, j] - sold[:, j]))
+            charge[:, j] = take
+            allowance -= take
+        soc += np.where(has, _stored(charge.sum(axis=1), self.efficiency), 0)
+        self.soc = soc
+        self._metered = slot[0]
+        self.stats["meters"] += 1
+        prices = self._prices.get(slot[0])
+        if prices is not None:
+            self._slot(slot[0]).pending = (_amount(deficit, prices[0]), _amount(surplus.sum(axis=1), prices[1]))
+        return MeterBatch(slot, self.sources, surplus - charge, bess_out, charge, used, to_load, deficit - to_load)
+
+    def _trade(self, msg: StartRound, buy_mean: float | None) -> OrderBatch:
+        slot = msg.next_settle
+        gen, load = self.forecast(slot)
+        prices = self._prices.get(slot[0])
+        low, high = (prices[1], prices[0]) if prices else (None, None)
+        n, s = gen.shape
+        c = self._slots.get(slot[0])
+        _, surplus, deficit = _split(load, gen)
+        bid = np.maximum(0, deficit - (c.bought if c is not None else 0))
+        asks = np.maximum(0, surplus - (c.sold[:, :s] if c is not None else 0))
+        bess = np.zeros(n, dtype=np.int64)
+        qty = np.zeros((n, s + 2), dtype=np.int64)  # bid, asks per source, the bess ask
+        price = np.zeros((n, s + 2), dtype=np.float64)
+        kind = self.kind
+        fixed = kind == FIXED
+        price[fixed, 0] = _inside(self._bid_price[fixed], low, high)
+        price[fixed, 1 : s + 1] = _inside(self._ask_price[fixed], low, high)[:, None]
+        band = low is not None and high is not None and high > low
+        trades = fixed.copy()
+        if band:
+            assert low is not None and high is not None
+            trades |= (kind == RANDOM) | (kind == BATTERY)
+            battery = kind == BATTERY
+            self._battery_orders(battery, bid, asks, bess, slot, low, high, buy_mean, c)
+            spread = high - low
+            price[battery, 0] = _inside(np.array([low + 0.7 * spread]), low, high)[0]
+            price[battery, 1 : s + 1] = _inside(np.array([low + 0.35 * spread]), low, high)[0]
+            price[battery, s + 1] = _inside(np.array([low + 0.55 * spread]), low, high)[0]
+            for i in self._drawing:
+                own = self._own[i]
+                rng = np.random.Generator(np.random.PCG64([self.seed % 2**64, self._keys[i], slot[0]]))
+                drawn = rng.uniform(low, high, size=1 + len(own))
+                price[i, 0] = inside(drawn[0], low, high)
+                for src, p in zip(own, drawn[1:], strict=True):
+                    price[i, 1 + self._col[src]] = inside(p, low, high)
+        qty[:, 0] = bid
+        qty[:, 1 : s + 1] = asks
+        qty[:, s + 1] = bess
+        qty[~trades] = 0
+        placed = qty > 0
+        member, column = np.nonzero(placed)  # row-major: member order, then the trader's order
+        seq = np.cumsum(placed, axis=1)[member, column] - 1
+        names = [None, *self.sources, BESS]
+        np.add.at(self.stats["orders"], member, 1)
+        return OrderBatch(
+            slot=(slot[0], slot[1]),
+            member=member,
+            bid=column == 0,
+            quantity=qty[member, column],
+            price=price[member, column],
+            source=[names[j] for j in column.tolist()],
+            seq=seq,
+        )
+
+    def _battery_orders(
+        self,
+        battery: np.ndarray,
+        bid: np.ndarray,
+        asks: np.ndarray,
+        bess: np.ndarray,
+        slot: tuple[int, int],
+        low: float,
+        high: float,
+        buy_mean: float | None,
+        c: _Slot | None,
+    ) -> None:
+        """`battery_trader`'s quantities for the members with that trader and a battery:
+        `bid`, `asks` and `bess` changed in place."""
+        m = battery & self.has_battery
+        if not m.any():
+            return
+        soc, cap = self.soc[m], self.capacity[m]
+        budget = self.power[m] * (slot[1] - slot[0]) // 3600
+        usable = np.maximum(0, soc - self._reserve[m])
+        cover = np.minimum(np.minimum(bid[m], usable), budget)
+        bid[m] -= cover
+        cheap = buy_mean is None or high <= buy_mean
+        a = asks[m]
+        if cheap:
+            hold = np.minimum(np.minimum(a.sum(axis=1), _max_input(cap, soc, self.efficiency[m])), budget - cover)
+        else:
+            hold = np.zeros_like(cover)
+        left = hold.copy()
+        for j in range(a.shape[1]):
+            kept = np.minimum(left, a[:, j])
+            a[:, j] -= kept
+            left -= kept
+        asks[m] = a
+        offer = np.ones_like(cover, dtype=bool) if not cheap else soc >= self._high[m] * cap
+        free = budget - cover - hold
+        sold_bess = c.sold[m, -1] if c is not None else 0
+        bess[m] = np.where(offer, np.minimum(usable - cover, free) - sold_bess, 0)
+
+    def _forget(self, current: tuple[int, int]) -> None:
+        duration = current[1] - current[0]
+        horizon = current[0] - KEEP_SLOTS * duration
+        for start in [s for s in self._slots if s < horizon]:
+            del self._slots[start]
+        for start in [s for s in self._prices if s < horizon]:
+            del self._prices[start]
+        for key in [k for k in self._energy if k[0] < current[0] - duration]:
+            del self._energy[key]
+
+    # -- settlements and deliveries -------------------------------------------------------
+
+    def on_settled(self, i: int, fill: Settled) -> None:
+        """`Prosumer.on_settled_msg` of member `i`."""
+        start = fill.time_delivery[0]
+        c = self._slot(start)
+        if fill.commit_id is not None:
+            key = (fill.commit_id, fill.side, self.ids[i])
+            if key in c.seen:
+                return
+            c.seen.add(key)
+        st = self.stats
+        st["fills"][i] += 1
+        if fill.side == "bid":
+            c.bought[i] += fill.quantity
+            st["bought_wh"][i] += fill.quantity
+        else:
+            src = fill.source or BESS
+            j = len(self.sources) if src == BESS else self._col.get(src)
+            if j is None:
+                c.sold_other[i] += fill.quantity
+            else:
+                c.sold[i, j] += fill.quantity
+            st["sold_wh"][i] += fill.quantity
+
+    def on_delivery(self, i: int, d: Delivery) -> None:
+        """`Prosumer.on_delivery_msg` of member `i`."""
+        c = self._slot(d.time_delivery[0])
+        if c.delivered is None:
+            c.delivered = np.zeros(len(self.ids), dtype=bool)
+        if c.delivered[i]:
+            return
+        c.delivered[i] = True
+        me, st = self.ids[i], self.stats
+        st["delivered"][i] += 1
+        for tx in d.transactions:
+            if tx.buyer_id == me:
+                st["paid"][i] += tx.amount_buy
+                if tx.kind in P2P_KINDS:
+                    st["p2p_bought_wh"][i] += tx.quantity
+                elif tx.kind == "grid_buy":
+                    st["grid_bought_wh"][i] += tx.quantity
+            if tx.seller_id == me:
+                st["received"][i] += tx.amount_sell
+                if tx.kind in P2P_KINDS:
+                    st["p2p_sold_wh"][i] += tx.quantity
+                elif tx.kind == "grid_sell":
+                    st["grid_sold_wh"][i] += tx.quantity
+        if c.pending is not None:
+            st["compared"][i] += 1
+            st["grid_only_paid"][i] += c.pending[0][i]
+            st["grid_only_received"][i] += c.pending[1][i]
+
+    def on_transactions(self, start: int, rows: Iterable[Any]) -> None:
+        """Every member's delivery of slot `start` at once, from the market's transaction
+        rows (what each party's `delivery` lists): as `on_delivery` of each party."""
+        c = self._slot(start)
+        if c.delivered is None:
+            c.delivered = np.zeros(len(self.ids), dtype=bool)
+        index, done = self.index, c.delivered
+        cols: dict[str, tuple[list[int], list[int]]] = {
+            k: ([], []) for k in ("paid", "received", "p2p_bought_wh", "p2p_sold_wh", "grid_bought_wh", "grid_sold_wh")
+        }
+        parties: set[int] = set()
+        for tx in rows:
+            b, s = index.get(tx.buyer_id), index.get(tx.seller_id)
+            if b is not None and not done[b]:
+                parties.add(b)
+                _put(cols["paid"], b, tx.amount_buy)
+                if tx.kind in P2P_KINDS:
+                    _put(cols["p2p_bought_wh"], b, tx.quantity)
+                elif tx.kind == "grid_buy":
+                    _put(cols["grid_bought_wh"], b, tx.quantity)
+            if s is not None and not done[s]:
+                parties.add(s)
+                _put(cols["received"], s, tx.amount_sell)
+                if tx.kind in P2P_KINDS:
+                    _put(cols["p2p_sold_wh"], s, tx.quantity)
+                elif tx.kind == "grid_sell":
+                    _put(cols["grid_sold_wh"], s, tx.quantity)
+        if not parties:
+            return
+        st = self.stats
+        for name, (at, values) in cols.items():
+            if at:
+                np.add.at(st[name], at, values)
+        who = np.fromiter(parties, dtype=np.int64, count=len(parties))
+        done[who] = True
+        st["delivered"][who] += 1
+        if c.pending is not None:
+            st["compared"][who] += 1
+            st["grid_only_paid"][who] += c.pending[0][who]
+            st["grid_only_received"][who] += c.pending[1][who]
+
+
+def _put(col: tuple[list[int], list[int]], i: int, value: int) -> None:
+    col[0].append(i)
+    col[1].append(value)

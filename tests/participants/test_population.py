@@ -1,0 +1,113 @@
+"""The population (participants/population.py) against one `Prosumer` per spec: the same
+payloads in, the same readings, orders, batteries and bills out, round by round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.scenario import load_scenario
+from controller.sim import community
+from market.core.engine import Market
+from market.core.protocol import MeterMsg, OrdersMsg, decode
+from participants.messages import Delivery, Settled, StartRound, parse
+from participants.population import Population, plain
+from participants.prosumer import Prosumer
+from participants.spec import BatterySpec, ParticipantSpec, PvSpec
+
+SCENARIO = Path(__file__).parents[2] / "scenarios" / "community.toml"
+
+
+def _erring(spec: ParticipantSpec, error: float) -> ParticipantSpec:
+    if spec.pv is None or error == 0:
+        return spec
+    return msgspec.structs.replace(spec, pv=msgspec.structs.replace(spec.pv, forecast_error=error))
+
+
+def run_side_by_side(specs: list[ParticipantSpec], seed: int, rounds: int, overrides: dict[str, Any]) -> int:
+    """Step a market with the prosumers' orders and readings; the population sees the same
+    payloads and must produce the same things. Returns the number of orders compared."""
+    scenario = load_scenario(SCENARIO, overrides)
+    market = Market(scenario.market_config("sim"))
+    prosumers = [Prosumer(s, seed, timezone=scenario.timezone) for s in specs]
+    population = Population(specs, seed, timezone=scenario.timezone)
+    compared = 0
+    for k in range(rounds):
+        opened = market.open_round(scenario.start_time + k * scenario.step, None)
+        for pid, payload in opened.settled:
+            i = population.index[pid]
+            prosumers[i].on_settled(payload)
+            population.on_settled(i, parse(payload, Settled))
+        msg = parse(opened.start_round, StartRound)
+        meters, batch = population.on_round(msg)
+        theirs = batch.orders() if batch is not None else []
+        for i, p in enumerate(prosumers):
+            meter, orders = p.on_round_msg(msg)
+            assert meters is not None and meter == meters.reading(i), (k, p.spec.id)
+            mine = [o for m, o in theirs if m == i]
+            assert orders == mine, (k, p.spec.id)
+            compared += len(orders)
+            b = population.battery(i)
+            assert b == p.battery, (k, p.spec.id)
+            if orders:
+                market.submit_orders(p.spec.id, decode({"orders": orders}, OrdersMsg))
+            market.meter(p.spec.id, decode(meter, MeterMsg))
+        t = opened.times.time
+        result = market.process(t, t)
+        for pid, payload in result.deliveries.items():
+            if pid not in population.index:  # the grid
+                continue
+            i = population.index[pid]
+            prosumers[i].on_delivery(payload)
+            population.on_delivery(i, parse(payload, Delivery))
+    for i, p in enumerate(prosumers):
+        assert population.stats_of(i) == p.stats, p.spec.id
+    return compared
+
+
+def test_a_day_of_the_community_is_the_same_as_one_prosumer_each() -> None:
+    """60 synthetic prosumers (fixed-price, random-price and battery traders, batteries
+    steered by their fills) for a whole day."""
+    scenario = load_scenario(SCENARIO)
+    specs = community(scenario, 60)
+    assert all(plain(s) for s in specs)
+    assert run_side_by_side(specs, scenario.seed, 96, {}) > 500
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    n=st.integers(1, 40),
+    error=st.sampled_from([0.0, 0.3]),
+    start=st.integers(0, 3 * 96),
+    pricing=st.sampled_from(["midpoint", "uniform"]),
+)
+def test_any_community_and_seed_gives_the_same_decisions(
+    seed: int, n: int, error: float, start: int, pricing: str
+) -> None:
+    scenario = load_scenario(SCENARIO, {"seed": seed, "market.pricing": pricing})
+    specs = [_erring(s, error) for s in community(scenario, n)]
+    # A battery without PV and one that starts full: the corners of the battery trader.
+    specs.append(ParticipantSpec(id="BAT", battery=BatterySpec(capacity_wh=9000, power_w=4000, soc=1.0)))
+    specs.append(
+        ParticipantSpec(
+            id="PVB", pv=PvSpec(kw=9.0), battery=BatterySpec(capacity_wh=3000, power_w=6000, efficiency=0.9)
+        )
+    )
+    overrides: dict[str, Any] = {"seed": seed, "market.pricing": pricing}
+    overrides["start"] = scenario.start_time + start * scenario.step
+    run_side_by_side(specs, seed, 40, overrides)
+
+
+def test_only_plain_specs_join() -> None:
+    from participants.spec import PemSpec
+
+    pem = ParticipantSpec(id="P", pem=PemSpec(houses=3))
+    assert not plain(pem)
+    with pytest.raises(ValueError, match="not plain"):
+        Population([pem])
