@@ -15,6 +15,7 @@ import socketio
 from market.core import wire
 from market.core.protocol import MAX_FLEET_ITEMS
 from participants.messages import Delivery, Settled, StartRound, parse
+from participants.population import Population, plain
 from participants.prosumer import Prosumer, Stats
 from participants.sites import site_for
 from participants.spec import ParticipantSpec
@@ -52,11 +53,21 @@ class FleetClient:
         serializer: str = "json",
         timeout: float = 60.0,
         columns: bool = True,
+        population: bool = True,
     ) -> None:
         """`columns`: send `orders.columns` / `meters.columns` (docs/protocol.md), else the
-        v1 `orders` / `meters` batches (the same ledger)."""
+        v1 `orders` / `meters` batches (the same ledger). `population`: the plain prosumers
+        decide as one `Population` (participants/population.py), else a `Prosumer` each
+        (the reference: the same ledger); the others are in `prosumers`."""
         specs = [spec for spec, _ in members]
-        self.prosumers = {s.id: site_for(s, seed, timezone=timezone, base_dir=base_dir, others=specs) for s in specs}
+        together = [s for s in specs if population and plain(s)]
+        self.population = Population(together, seed, timezone=timezone, base_dir=base_dir) if together else None
+        self._members = self.population.index if self.population is not None else {}
+        self.prosumers = {
+            s.id: site_for(s, seed, timezone=timezone, base_dir=base_dir, others=specs)
+            for s in specs
+            if s.id not in self._members
+        }
         self._logins = _login_chunks([{"id": spec.id, "token": token} for spec, token in members])
         self.timeout = timeout
         self.columns = columns
@@ -72,6 +83,8 @@ class FleetClient:
         first `start_round` of thousands outlasts the round's deadline."""
         for prosumer in self.prosumers.values():
             prosumer.warm(slots)
+        if self.population is not None:
+            self.population.warm(slots)
 
     async def connect(self, url: str, *, wait_timeout: float = 30.0) -> None:
         first, *rest = self._logins
@@ -88,7 +101,20 @@ class FleetClient:
         await self.sio.disconnect()
 
     def stats(self) -> dict[str, Stats]:
-        return {pid: p.stats for pid, p in self.prosumers.items()}
+        out = {pid: p.stats for pid, p in self.prosumers.items()}
+        if self.population is not None:
+            out |= {pid: self.population.stats_of(i) for pid, i in self._members.items()}
+        return out
+
+    def _count(self, pid: str, name: str) -> None:
+        """One more of stats counter `name` for `pid` (a member or a prosumer)."""
+        i = self._members.get(pid)
+        if i is not None:
+            assert self.population is not None
+            self.population.stats[name][i] += 1
+        else:
+            stats = self.prosumers[pid].stats
+            setattr(stats, name, getattr(stats, name) + 1)
 
     async def _on_start_round(self, payload: Any) -> None:
         try:  # decoded once for every prosumer of the connection (and its facts computed once)
@@ -103,6 +129,14 @@ class FleetClient:
         # order: every order of the round is booked before its last reading lets the
         # controller step on. Replies are awaited at the end.
         sent: list[tuple[str, list[str], asyncio.Future[Any]]] = []
+        if self.population is not None:  # the members at once (a few us each), sent in batches
+            try:
+                for event, pids, data in self._population_batches(msg):
+                    sent.append((event, pids, await self._emit(event, data)))
+            except Exception:
+                log.exception("start_round: the population failed")
+                self.errors += 1
+            await asyncio.sleep(0)
         members = list(self.prosumers.items())
         for i in range(0, len(members), PIPELINE):
             orders, readings = self._decide(msg, members[i : i + PIPELINE])
@@ -125,9 +159,37 @@ class FleetClient:
         d = end - start
         if d <= 0:
             return
-        share = list(self.prosumers.values())[(start // d) % AHEAD :: AHEAD]
-        for prosumer in share:
-            prosumer.warm([(start + AHEAD * d, end + AHEAD * d)])
+        phase = (start // d) % AHEAD
+        ahead = (start + AHEAD * d, end + AHEAD * d)
+        for prosumer in list(self.prosumers.values())[phase::AHEAD]:
+            prosumer.warm([ahead])
+        if self.population is not None:
+            self.population.prepare(ahead, range(phase, len(self.population), AHEAD))
+
+    def _population_batches(self, msg: StartRound) -> list[tuple[str, list[str], dict[str, Any]]]:
+        """The population's orders and readings of the round: (event, participants, payload)
+        of each batch, orders first."""
+        assert self.population is not None
+        meters, orders = self.population.on_round(msg)
+        ids = self.population.ids
+        out: list[tuple[str, list[str], dict[str, Any]]] = []
+        if orders is not None and len(orders):
+            if self.columns:
+                for j in range(0, len(orders), MAX_FLEET_ITEMS):
+                    pids, data = orders.columns(ids, j, j + MAX_FLEET_ITEMS)
+                    out.append(("orders.columns", pids, data))
+            else:
+                items = [(ids[m], o) for m, o in orders.orders()]
+                out += self._batches(items, [])
+        if meters is not None:
+            for j in range(0, len(ids), MAX_FLEET_ITEMS):
+                rows = range(j, min(j + MAX_FLEET_ITEMS, len(ids)))
+                pids = ids[j : j + MAX_FLEET_ITEMS]
+                if self.columns:
+                    out.append(("meters.columns", pids, meters.columns(rows, pids)))
+                else:
+                    out += self._batches([], [(ids[i], meters.reading(i)) for i in rows])
+        return out
 
     def _decide(
         self, msg: StartRound, members: list[tuple[str, Prosumer]]
@@ -207,7 +269,7 @@ class FleetClient:
         if not (isinstance(reply, dict) and reply.get("ok")):
             self.errors += 1
             for pid in pids:
-                self.prosumers[pid].stats.errors += 1
+                self._count(pid, "errors")
             return
         if event.endswith(".columns"):  # the refused by index; the rest accepted
             refused = {r.get("index") for r in reply.get("refused", []) if isinstance(r, dict)}
@@ -215,14 +277,10 @@ class FleetClient:
         else:
             results = [isinstance(r, dict) and r.get("ok") is True for r in reply.get("results", [])]
         for pid, ok in zip(pids, results, strict=False):
-            stats = self.prosumers[pid].stats
             if event.startswith("orders"):
-                if ok:
-                    stats.accepted += 1
-                else:
-                    stats.rejected += 1
+                self._count(pid, "accepted" if ok else "rejected")
             elif not ok:
-                stats.errors += 1
+                self._count(pid, "errors")
 
     async def _on_settled(self, batch: Any) -> None:
         self._dispatch(batch, Settled, "on_settled_msg")
@@ -244,8 +302,20 @@ class FleetClient:
                     msgs.append(parse(event, kind))
                 except ValueError:
                     msgs.append(None)
+        pop, members = self.population, self._members
         for event, msg in zip(events, msgs, strict=True):
             pid = event.get("participant") if isinstance(event, dict) else None
+            i = members.get(pid) if isinstance(pid, str) else None
+            if i is not None:
+                assert pop is not None
+                if msg is None:
+                    log.error("%s: bad %s payload", pid, kind.__name__)
+                    pop.stats["errors"][i] += 1
+                elif kind is Settled:
+                    pop.on_settled(i, msg)
+                else:
+                    pop.on_delivery(i, msg)
+                continue
             prosumer = self.prosumers.get(pid) if isinstance(pid, str) else None
             if prosumer is None:
                 self.errors += 1

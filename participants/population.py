@@ -189,6 +189,22 @@ class OrderBatch(msgspec.Struct):
             )
         ]
 
+    def columns(self, ids: Sequence[str], first: int, last: int) -> tuple[list[str], dict[str, Any]]:
+        """`orders.columns` of orders [first, last) (docs/protocol.md): (participants, payload)."""
+        member = self.member[first:last].tolist()
+        pids = [ids[m] for m in member]
+        slot, start = [self.slot[0], self.slot[1]], self.slot[0]
+        data = {
+            "participant": pids,
+            "side": ["bid" if b else "ask" for b in self.bid[first:last].tolist()],
+            "quantity": self.quantity[first:last].tolist(),
+            "price": self.price[first:last].tolist(),
+            "time_delivery": [slot] * len(pids),
+            "id": [f"{start}-{n}" for n in self.seq[first:last].tolist()],
+            "source": self.source[first:last],
+        }
+        return pids, data
+
     def orders(self) -> list[tuple[int, dict[str, Any]]]:
         """(member, order dict as the trader builds it) of each order."""
         slot = [self.slot[0], self.slot[1]]
@@ -335,6 +351,12 @@ class Population:
     def warm(self, slots: Iterable[tuple[int, int]]) -> None:
         for slot in slots:
             self.energy(slot)
+
+    def prepare(self, slot: tuple[int, int], rows: Iterable[int]) -> None:
+        """Build the profiles of members `rows` for `slot` (a day of them), so that the round
+        that needs the slot does not build every member's day at once."""
+        for i in rows:
+            self.profiles[i].slot(slot)
 
     def forecast(self, slot: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """`Prosumer.forecast` of every member: `energy` with erring sources drawn off."""

@@ -77,16 +77,19 @@ async def test_a_join_with_one_bad_token_admits_none_of_it(ledger_url: str) -> N
 async def test_fleet_rounds_give_the_ledger_of_one_connection_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Pipelined chunks, the columnar events and the v1 batches: one ledger."""
+    """The population's columns and v1 batches, and one `Prosumer` each in pipelined
+    chunks (columnar and v1): one ledger."""
     single = f"sqlite:///{tmp_path}/single.db"
     await run_sim(SCENARIO, ledger=single, participants=40, days=0.25, progress=False)
     monkeypatch.setattr(fleet_client, "PIPELINE", 7)  # several chunks per connection and round
-    for columns in (True, False):
-        monkeypatch.setattr(sim, "FleetClient", functools.partial(fleet_client.FleetClient, columns=columns))
-        fleet = f"sqlite:///{tmp_path}/fleet-{columns}.db"
+    monkeypatch.setattr(fleet_client, "MAX_FLEET_ITEMS", 9)  # several batches of the population
+    for columns, population in ((True, True), (False, True), (True, False), (False, False)):
+        client = functools.partial(fleet_client.FleetClient, columns=columns, population=population)
+        monkeypatch.setattr(sim, "FleetClient", client)
+        fleet = f"sqlite:///{tmp_path}/fleet-{columns}-{population}.db"
         result = await run_sim(SCENARIO, ledger=fleet, participants=40, days=0.25, progress=False, fleets=2)
         assert result.missing_total == 0 and result.summary.trades > 0
-        assert ledger_digest(fleet) == ledger_digest(single), f"columns={columns}"
+        assert ledger_digest(fleet) == ledger_digest(single), f"columns={columns} population={population}"
 
 
 async def fleet(url: str, pids: tuple[str, ...] = ("P1", "P2")) -> socketio.AsyncClient:

@@ -16,9 +16,9 @@ D = 900
 MIDNIGHT = 1781568000  # 2026-06-16T00:00:00Z
 
 
-def fleet(n: int) -> FleetClient:
+def fleet(n: int, population: bool = False) -> FleetClient:
     rng = np.random.default_rng(7)
-    return FleetClient([(synthetic_spec(i, rng), "token") for i in range(n)], seed=42)
+    return FleetClient([(synthetic_spec(i, rng), "token") for i in range(n)], seed=42, population=population)
 
 
 def round_at(t: int) -> StartRound:
@@ -32,11 +32,17 @@ def day_builds(fc: FleetClient, monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(_Synthetic, "wh_block", lambda self, *a: calls.append(1) or block(self, *a))
     for p in fc.prosumers.values():
         p.energy((MIDNIGHT, MIDNIGHT + D))
+    if fc.population is not None:
+        fc.population.energy((MIDNIGHT, MIDNIGHT + D))
     return len(calls)
 
 
-def test_the_rounds_before_midnight_build_the_next_day_a_share_each(monkeypatch: pytest.MonkeyPatch) -> None:
-    ahead, cold = fleet(40), fleet(40)
+@pytest.mark.parametrize("population", [False, True])
+def test_the_rounds_before_midnight_build_the_next_day_a_share_each(
+    monkeypatch: pytest.MonkeyPatch, population: bool
+) -> None:
+    ahead, cold = fleet(40, population), fleet(40, population)
+    assert (ahead.population is not None) == population and (not ahead.prosumers) == population
     first = MIDNIGHT - 2 * D - AHEAD * D  # the first round whose warm-up slot is past midnight
     for t in range(first, MIDNIGHT - 2 * D, D):
         ahead._ahead(round_at(t))
