@@ -30,7 +30,8 @@ from controller.sim import community
 from market.core.records import Record
 from participants.devices import split_own_use
 from participants.messages import StartRound, parse
-from participants.prosumer import Prosumer
+from participants.population import Population, inside_all, max_input_all, plain, split_all
+from participants.prosumer import Prosumer, facts_of
 from participants.traders import Observation, Order, inside
 
 ENV_ID = "microte/Prosumer-v0"
@@ -161,8 +162,115 @@ def _utc_offset_hours(timezone: str, t: int) -> float:
     return offset.total_seconds() / 3600 if offset is not None else 0.0
 
 
+class _Crowd:
+    """Agents that are members of the market's population (participants/population.py):
+    their observations and orders computed for all of them at once, the same values as an
+    `_Agent` each (tests/controller/test_envs.py compares them)."""
+
+    def __init__(self, population: Population, agents: Sequence[str], timezone: str) -> None:
+        self.pop, self.names, self.timezone = population, list(agents), timezone
+        self.rows = np.array([population.index[a] for a in agents], dtype=np.int64)
+        self.fills = np.zeros((len(agents), 2), dtype=np.int64)  # Wh bought, sold announced this round
+        self.delivery = np.zeros((len(agents), 4), dtype=np.int64)  # as `_Agent.delivery`
+        self.slot: tuple[int, int] | None = None
+
+    def snapshot(self) -> np.ndarray:
+        """`_Agent.snapshot` of every agent (a row each)."""
+        st, r = self.pop.stats, self.rows
+        return np.stack(
+            [
+                st["paid"][r],
+                st["received"][r],
+                st["p2p_bought_wh"][r] + st["p2p_sold_wh"][r],
+                st["grid_bought_wh"][r] + st["grid_sold_wh"][r],
+                st["bought_wh"][r],
+                st["sold_wh"][r],
+                st["delivered"][r],
+                st["fills"][r],
+            ],
+            axis=1,
+        )
+
+    def observe(self, msg: StartRound) -> np.ndarray:
+        """`_Agent.observe` of every agent (a row each)."""
+        pop, r = self.pop, self.rows
+        self.slot = slot = msg.next_settle
+        gen, load = pop.forecast(slot)
+        prices = pop.prices(slot[0])
+        info = facts_of(msg).next_info
+        hour = ((slot[0] % 86400) / 3600 + _utc_offset_hours(self.timezone, slot[0])) % 24
+        has = pop.has_battery[r]
+        soc = np.where(has, pop.soc[r] / np.where(has, pop.capacity[r], 1), 0.0)
+        n = len(r)
+        columns = (
+            np.full(n, prices[0] if prices else 0.0),
+            np.full(n, prices[1] if prices else 0.0),
+            np.full(n, GRID_STATES.get(info.grid_state if info else "GREEN", 0.0)),
+            load[r] / 1000,
+            gen[r].sum(axis=1) / 1000,
+            soc,
+            self.fills[:, 0] / 1000,
+            self.fills[:, 1] / 1000,
+            (self.delivery[:, 0] - self.delivery[:, 1]) / 1e6,
+            self.delivery[:, 2] / 1000,
+            self.delivery[:, 3] / 1000,
+            np.full(n, math.sin(2 * math.pi * hour / 24)),
+            np.full(n, math.cos(2 * math.pi * hour / 24)),
+        )
+        return np.stack(columns, axis=1).astype(np.float32)
+
+    def orders(self, actions: np.ndarray) -> list[list[Order]]:
+        """`orders_of` of every agent's observation and its row of `actions`."""
+        pop, r, slot = self.pop, self.rows, self.slot
+        assert slot is not None
+        prices = pop.prices(slot[0])
+        low, high = (prices[1], prices[0]) if prices else (None, None)
+        n = len(r)
+        if low is None or high is None or high <= low:
+            return [[] for _ in range(n)]
+        a = np.clip(np.nan_to_num(np.asarray(actions, dtype=np.float64), nan=0.0), 0.0, 1.0)
+        gen, load = pop.forecast(slot)
+        _, surplus, deficit = split_all(load[r], gen[r])
+        bought, sold = pop.committed(slot[0])
+        bought, sold = bought[r], sold[r]
+        has, soc = pop.has_battery[r], pop.soc[r]
+        limit = np.where(has, pop.power[r] * (slot[1] - slot[0]) // 3600, 0)
+        room = np.where(has, np.minimum(max_input_all(pop.capacity[r], soc, pop.efficiency[r]), limit), 0)
+        can_buy = np.maximum(0, deficit - bought) + room
+        s = surplus.shape[1]
+        sellable = np.zeros((n, s + 1), dtype=np.int64)
+        sellable[:, :s] = np.maximum(0, surplus - sold[:, :s])
+        sellable[:, s] = np.where(has, np.maximum(0, np.minimum(soc, limit) - sold[:, s]), 0)
+        bid = (a[:, 1] * can_buy).astype(np.int64)
+        left = (a[:, 3] * sellable.sum(axis=1)).astype(np.int64)
+        asks = np.zeros_like(sellable)
+        for j in range(s + 1):
+            take = np.minimum(sellable[:, j], left)
+            asks[:, j] = take
+            left -= take
+        bid_price = inside_all(low + a[:, 0] * (high - low), low, high).tolist()
+        ask_price = inside_all(low + a[:, 2] * (high - low), low, high).tolist()
+        names = [*pop.sources, "bess"]
+        td = [slot[0], slot[1]]
+        out: list[list[Order]] = []
+        for i, (q, row) in enumerate(zip(bid.tolist(), asks.tolist(), strict=True)):
+            orders: list[Order] = []
+            if q > 0:
+                orders.append({"side": "bid", "quantity": q, "price": bid_price[i], "time_delivery": td})
+            for name, take in zip(names, row, strict=True):
+                if take > 0:
+                    o = {"side": "ask", "quantity": take, "price": ask_price[i], "time_delivery": td, "source": name}
+                    orders.append(o)
+            for k, o in enumerate(orders):
+                o["id"] = f"{slot[0]}-a{k}"
+            out.append(orders)
+        return out
+
+
 class _Episode:
-    """One run of the scenario with `agents` driven from outside."""
+    """One run of the scenario with `agents` driven from outside. `crowd`: the agents are
+    members of the market's population (`_Crowd`) when they are all plain prosumers, else
+    an `_Agent` each (the reference; same observations, rewards and ledger)."""
 
     def __init__(
         self,
@@ -171,6 +279,7 @@ class _Episode:
         participants: int | None,
         agents: Sequence[str] | None,
         keep_records: bool = False,
+        crowd: bool = False,
     ) -> None:
         specs = community(scenario, participants)
         ids = [s.id for s in specs]
@@ -179,8 +288,15 @@ class _Episode:
         if unknown:
             raise ValueError(f"no such participant in the scenario: {unknown} (it has {ids[:5]}...)")
         self.scenario = scenario
-        self.market = InprocMarket(scenario, specs, base_dir=base_dir, external=chosen)
-        self.agents = {a: _Agent(self.market.prosumers[a], scenario.timezone) for a in chosen}
+        spec_of = {s.id: s for s in specs}
+        crowd = crowd and all(plain(spec_of[a]) for a in chosen)
+        self.market = InprocMarket(scenario, specs, base_dir=base_dir, external=chosen, crowd=crowd)
+        self.crowd = (
+            _Crowd(self.market.population, chosen, scenario.timezone)
+            if crowd and self.market.population is not None
+            else None
+        )
+        self.agents = {} if self.crowd else {a: _Agent(self.market.prosumers[a], scenario.timezone) for a in chosen}
         self.round = 0
         self.rounds = scenario.rounds
         self.keep_records = keep_records
@@ -193,6 +309,12 @@ class _Episode:
     def open(self) -> dict[str, np.ndarray]:
         """Open the next round (fills announced, every prosumer metered, the scripted ones
         trade): each agent's observation."""
+        crowd = self.crowd
+        if crowd is not None:
+            first = crowd.snapshot()
+            msg = parse(self.market.open(self.t), StartRound)
+            crowd.fills = (crowd.snapshot() - first)[:, 4:6]
+            return dict(zip(crowd.names, crowd.observe(msg), strict=True))
         before = {a: ag.snapshot() for a, ag in self.agents.items()}
         msg = parse(self.market.open(self.t), StartRound)
         out = {}
@@ -204,6 +326,8 @@ class _Episode:
 
     def step(self, actions: Mapping[str, np.ndarray]) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
         """Place the agents' orders, close the round: (reward, info) per agent."""
+        if self.crowd is not None:
+            return self._crowd_step(actions)
         infos: dict[str, dict[str, Any]] = {}
         for a, ag in self.agents.items():
             assert ag.obs is not None
@@ -219,6 +343,32 @@ class _Episode:
         for a, ag in self.agents.items():
             ag.delivery = delivery_between(before[a], ag.snapshot())
             paid, received = ag.delivery[0], ag.delivery[1]
+            rewards[a] = -(paid - received) / 1e6
+            infos[a].update(slot=record.current_round_start, paid=paid, received=received)
+        self.round += 1
+        return rewards, infos
+
+    def _crowd_step(self, actions: Mapping[str, np.ndarray]) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+        crowd = self.crowd
+        assert crowd is not None
+        acted = np.array([a in actions for a in crowd.names], dtype=bool)
+        matrix = np.zeros((len(crowd.names), len(ACT_FIELDS)), dtype=np.float64)
+        for i, a in enumerate(crowd.names):
+            if acted[i]:
+                matrix[i] = np.asarray(actions[a], dtype=np.float64)
+        infos: dict[str, dict[str, Any]] = {}
+        for a, did, orders in zip(crowd.names, acted.tolist(), crowd.orders(matrix), strict=True):
+            orders = orders if did else []
+            replies = self.market.submit(a, orders) if orders else []
+            infos[a] = {"orders": orders, "refused": [r for r in replies if not r.get("ok")]}
+        before = crowd.snapshot()
+        record = self.market.close()
+        records = self.market.take_records()
+        if self.keep_records:
+            self.records += records
+        crowd.delivery = (crowd.snapshot() - before)[:, :4]
+        rewards = {}
+        for a, (paid, received) in zip(crowd.names, crowd.delivery[:, :2].tolist(), strict=True):
             rewards[a] = -(paid - received) / 1e6
             infos[a].update(slot=record.current_round_start, paid=paid, received=received)
         self.round += 1
@@ -306,8 +456,12 @@ class MarketParallelEnv(ParallelEnv):  # type: ignore[misc]
         days: float | None = None,
         participants: int | None = None,
         agents: Sequence[str] | None = None,
+        crowd: bool = True,
     ) -> None:
+        """`crowd`: the agents' observations and orders as arrays (False: an `_Agent` each,
+        the reference: the same observations, rewards and ledger)."""
         self.scenario_path, self.days, self.participants = Path(scenario), days, participants
+        self.crowd = crowd
         self._seed = seed
         scn, _ = episode_scenario(self.scenario_path, seed, days)
         ids = [s.id for s in community(scn, participants)]
@@ -329,7 +483,7 @@ class MarketParallelEnv(ParallelEnv):  # type: ignore[misc]
             self._seed = seed
         day = int((options or {}).get("day", 0))
         scenario, base = episode_scenario(self.scenario_path, self._seed, self.days, day)
-        self._episode = _Episode(scenario, base, self.participants, self.possible_agents)
+        self._episode = _Episode(scenario, base, self.participants, self.possible_agents, crowd=self.crowd)
         self.agents = list(self.possible_agents)
         obs = self._episode.open()
         return obs, {a: {"slot": self._episode.t} for a in self.agents}

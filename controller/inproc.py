@@ -61,12 +61,15 @@ class InprocMarket:
         sites: Mapping[str, Site] | None = None,
         own: Sequence[str] = (),
         population: bool = True,
+        crowd: bool = False,
     ) -> None:
         """`upstream`: this market trades its residuals in a market above (docs/hierarchy.md);
         `sites`: participants that are not built from specs (a community in its district).
         The plain prosumers that are neither external nor listed in `own` are members of one
         `Population` (participants/population.py: the same decisions as arrays; `population`
-        False: a `Prosumer` each, the reference); the others are in `prosumers`."""
+        False: a `Prosumer` each, the reference); the others are in `prosumers`. `crowd`: the
+        plain external participants are members too, metered and never traded by it (a
+        research environment's agents as arrays, controller/envs.py)."""
         if scenario.feeder is not None:
             raise ValueError(
                 "--transport inproc does not run the DSO agent of a [feeder] scenario yet; use --transport socket"
@@ -77,11 +80,16 @@ class InprocMarket:
         unknown = sorted(set(external) - {s.id for s in specs})
         if unknown:
             raise ValueError(f"external participants not in the scenario: {unknown}")
-        apart = {*external, *own}
+        apart = {*own} if crowd else {*external, *own}
         members = [s for s in specs if population and plain(s) and s.id not in apart]
         self.population = (
             Population(members, scenario.seed, timezone=scenario.timezone, base_dir=base_dir) if members else None
         )
+        if self.population is not None:
+            for pid in external:
+                i = self.population.index.get(pid)
+                if i is not None:
+                    self.population.external[i] = True
         self._members = self.population.index if self.population is not None else {}
         self.prosumers = {
             s.id: site_for(s, scenario.seed, timezone=scenario.timezone, base_dir=base_dir, others=specs)
@@ -206,10 +214,8 @@ class InprocMarket:
 
     def _book(self, pid: str, entries: list[tuple[Side, EntryMsg]]) -> None:
         """A member's orders, each booked or refused on its own (as `submit_orders`)."""
-        for side, entry in entries:
-            try:
-                self.market.submit(pid, side, entry)
-            except MarketError:
+        for r in self.market.submit_each((pid, side, entry) for side, entry in entries):
+            if isinstance(r, MarketError):
                 self.refused += 1
 
     def _meter(self, pid: str, reading: MeterMsg) -> None:

@@ -42,7 +42,7 @@ def plain(spec: ParticipantSpec) -> bool:
     return spec.pem is None and type(spec.trader).__struct_config__.tag in KINDS
 
 
-def _split(load: np.ndarray, gen: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_all(load: np.ndarray, gen: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`split_own_use` per member: own generation covers own load, sources in name order
     (the columns are in name order). Returns (used, surplus, deficit)."""
     remaining = load.copy()
@@ -59,7 +59,7 @@ def _stored(wh_in: np.ndarray, eff: np.ndarray) -> np.ndarray:
     return out
 
 
-def _max_input(cap: np.ndarray, soc: np.ndarray, eff: np.ndarray) -> np.ndarray:
+def max_input_all(cap: np.ndarray, soc: np.ndarray, eff: np.ndarray) -> np.ndarray:
     """`Battery.max_input` per member: the same first guess and the same corrections."""
     room = cap - soc
     x: np.ndarray = np.maximum(0, np.ceil((room + 1) / eff).astype(np.int64) - 1)
@@ -76,7 +76,7 @@ def _max_input(cap: np.ndarray, soc: np.ndarray, eff: np.ndarray) -> np.ndarray:
     return x
 
 
-def _inside(price: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
+def inside_all(price: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
     """`traders.inside` of each price."""
     if low is None or high is None or high <= low:
         return price.astype(np.float64)
@@ -296,6 +296,8 @@ class Population:
         self._erring = [i for i, e in enumerate(self._errors) if e]
         self._drawing = np.flatnonzero(self.kind == RANDOM).tolist()
         self.stats = {name: np.zeros(n, dtype=np.int64) for name in Stats.__struct_fields__}
+        # Members traded from outside (a research environment's agents): metered, never traded.
+        self.external = np.zeros(n, dtype=bool)
         self._restart()
 
     def __len__(self) -> int:
@@ -371,6 +373,18 @@ class Population:
                     out[i, j] = forecast_wh(self.seed, self._keys[i], slot[0], src, error, int(out[i, j]))
         return out, load
 
+    def committed(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bought N, sold N x S+1, `bess` last) of the fills of slot `start` so far."""
+        c = self._slots.get(start)
+        if c is None:
+            n = len(self.ids)
+            return np.zeros(n, dtype=np.int64), np.zeros((n, len(self.sources) + 1), dtype=np.int64)
+        return c.bought, c.sold
+
+    def prices(self, start: int) -> tuple[float, float] | None:
+        """(grid buy, grid sell) of slot `start`, as announced."""
+        return self._prices.get(start)
+
     # -- rounds ---------------------------------------------------------------------------
 
     def on_round(self, msg: StartRound, *, trade: bool = True) -> tuple[MeterBatch | None, OrderBatch | None]:
@@ -399,7 +413,7 @@ class Population:
 
     def _meter(self, slot: tuple[int, int]) -> MeterBatch:
         gen, load = self.energy(slot)
-        used, surplus, deficit = _split(load, gen)
+        used, surplus, deficit = split_all(load, gen)
         c = self._slots.get(slot[0])
         n, s = gen.shape
         sold = c.sold if c is not None else np.zeros((n, s + 1), dtype=np.int64)
@@ -416,7 +430,7 @@ class Population:
         to_load = np.where(has, np.minimum(np.minimum(np.maximum(0, deficit - bought), soc), budget), 0)
         soc -= to_load
         budget -= to_load
-        allowance = np.where(has, np.minimum(budget, _max_input(self.capacity, soc, self.efficiency)), 0)
+        allowance = np.where(has, np.minimum(budget, max_input_all(self.capacity, soc, self.efficiency)), 0)
         charge = np.zeros_like(gen)
         for j in range(s):
             take = np.minimum(allowance, np.maximum(0, surplus[:, j] - sold[:, j]))
@@ -438,7 +452,7 @@ class Population:
         low, high = (prices[1], prices[0]) if prices else (None, None)
         n, s = gen.shape
         c = self._slots.get(slot[0])
-        _, surplus, deficit = _split(load, gen)
+        _, surplus, deficit = split_all(load, gen)
         bid = np.maximum(0, deficit - (c.bought if c is not None else 0))
         asks = np.maximum(0, surplus - (c.sold[:, :s] if c is not None else 0))
         bess = np.zeros(n, dtype=np.int64)
@@ -446,8 +460,8 @@ class Population:
         price = np.zeros((n, s + 2), dtype=np.float64)
         kind = self.kind
         fixed = kind == FIXED
-        price[fixed, 0] = _inside(self._bid_price[fixed], low, high)
-        price[fixed, 1 : s + 1] = _inside(self._ask_price[fixed], low, high)[:, None]
+        price[fixed, 0] = inside_all(self._bid_price[fixed], low, high)
+        price[fixed, 1 : s + 1] = inside_all(self._ask_price[fixed], low, high)[:, None]
         band = low is not None and high is not None and high > low
         trades = fixed.copy()
         if band:
@@ -456,9 +470,9 @@ class Population:
             battery = kind == BATTERY
             self._battery_orders(battery, bid, asks, bess, slot, low, high, buy_mean, c)
             spread = high - low
-            price[battery, 0] = _inside(np.array([low + 0.7 * spread]), low, high)[0]
-            price[battery, 1 : s + 1] = _inside(np.array([low + 0.35 * spread]), low, high)[0]
-            price[battery, s + 1] = _inside(np.array([low + 0.55 * spread]), low, high)[0]
+            price[battery, 0] = inside_all(np.array([low + 0.7 * spread]), low, high)[0]
+            price[battery, 1 : s + 1] = inside_all(np.array([low + 0.35 * spread]), low, high)[0]
+            price[battery, s + 1] = inside_all(np.array([low + 0.55 * spread]), low, high)[0]
             for i in self._drawing:
                 own = self._own[i]
                 rng = np.random.Generator(np.random.PCG64([self.seed % 2**64, self._keys[i], slot[0]]))
@@ -469,7 +483,7 @@ class Population:
         qty[:, 0] = bid
         qty[:, 1 : s + 1] = asks
         qty[:, s + 1] = bess
-        qty[~trades] = 0
+        qty[~(trades & ~self.external)] = 0
         placed = qty > 0
         member, column = np.nonzero(placed)  # row-major: member order, then the trader's order
         seq = np.cumsum(placed, axis=1)[member, column] - 1
@@ -510,7 +524,7 @@ class Population:
         cheap = buy_mean is None or high <= buy_mean
         a = asks[m]
         if cheap:
-            hold = np.minimum(np.minimum(a.sum(axis=1), _max_input(cap, soc, self.efficiency[m])), budget - cover)
+            hold = np.minimum(np.minimum(a.sum(axis=1), max_input_all(cap, soc, self.efficiency[m])), budget - cover)
         else:
             hold = np.zeros_like(cover)
         left = hold.copy()

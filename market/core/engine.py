@@ -9,7 +9,7 @@ they produced; the server emits and stores them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -217,6 +217,7 @@ class Market:
         self.journal: list[Record] = []  # records of acknowledged actions, for the caller to persist
         self._cancelled: dict[str, Entry] = {}  # uuid -> entry cancelled but not yet durable (for `undo`)
         self._known_sources = frozenset(config.sources)
+        self._known_with_external = self._known_sources | {EXTERNAL}
         # participant -> owner for accounts that share one (the registry's `owner`; set by the
         # server): the clearing never pairs a bid and an ask of one owner (wash trades).
         self.owners: Mapping[str, str] = {}
@@ -435,7 +436,30 @@ class Market:
     def submit(self, participant: str, side: Side, msg: EntryMsg) -> dict[str, Any]:
         """Add a bid or ask; the ok reply's fields (`entry`, and `duplicate` on a resubmission)."""
         self._check_not_upstream(participant)
-        r = self._require_round()
+        entry, duplicate = self._enter(participant, side, msg, self._require_round())
+        if duplicate:
+            return {"entry": entry.reply(), "duplicate": True}
+        return {"entry": entry.reply()}
+
+    def submit_each(self, items: Iterable[tuple[str, Side, EntryMsg]]) -> list[tuple[Entry, bool] | MarketError]:
+        """`submit` of each (participant, side, entry) in order, without the reply dicts: the
+        booked entry (or the first one, for a resubmission) and whether it was a duplicate,
+        or the refusal. One refused entry does not undo the others."""
+        if self.times is None:  # each is refused as `submit` refuses it
+            return [_refusal(self.submit, item) for item in items]
+        r = self.times
+        out: list[tuple[Entry, bool] | MarketError] = []
+        upstream = self.upstream
+        for participant, side, msg in items:
+            try:
+                if upstream:
+                    self._check_not_upstream(participant)
+                out.append(self._enter(participant, side, msg, r))
+            except MarketError as err:
+                out.append(err)
+        return out
+
+    def _enter(self, participant: str, side: Side, msg: EntryMsg, r: RoundTimes) -> tuple[Entry, bool]:
         self._check_entry(side, msg, r)
         counters = self._counters.setdefault(msg.time_delivery[0], {})
         n = counters.get(participant, 0)
@@ -454,12 +478,12 @@ class Market:
         )
         first = self.book.find_duplicate(entry)
         if first is not None:
-            return {"entry": first.reply(), "duplicate": True}
+            return first, True
         self._check_open(participant, msg.time_delivery[0])
         self.book.add(entry)
         counters[participant] = n + 1
         self.journal.append(_entry_record(entry, n))
-        return {"entry": entry.reply()}
+        return entry, False
 
     def set_base_flows(self, slot: Slot, flows_w: Sequence[float]) -> None:
         """The feeder's branch flows before trading in `slot` (W per branch, in the
@@ -521,13 +545,7 @@ class Market:
 
     def submit_orders(self, participant: str, msg: OrdersMsg) -> list[dict[str, Any]]:
         """Each order on its own: one refused order does not undo the others."""
-        results = []
-        for order in msg.orders:
-            try:
-                results.append({"ok": True, **self.submit(participant, order.side, order.entry())})
-            except MarketError as err:
-                results.append(err.reply())
-        return results
+        return [order_reply(r) for r in self.submit_each((participant, o.side, o.entry()) for o in msg.orders)]
 
     def cancel(self, participant: str, uuid: str) -> dict[str, Any]:
         r = self._require_round()
@@ -572,6 +590,13 @@ class Market:
 
     def _check_meter_sources(self, msg: MeterMsg) -> None:
         known = self._known_sources
+        other = msg.consumption.other
+        if (
+            msg.generation.keys() <= known
+            and msg.consumption.bess.keys() <= known
+            and other.keys() <= self._known_with_external
+        ):
+            return  # the usual reading: no set built
         for where, keys in (
             ("generation", msg.generation),
             ("consumption.bess", msg.consumption.bess),
@@ -721,6 +746,24 @@ def _clear_with_fee(
     ]
 
 
+def order_reply(r: tuple[Entry, bool] | MarketError) -> dict[str, Any]:
+    """The reply of one order of a batch, from what `Market.submit_each` gave for it."""
+    if isinstance(r, MarketError):
+        return r.reply()
+    if r[1]:
+        return {"ok": True, "entry": r[0].reply(), "duplicate": True}
+    return {"ok": True, "entry": r[0].reply()}
+
+
+def _refusal(call: Callable[..., object], args: tuple[Any, ...]) -> MarketError:
+    """The `MarketError` that `call(*args)` raises (it must raise one)."""
+    try:
+        call(*args)
+    except MarketError as err:
+        return err
+    raise AssertionError("expected a refusal")
+
+
 def _settled_events(settlements: list[Settlement]) -> list[tuple[str, dict[str, Any]]]:
     events = []
     for s in settlements:
@@ -805,8 +848,11 @@ def _meter_msg(r: MeterRecord) -> MeterMsg:
     )
 
 
+_SORTED = msgspec.json.Encoder(order="sorted")
+
+
 def _meter_record(participant: str, slot: Slot, m: MeterMsg, now: int) -> MeterRecord:
-    enc = msgspec.json.Encoder(order="sorted")
+    enc = _SORTED
     return MeterRecord(
         id=f"m{slot[0]}-{participant}",
         participant_id=participant,

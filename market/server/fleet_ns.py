@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import socketio
 
+from market.core.book import Entry
+from market.core.engine import order_reply
 from market.core.errors import MarketError
 from market.core.fleet_columns import MeterColumns, OrderColumns
 from market.core.protocol import EntryMsg, FleetMetersMsg, FleetOrdersMsg, MeterMsg, Side, decode
@@ -143,20 +145,26 @@ class FleetNamespace(Namespace):
 
     def _member(self, members: frozenset[str], sid: str, pid: str) -> None:
         if pid not in members or self.sid_of.get(pid) != sid:
-            raise MarketError("unauthorized", f"{pid!r} is not a member of this fleet connection")
+            raise _not_member(pid)
 
-    async def _submit(self, sid: str, orders: list[tuple[str, Side, EntryMsg]]) -> list[dict[str, Any]]:
-        """Book a batch's orders, each accepted or refused on its own (a reply each)."""
+    async def _submit(
+        self, sid: str, orders: list[tuple[str, Side, EntryMsg]]
+    ) -> list[tuple[Entry, bool] | MarketError]:
+        """Book a batch's orders, each accepted or refused on its own: the booked entry (and
+        whether it repeated one) or the refusal, per order."""
         members = self.members[sid]
         self._charge_members(sid, members, (pid for pid, _, _ in orders))
-        results = []
         await self.ms.admit()
-        for pid, side, entry in orders:
-            try:
-                self._member(members, sid, pid)
-                results.append({"ok": True, **self.ms.market.submit(pid, side, entry)})
-            except MarketError as err:
-                results.append(err.reply())
+        mine = self.sid_of
+        foreign = [i for i, (pid, _, _) in enumerate(orders) if pid not in members or mine.get(pid) != sid]
+        if foreign:  # refused here; the others are booked in order
+            skip = set(foreign)
+            booked = iter(self.ms.market.submit_each(o for i, o in enumerate(orders) if i not in skip))
+            results: list[tuple[Entry, bool] | MarketError] = [
+                _not_member(orders[i][0]) if i in skip else next(booked) for i in range(len(orders))
+            ]
+        else:
+            results = self.ms.market.submit_each(orders)
         await self.ms.persist()
         return results
 
@@ -182,7 +190,8 @@ class FleetNamespace(Namespace):
     async def on_orders(self, sid: str, data: Any) -> dict[str, Any]:
         self._fleet(sid)
         orders = decode(data, FleetOrdersMsg).orders
-        return {"results": await self._submit(sid, [(o.participant, o.side, o.entry()) for o in orders])}
+        results = await self._submit(sid, [(o.participant, o.side, o.entry()) for o in orders])
+        return {"results": [order_reply(r) for r in results]}
 
     @replying
     async def on_meters(self, sid: str, data: Any) -> dict[str, Any]:
@@ -196,8 +205,13 @@ class FleetNamespace(Namespace):
         and the refusals by index, instead of a dict per order."""
         self._fleet(sid)
         results = await self._submit(sid, decode(data, OrderColumns).items())
-        uuids = [r["entry"]["uuid"] if r["ok"] else None for r in results]
-        return {"uuid": uuids, "refused": _refused(results)}
+        uuids = [None if isinstance(r, MarketError) else r[0].uuid for r in results]
+        refused = [
+            {"index": i, "code": r.code, "message": r.message}
+            for i, r in enumerate(results)
+            if isinstance(r, MarketError)
+        ]
+        return {"uuid": uuids, "refused": refused}
 
     @replying
     async def on_meters_columns(self, sid: str, data: Any) -> dict[str, Any]:
@@ -207,3 +221,7 @@ class FleetNamespace(Namespace):
 
 def _refused(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"index": i, **r["error"]} for i, r in enumerate(results) if not r["ok"]]
+
+
+def _not_member(pid: str) -> MarketError:
+    return MarketError("unauthorized", f"{pid!r} is not a member of this fleet connection")

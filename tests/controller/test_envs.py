@@ -85,3 +85,37 @@ def test_parallel_env_passes_the_pettingzoo_api_test() -> None:
         _obs, _rewards, _, truncated, _ = env.step({a: env.action_space(a).sample() for a in env.agents})
         steps += 1
     assert steps == 24 and all(truncated.values())
+
+
+@pytest.mark.parametrize(("participants", "agents"), [(40, None), (30, ["S0005", "H06", "S0003"])])
+def test_the_crowd_of_agents_sees_and_trades_as_an_agent_each(participants: int, agents: list[str] | None) -> None:
+    """The parallel env's agents as arrays (`_Crowd`) against an `_Agent` each: the same
+    observations, orders, refusals, rewards and ledger, step by step, actions of every kind
+    (out of range, NaN, agents that do not act)."""
+    envs = [
+        parallel_env(scenario=SCENARIO, seed=3, days=0.5, participants=participants, agents=agents, crowd=crowd)
+        for crowd in (True, False)
+    ]
+    (obs_a, info_a), (obs_b, info_b) = (e.reset(seed=3) for e in envs)
+    assert envs[0]._episode is not None and envs[0]._episode.crowd is not None
+    assert envs[1]._episode is not None and envs[1]._episode.crowd is None
+    episodes = [ep for ep in (e._episode for e in envs) if ep is not None]
+    for ep in episodes:
+        ep.keep_records = True
+    rng = np.random.default_rng(5)
+    steps = orders = 0
+    while envs[0].agents:
+        for a in obs_a:
+            np.testing.assert_array_equal(obs_a[a], obs_b[a], err_msg=f"{steps} {a}")
+        assert info_a == info_b
+        names = envs[0].agents
+        actions = {a: rng.uniform(-0.5, 1.5, len(ACT_FIELDS)).astype(np.float32) for a in names[1:]}  # one idle
+        if steps % 7 == 0:
+            actions[names[-1]] = np.array([np.nan, 1.0, np.inf, -np.inf], dtype=np.float32)
+        obs_a, rew_a, _, trunc_a, info_a = envs[0].step(actions)
+        obs_b, rew_b, _, trunc_b, info_b = envs[1].step(actions)
+        assert rew_a == rew_b and trunc_a == trunc_b
+        orders += sum(len(i["orders"]) for i in info_a.values())
+        steps += 1
+    assert steps == 48 and orders > 4 * len(names)
+    assert episodes[0].records == episodes[1].records and len(episodes[0].records) > 1000
