@@ -27,6 +27,7 @@ from pettingzoo import ParallelEnv
 from controller.inproc import InprocMarket
 from controller.scenario import Scenario, load_scenario
 from controller.sim import community
+from market.core.protocol import MAX_ORDERS, MAX_QUANTITY, PRICE_LIMIT, EntryMsg
 from market.core.records import Record
 from participants.devices import split_own_use
 from participants.messages import StartRound, parse
@@ -359,8 +360,15 @@ class _Episode:
         infos: dict[str, dict[str, Any]] = {}
         for a, did, orders in zip(crowd.names, acted.tolist(), crowd.orders(matrix), strict=True):
             orders = orders if did else []
-            replies = self.market.submit(a, orders) if orders else []
-            infos[a] = {"orders": orders, "refused": [r for r in replies if not r.get("ok")]}
+            if not orders:
+                refused: list[dict[str, Any]] = []
+            elif len(orders) <= MAX_ORDERS and all(
+                o["quantity"] <= MAX_QUANTITY and abs(o["price"]) <= PRICE_LIMIT for o in orders
+            ):
+                refused = self.market.submit_entries(a, [(o["side"], _entry(o)) for o in orders])
+            else:  # outside the protocol's bounds: refused as a client's batch would be
+                refused = [r for r in self.market.submit(a, orders) if not r.get("ok")]
+            infos[a] = {"orders": orders, "refused": refused}
         before = crowd.snapshot()
         record = self.market.close()
         records = self.market.take_records()
@@ -373,6 +381,12 @@ class _Episode:
             infos[a].update(slot=record.current_round_start, paid=paid, received=received)
         self.round += 1
         return rewards, infos
+
+
+def _entry(o: Order) -> EntryMsg:
+    """An order of `orders_of` as the market decodes it (its prices are inside the grid band)."""
+    td = o["time_delivery"]
+    return EntryMsg(o["quantity"], o["price"], (td[0], td[1]), o["id"], o.get("source"))
 
 
 def episode_scenario(

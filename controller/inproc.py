@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from controller.scenario import Scenario
 from controller.serve import run_record
 from ledger import open_sink
-from market.core.engine import Market, RoundOpen, SlotResult, slot_records
+from market.core.engine import Market, RoundOpen, SlotResult, order_reply, slot_records
 from market.core.errors import MarketError
 from market.core.protocol import EntryMsg, MeterMsg, OrdersMsg, Side, decode
 from market.core.records import Batch, Record, RoundRecord, Settlement
@@ -212,11 +212,19 @@ class InprocMarket:
             return err.reply()
         return reply
 
+    def submit_entries(self, pid: str, entries: list[tuple[Side, EntryMsg]]) -> list[dict[str, Any]]:
+        """Orders of `pid` already decoded (as `OrdersMsg` would: the caller built them within
+        the protocol's bounds), each booked or refused on its own: the refusals' replies."""
+        refused = [
+            order_reply(r)
+            for r in self.market.submit_each((pid, side, entry) for side, entry in entries)
+            if isinstance(r, MarketError)
+        ]
+        self.refused += len(refused)
+        return refused
+
     def _book(self, pid: str, entries: list[tuple[Side, EntryMsg]]) -> None:
-        """A member's orders, each booked or refused on its own (as `submit_orders`)."""
-        for r in self.market.submit_each((pid, side, entry) for side, entry in entries):
-            if isinstance(r, MarketError):
-                self.refused += 1
+        self.submit_entries(pid, entries)
 
     def _meter(self, pid: str, reading: MeterMsg) -> None:
         try:

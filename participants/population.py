@@ -28,7 +28,7 @@ from participants.messages import Delivery, Settled, StartRound
 from participants.profiles import SiteProfiles, build_profiles
 from participants.prosumer import KEEP_SLOTS, P2P_KINDS, Stats, facts_of, forecast_wh
 from participants.spec import BatteryTrader, FixedPriceTrader, ParticipantSpec
-from participants.synthetic import stable_key
+from participants.synthetic import DAY, stable_key
 from participants.traders import inside
 
 # Trader kinds by index (the spec's tag).
@@ -308,6 +308,7 @@ class Population:
         self._slots: dict[int, _Slot] = {}
         self._prices: dict[int, tuple[float, float]] = {}
         self._energy: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._days: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, list[int]]] = {}
         self._time: int | None = None
         self._metered = -1
         self._traded = -1
@@ -340,14 +341,48 @@ class Population:
         """(generation N x S, load N) of `slot`, memoized as `Prosumer.energy`."""
         hit = self._energy.get(slot)
         if hit is None:
-            gen = np.zeros((len(self.ids), len(self.sources)), dtype=np.int64)
-            load = np.zeros(len(self.ids), dtype=np.int64)
+            d = slot[1] - slot[0]
+            day = self._day(slot[0], d) if d > 0 and DAY % d == 0 else None
+            if day is None:
+                rows: Iterable[int] = range(len(self.ids))
+                gen = np.zeros((len(self.ids), len(self.sources)), dtype=np.int64)
+                load = np.zeros(len(self.ids), dtype=np.int64)
+            else:
+                gens, loads, rows = day
+                k = (slot[0] - slot[0] % d) // d % (DAY // d)
+                gen, load = gens[:, :, k], loads[:, k]
+                if rows:
+                    gen, load = gen.copy(), load.copy()
             col = self._col
-            for i, p in enumerate(self.profiles):
-                g, load[i] = p.slot(slot)
+            for i in rows:  # members whose profiles are not synthetic: slot by slot
+                g, load[i] = self.profiles[i].slot(slot)
                 for src, wh in g.items():
                     gen[i, col[src]] = wh
             hit = self._energy[slot] = (gen, load)
+        return hit
+
+    def _day(self, start: int, d: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Every member's energy of each slot of the day's block holding `start` (N x S x
+        slots, N x slots), and the members whose profiles cannot give a day at once."""
+        key = (d, start % d, (start - start % d) // d // (DAY // d))
+        hit = self._days.get(key)
+        if hit is None:
+            per_block = DAY // d
+            gens = np.zeros((len(self.ids), len(self.sources), per_block), dtype=np.int64)
+            loads = np.zeros((len(self.ids), per_block), dtype=np.int64)
+            rows: list[int] = []
+            col = self._col
+            for i, p in enumerate(self.profiles):
+                day = p.day(start, d)
+                if day is None:
+                    rows.append(i)
+                    continue
+                g, loads[i], _ = day
+                for src, values in g.items():
+                    gens[i, col[src]] = values
+            if len(self._days) >= 3:
+                del self._days[next(iter(self._days))]  # the oldest
+            hit = self._days[key] = (gens, loads, rows)
         return hit
 
     def warm(self, slots: Iterable[tuple[int, int]]) -> None:
@@ -394,6 +429,7 @@ class Population:
             self.timezone = msg.timezone
             self.profiles = [build_profiles(s, self.seed, msg.timezone, self.base_dir) for s in self.specs]
             self._energy.clear()
+            self._days.clear()
         if self._time is not None and msg.time < self._time:
             self._restart()
         self._time = msg.time

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from participants.spec import CsvLoad, ParticipantSpec, SyntheticLoad
-from participants.synthetic import LoadProfile, SolarProfile, WindProfile, stable_key
+from participants.synthetic import DAY, LoadProfile, SolarProfile, WindProfile, stable_key
 from participants.weather import load_weather, year_of
 
 
@@ -34,6 +34,10 @@ class _Consumption:
 
     def energy(self, start: int, end: int) -> tuple[int, int]:
         return 0, self._inner.wh(start, end)
+
+    def day_of(self, start: int, d: int) -> tuple[list[int], int]:
+        """The consumption of the day's block of slots holding `start` (`_Synthetic.day_of`)."""
+        return self._inner.day_of(start, d)
 
 
 class _WeatherPv:
@@ -79,6 +83,10 @@ class _Generation:
 
     def energy(self, start: int, end: int) -> tuple[int, int]:
         return self._inner.wh(start, end), 0
+
+    def day_of(self, start: int, d: int) -> tuple[list[int], int]:
+        """The generation of the day's block of slots holding `start` (`_Synthetic.day_of`)."""
+        return self._inner.day_of(start, d)
 
 
 def parse_time(text: str, tz: ZoneInfo) -> int:
@@ -186,6 +194,30 @@ class SiteProfiles:
         for p in self.load:
             load += p.energy(s, e)[1]
         return gen, load
+
+    def day(self, start: int, d: int) -> tuple[dict[str, list[int]], list[int], int] | None:
+        """(generation per source, load) of every slot of the day's block of slots of duration
+        `d` that holds the slot at `start`, and its index in them: what `slot` gives for each
+        (the same cached values). None when a profile is not synthetic or `d` does not
+        divide a day."""
+        loads = [p for p in self.load if isinstance(p, _Consumption)]
+        gens = {src: [p for p in ps if isinstance(p, _Generation)] for src, ps in self.sources.items()}
+        if d <= 0 or DAY % d or len(loads) != len(self.load):
+            return None
+        if any(len(gens[src]) != len(ps) for src, ps in self.sources.items()):
+            return None
+        per_block = DAY // d
+        k = (start - start % d) // d % per_block
+        gen: dict[str, list[int]] = {}
+        for src, ps in sorted(gens.items()):
+            total = [0] * per_block
+            for g in ps:
+                total = [a + b for a, b in zip(total, g.day_of(start, d)[0], strict=True)]
+            gen[src] = total
+        load = [0] * per_block
+        for c in loads:
+            load = [a + b for a, b in zip(load, c.day_of(start, d)[0], strict=True)]
+        return gen, load, k
 
 
 def build_profiles(

@@ -125,6 +125,12 @@ class _Synthetic:
             return 0
         if DAY % d:
             return self.wh_one(start, end)
+        values, k = self.day_of(start, d)
+        return values[k]
+
+    def day_of(self, start: int, d: int) -> tuple[list[int], int]:
+        """The Wh of the day's block of slots of duration `d` (a divisor of a day) that holds
+        the slot at `start`, and that slot's index in it (cached, a few blocks)."""
         phase = start % d
         per_block = DAY // d
         block, k = divmod((start - phase) // d, per_block)
@@ -134,7 +140,7 @@ class _Synthetic:
             if len(self._blocks) >= _CACHE_BLOCKS:
                 del self._blocks[next(iter(self._blocks))]  # the oldest
             values = self._blocks[key] = self.wh_block(phase + block * DAY, d, per_block)
-        return values[k]
+        return values, k
 
     def wh_one(self, start: int, end: int) -> int:
         """The definition: the mean power over the slot's samples times its duration."""

@@ -111,3 +111,27 @@ def test_only_plain_specs_join() -> None:
     assert not plain(pem)
     with pytest.raises(ValueError, match="not plain"):
         Population([pem])
+
+
+def test_members_whose_profiles_are_files_or_weather_are_read_slot_by_slot(tmp_path: Path) -> None:
+    """A CSV load (its generation attributed to `wind`) and a PV array following the weather
+    file: no day block, the same values slot by slot beside synthetic members."""
+    from participants.spec import CsvLoad, FixedPriceTrader, SyntheticLoad
+
+    scenario = load_scenario(SCENARIO)
+    t0 = scenario.start_time
+    rows = ["time,consumption,generation", *(f"{t0 + 3600 * h},{300 + 40 * h},{(h * 37) % 500}" for h in range(49))]
+    (tmp_path / "site.csv").write_text("\n".join(rows) + "\n")
+    fixed = FixedPriceTrader()
+    csv = CsvLoad(path=str(tmp_path / "site.csv"), source="wind")
+    specs = [
+        ParticipantSpec(id="CSV", load=csv, trader=fixed),
+        ParticipantSpec(id="WPV", load=SyntheticLoad(), pv=PvSpec(kw=6.0, weather="greensboro"), trader=fixed),
+        *community(scenario, 8),
+    ]
+    population = Population(specs, scenario.seed, timezone=scenario.timezone)
+    slot = (t0 + 36 * scenario.step, t0 + 37 * scenario.step)
+    assert population.profiles[0].day(slot[0], scenario.step) is None
+    assert population.profiles[1].day(slot[0], scenario.step) is None
+    assert population.profiles[2].day(slot[0], scenario.step) is not None
+    assert run_side_by_side(specs, scenario.seed, 60, {}) > 50
