@@ -24,6 +24,7 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
+from controller import runloop
 from controller.inproc import InprocMarket
 from controller.scenario import Scenario, load_scenario
 from controller.sim import community
@@ -298,6 +299,7 @@ class _Episode:
             else None
         )
         self.agents = {} if self.crowd else {a: _Agent(self.market.prosumers[a], scenario.timezone) for a in chosen}
+        runloop.settle_heap_once()  # the imports are long-lived: collections need not walk them
         self.round = 0
         self.rounds = scenario.rounds
         self.keep_records = keep_records

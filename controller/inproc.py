@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from controller import runloop
 from controller.scenario import Scenario
 from controller.serve import run_record
 from ledger import open_sink
@@ -146,18 +147,21 @@ class InprocMarket:
             if p is not None:
                 p.on_settled(payload)
         msg = parse(opened.start_round, StartRound)  # once for all: each client would parse its copy
-        meters, batch = pop.on_round(msg) if pop is not None else (None, None)
-        entries: dict[int, list[tuple[Side, EntryMsg]]] = {}
-        for m, side, entry in batch.entries() if batch is not None else ():
-            entries.setdefault(m, []).append((side, entry))
+        if pop is not None:  # the members' orders, then their readings, in member order
+            meters, batch = pop.on_round(msg)
+            ids = pop.ids
+            if batch is not None and len(batch):
+                booked = self.market.submit_each([(ids[m], side, e) for m, side, e in batch.entries()])
+                self.refused += sum(1 for r in booked if isinstance(r, MarketError))
+            if meters is not None:
+                read = self.market.meter
+                for i, pid in enumerate(ids):
+                    try:
+                        read(pid, meters.message(i))
+                    except MarketError:
+                        self.refused += 1
         for pid in self.order:
-            i = members.get(pid)
-            if i is not None:  # as its prosumer would: its orders, then its reading
-                own = entries.get(i)
-                if own:
-                    self._book(pid, own)
-                if meters is not None:
-                    self._meter(pid, meters.message(i))
+            if pid in members:
                 continue
             p = self._sites[pid]
             meter, orders = p.on_round_msg(msg, trade=pid not in self.external)
@@ -223,15 +227,6 @@ class InprocMarket:
         self.refused += len(refused)
         return refused
 
-    def _book(self, pid: str, entries: list[tuple[Side, EntryMsg]]) -> None:
-        self.submit_entries(pid, entries)
-
-    def _meter(self, pid: str, reading: MeterMsg) -> None:
-        try:
-            self.market.meter(pid, reading)
-        except MarketError:
-            self.refused += 1
-
     def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> RoundRecord:
         result = self.market.process(slot, opened.times.time)
         self.results.append(result)
@@ -291,6 +286,7 @@ async def run_inproc(
     yet: e.g. a `memory:` ledger the caller reads afterwards): (seconds the rounds took,
     readings missing)."""
     run = InprocMarket(scenario, specs, base_dir=base_dir)
+    runloop.settle_heap()  # the imports and the prosumers are long-lived: collections skip them
     sink = sink if sink is not None else open_sink(ledger)
     await sink.start()
     try:

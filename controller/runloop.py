@@ -25,3 +25,16 @@ def settle_heap() -> None:
     acknowledgement would wait for; docs/benchmarks.md)."""
     gc.collect()
     gc.freeze()
+
+
+_settled = False
+
+
+def settle_heap_once() -> None:
+    """`settle_heap` the first time only (what was imported and built by then): for code that
+    builds long-lived things again and again, such as an environment's episodes, where a
+    full collection each time would cost more than it saves."""
+    global _settled
+    if not _settled:
+        _settled = True
+        settle_heap()

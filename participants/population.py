@@ -103,30 +103,45 @@ class MeterBatch(msgspec.Struct):
     used: np.ndarray  # consumption.other per source: own use (N x S)
     to_load: np.ndarray  # consumption.other.bess
     external: np.ndarray  # consumption.other.external
+    _lists: tuple[list[Any], ...] | None = None
 
     def reading(self, i: int) -> dict[str, Any]:
         """Member `i`'s `meter` payload, as `meter_reading` builds it."""
-        generation = {s: int(v) for s, v in zip(self.sources, self.exported[i].tolist(), strict=True) if v}
-        if self.bess_out[i]:
-            generation[BESS] = int(self.bess_out[i])
-        other = {s: int(v) for s, v in zip(self.sources, self.used[i].tolist(), strict=True) if v}
-        if self.to_load[i]:
-            other[BESS] = int(self.to_load[i])
-        other["external"] = int(self.external[i])
+        generation, bess, other = self._maps(i)
         return {
             "time_interval": [self.slot[0], self.slot[1]],
             "generation": generation,
-            "consumption": {
-                "bess": {s: int(v) for s, v in zip(self.sources, self.charge[i].tolist(), strict=True) if v},
-                "other": other,
-            },
+            "consumption": {"bess": bess, "other": other},
         }
+
+    def _maps(self, i: int) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """(generation, consumption.bess, consumption.other) of member `i`: zeros left out,
+        but never `external`."""
+        lists = self._lists
+        if lists is None:  # every member's values as Python ints, once per batch
+            lists = self._lists = (
+                self.exported.tolist(),
+                self.bess_out.tolist(),
+                self.charge.tolist(),
+                self.used.tolist(),
+                self.to_load.tolist(),
+                self.external.tolist(),
+            )
+        exported, bess_out, charge, used, to_load, external = lists
+        sources = self.sources
+        generation = {s: v for s, v in zip(sources, exported[i], strict=True) if v}
+        if bess_out[i]:
+            generation[BESS] = bess_out[i]
+        other = {s: v for s, v in zip(sources, used[i], strict=True) if v}
+        if to_load[i]:
+            other[BESS] = to_load[i]
+        other["external"] = external[i]
+        return generation, {s: v for s, v in zip(sources, charge[i], strict=True) if v}, other
 
     def message(self, i: int) -> MeterMsg:
         """`reading(i)` as the market decodes it (no JSON in between: the in-process market)."""
-        r = self.reading(i)
-        c = r["consumption"]
-        return MeterMsg(self.slot, r["generation"], ConsumptionMsg(c["bess"], c["other"]))
+        generation, bess, other = self._maps(i)
+        return MeterMsg(self.slot, generation, ConsumptionMsg(bess, other))
 
     def columns(self, rows: Sequence[int], participants: list[str]) -> dict[str, Any]:
         """`meters.columns` of members `rows` (docs/protocol.md): null where a reading has
