@@ -104,6 +104,8 @@ class InprocMarket:
         for pid in self._members:
             self._sites[pid] = _Member(self, pid)
         self.external = frozenset(external)
+        # Who is handed a `delivery` payload: the members read the rows (`on_transactions`).
+        self._delivered_to = frozenset(self._sites) - frozenset(self._members)
         self.order = [*(s.id for s in specs), *(sites or {})]  # the registry's order (the `missing` lists)
         self.records: list[Record] = []  # to be written, in the order the server writes them
         self.opened: RoundOpen | None = None
@@ -137,11 +139,10 @@ class InprocMarket:
             raise ValueError(f"round {t} is not after round {last.time}")
         self.opened = opened = self.market.open_round(t, None)
         pop, members = self.population, self._members
+        if pop is not None:
+            pop.on_settlements(opened.settlements)
         for pid, payload in opened.settled:
-            i = members.get(pid)
-            if i is not None:
-                assert pop is not None
-                pop.on_settled(i, parse(payload, Settled))
+            if pid in members:
                 continue
             p = self._sites.get(pid)
             if p is not None:
@@ -228,7 +229,7 @@ class InprocMarket:
         return refused
 
     def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> RoundRecord:
-        result = self.market.process(slot, opened.times.time)
+        result = self.market.process(slot, opened.times.time, parties=self._delivered_to)
         self.results.append(result)
         metered = set(result.metered)
         missing = [p for p in self.order if p not in metered]

@@ -603,26 +603,39 @@ class Population:
 
     def on_settled(self, i: int, fill: Settled) -> None:
         """`Prosumer.on_settled_msg` of member `i`."""
-        start = fill.time_delivery[0]
+        self._fill(i, fill.time_delivery[0], fill.commit_id, fill.side, fill.quantity, fill.source)
+
+    def on_settlements(self, settlements: Iterable[Any]) -> None:
+        """Every member's `settled` events of the market's settlement records at once (the
+        buyer's bid and the seller's ask of each, as the market announces them)."""
+        index = self.index
+        for s in settlements:
+            b, a = index.get(s.buyer_id), index.get(s.seller_id)
+            if b is not None:
+                self._fill(b, s.time_delivery_start, s.commit_id, "bid", s.quantity, s.energy_source)
+            if a is not None:
+                self._fill(a, s.time_delivery_start, s.commit_id, "ask", s.quantity, s.energy_source)
+
+    def _fill(self, i: int, start: int, commit_id: str | None, side: str, quantity: int, source: str | None) -> None:
         c = self._slot(start)
-        if fill.commit_id is not None:
-            key = (fill.commit_id, fill.side, self.ids[i])
+        if commit_id is not None:
+            key = (commit_id, side, self.ids[i])
             if key in c.seen:
                 return
             c.seen.add(key)
         st = self.stats
         st["fills"][i] += 1
-        if fill.side == "bid":
-            c.bought[i] += fill.quantity
-            st["bought_wh"][i] += fill.quantity
+        if side == "bid":
+            c.bought[i] += quantity
+            st["bought_wh"][i] += quantity
         else:
-            src = fill.source or BESS
+            src = source or BESS
             j = len(self.sources) if src == BESS else self._col.get(src)
             if j is None:
-                c.sold_other[i] += fill.quantity
+                c.sold_other[i] += quantity
             else:
-                c.sold[i, j] += fill.quantity
-            st["sold_wh"][i] += fill.quantity
+                c.sold[i, j] += quantity
+            st["sold_wh"][i] += quantity
 
     def on_delivery(self, i: int, d: Delivery) -> None:
         """`Prosumer.on_delivery_msg` of member `i`."""

@@ -9,7 +9,7 @@ they produced; the server emits and stores them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -614,8 +614,9 @@ class Market:
     def delivering(self) -> list[int]:
         return sorted(self._delivering)
 
-    def process(self, slot_start: int, now: int) -> SlotResult:
-        """Exchange the energy of a delivered slot: its records, and each party's `delivery`."""
+    def process(self, slot_start: int, now: int, *, parties: Container[str] | None = None) -> SlotResult:
+        """Exchange the energy of a delivered slot: its records, and each party's `delivery`
+        (only those in `parties`, if given: an in-process caller that reads the rows)."""
         self._move(slot_start, "process")
         d = self._delivering.pop(slot_start)
         self._phase.pop(slot_start, None)
@@ -642,7 +643,7 @@ class Market:
             transactions=rows,
             meters=[d.records[p] for p in sorted(d.records)],
             metered=sorted(d.meters),
-            deliveries=_deliveries(slot, rows),
+            deliveries=_deliveries(slot, rows, parties),
         )
 
     def reset(self) -> None:
@@ -794,13 +795,17 @@ def _settled_events(settlements: list[Settlement]) -> list[tuple[str, dict[str, 
     return events
 
 
-def _deliveries(slot: Slot, rows: list[Transaction]) -> dict[str, dict[str, Any]]:
+def _deliveries(slot: Slot, rows: list[Transaction], parties: Container[str] | None) -> dict[str, dict[str, Any]]:
     by_party: dict[str, list[dict[str, Any]]] = {}
+    if parties is not None:
+        rows = [r for r in rows if r.seller_id in parties or r.buyer_id in parties]
     for row in rows:
         data = row.row()  # one dict per row, shared by both parties' payloads
         by_party.setdefault(row.seller_id, []).append(data)
         if row.buyer_id != row.seller_id:
             by_party.setdefault(row.buyer_id, []).append(data)
+    if parties is not None:
+        by_party = {p: txs for p, txs in by_party.items() if p in parties}
     return {p: {"time_delivery": list(slot), "transactions": txs} for p, txs in by_party.items()}
 
 

@@ -42,7 +42,10 @@ def run_side_by_side(specs: list[ParticipantSpec], seed: int, rounds: int, overr
         for pid, payload in opened.settled:
             i = population.index[pid]
             prosumers[i].on_settled(payload)
-            population.on_settled(i, parse(payload, Settled))
+            if k % 2:  # the events one by one, or the records at once
+                population.on_settled(i, parse(payload, Settled))
+        if k % 2 == 0:
+            population.on_settlements(opened.settlements)
         msg = parse(opened.start_round, StartRound)
         meters, batch = population.on_round(msg)
         theirs = batch.orders() if batch is not None else []
