@@ -8,7 +8,8 @@
    are equal (they must be).
 2. `microte/Prosumer-v0` (H06 the agent, 19 scripted participants): steps/s, and the cost
    of a step broken down: market core (`Market` methods), scripted participants
-   (`Prosumer` handlers, traders and devices), the agent's observation and its orders.
+   (the scripted prosumers' `Population`, participants/population.py), the agent's
+   observation and its orders.
 3. `parallel_env` with 50 agents: steps/s.
 
 Prints a markdown table; never asserts (DESIGN.md).
@@ -35,6 +36,7 @@ from controller import envs  # noqa: E402
 from controller.sim import run_sim  # noqa: E402
 from ledger import ledger_digest  # noqa: E402
 from market.core.engine import Market  # noqa: E402
+from participants.population import Population  # noqa: E402
 from participants.prosumer import Prosumer  # noqa: E402
 
 SCENARIO = _ROOT / "scenarios" / "community.toml"
@@ -84,6 +86,8 @@ def env_steps(steps: int, breakdown: bool) -> tuple[float, dict[str, float]]:
             timers.wrap(Market, name, "market core")
         for name in ("on_round_msg", "on_settled", "on_delivery"):
             timers.wrap(Prosumer, name, "participants")
+        for name in ("on_round", "on_settlements", "on_transactions"):
+            timers.wrap(Population, name, "participants")
         timers.wrap(envs._Agent, "observe", "agent observation")
         timers.wrap(envs, "orders_of", "agent orders")
     env = envs.ProsumerEnv(SCENARIO, "H06", seed=1, days=10)
