@@ -7,7 +7,7 @@ import pytest
 
 import participants.fleet_client as fleet_client
 from participants.fleet_client import AHEAD, FleetClient
-from participants.messages import StartRound
+from participants.messages import Settled, StartRound
 from participants.prosumer import Prosumer
 from participants.spec import synthetic_spec
 from participants.synthetic import _Synthetic
@@ -65,3 +65,26 @@ def test_logins_are_split_under_the_budget(monkeypatch: pytest.MonkeyPatch) -> N
     chunks = fleet_client._login_chunks(creds)
     assert [c for chunk in chunks for c in chunk] == creds
     assert all(len(str(chunk)) < 64_000 for chunk in chunks) and len(chunks) > 1
+
+
+def test_bad_events_for_members_are_counted_and_change_nothing() -> None:
+    """A batch naming a stranger, one member's malformed fill and a good fill: the stranger
+    and the bad payload are counted as errors, the good fill is taken."""
+    fc = fleet(3, population=True)
+    pop = fc.population
+    assert pop is not None
+    good, bad = pop.ids[0], pop.ids[1]
+    slot = [MIDNIGHT, MIDNIGHT + D]
+    fill = {"side": "bid", "quantity": 120, "price": 0.2, "time_delivery": slot, "commit_id": "c1"}
+    events = [
+        {"participant": "stranger", **fill},
+        {"participant": bad, "side": "bid", "quantity": "lots", "time_delivery": slot},
+        {"participant": good, **fill},
+    ]
+    fc._dispatch({"events": events}, Settled, "on_settled_msg")
+    fc._dispatch({"events": "not a list"}, Settled, "on_settled_msg")
+    assert fc.errors == 2
+    stats = fc.stats()
+    assert stats[bad].errors == 1 and stats[bad].fills == 0
+    assert stats[good].fills == 1 and stats[good].bought_wh == 120
+    assert pop.committed(MIDNIGHT)[0].tolist() == [120, 0, 0]

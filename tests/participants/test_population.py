@@ -138,3 +138,42 @@ def test_members_whose_profiles_are_files_or_weather_are_read_slot_by_slot(tmp_p
     assert population.profiles[1].day(slot[0], scenario.step) is None
     assert population.profiles[2].day(slot[0], scenario.step) is not None
     assert run_side_by_side(specs, scenario.seed, 60, {}) > 50
+
+
+def test_odd_fills_are_taken_as_a_prosumer_takes_them() -> None:
+    """A server's fills the traders never asked for: a source nobody has (only ever short),
+    a resent fill (counted once), a fill without a commit id (counted each time), a `bess`
+    sale without a battery: the readings that follow are a prosumer's."""
+    scenario = load_scenario(SCENARIO)
+    specs = community(scenario, 12)
+    prosumers = [Prosumer(s, scenario.seed, timezone=scenario.timezone) for s in specs]
+    population = Population(specs, scenario.seed, timezone=scenario.timezone)
+    market = Market(scenario.market_config("sim"))
+    d = scenario.step
+    for k in range(30):
+        t = scenario.start_time + k * d
+        opened = market.open_round(t, None)
+        slot = [t + 2 * d, t + 3 * d]
+        odd = [
+            {"side": "ask", "quantity": 400, "price": 0.1, "time_delivery": slot, "commit_id": "x1", "source": "gas"},
+            {"side": "ask", "quantity": 400, "price": 0.1, "time_delivery": slot, "commit_id": "x1", "source": "gas"},
+            {"side": "bid", "quantity": 250, "price": 0.2, "time_delivery": slot},
+            {"side": "bid", "quantity": 250, "price": 0.2, "time_delivery": slot},
+            {"side": "ask", "quantity": 900, "price": 0.1, "time_delivery": slot, "commit_id": "x2", "source": "bess"},
+            {"side": "ask", "quantity": 300, "price": 0.1, "time_delivery": slot, "commit_id": "x3", "source": "solar"},
+        ]
+        for i, p in enumerate(prosumers):
+            for fill in odd[(i + k) % 3 :]:
+                p.on_settled(fill)
+                population.on_settled(i, parse(fill, Settled))
+        msg = parse(opened.start_round, StartRound)
+        meters, batch = population.on_round(msg)
+        theirs = batch.orders() if batch is not None else []
+        for i, p in enumerate(prosumers):
+            meter, orders = p.on_round_msg(msg)
+            assert meters is not None and meter == meters.reading(i), (k, p.spec.id)
+            assert orders == [o for m, o in theirs if m == i], (k, p.spec.id)
+        market.process(t, t)
+    for i, p in enumerate(prosumers):
+        assert population.stats_of(i) == p.stats
+        assert population.battery(i) == p.battery
