@@ -15,7 +15,7 @@ stays a `Prosumer` of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -188,21 +188,19 @@ class OrderBatch(msgspec.Struct):
     def __len__(self) -> int:
         return len(self.member)
 
+    def _items(self) -> Iterator[tuple[int, Side, int, float, str | None, str]]:
+        """(member, side, quantity, price, source, client id) of each order, as Python values."""
+        first = self.slot[0]
+        sides: list[Side] = ["bid" if b else "ask" for b in self.bid.tolist()]
+        ids = [f"{first}-{n}" for n in self.seq.tolist()]
+        return zip(
+            self.member.tolist(), sides, self.quantity.tolist(), self.price.tolist(), self.source, ids, strict=True
+        )
+
     def entries(self) -> list[tuple[int, Side, EntryMsg]]:
         """(member, side, entry) of each order, as the market decodes `orders()`."""
-        slot, first = self.slot, self.slot[0]
-        return [
-            (m, "bid" if b else "ask", EntryMsg(q, p, slot, f"{first}-{n}", s))
-            for m, b, q, p, s, n in zip(
-                self.member.tolist(),
-                self.bid.tolist(),
-                self.quantity.tolist(),
-                self.price.tolist(),
-                self.source,
-                self.seq.tolist(),
-                strict=True,
-            )
-        ]
+        slot = self.slot
+        return [(m, side, EntryMsg(q, p, slot, i, s)) for m, side, q, p, s, i in self._items()]
 
     def columns(self, ids: Sequence[str], first: int, last: int) -> tuple[list[str], dict[str, Any]]:
         """`orders.columns` of orders [first, last) (docs/protocol.md): (participants, payload)."""
@@ -224,22 +222,8 @@ class OrderBatch(msgspec.Struct):
         """(member, order dict as the trader builds it) of each order."""
         slot = [self.slot[0], self.slot[1]]
         out = []
-        for m, b, q, p, s, n in zip(
-            self.member.tolist(),
-            self.bid.tolist(),
-            self.quantity.tolist(),
-            self.price.tolist(),
-            self.source,
-            self.seq.tolist(),
-            strict=True,
-        ):
-            order: dict[str, Any] = {
-                "side": "bid" if b else "ask",
-                "quantity": q,
-                "price": p,
-                "time_delivery": slot,
-                "id": f"{self.slot[0]}-{n}",
-            }
+        for m, side, q, p, s, i in self._items():
+            order: dict[str, Any] = {"side": side, "quantity": q, "price": p, "time_delivery": slot, "id": i}
             if s is not None:
                 order["source"] = s
             out.append((m, order))

@@ -29,6 +29,23 @@ def _erring(spec: ParticipantSpec, error: float) -> ParticipantSpec:
     return msgspec.structs.replace(spec, pv=msgspec.structs.replace(spec.pv, forecast_error=error))
 
 
+def decide_alike(
+    k: int, msg: StartRound, prosumers: list[Prosumer], population: Population
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Round `k` of both: every prosumer's reading, orders and battery must be the
+    population's. Returns each prosumer's (reading, orders)."""
+    meters, batch = population.on_round(msg)
+    theirs = batch.orders() if batch is not None else []
+    out = []
+    for i, p in enumerate(prosumers):
+        meter, orders = p.on_round_msg(msg)
+        assert meter is not None and meters is not None and meter == meters.reading(i), (k, p.spec.id)
+        assert orders == [o for m, o in theirs if m == i], (k, p.spec.id)
+        assert population.battery(i) == p.battery, (k, p.spec.id)
+        out.append((meter, orders))
+    return out
+
+
 def run_side_by_side(specs: list[ParticipantSpec], seed: int, rounds: int, overrides: dict[str, Any]) -> int:
     """Step a market with the prosumers' orders and readings; the population sees the same
     payloads and must produce the same things. Returns the number of orders compared."""
@@ -47,16 +64,8 @@ def run_side_by_side(specs: list[ParticipantSpec], seed: int, rounds: int, overr
         if k % 2 == 0:
             population.on_settlements(opened.settlements)
         msg = parse(opened.start_round, StartRound)
-        meters, batch = population.on_round(msg)
-        theirs = batch.orders() if batch is not None else []
-        for i, p in enumerate(prosumers):
-            meter, orders = p.on_round_msg(msg)
-            assert meters is not None and meter == meters.reading(i), (k, p.spec.id)
-            mine = [o for m, o in theirs if m == i]
-            assert orders == mine, (k, p.spec.id)
+        for p, (meter, orders) in zip(prosumers, decide_alike(k, msg, prosumers, population), strict=True):
             compared += len(orders)
-            b = population.battery(i)
-            assert b == p.battery, (k, p.spec.id)
             if orders:
                 market.submit_orders(p.spec.id, decode({"orders": orders}, OrdersMsg))
             market.meter(p.spec.id, decode(meter, MeterMsg))
@@ -166,13 +175,7 @@ def test_odd_fills_are_taken_as_a_prosumer_takes_them() -> None:
             for fill in odd[(i + k) % 3 :]:
                 p.on_settled(fill)
                 population.on_settled(i, parse(fill, Settled))
-        msg = parse(opened.start_round, StartRound)
-        meters, batch = population.on_round(msg)
-        theirs = batch.orders() if batch is not None else []
-        for i, p in enumerate(prosumers):
-            meter, orders = p.on_round_msg(msg)
-            assert meters is not None and meter == meters.reading(i), (k, p.spec.id)
-            assert orders == [o for m, o in theirs if m == i], (k, p.spec.id)
+        decide_alike(k, parse(opened.start_round, StartRound), prosumers, population)
         market.process(t, t)
     for i, p in enumerate(prosumers):
         assert population.stats_of(i) == p.stats
