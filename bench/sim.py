@@ -93,6 +93,7 @@ async def own_loop(
     import msgspec
     import socketio
 
+    from controller import runloop
     from controller.scenario import load_scenario
     from controller.sim import CONTROLLER_ID, community, market_process, write_registry
     from participants.fleet import Fleet
@@ -133,6 +134,7 @@ async def own_loop(
                     auth={"id": CONTROLLER_ID, "token": tokens[CONTROLLER_ID]},
                 )
                 connected = time.perf_counter() - launched
+                runloop.settle_heap()  # as run_sim does once its clients are connected
                 rss_connected = proc_status(spid, "VmRSS")
                 timeout = float(scenario.market.get("round_timeout", 10.0)) + 30
                 times: list[float] = []
