@@ -15,6 +15,7 @@ def restore_gc() -> Iterator[None]:
     before = gc.get_threshold()
     yield
     gc.set_threshold(*before)
+    gc.unfreeze()  # what the test froze goes back to the collector, as in a fresh process
 
 
 def test_settle_heap_freezes_what_lives_and_collects_less_often(restore_gc: None) -> None:
