@@ -15,7 +15,8 @@ import datetime as dt
 import functools
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -81,9 +82,51 @@ def local_time_rows(t: np.ndarray, tz: ZoneInfo) -> tuple[np.ndarray, np.ndarray
     return day, (local - day * DAY) / 3600.0
 
 
+def _local_terms(t: np.ndarray, tz: ZoneInfo) -> _LocalTerms:
+    days, hours = local_time_rows(t, tz)  # local time decided per slot, as `power`
+    return _LocalTerms(days.ravel(), hours.ravel())
+
+
 def _samples(start: int, end: int) -> np.ndarray:
     n = max(1, -(-(end - start) // SAMPLE_S))
     return start + (end - start) / n * (np.arange(n) + 0.5)
+
+
+def _key(a: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    return a.dtype.str, a.shape, a.tobytes()
+
+
+class _Memo:
+    """The last few results of a pure function of sample times, keyed by their exact bytes.
+    What does not depend on the site's own draws (local time, the sun, the day's shape) is
+    the same for every profile sampling the same day block, as a community's members do:
+    computed once, not once per member. Its arrays are read-only, being shared."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._hits: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        hit = self._hits.get(key)
+        if hit is None:
+            if len(self._hits) >= self._size:
+                del self._hits[next(iter(self._hits))]  # the oldest
+            hit = self._hits[key] = _read_only(compute())
+        return hit
+
+
+def _read_only(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    elif isinstance(value, tuple | list):
+        for v in value:
+            _read_only(v)
+    return value
+
+
+_MEMO_SIZE = 8  # day blocks of terms kept: a run asks for one or two at a time
+_LOCAL_TERMS = _Memo(_MEMO_SIZE)
+_SOLAR_TERMS = _Memo(_MEMO_SIZE)
 
 
 class _Synthetic:
@@ -156,16 +199,53 @@ class _Synthetic:
         starts = first + d * np.arange(count, dtype=np.int64)
         t = starts[:, None] + d / n * (np.arange(n) + 0.5)
         means = np.add.reduce(self.power_rows(t).reshape(count, n), axis=1) / n
-        return [max(0, round(m * d / 3600)) for m in means.tolist()]
+        # `max(0, round(m * d / 3600))` per mean: the same float operations, and `rint`
+        # rounds half to even as `round` does.
+        wh: list[int] = np.maximum(0, np.rint(means * d / 3600)).astype(np.int64).tolist()
+        return wh
 
 
 def _by_day(days: np.ndarray, fn: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
     """Apply fn(day, mask) for each distinct day of the samples (one or two per slot)."""
     out = np.empty(days.shape)
-    for d in np.unique(days):
-        mask = days == d
-        out[mask] = fn(int(d), mask)
+    for d, mask in _day_masks(days):
+        out[mask] = fn(d, mask)
     return out
+
+
+def _day_masks(days: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(day, which samples fall on it) per distinct day of `days`, in increasing order."""
+    return [(int(d), days == d) for d in np.unique(days)]
+
+
+class _LocalTerms:
+    """What a load profile computes of sample times before its own draws, per local day:
+    which samples fall on it, their hour index into the day's noise, and the day's shape at
+    them (weekday or weekend: the same for every household)."""
+
+    def __init__(self, days: np.ndarray, hours: np.ndarray) -> None:
+        self.shape = days.shape
+        self.parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        for d, mask in _day_masks(days):
+            h = hours[mask]
+            shape = _padded_shape(d)
+            self.parts.append((d, mask, 1 + h.astype(np.int64), np.interp(h, _HOUR_CENTERS, shape)))
+        for _, *arrays in self.parts:
+            _read_only(arrays)
+
+
+def _padded_shape(day: int) -> np.ndarray:
+    """The household shape of local `day` at the hour centres, padded for interpolation
+    across midnight (row 0 of `LoadProfile._draw`)."""
+    return _PADDED_WEEKEND if (day + 3) % 7 >= 5 else _PADDED_WEEKDAY  # 1970-01-01 was a Thursday
+
+
+def _pad(shape: np.ndarray) -> np.ndarray:
+    out: np.ndarray = _read_only(np.concatenate(([shape[-1]], shape, shape[:2])))
+    return out
+
+
+_PADDED_WEEKDAY, _PADDED_WEEKEND = _pad(_WEEKDAY), _pad(_WEEKEND)
 
 
 class LoadProfile(_Synthetic):
@@ -185,18 +265,22 @@ class LoadProfile(_Synthetic):
         season = 1 + 0.2 * math.cos(2 * math.pi * (day_of_year(day) - 15) / 365.25)
         day_factor = math.exp(0.12 * rng.standard_normal() - 0.0072)  # lognormal, mean one
         hourly = np.exp(0.3 * rng.standard_normal(24) - 0.045)
-        shape = _WEEKEND if (day + 3) % 7 >= 5 else _WEEKDAY  # 1970-01-01 was a Thursday
-        padded = np.concatenate(([shape[-1]], shape, shape[:2]))
         noise = np.concatenate(([0.0], season * day_factor * hourly, [0.0, 0.0]))
-        return np.stack([padded, noise])
+        return np.stack([_padded_shape(day), noise])
 
     def power(self, t: np.ndarray) -> np.ndarray:
         days, hours = local_time(t, self._tz)
         return self._power(days, hours)
 
     def power_rows(self, t: np.ndarray) -> np.ndarray:
-        days, hours = local_time_rows(t, self._tz)  # local time decided per slot, as `power`
-        return self._power(days.ravel(), hours.ravel())
+        """`_power` of the local times of `t` decided per slot (as `power` of each row):
+        the same operations per sample, with what every household shares computed once."""
+        tz = self._tz
+        terms: _LocalTerms = _LOCAL_TERMS.get((_key(t), tz), lambda: _local_terms(t, tz))
+        out = np.empty(terms.shape)
+        for d, mask, idx, shaped in terms.parts:
+            out[mask] = shaped * self._day(d)[1][idx]
+        return self._mean_w * out
 
     def _power(self, days: np.ndarray, hours: np.ndarray) -> np.ndarray:
         def at(day: int, mask: np.ndarray) -> np.ndarray:
@@ -237,20 +321,28 @@ class SolarProfile(_Synthetic):
         return np.clip(clear + 0.15 * rng.standard_normal(24), 0.05, 1.0)
 
     def power(self, t: np.ndarray) -> np.ndarray:
-        day = np.floor_divide(t, DAY).astype(np.int64)
-        minutes = (t - day * DAY) / 60.0
-        cos_z = cos_zenith(t, self._latitude, self._lon)
-        up = cos_z > 0
-        ghi = np.zeros_like(t, dtype=float)
-        ghi[up] = 1098 * cos_z[up] * np.exp(-0.057 / cos_z[up])
-
-        def cloud(d: int, mask: np.ndarray) -> np.ndarray:
-            h = np.minimum(minutes[mask] // 60, 23).astype(np.int64)
-            out: np.ndarray = self._day(d)[h]
-            return out
-
-        power: np.ndarray = self._peak_w * self.PERFORMANCE * ghi / 1000 * _by_day(day, cloud)
+        lat, lon = self._latitude, self._lon
+        ghi, parts = _SOLAR_TERMS.get((_key(t), lat, lon), lambda: _solar_terms(t, lat, lon))
+        clouds = np.empty(t.shape)
+        for d, mask, h in parts:
+            clouds[mask] = self._day(d)[h]
+        power: np.ndarray = self._peak_w * self.PERFORMANCE * ghi / 1000 * clouds
         return power
+
+
+def _solar_terms(
+    t: np.ndarray, latitude: float, longitude: float
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray, np.ndarray]]]:
+    """What a PV profile computes of sample times before its own draws: clear-sky GHI at a
+    site, and per UTC day which samples fall on it and their hour index into its clouds."""
+    day = np.floor_divide(t, DAY).astype(np.int64)
+    minutes = (t - day * DAY) / 60.0
+    cos_z = cos_zenith(t, latitude, longitude)
+    up = cos_z > 0
+    ghi = np.zeros_like(t, dtype=float)
+    ghi[up] = 1098 * cos_z[up] * np.exp(-0.057 / cos_z[up])
+    parts = [(d, mask, np.minimum(minutes[mask] // 60, 23).astype(np.int64)) for d, mask in _day_masks(day)]
+    return ghi, parts
 
 
 class WindProfile(_Synthetic):

@@ -202,3 +202,45 @@ def test_day_blocks_equal_slot_by_slot(tz):
     odd = LoadProfile(SyntheticLoad(4000), 3, 17, zone)
     assert odd.wh(JAN, JAN + 7) == odd.wh_one(JAN, JAN + 7) and not odd._blocks  # 7 s does not tile a day
     assert odd.wh(JAN, JAN) == 0 == odd.wh(JAN, JAN - 5)
+
+
+def test_shared_time_terms_give_each_site_its_own_values():
+    """Households and PV arrays sampling the same day block share what does not depend on
+    their own draws (participants.synthetic._Memo): interleaving sites at other places, in
+    other zones and with other seeds changes no value against each one alone."""
+    from zoneinfo import ZoneInfo
+
+    from participants import synthetic as syn
+
+    def make():
+        return [
+            syn.LoadProfile(SyntheticLoad(4000), 3, 17, ZoneInfo("Europe/Berlin")),
+            syn.LoadProfile(SyntheticLoad(2500), 5, 18, ZoneInfo("America/New_York")),
+            syn.SolarProfile(PvSpec(kw=5, latitude=50.0), 3, 17, ZoneInfo("Europe/Berlin")),
+            syn.SolarProfile(PvSpec(kw=5, latitude=-33.0, longitude=151.0), 3, 17, ZoneInfo("UTC")),
+        ]
+
+    days = [JAN + k * 86400 for k in range(3)]
+    alone = []
+    for prof in make():
+        for memo in (syn._LOCAL_TERMS, syn._SOLAR_TERMS):
+            memo._hits.clear()
+        alone.append([prof.day_of(day, 900)[0] for day in days])
+    together = make()
+    mixed = [[] for _ in together]
+    for day in days:
+        for i, prof in enumerate(together):
+            mixed[i].append(prof.day_of(day, 900)[0])
+    assert mixed == alone
+    assert all(len(m._hits) <= syn._MEMO_SIZE for m in (syn._LOCAL_TERMS, syn._SOLAR_TERMS))
+
+
+def test_shared_time_terms_cannot_be_changed_by_a_caller():
+    from participants import synthetic as syn
+
+    t = JUNE + 60.0 * (np.arange(1440) + 0.5)
+    ghi, parts = syn._SOLAR_TERMS.get(("test", 1), lambda: syn._solar_terms(t, 50.0, 15.0))
+    with pytest.raises(ValueError, match="read-only"):
+        ghi[0] = 1.0
+    with pytest.raises(ValueError, match="read-only"):
+        parts[0][1][0] = False
