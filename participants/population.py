@@ -28,13 +28,14 @@ from participants.messages import Delivery, Settled, StartRound
 from participants.profiles import SiteProfiles, build_profiles
 from participants.prosumer import KEEP_SLOTS, P2P_KINDS, Stats, facts_of, forecast_wh
 from participants.spec import BatteryTrader, FixedPriceTrader, ParticipantSpec
-from participants.synthetic import DAY, stable_key
+from participants.synthetic import DAY, generator, stable_key
 from participants.traders import inside
 
 # Trader kinds by index (the spec's tag).
 KINDS = ("none", "fixed_price", "random_price", "battery")
 NONE, FIXED, RANDOM, BATTERY = range(4)
 BESS = "bess"
+BANDS_KEPT = 64  # grid bands whose order prices are kept (`Population._band_prices`)
 
 
 def plain(spec: ParticipantSpec) -> bool:
@@ -294,9 +295,11 @@ class Population:
         ]
         self._erring = [i for i, e in enumerate(self._errors) if e]
         self._drawing = np.flatnonzero(self.kind == RANDOM).tolist()
+        self._battery_kind = self.kind == BATTERY
         self.stats = {name: np.zeros(n, dtype=np.int64) for name in Stats.__struct_fields__}
         # Members traded from outside (a research environment's agents): metered, never traded.
         self.external = np.zeros(n, dtype=bool)
+        self._bands: dict[tuple[float | None, float | None], tuple[np.ndarray, np.ndarray]] = {}
         self._restart()
 
     def __len__(self) -> int:
@@ -492,25 +495,13 @@ class Population:
         asks = np.maximum(0, surplus - (c.sold[:, :s] if c is not None else 0))
         bess = np.zeros(n, dtype=np.int64)
         qty = np.zeros((n, s + 2), dtype=np.int64)  # bid, asks per source, the bess ask
-        price = np.zeros((n, s + 2), dtype=np.float64)
-        kind = self.kind
-        fixed = kind == FIXED
-        price[fixed, 0] = inside_all(self._bid_price[fixed], low, high)
-        price[fixed, 1 : s + 1] = inside_all(self._ask_price[fixed], low, high)[:, None]
-        band = low is not None and high is not None and high > low
-        trades = fixed.copy()
-        if band:
-            assert low is not None and high is not None
-            trades |= (kind == RANDOM) | (kind == BATTERY)
-            battery = kind == BATTERY
-            self._battery_orders(battery, bid, asks, bess, slot, low, high, buy_mean, c)
-            spread = high - low
-            price[battery, 0] = inside_all(np.array([low + 0.7 * spread]), low, high)[0]
-            price[battery, 1 : s + 1] = inside_all(np.array([low + 0.35 * spread]), low, high)[0]
-            price[battery, s + 1] = inside_all(np.array([low + 0.55 * spread]), low, high)[0]
+        template, trades = self._band_prices(low, high)
+        price = template.copy()
+        if low is not None and high is not None and high > low:
+            self._battery_orders(self._battery_kind, bid, asks, bess, slot, low, high, buy_mean, c)
             for i in self._drawing:
                 own = self._own[i]
-                rng = np.random.Generator(np.random.PCG64([self.seed % 2**64, self._keys[i], slot[0]]))
+                rng = generator(self.seed % 2**64, self._keys[i], slot[0])
                 drawn = rng.uniform(low, high, size=1 + len(own))
                 price[i, 0] = inside(drawn[0], low, high)
                 for src, p in zip(own, drawn[1:], strict=True):
@@ -521,18 +512,44 @@ class Population:
         qty[~(trades & ~self.external)] = 0
         placed = qty > 0
         member, column = np.nonzero(placed)  # row-major: member order, then the trader's order
-        seq = np.cumsum(placed, axis=1)[member, column] - 1
         names = [None, *self.sources, BESS]
-        np.add.at(self.stats["orders"], member, 1)
-        return OrderBatch(
+        self.stats["orders"] += placed.sum(axis=1)
+        return OrderBatch(  # a boolean mask gathers in the same row-major order as `nonzero`
             slot=(slot[0], slot[1]),
             member=member,
             bid=column == 0,
-            quantity=qty[member, column],
-            price=price[member, column],
+            quantity=qty[placed],
+            price=price[placed],
             source=[names[j] for j in column.tolist()],
-            seq=seq,
+            seq=(np.cumsum(placed, axis=1) - 1)[placed],
         )
+
+    def _band_prices(self, low: float | None, high: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """(price of each order column of every member but those that draw theirs, which
+        members trade) in the grid band (low, high): a function of the band alone, kept per
+        band (a tariff has a few)."""
+        hit = self._bands.get((low, high))
+        if hit is not None:
+            return hit
+        n, s = len(self.ids), len(self.sources)
+        price = np.zeros((n, s + 2), dtype=np.float64)
+        kind = self.kind
+        fixed = kind == FIXED
+        price[fixed, 0] = inside_all(self._bid_price[fixed], low, high)
+        price[fixed, 1 : s + 1] = inside_all(self._ask_price[fixed], low, high)[:, None]
+        trades = fixed.copy()
+        if low is not None and high is not None and high > low:
+            trades |= (kind == RANDOM) | (kind == BATTERY)
+            battery = kind == BATTERY
+            spread = high - low
+            price[battery, 0] = inside_all(np.array([low + 0.7 * spread]), low, high)[0]
+            price[battery, 1 : s + 1] = inside_all(np.array([low + 0.35 * spread]), low, high)[0]
+            price[battery, s + 1] = inside_all(np.array([low + 0.55 * spread]), low, high)[0]
+        if len(self._bands) >= BANDS_KEPT:
+            self._bands.clear()
+        price.flags.writeable = trades.flags.writeable = False
+        hit = self._bands[(low, high)] = (price, trades)
+        return hit
 
     def _battery_orders(
         self,

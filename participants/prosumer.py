@@ -19,7 +19,7 @@ from participants.devices import Battery, Commitment, meter_reading, split_own_u
 from participants.messages import Delivery, MarketInfo, Settled, StartRound, parse
 from participants.profiles import SiteProfiles, build_profiles
 from participants.spec import ParticipantSpec
-from participants.synthetic import stable_key
+from participants.synthetic import generator, stable_key
 from participants.traders import Observation, Order, draws, trader_for
 
 KEEP_SLOTS = 96  # how many slots back prices, pending bills and deliveries are remembered
@@ -96,8 +96,7 @@ def facts_of(msg: StartRound) -> _Facts:
 def forecast_wh(seed: int, key: int, start: int, source: str, error: float, wh: int) -> int:
     """What a forecast off by `error` expects of `wh` (a source's energy in the slot at
     `start`): drawn per (seed, participant key, slot, source), so always the same."""
-    seq = [seed % 2**64, key, start, stable_key(source)]
-    z = float(np.random.Generator(np.random.PCG64(seq)).standard_normal())
+    z = float(generator(seed % 2**64, key, start, stable_key(source)).standard_normal())
     return max(0, round(wh * (1 + error * z)))
 
 
@@ -239,11 +238,10 @@ class Prosumer:
     def _trade(self, msg: StartRound) -> list[Order]:
         obs = self.observe(msg)
         # A generator per (seed, participant, slot): orders never depend on call history.
-        # Seeding one costs more than most traders, so only those that draw get their own
-        # (what `np.random.default_rng(seed)` builds, without its wrapper's overhead).
+        # Seeding one costs more than most traders, so only those that draw get their own.
         rng = _UNUSED_RNG
         if self._draws:
-            rng = np.random.Generator(np.random.PCG64([self.seed % 2**64, self._key, obs.next_settle[0]]))
+            rng = generator(self.seed % 2**64, self._key, obs.next_settle[0])
         orders = self.trader(obs, rng)
         self.stats.orders += len(orders)
         return orders

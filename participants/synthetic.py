@@ -50,6 +50,23 @@ def stable_key(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def generator(*entropy: int) -> np.random.Generator:
+    """`np.random.default_rng(list(entropy))`, the same stream, built faster: numpy turns a
+    list of ints into the seed's uint32 words with Python calls per int, and takes an array
+    of the words as it is (~7 against ~11 us, paid per slot by each trader that draws and
+    each forecast that errs). Entropy must be non-negative, as numpy requires."""
+    words: list[int] = []
+    for v in entropy:
+        if v < 0:
+            raise ValueError(f"seed entropy must be non-negative, not {v}")
+        if v == 0:
+            words.append(0)
+        while v:  # little-endian 32-bit words, as numpy's _int_to_uint32_array
+            words.append(v & 0xFFFFFFFF)
+            v >>= 32
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(np.array(words, dtype=np.uint32))))
+
+
 @functools.lru_cache(maxsize=4096)
 def _offset(t: float, tz: ZoneInfo) -> int:
     off = dt.datetime.fromtimestamp(int(t), tz).utcoffset()
@@ -140,7 +157,7 @@ class _Synthetic:
         self._blocks: dict[tuple[int, int, int], list[int]] = {}  # (duration, phase, block) -> Wh
 
     def _rng(self, day: int) -> np.random.Generator:
-        return np.random.default_rng([self._seed, self._key, self.TAG, day + _DAY_SHIFT])
+        return generator(self._seed, self._key, self.TAG, day + _DAY_SHIFT)
 
     def _day(self, day: int) -> np.ndarray:
         arr = self._cache.get(day)

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from participants.profiles import CsvProfile, build_profiles, parse_time
 from participants.spec import CsvLoad, ParticipantSpec, PvSpec, SyntheticLoad, WindSpec
@@ -244,3 +246,22 @@ def test_shared_time_terms_cannot_be_changed_by_a_caller():
         ghi[0] = 1.0
     with pytest.raises(ValueError, match="read-only"):
         parts[0][1][0] = False
+
+
+@given(st.lists(st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.just(0)), min_size=1, max_size=6))
+def test_generator_is_default_rng_of_the_same_entropy(entropy):
+    """`synthetic.generator` builds numpy's seed words itself: the same stream as numpy's."""
+    from participants.synthetic import generator
+
+    ours, theirs = generator(*entropy), np.random.default_rng(entropy)
+    assert ours.standard_normal(3).tolist() == theirs.standard_normal(3).tolist()
+    assert ours.uniform(0.1, 0.3, size=2).tolist() == theirs.uniform(0.1, 0.3, size=2).tolist()
+
+
+def test_generator_refuses_negative_entropy_as_numpy_does():
+    from participants.synthetic import generator
+
+    with pytest.raises(ValueError):
+        np.random.default_rng([1, -1])
+    with pytest.raises(ValueError, match="non-negative"):
+        generator(1, -1)
