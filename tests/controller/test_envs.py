@@ -10,6 +10,8 @@ import gymnasium
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+from hypothesis import given
+from hypothesis import strategies as st
 from pettingzoo.test import parallel_api_test
 
 import controller.envs  # noqa: F401 (registers microte/Prosumer-v0)
@@ -119,3 +121,12 @@ def test_the_crowd_of_agents_sees_and_trades_as_an_agent_each(participants: int,
         steps += 1
     assert steps == 48 and orders > 4 * len(names)
     assert episodes[0].records == episodes[1].records and len(episodes[0].records) > 1000
+
+
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=4, max_size=4))
+def test_an_action_is_clipped_as_numpy_clips_it(values):
+    from controller.envs import _unit
+
+    action = np.array(values, dtype=np.float32)
+    expected = np.clip(np.nan_to_num(action.astype(np.float64), nan=0.0), 0.0, 1.0).tolist()
+    assert _unit(action) == expected
