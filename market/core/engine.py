@@ -18,7 +18,7 @@ import msgspec
 from market.core.book import Book, Entry, tie_key
 from market.core.capacity import CapacityLimits, Cut, curtail
 from market.core.clearing import Fill, Matching, Pricing, clear
-from market.core.errors import IllegalTransition, MarketError
+from market.core.errors import ErrorCode, IllegalTransition, MarketError
 from market.core.exchange import EXTERNAL, exchange
 from market.core.grid import GridStates, GridTariff
 from market.core.hierarchy import (
@@ -184,6 +184,11 @@ class Recovered(msgspec.Struct, frozen=True):
     cancels: list[CancelRecord]
     settlements: list[Settlement]  # fills of slots not yet processed
     meters: list[MeterRecord]  # acknowledged readings of slots not yet processed
+
+
+# Of a meter reading's interval: the refusal before its sources are checked (misaligned),
+# the one after (not taking readings), and its delivery when it takes them (Market._interval).
+_Interval = tuple[tuple[ErrorCode, str] | None, tuple[ErrorCode, str] | None, _Delivering | None]
 
 
 class Market:
@@ -567,17 +572,50 @@ class Market:
 
     def meter(self, participant: str, msg: MeterMsg) -> dict[str, Any]:
         r = self._require_round()
-        self._check_not_upstream(participant)
-        slot = msg.time_interval
+        return self._meter(participant, msg, r, self._interval(msg.time_interval, r))
+
+    def meter_each(self, items: Iterable[tuple[str, MeterMsg]]) -> list[dict[str, Any] | MarketError]:
+        """`meter` of each (participant, reading) in order, the refusal in place of a reply:
+        what depends on the interval alone is checked once per interval, not per reading (a
+        batch's readings are of one slot). One refused reading does not undo the others."""
+        if self.times is None:  # each is refused as `meter` refuses it
+            return [_refusal(self.meter, item) for item in items]
+        r = self.times
+        intervals: dict[Slot, _Interval] = {}
+        out: list[dict[str, Any] | MarketError] = []
+        for participant, msg in items:
+            slot = msg.time_interval
+            checked = intervals.get(slot)
+            if checked is None:
+                checked = intervals[slot] = self._interval(slot, r)
+            try:
+                out.append(self._meter(participant, msg, r, checked))
+            except MarketError as err:
+                out.append(err)
+        return out
+
+    def _interval(self, slot: Slot, r: RoundTimes) -> _Interval:
+        """What a reading of `slot` is refused for before and after its sources are checked
+        (None: nothing), and the slot's delivery if it takes readings."""
         if not is_aligned(slot, r.duration):
-            raise MarketError("invalid", f"time_interval {list(slot)} is not an aligned {r.duration} s slot")
-        self._check_meter_sources(msg)
+            return ("invalid", f"time_interval {list(slot)} is not an aligned {r.duration} s slot"), None, None
         phase = self.phase(slot[0])
         if phase is not Phase.DELIVERING:
             if phase is Phase.PROCESSED or slot[0] < r.current_round[0]:
-                raise MarketError("closed", f"interval {slot[0]} is already processed")
-            raise MarketError("invalid", f"interval {slot[0]} has not been delivered yet")
-        delivering = self._delivering[slot[0]]
+                return None, ("closed", f"interval {slot[0]} is already processed"), None
+            return None, ("invalid", f"interval {slot[0]} has not been delivered yet"), None
+        return None, None, self._delivering[slot[0]]
+
+    def _meter(self, participant: str, msg: MeterMsg, r: RoundTimes, checked: _Interval) -> dict[str, Any]:
+        self._check_not_upstream(participant)
+        misaligned, closed, delivering = checked
+        if misaligned is not None:
+            raise MarketError(*misaligned)
+        self._check_meter_sources(msg)
+        if closed is not None:
+            raise MarketError(*closed)
+        assert delivering is not None
+        slot = msg.time_interval
         first = delivering.meters.get(participant)
         if first is not None:
             if first != msg:

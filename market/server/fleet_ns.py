@@ -174,13 +174,20 @@ class FleetNamespace(Namespace):
         results: list[dict[str, Any]] = []
         arrived = []
         await self.ms.admit()
-        for pid, reading in readings:
+        foreign: dict[int, MarketError] = {}
+        for i, (pid, _) in enumerate(readings):
             try:
                 self._member(members, sid, pid)
-                results.append({"ok": True, **self.ms.market.meter(pid, reading)})
-                arrived.append((pid, reading.time_interval[0]))
             except MarketError as err:
-                results.append(err.reply())
+                foreign[i] = err
+        read = iter(self.ms.market.meter_each(r for i, r in enumerate(readings) if i not in foreign))
+        for i, (pid, reading) in enumerate(readings):
+            reply = foreign[i] if i in foreign else next(read)
+            if isinstance(reply, MarketError):
+                results.append(reply.reply())
+            else:
+                results.append({"ok": True, **reply})
+                arrived.append((pid, reading.time_interval[0]))
         await self.ms.persist()
         for pid, slot in arrived:
             self.ms.meter_arrived(pid, slot)

@@ -277,6 +277,39 @@ def test_meter_duplicate_and_conflict() -> None:
     assert state(m) == before
 
 
+def test_meter_each_replies_and_refuses_as_meter_one_by_one() -> None:
+    """A batch of readings checks each interval once: every reply, refusal and the state
+    after are what `meter` gives reading by reading, whatever the mix and its order."""
+    batch = [
+        ("P", meter(gen={"solar": 5}, other={"external": 3}, slot=(0, 60))),
+        ("P", meter(gen={"solar": 5}, other={"external": 3}, slot=(0, 60))),  # duplicate
+        ("P", meter(gen={"solar": 6}, slot=(0, 60))),  # conflict
+        ("Q", meter(gen={"coal": 1}, slot=(0, 60))),  # unknown source
+        ("Q", meter(gen={"coal": 1}, slot=(30, 90))),  # misaligned comes first
+        ("Q", meter(gen={"coal": 1}, slot=(60, 120))),  # unknown source before not delivered
+        ("Q", meter(slot=(60, 120))),  # not delivered yet
+        ("R", meter(slot=(-60, 0))),  # before the current round
+        ("R", meter(other={"external": 7}, slot=(0, 60))),
+    ]
+    one, each = started(0), started(0)
+    expected: list[Any] = []
+    for pid, msg in batch:
+        try:
+            expected.append(one.meter(pid, msg))
+        except MarketError as err:
+            expected.append((err.code, err.message))
+    got = [(r.code, r.message) if isinstance(r, MarketError) else r for r in each.meter_each(batch)]
+    assert got == expected
+    assert [e for e in expected if isinstance(e, tuple)][:3] == [
+        ("conflict", "a different reading for interval 0 was already accepted"),
+        ("invalid", "unknown source 'coal' in generation"),
+        ("invalid", "time_interval [30, 90] is not an aligned 60 s slot"),
+    ]
+    assert state(each) == state(one) and each.take_journal() == one.take_journal()
+    idle = market()  # before the first round: each is refused as `meter` refuses it
+    assert [r.code for r in idle.meter_each(batch[:2])] == [code(idle.meter, *batch[0])] * 2
+
+
 def test_rt_style_meter_for_last_round_until_processed() -> None:
     m = started(0, mode="rt")
     m.open_round(60)
