@@ -11,17 +11,37 @@ from ledger import digest as _digest
 from ledger.dataset_sink import DatasetSink
 from market.core.sink import MemorySink, Sink
 
-__all__ = ["DatasetSink", "connect", "db_url", "is_memory", "ledger_digest", "open_sink", "read_rows"]
+__all__ = [
+    "CHAIN_PREFIX",
+    "DatasetSink",
+    "connect",
+    "db_url",
+    "is_chain_url",
+    "is_memory",
+    "ledger_digest",
+    "open_sink",
+    "read_rows",
+]
 
 _SCHEMES = "sqlite:///PATH, postgresql://..., evm+sqlite:///PATH, evm+postgresql://..., memory:"
 
 
-def db_url(url: str) -> str:
-    """The database URL of a ledger URL: a chain ledger's (`evm+...`) without its chain part."""
-    from ledger.dual import db_url as dual_db_url
-    from ledger.dual import is_dual_url
+CHAIN_PREFIX = "evm+"  # a chain ledger's URL: this, then its database's (ledger/dual.py)
 
-    return dual_db_url(url) if is_dual_url(url) else url
+
+def is_chain_url(url: str) -> bool:
+    return url.lower().startswith(CHAIN_PREFIX)
+
+
+def db_url(url: str) -> str:
+    """The database URL of a ledger URL: a chain ledger's (`evm+...`) without its chain part.
+    The chain code is imported for chain ledgers only: its libraries take a second to import,
+    which every `microte sim` would pay to read its SQLite ledger back."""
+    if not is_chain_url(url):
+        return url
+    from ledger.dual import db_url as dual_db_url
+
+    return dual_db_url(url)
 
 
 def is_memory(url: str) -> bool:

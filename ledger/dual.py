@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from ledger import merkle
+from ledger import CHAIN_PREFIX, is_chain_url, merkle
 from ledger.dataset_sink import DatasetSink
 from ledger.dataset_sink import is_transient as db_transient
 from ledger.evm import MAX_TRANSFERS_PER_TX, ChainError, EvmAnchor, interval_of, money_deltas, net_transfers
@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PREFIX = "evm+"
+PREFIX = CHAIN_PREFIX
+is_dual_url = is_chain_url
 CHAIN_KEY_ENV = "MICROTE_CHAIN_KEY"
 _OPTIONS = ("chain", "evm_state", "contract", "max_transfers")
 
@@ -137,10 +138,6 @@ class ChainConfig:
         if self.chain is not None:
             return f"JSON-RPC node {self.chain}"
         return f"in-process chain ({self.state or 'memory'})"
-
-
-def is_dual_url(url: str) -> bool:
-    return url.lower().startswith(PREFIX)
 
 
 def parse_url(url: str) -> ChainConfig:

@@ -47,3 +47,29 @@ def test_postgresql_schema_and_insert_compile() -> None:
     assert "PRIMARY KEY (commit_id)" in ddl
     insert = postgresql.insert(TABLE_MAP["transactions"]).on_conflict_do_nothing(index_elements=["id"])
     assert "ON CONFLICT (id) DO NOTHING" in str(insert.compile(dialect=dialect))
+
+
+def test_reading_a_database_ledger_back_never_imports_the_chain_code(tmp_path: Path) -> None:
+    """The chain libraries take about a second to import; a run that reads its SQLite ledger
+    back (every `microte sim` summary) must not pay for them. A chain URL still resolves."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio, sys\n"
+        "from ledger import db_url, ledger_digest, open_sink, read_rows\n"
+        f"url = 'sqlite:///{tmp_path / 'l.db'}'\n"
+        "async def create():\n"
+        "    sink = open_sink(url)\n"
+        "    await sink.start()\n"
+        "    await sink.close()\n"
+        "asyncio.run(create())\n"
+        "read_rows(url, 'transactions')\n"
+        "ledger_digest(url)\n"
+        "chain = lambda: sorted(m for m in sys.modules if m.split('.')[0] in ('eth_account', 'py_ecc'))\n"
+        "print(chain())\n"
+        "assert db_url('evm+' + url) == url\n"
+        "print(bool(chain()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "True"]
