@@ -83,8 +83,8 @@ async def bench(n: int, k: int, rounds: int, blocks: int) -> dict[str, Any]:
     import msgspec
     import socketio
 
-    from controller.scenario import load_scenario
-    from controller.sim import CONTROLLER_ID, community, market_process, write_registry
+    from controller.scenario import community, load_scenario
+    from controller.sim import CONTROLLER_ID, market_process, write_registry
 
     scenario = load_scenario(SCENARIO)
     total = (2 * blocks * rounds + 5) * scenario.step

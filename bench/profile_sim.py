@@ -332,8 +332,8 @@ async def profile_run(n: int, rounds: int, outdir: Path, mode: str, whatif: Coll
     import socketio
 
     from bench.ceiling import self_cpu
-    from controller.scenario import load_scenario
-    from controller.sim import CONTROLLER_ID, community, write_registry
+    from controller.scenario import community, load_scenario
+    from controller.sim import CONTROLLER_ID, write_registry
     from participants.fleet import Fleet
 
     scenario = load_scenario(SCENARIO)

@@ -12,7 +12,7 @@ never mix):
    acknowledged one with msgpack + uvloop, for reference;
 2. microte, own loop: `microte market` as a subprocess (`controller.sim.market_process`,
    the same arguments as `run_sim`), the scenario's community grown to N
-   (`controller.sim.community`), a `participants.fleet.Fleet` of real clients and a
+   (`controller.scenario.community`), a `participants.fleet.Fleet` of real clients and a
    controller stepping rounds like `controller.sim._step_all`, each `step` call timed
    (p50/p99), for about `--seconds`; a temporary SQLite ledger (on disk, synchronous=FULL);
    the server's peak RSS read from /proc/PID/status (VmHWM) before it stops; with the v1
@@ -94,8 +94,8 @@ async def own_loop(
     import socketio
 
     from controller import runloop
-    from controller.scenario import load_scenario
-    from controller.sim import CONTROLLER_ID, community, market_process, write_registry
+    from controller.scenario import community, load_scenario
+    from controller.sim import CONTROLLER_ID, market_process, write_registry
     from participants.fleet import Fleet
 
     scenario = load_scenario(SCENARIO)

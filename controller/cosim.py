@@ -300,7 +300,8 @@ async def market_federate(opts: Options, progress: bool = False) -> dict[str, An
     import socketio
 
     from controller.dso import flow_record, forecast_injections, metered_injections
-    from controller.sim import CONTROLLER_ID, community, fresh_ledger, market_process, write_registry
+    from controller.scenario import community
+    from controller.sim import CONTROLLER_ID, fresh_ledger, market_process, write_registry
     from ledger import open_sink
     from market.core import wire
     from market.core.records import Batch

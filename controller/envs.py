@@ -26,8 +26,7 @@ from pettingzoo import ParallelEnv
 
 from controller import runloop
 from controller.inproc import InprocMarket
-from controller.scenario import Scenario, load_scenario
-from controller.sim import community
+from controller.scenario import Scenario, community, load_scenario
 from market.core.protocol import MAX_ORDERS, MAX_QUANTITY, PRICE_LIMIT, EntryMsg
 from market.core.records import Record
 from participants.devices import split_own_use

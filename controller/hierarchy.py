@@ -31,8 +31,7 @@ from typing import Annotated, Any
 import msgspec
 
 from controller.inproc import InprocMarket
-from controller.scenario import Scenario, load_scenario
-from controller.serve import run_record
+from controller.scenario import Scenario, load_scenario, run_record
 from ledger import open_sink
 from ledger.markets import market_url, schema_of
 from market.core.hierarchy import UPSTREAM_ID, Residual, UpstreamFill, physical_flows, residual_rows, upstream_orders

@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from controller import runloop
-from controller.scenario import Scenario
-from controller.serve import run_record
-from ledger import open_sink
+from controller.scenario import Scenario, run_record
 from market.core.engine import Market, RoundOpen, SlotResult, order_reply, slot_records
 from market.core.errors import MarketError
 from market.core.protocol import EntryMsg, MeterMsg, OrdersMsg, Side, decode
@@ -284,7 +282,10 @@ async def run_inproc(
     readings missing)."""
     run = InprocMarket(scenario, specs, base_dir=base_dir)
     runloop.settle_heap()  # the imports and the prosumers are long-lived: collections skip them
-    sink = sink if sink is not None else open_sink(ledger)
+    if sink is None:
+        from ledger import open_sink  # the database libraries: not for an environment, which writes no ledger
+
+        sink = open_sink(ledger)
     await sink.start()
     try:
         await sink.write(Batch((run_record(scenario, run.config),)))

@@ -23,8 +23,7 @@ import numpy as np
 
 from controller.envs import ACT_FIELDS, OBS_FIELDS, ProsumerEnv, episode_scenario
 from controller.inproc import InprocMarket
-from controller.scenario import Scenario, load_scenario
-from controller.sim import community
+from controller.scenario import Scenario, community, load_scenario
 from participants.devices import Battery
 from participants.prosumer import Prosumer
 from participants.spec import BatteryTrader, FixedPriceTrader, NoTrader, TraderSpec

@@ -23,8 +23,7 @@ import numpy as np
 import socketio
 
 from controller.envs import OBS_FIELDS, _Agent, action_space, delivery_between, observation_space, orders_of
-from controller.scenario import load_scenario
-from controller.sim import community
+from controller.scenario import community, load_scenario
 from participants.messages import StartRound, parse
 from participants.prosumer import Prosumer
 

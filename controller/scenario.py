@@ -24,7 +24,7 @@ lem_duration = 900                # LEM slot length, s
 solve_every = 3600                # periodic LEM solver: every hour of the market clock (0: off)
 solve_delay = 60                  # ... a minute after the boundary
 [parity.agents]                   # optional: `microte sim` runs the Parity flow's agents
-aggregator = "AGG"                # participants.parity_agents.AgentsConfig (docs/parity.md)
+aggregator = "AGG"                # participants.parity_config.AgentsConfig (docs/parity.md)
 [cosim.buildings]                 # optional: `microte cosim`'s buildings federate (docs/grid.md)
 houses = 30                       # controller.buildings_federate.BuildingsConfig, decoded there
 ```
@@ -32,6 +32,7 @@ houses = 30                       # controller.buildings_federate.BuildingsConfi
 
 from __future__ import annotations
 
+import time
 import tomllib
 from collections.abc import Mapping
 from datetime import datetime
@@ -39,12 +40,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+import numpy as np
 
 from market.community.messages import ParityConfig
-from market.core.engine import MarketConfig
+from market.core.engine import MarketConfig, canonical_config
 from market.core.grid import GridTariff
+from market.core.records import RunRecord
 from market.feeder.network import FeederConfig
-from participants.parity_agents import AgentsConfig
+from participants.parity_config import AgentsConfig
+from participants.spec import ParticipantSpec, decode_specs, synthetic_spec
 
 
 class Scenario(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -131,3 +135,30 @@ def scenario_table(path: str | Path, overrides: Mapping[str, Any] | None = None)
             node = child
         node[last] = value
     return data
+
+
+def run_record(scenario: Scenario, config: MarketConfig) -> RunRecord:
+    """The `runs` row a market writes at start (not in the digest: it holds the wall clock)."""
+    return RunRecord(
+        id=f"{scenario.name}-{scenario.seed}-{int(time.time())}",
+        scenario=scenario.name,
+        seed=scenario.seed,
+        started=int(time.time()),
+        config=canonical_config(config),
+    )
+
+
+def community(scenario: Scenario, participants: int | None) -> list[ParticipantSpec]:
+    """The scenario's participants, cut or grown to `participants` with seeded synthetic ones."""
+    specs = decode_specs(scenario.participants)
+    if participants is None:
+        return specs
+    rng = np.random.default_rng(scenario.seed)
+    taken = {s.id for s in specs}
+    extra = (synthetic_spec(i, rng) for i in range(10**7))
+    grown = specs[:participants]
+    while len(grown) < participants:
+        spec = next(extra)
+        if spec.id not in taken:
+            grown.append(spec)
+    return grown

@@ -6,20 +6,17 @@ import argparse
 import asyncio
 import logging
 import signal
-import time
 from pathlib import Path
 
 from aiohttp import web
 
 from controller import runloop
-from controller.scenario import Scenario, load_scenario
+from controller.scenario import Scenario, load_scenario, run_record
 from ledger import open_sink
 from market.core.capacity import CapacityLimits
 from market.core.clearing import MATCHINGS
-from market.core.engine import MarketConfig
-from market.core.records import RunRecord
 from market.core.registry import Registry
-from market.server.app import MarketServer, canonical_config
+from market.server.app import MarketServer
 from market.server.guard import ConnectionGuard
 from market.server.upstream import UpstreamLink
 
@@ -171,17 +168,6 @@ async def serve(args: argparse.Namespace) -> int:
     logging.getLogger("microte.market").info("shutting down: closing connections, flushing the ledger")
     await runner.cleanup()
     return 0
-
-
-def run_record(scenario: Scenario, config: MarketConfig) -> RunRecord:
-    """The `runs` row a market writes at start (not in the digest: it holds the wall clock)."""
-    return RunRecord(
-        id=f"{scenario.name}-{scenario.seed}-{int(time.time())}",
-        scenario=scenario.name,
-        seed=scenario.seed,
-        started=int(time.time()),
-        config=canonical_config(config),
-    )
 
 
 def main(args: argparse.Namespace) -> int:

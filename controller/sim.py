@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 import socketio
 import tomli_w
 from tqdm import tqdm
 
 from controller import runloop
 from controller.report import Summary, render, summarize
-from controller.scenario import Scenario, load_scenario, scenario_table
+from controller.scenario import Scenario, community, load_scenario, scenario_table
 from controller.site_records import plain_database, site_records
 from ledger import is_memory, open_sink, read_rows
 from market.community.pseudonyms import KEY_FILE
@@ -33,7 +32,7 @@ from participants.fleet import Fleet
 from participants.fleet_client import FleetClient
 from participants.parity_agents import ParityAgents
 from participants.prosumer import Prosumer
-from participants.spec import ParticipantSpec, decode_specs, synthetic_spec
+from participants.spec import ParticipantSpec
 
 CONTROLLER_ID = "controller"
 LISTENING = "microte market listening on "
@@ -82,22 +81,6 @@ def parity_summary(ledger: str) -> ParitySummary:
         slas_checked=len(read_rows(ledger, "sla_results")),
         balance_sum=sum(balances.values()),
     )
-
-
-def community(scenario: Scenario, participants: int | None) -> list[ParticipantSpec]:
-    """The scenario's participants, cut or grown to `participants` with seeded synthetic ones."""
-    specs = decode_specs(scenario.participants)
-    if participants is None:
-        return specs
-    rng = np.random.default_rng(scenario.seed)
-    taken = {s.id for s in specs}
-    extra = (synthetic_spec(i, rng) for i in range(10**7))
-    grown = specs[:participants]
-    while len(grown) < participants:
-        spec = next(extra)
-        if spec.id not in taken:
-            grown.append(spec)
-    return grown
 
 
 class FleetConnections:

@@ -31,8 +31,8 @@ import msgspec
 from tqdm import tqdm
 
 from controller import runloop
-from controller.scenario import load_scenario
-from controller.sim import SimResult, community, run_sim
+from controller.scenario import community, load_scenario
+from controller.sim import SimResult, run_sim
 from ledger import ledger_digest
 
 # `--set` keys that are run_sim arguments, not scenario keys (the scenario's `participants`

@@ -19,49 +19,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 import socketio
 
 from market.core import wire
+from participants.parity_config import COMMUNITY, AgentKpi, AgentsConfig, decode_agents
 from participants.prosumer import Prosumer
-
-Signal = Literal["import_wh", "export_wh", "community_import_wh", "community_export_wh"]
-COMMUNITY: frozenset[str] = frozenset({"community_import_wh", "community_export_wh"})
-
-
-class AgentKpi(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A KPI of the aggregator's SLAs. `import_wh`/`export_wh`: a player's own Wh imported or
-    exported in each `resolution` period, saved by the player; `community_*`: the community's
-    total, saved by the oracle. `players`: registry ids (default: every LEM player, or the oracle)."""
-
-    id: str
-    signal: Signal
-    rule: Literal["gt", "lt"]
-    limit: float
-    penalty: Annotated[int, msgspec.Meta(gt=0)]  # micro-currency per breaking value
-    resolution: Annotated[int, msgspec.Meta(gt=0)] = 3600
-    players: list[str] | None = None
-
-
-class AgentsConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The scenario's `[parity.agents]` table."""
-
-    aggregator: str = "AGG"
-    players: list[str] | None = None  # the aggregator's prosumers (default: every prosumer)
-    params: dict[str, float] | None = None  # its own LEM parameters (pbBAU, psBAU, pbP2P, psP2P, beta)
-    measure: bool = True  # prosumers save their measurements (else the LEM takes the meters)
-    oracle: str | None = None
-    sla_length: Annotated[int, msgspec.Meta(ge=0)] = 7200  # one SLA per period (0: none)
-    kpis: list[AgentKpi] = []
-
-    def ids(self) -> dict[str, str]:
-        """The accounts the agents log in as, beside the prosumers: id -> role."""
-        out = {self.aggregator: "aggregator"}
-        if self.oracle is not None:
-            out[self.oracle] = "oracle"
-        return out
 
 
 class ParityAgents:
@@ -239,13 +204,6 @@ class ParityAgents:
             return float(sum(f[0] if kpi.signal == "community_import_wh" else f[1] for f in flows))
         imported, exported = self._flows(pid, a, b)
         return float(imported if kpi.signal == "import_wh" else exported)
-
-
-def decode_agents(table: Any) -> AgentsConfig:
-    try:
-        return msgspec.convert(table, AgentsConfig)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"[parity.agents]: {exc}") from None
 
 
 __all__: Sequence[str] = ("AgentKpi", "AgentsConfig", "ParityAgents", "decode_agents")

@@ -186,6 +186,11 @@ class Recovered(msgspec.Struct, frozen=True):
     meters: list[MeterRecord]  # acknowledged readings of slots not yet processed
 
 
+def canonical_config(config: MarketConfig) -> str:
+    """The configuration as the ledger's `runs` row keeps it: sorted JSON."""
+    return msgspec.json.encode(msgspec.to_builtins(config, order="sorted")).decode()
+
+
 # Of a meter reading's interval: the refusal before its sources are checked (misaligned),
 # the one after (not taking readings), and its delivery when it takes them (Market._interval).
 _Interval = tuple[tuple[ErrorCode, str] | None, tuple[ErrorCode, str] | None, _Delivering | None]

@@ -23,7 +23,16 @@ from market.balancing.namespace import BalancingNamespace
 from market.community.namespace import GridNamespace
 from market.community.pseudonyms import PseudonymError
 from market.core import wire
-from market.core.engine import Market, MarketConfig, Phase, Recovered, RoundOpen, SlotResult, slot_records
+from market.core.engine import (
+    Market,
+    MarketConfig,
+    Phase,
+    Recovered,
+    RoundOpen,
+    SlotResult,
+    canonical_config,
+    slot_records,
+)
 from market.core.errors import MarketError
 from market.core.hierarchy import UpstreamFill, physical_flows, residual_rows
 from market.core.protocol import UpstreamFillsMsg
@@ -728,7 +737,3 @@ def _round_reply(r: RoundRecord) -> dict[str, Any]:
         "trades": r.trades,
         "records": r.records,
     }
-
-
-def canonical_config(config: MarketConfig) -> str:
-    return msgspec.json.encode(msgspec.to_builtins(config, order="sorted")).decode()

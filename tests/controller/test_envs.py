@@ -130,3 +130,18 @@ def test_an_action_is_clipped_as_numpy_clips_it(values):
     action = np.array(values, dtype=np.float32)
     expected = np.clip(np.nan_to_num(action.astype(np.float64), nan=0.0), 0.0, 1.0).tolist()
     assert _unit(action) == expected
+
+
+def test_the_environments_import_no_socket_or_database_stack():
+    """An environment is in-process and writes no ledger: importing it (what
+    `gymnasium.make("microte/Prosumer-v0")` does first) pulls in neither the socket.io client
+    and server nor the database libraries, about a second of imports."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, controller.envs\n"
+        "print(sorted(m for m in ('socketio', 'engineio', 'aiohttp', 'sqlalchemy', 'dataset') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -8,8 +8,8 @@ import pytest
 
 from controller.cli import main
 from controller.inproc import InprocMarket
-from controller.scenario import load_scenario
-from controller.sim import community, run_sim
+from controller.scenario import community, load_scenario
+from controller.sim import run_sim
 from ledger import ledger_digest, read_rows
 
 SCENARIOS = Path(__file__).parents[2] / "scenarios"

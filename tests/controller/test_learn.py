@@ -10,7 +10,7 @@ import pytest
 from controller import learn
 from controller.envs import OBS_BOUND, OBS_FIELDS, ProsumerEnv
 from controller.inproc import InprocMarket
-from controller.sim import community
+from controller.scenario import community
 from market.core.records import Transaction
 from participants.spec import NoTrader
 

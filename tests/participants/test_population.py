@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.scenario import load_scenario
-from controller.sim import community
+from controller.scenario import community, load_scenario
 from market.core.engine import Market
 from market.core.protocol import MeterMsg, OrdersMsg, decode
 from participants.messages import Delivery, Settled, StartRound, parse
