@@ -27,7 +27,7 @@ from pettingzoo import ParallelEnv
 from controller import runloop
 from controller.inproc import InprocMarket
 from controller.scenario import Scenario, community, load_scenario
-from market.core.protocol import MAX_ORDERS, MAX_QUANTITY, PRICE_LIMIT, EntryMsg
+from market.core.protocol import MAX_ORDERS, MAX_QUANTITY, PRICE_LIMIT, EntryMsg, Side
 from market.core.records import Record
 from participants.devices import split_own_use
 from participants.messages import StartRound, parse
@@ -365,17 +365,30 @@ class _Episode:
             if acted[i]:
                 matrix[i] = np.asarray(actions[a], dtype=np.float64)
         infos: dict[str, dict[str, Any]] = {}
+        batch: list[tuple[str, Side, EntryMsg]] = []  # agents' orders within bounds, booked together
+        owners: list[str] = []
+
+        def book() -> None:  # in the agents' order, so the book is as if each were booked in turn
+            for a, reply in zip(owners, self.market.submit_each(batch), strict=True):
+                if reply is not None:
+                    infos[a]["refused"].append(reply)
+            batch.clear()
+            owners.clear()
+
         for a, did, orders in zip(crowd.names, acted.tolist(), crowd.orders(matrix), strict=True):
             orders = orders if did else []
+            infos[a] = {"orders": orders, "refused": []}
             if not orders:
-                refused: list[dict[str, Any]] = []
-            elif len(orders) <= MAX_ORDERS and all(
+                continue
+            if len(orders) <= MAX_ORDERS and all(
                 o["quantity"] <= MAX_QUANTITY and abs(o["price"]) <= PRICE_LIMIT for o in orders
             ):
-                refused = self.market.submit_entries(a, [(o["side"], _entry(o)) for o in orders])
+                batch += [(a, o["side"], _entry(o)) for o in orders]
+                owners += [a] * len(orders)
             else:  # outside the protocol's bounds: refused as a client's batch would be
-                refused = [r for r in self.market.submit(a, orders) if not r.get("ok")]
-            infos[a] = {"orders": orders, "refused": refused}
+                book()
+                infos[a]["refused"] = [r for r in self.market.submit(a, orders) if not r.get("ok")]
+        book()
         before = crowd.snapshot()
         record = self.market.close()
         records = self.market.take_records()

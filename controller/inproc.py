@@ -211,16 +211,13 @@ class InprocMarket:
             return err.reply()
         return reply
 
-    def submit_entries(self, pid: str, entries: list[tuple[Side, EntryMsg]]) -> list[dict[str, Any]]:
-        """Orders of `pid` already decoded (as `OrdersMsg` would: the caller built them within
-        the protocol's bounds), each booked or refused on its own: the refusals' replies."""
-        refused = [
-            order_reply(r)
-            for r in self.market.submit_each((pid, side, entry) for side, entry in entries)
-            if isinstance(r, MarketError)
-        ]
-        self.refused += len(refused)
-        return refused
+    def submit_each(self, items: list[tuple[str, Side, EntryMsg]]) -> list[dict[str, Any] | None]:
+        """Orders of participants already decoded (as `OrdersMsg` would: the caller built them
+        within the protocol's bounds), in order, each booked or refused on its own: each
+        order's refusal reply, or None where it was booked."""
+        out = [order_reply(r) if isinstance(r, MarketError) else None for r in self.market.submit_each(items)]
+        self.refused += sum(1 for r in out if r is not None)
+        return out
 
     def _finish(self, opened: RoundOpen, slot: int, fills: Sequence[Settlement]) -> RoundRecord:
         result = self.market.process(slot, opened.times.time, parties=self._delivered_to)

@@ -499,7 +499,10 @@ class Population:
         price = template.copy()
         if low is not None and high is not None and high > low:
             self._battery_orders(self._battery_kind, bid, asks, bess, slot, low, high, buy_mean, c)
+            external = self.external
             for i in self._drawing:
+                if external[i]:
+                    continue  # traded from outside: its trader's orders are never placed
                 own = self._own[i]
                 rng = generator(self.seed % 2**64, self._keys[i], slot[0])
                 drawn = rng.uniform(low, high, size=1 + len(own))

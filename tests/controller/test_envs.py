@@ -89,15 +89,27 @@ def test_parallel_env_passes_the_pettingzoo_api_test() -> None:
     assert steps == 24 and all(truncated.values())
 
 
-@pytest.mark.parametrize(("participants", "agents"), [(40, None), (30, ["S0005", "H06", "S0003"])])
-def test_the_crowd_of_agents_sees_and_trades_as_an_agent_each(participants: int, agents: list[str] | None) -> None:
-    """The parallel env's agents as arrays (`_Crowd`) against an `_Agent` each: the same
-    observations, orders, refusals, rewards and ledger, step by step, actions of every kind
-    (out of range, NaN, agents that do not act)."""
+@pytest.mark.parametrize(
+    ("participants", "agents", "one_open"),
+    [(40, None, False), (30, ["S0005", "H06", "S0003"], False), (30, None, True)],
+)
+def test_the_crowd_of_agents_sees_and_trades_as_an_agent_each(
+    participants: int, agents: list[str] | None, one_open: bool, tmp_path: Path
+) -> None:
+    """The parallel env's agents as arrays (`_Crowd`, their orders booked in one batch)
+    against an `_Agent` each: the same observations, orders, refusals, rewards and ledger,
+    step by step, actions of every kind (out of range, NaN, agents that do not act).
+    `one_open`: one open entry per slot and participant, so that most second orders are
+    refused."""
+    scenario = SCENARIO
+    if one_open:
+        scenario = tmp_path / "one_open.toml"
+        scenario.write_text(SCENARIO.read_text().replace("[market]\n", "[market]\nmax_open_per_slot = 1\n", 1))
     envs = [
-        parallel_env(scenario=SCENARIO, seed=3, days=0.5, participants=participants, agents=agents, crowd=crowd)
+        parallel_env(scenario=scenario, seed=3, days=0.5, participants=participants, agents=agents, crowd=crowd)
         for crowd in (True, False)
     ]
+    refused = 0
     (obs_a, info_a), (obs_b, info_b) = (e.reset(seed=3) for e in envs)
     assert envs[0]._episode is not None and envs[0]._episode.crowd is not None
     assert envs[1]._episode is not None and envs[1]._episode.crowd is None
@@ -118,8 +130,10 @@ def test_the_crowd_of_agents_sees_and_trades_as_an_agent_each(participants: int,
         obs_b, rew_b, _, trunc_b, info_b = envs[1].step(actions)
         assert rew_a == rew_b and trunc_a == trunc_b
         orders += sum(len(i["orders"]) for i in info_a.values())
+        refused += sum(len(i["refused"]) for i in info_a.values())
         steps += 1
     assert steps == 48 and orders > 4 * len(names)
+    assert (refused > 10) if one_open else (refused == 0)
     assert episodes[0].records == episodes[1].records and len(episodes[0].records) > 1000
 
 
