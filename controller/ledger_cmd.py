@@ -29,16 +29,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ledger import merkle
+from ledger import CHAIN_PREFIX, is_chain_url, merkle
 from ledger.dual import (
-    PREFIX,
     ChainConfig,
     anchor_leaves,
     by_table,
     chain_anchors,
     chain_contracts,
     chain_leaves,
-    is_dual_url,
     parse_url,
     rows_by_key,
 )
@@ -86,7 +84,7 @@ class Report:
 
 def _config(url: str) -> ChainConfig:
     # A plain database URL means the chain ledger on it, with the default chain options.
-    return parse_url(url if is_dual_url(url) else PREFIX + url)
+    return parse_url(url if is_chain_url(url) else CHAIN_PREFIX + url)
 
 
 @contextmanager
@@ -98,7 +96,9 @@ def _database(db_url: str) -> Iterator[sa.Connection]:
     try:
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table(chain_anchors.name):
-                raise LookupError(f"{db_url} has no anchors table: it was not written as a chain ledger ({PREFIX}...)")
+                raise LookupError(
+                    f"{db_url} has no anchors table: it was not written as a chain ledger ({CHAIN_PREFIX}...)"
+                )
             yield conn
     finally:
         engine.dispose()

@@ -139,11 +139,12 @@ def scenario_table(path: str | Path, overrides: Mapping[str, Any] | None = None)
 
 def run_record(scenario: Scenario, config: MarketConfig) -> RunRecord:
     """The `runs` row a market writes at start (not in the digest: it holds the wall clock)."""
+    started = int(time.time())
     return RunRecord(
-        id=f"{scenario.name}-{scenario.seed}-{int(time.time())}",
+        id=f"{scenario.name}-{scenario.seed}-{started}",
         scenario=scenario.name,
         seed=scenario.seed,
-        started=int(time.time()),
+        started=started,
         config=canonical_config(config),
     )
 

@@ -59,8 +59,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PREFIX = CHAIN_PREFIX
-is_dual_url = is_chain_url
 CHAIN_KEY_ENV = "MICROTE_CHAIN_KEY"
 _OPTIONS = ("chain", "evm_state", "contract", "max_transfers")
 
@@ -142,12 +140,12 @@ class ChainConfig:
 
 def parse_url(url: str) -> ChainConfig:
     """`evm+DATABASE_URL[?chain=URL&evm_state=PATH|memory&contract=0x...]`."""
-    if not is_dual_url(url):
+    if not is_chain_url(url):
         raise ValueError(
-            f"not a chain ledger URL: {url!r} (expected {PREFIX}sqlite:///... or {PREFIX}postgresql://...)"
+            f"not a chain ledger URL: {url!r} (expected {CHAIN_PREFIX}sqlite:///... or {CHAIN_PREFIX}postgresql://...)"
         )
     try:
-        parsed = sa.make_url(url[len(PREFIX) :])
+        parsed = sa.make_url(url[len(CHAIN_PREFIX) :])
     except sa.exc.ArgumentError as exc:
         raise ValueError(f"ledger URL {url!r}: {exc}") from None
     query = parsed.query
@@ -165,11 +163,11 @@ def parse_url(url: str) -> ChainConfig:
     if backend not in ("sqlite", "postgresql"):
         scheme = url.partition(":")[0]
         raise ValueError(
-            f"unknown ledger URL scheme {scheme!r} in {url!r}: a chain ledger is {PREFIX} before a "
-            f"database URL ({PREFIX}sqlite:///PATH or {PREFIX}postgresql://...), the node in ?chain=URL"
+            f"unknown ledger URL scheme {scheme!r} in {url!r}: a chain ledger is {CHAIN_PREFIX} before a "
+            f"database URL ({CHAIN_PREFIX}sqlite:///PATH or {CHAIN_PREFIX}postgresql://...), the node in ?chain=URL"
         )
     if backend == "sqlite" and db.database in (None, "", ":memory:"):
-        raise ValueError(f"ledger URL {url!r}: SQLite needs a file, e.g. {PREFIX}sqlite:///microte.db")
+        raise ValueError(f"ledger URL {url!r}: SQLite needs a file, e.g. {CHAIN_PREFIX}sqlite:///microte.db")
     if chain is not None:
         if state is not None:
             raise ValueError(f"ledger URL {url!r}: evm_state is for the in-process chain, not with chain=")
@@ -196,7 +194,7 @@ def _opt(query: Any, name: str) -> str | None:
 
 def db_url(url: str) -> str:
     """The database part of a ledger URL (any URL that is not a chain URL is returned as is)."""
-    return parse_url(url).db_url if is_dual_url(url) else url
+    return parse_url(url).db_url if is_chain_url(url) else url
 
 
 # -- reading rows back -------------------------------------------------------------------------

@@ -542,8 +542,8 @@ class Population:
         price[fixed, 1 : s + 1] = inside_all(self._ask_price[fixed], low, high)[:, None]
         trades = fixed.copy()
         if low is not None and high is not None and high > low:
-            trades |= (kind == RANDOM) | (kind == BATTERY)
-            battery = kind == BATTERY
+            battery = self._battery_kind
+            trades |= (kind == RANDOM) | battery
             spread = high - low
             price[battery, 0] = inside_all(np.array([low + 0.7 * spread]), low, high)[0]
             price[battery, 1 : s + 1] = inside_all(np.array([low + 0.35 * spread]), low, high)[0]

@@ -99,9 +99,17 @@ def local_time_rows(t: np.ndarray, tz: ZoneInfo) -> tuple[np.ndarray, np.ndarray
     return day, (local - day * DAY) / 3600.0
 
 
-def _local_terms(t: np.ndarray, tz: ZoneInfo) -> _LocalTerms:
+def _local_terms(t: np.ndarray, tz: ZoneInfo) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """What a load profile computes of sample times (one slot's per row) before its own
+    draws, per local day: which samples fall on it, their hour index into the day's noise,
+    and the day's shape at them (weekday or weekend: the same for every household)."""
     days, hours = local_time_rows(t, tz)  # local time decided per slot, as `power`
-    return _LocalTerms(days.ravel(), hours.ravel())
+    hours = hours.ravel()
+    out = []
+    for d, mask in _day_masks(days.ravel()):
+        h = hours[mask]
+        out.append((d, mask, 1 + h.astype(np.int64), np.interp(h, _HOUR_CENTERS, _padded_shape(d))))
+    return out
 
 
 def _samples(start: int, end: int) -> np.ndarray:
@@ -235,22 +243,6 @@ def _day_masks(days: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [(int(d), days == d) for d in np.unique(days)]
 
 
-class _LocalTerms:
-    """What a load profile computes of sample times before its own draws, per local day:
-    which samples fall on it, their hour index into the day's noise, and the day's shape at
-    them (weekday or weekend: the same for every household)."""
-
-    def __init__(self, days: np.ndarray, hours: np.ndarray) -> None:
-        self.shape = days.shape
-        self.parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
-        for d, mask in _day_masks(days):
-            h = hours[mask]
-            shape = _padded_shape(d)
-            self.parts.append((d, mask, 1 + h.astype(np.int64), np.interp(h, _HOUR_CENTERS, shape)))
-        for _, *arrays in self.parts:
-            _read_only(arrays)
-
-
 def _padded_shape(day: int) -> np.ndarray:
     """The household shape of local `day` at the hour centres, padded for interpolation
     across midnight (row 0 of `LoadProfile._draw`)."""
@@ -293,9 +285,8 @@ class LoadProfile(_Synthetic):
         """`_power` of the local times of `t` decided per slot (as `power` of each row):
         the same operations per sample, with what every household shares computed once."""
         tz = self._tz
-        terms: _LocalTerms = _LOCAL_TERMS.get((_key(t), tz), lambda: _local_terms(t, tz))
-        out = np.empty(terms.shape)
-        for d, mask, idx, shaped in terms.parts:
+        out = np.empty(t.size)
+        for d, mask, idx, shaped in _LOCAL_TERMS.get((_key(t), tz), lambda: _local_terms(t, tz)):
             out[mask] = shaped * self._day(d)[1][idx]
         return self._mean_w * out
 

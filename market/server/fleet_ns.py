@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, TypeVar
 
 import socketio
 
@@ -24,6 +24,9 @@ from market.core.protocol import EntryMsg, FleetMetersMsg, FleetOrdersMsg, Meter
 from market.core.registry import Role
 from market.dispatch.base import Namespace, backing_off, login_keys, refuse_throttled, replying
 from market.server.port import MarketPort
+
+_Item = TypeVar("_Item", bound=tuple[Any, ...])  # an item of a batch, its participant first
+_R = TypeVar("_R")
 
 log = logging.getLogger("microte.market")
 MAX_MEMBERS = 20000
@@ -143,46 +146,37 @@ class FleetNamespace(Namespace):
         if costs:
             self._charge(costs)
 
-    def _member(self, members: frozenset[str], sid: str, pid: str) -> None:
-        if pid not in members or self.sid_of.get(pid) != sid:
-            raise _not_member(pid)
+    def _for_members(
+        self, sid: str, items: list[_Item], book: Callable[[list[_Item]], list[_R]]
+    ) -> list[_R | MarketError]:
+        """`book` of the items (participant first) of this connection's members, in order; the
+        others refused one by one as not members, in their places."""
+        members, mine = self.members[sid], self.sid_of
+        foreign = {i for i, item in enumerate(items) if item[0] not in members or mine.get(item[0]) != sid}
+        if not foreign:
+            return list(book(items))
+        booked = iter(book([item for i, item in enumerate(items) if i not in foreign]))
+        return [_not_member(item[0]) if i in foreign else next(booked) for i, item in enumerate(items)]
 
     async def _submit(
         self, sid: str, orders: list[tuple[str, Side, EntryMsg]]
     ) -> list[tuple[Entry, bool] | MarketError]:
         """Book a batch's orders, each accepted or refused on its own: the booked entry (and
         whether it repeated one) or the refusal, per order."""
-        members = self.members[sid]
-        self._charge_members(sid, members, (pid for pid, _, _ in orders))
+        self._charge_members(sid, self.members[sid], (pid for pid, _, _ in orders))
         await self.ms.admit()
-        mine = self.sid_of
-        foreign = [i for i, (pid, _, _) in enumerate(orders) if pid not in members or mine.get(pid) != sid]
-        if foreign:  # refused here; the others are booked in order
-            skip = set(foreign)
-            booked = iter(self.ms.market.submit_each(o for i, o in enumerate(orders) if i not in skip))
-            results: list[tuple[Entry, bool] | MarketError] = [
-                _not_member(orders[i][0]) if i in skip else next(booked) for i in range(len(orders))
-            ]
-        else:
-            results = self.ms.market.submit_each(orders)
+        results = self._for_members(sid, orders, self.ms.market.submit_each)
         await self.ms.persist()
         return results
 
     async def _meter(self, sid: str, readings: list[tuple[str, MeterMsg]]) -> list[dict[str, Any]]:
-        members = self.members[sid]
-        self._charge_members(sid, members, (pid for pid, _ in readings))
+        self._charge_members(sid, self.members[sid], (pid for pid, _ in readings))
+        await self.ms.admit()
         results: list[dict[str, Any]] = []
         arrived = []
-        await self.ms.admit()
-        foreign: dict[int, MarketError] = {}
-        for i, (pid, _) in enumerate(readings):
-            try:
-                self._member(members, sid, pid)
-            except MarketError as err:
-                foreign[i] = err
-        read = iter(self.ms.market.meter_each(r for i, r in enumerate(readings) if i not in foreign))
-        for i, (pid, reading) in enumerate(readings):
-            reply = foreign[i] if i in foreign else next(read)
+        for (pid, reading), reply in zip(
+            readings, self._for_members(sid, readings, self.ms.market.meter_each), strict=True
+        ):
             if isinstance(reply, MarketError):
                 results.append(reply.reply())
             else:
