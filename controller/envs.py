@@ -30,7 +30,7 @@ from controller.scenario import Scenario, community, load_scenario
 from market.core.protocol import MAX_ORDERS, MAX_QUANTITY, PRICE_LIMIT, EntryMsg, Side
 from market.core.records import Record
 from participants.devices import split_own_use
-from participants.messages import StartRound, parse
+from participants.messages import StartRound
 from participants.population import Population, inside_all, max_input_all, plain, split_all
 from participants.prosumer import Prosumer, facts_of
 from participants.traders import Observation, Order, inside
@@ -297,7 +297,9 @@ class _Episode:
         self.scenario = scenario
         spec_of = {s.id: s for s in specs}
         crowd = crowd and all(plain(spec_of[a]) for a in chosen)
-        self.market = InprocMarket(scenario, specs, base_dir=base_dir, external=chosen, crowd=crowd)
+        self.market = InprocMarket(
+            scenario, specs, base_dir=base_dir, external=chosen, crowd=crowd, journal=keep_records
+        )
         self.crowd = (
             _Crowd(self.market.population, chosen, scenario.timezone)
             if crowd and self.market.population is not None
@@ -320,17 +322,22 @@ class _Episode:
         crowd = self.crowd
         if crowd is not None:
             first = crowd.snapshot()
-            msg = parse(self.market.open(self.t), StartRound)
+            msg = self._open()
             crowd.fills = (crowd.snapshot() - first)[:, 4:6]
             return dict(zip(crowd.names, crowd.observe(msg), strict=True))
         before = {a: ag.snapshot() for a, ag in self.agents.items()}
-        msg = parse(self.market.open(self.t), StartRound)
+        msg = self._open()
         out = {}
         for a, ag in self.agents.items():
             now = ag.snapshot()
             ag.fills = (now[4] - before[a][4], now[5] - before[a][5])
             out[a] = ag.observe(msg)
         return out
+
+    def _open(self) -> StartRound:
+        self.market.open(self.t)
+        assert self.market.message is not None
+        return self.market.message  # as the market decoded it for its prosumers
 
     def step(self, actions: Mapping[str, np.ndarray]) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
         """Place the agents' orders, close the round: (reward, info) per agent."""

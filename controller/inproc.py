@@ -61,6 +61,7 @@ class InprocMarket:
         own: Sequence[str] = (),
         population: bool = True,
         crowd: bool = False,
+        journal: bool = True,
     ) -> None:
         """`upstream`: this market trades its residuals in a market above (docs/hierarchy.md);
         `sites`: participants that are not built from specs (a community in its district).
@@ -68,14 +69,15 @@ class InprocMarket:
         `Population` (participants/population.py: the same decisions as arrays; `population`
         False: a `Prosumer` each, the reference); the others are in `prosumers`. `crowd`: the
         plain external participants are members too, metered and never traded by it (a
-        research environment's agents as arrays, controller/envs.py)."""
+        research environment's agents as arrays, controller/envs.py). `journal` False: the
+        records of entries and readings are not made (`Market`), for a run that keeps no ledger."""
         if scenario.feeder is not None:
             raise ValueError(
                 "--transport inproc does not run the DSO agent of a [feeder] scenario yet; use --transport socket"
             )
         self.scenario = scenario
         self.config = scenario.market_config("sim")
-        self.market = Market(self.config, upstream=upstream)
+        self.market = Market(self.config, upstream=upstream, journal=journal)
         unknown = sorted(set(external) - {s.id for s in specs})
         if unknown:
             raise ValueError(f"external participants not in the scenario: {unknown}")
@@ -107,6 +109,7 @@ class InprocMarket:
         self.order = [*(s.id for s in specs), *(sites or {})]  # the registry's order (the `missing` lists)
         self.records: list[Record] = []  # to be written, in the order the server writes them
         self.opened: RoundOpen | None = None
+        self.message: StartRound | None = None  # the open round's `start_round`, decoded
         self.last: RoundRecord | None = None
         self.results: list[SlotResult] = []  # the slots the last `close` processed (a district reads them)
         self.refused = 0  # orders and readings the market refused (a client's `errors`)
@@ -135,7 +138,7 @@ class InprocMarket:
         last = self.market.times
         if last is not None and t <= last.time:
             raise ValueError(f"round {t} is not after round {last.time}")
-        self.opened = opened = self.market.open_round(t, None)
+        self.opened = opened = self.market.open_round(t, None, parties=self._delivered_to)
         pop, members = self.population, self._members
         if pop is not None:
             pop.on_settlements(opened.settlements)
@@ -145,7 +148,7 @@ class InprocMarket:
             p = self._sites.get(pid)
             if p is not None:
                 p.on_settled(payload)
-        msg = parse(opened.start_round, StartRound)  # once for all: each client would parse its copy
+        msg = self.message = parse(opened.start_round, StartRound)  # once for all: each client would parse its copy
         if pop is not None:  # the members' orders, then their readings, in member order
             meters, batch = pop.on_round(msg)
             ids = pop.ids

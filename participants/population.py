@@ -15,6 +15,7 @@ stays a `Prosumer` of its own.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -308,7 +309,9 @@ class Population:
     def _restart(self) -> None:
         self.soc = self._soc0.copy()
         self._slots: dict[int, _Slot] = {}
+        self._starts: list[int] = []  # a heap of the starts in `_slots`, for `_forget`
         self._prices: dict[int, tuple[float, float]] = {}
+        self._price_starts: list[int] = []  # a heap of the starts in `_prices`
         self._energy: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._days: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, list[int]]] = {}
         self._time: int | None = None
@@ -335,6 +338,7 @@ class Population:
                 np.zeros(n, dtype=np.int64),
                 set(),
             )
+            heapq.heappush(self._starts, start)
         return s
 
     # -- energy ---------------------------------------------------------------------------
@@ -437,7 +441,11 @@ class Population:
         self._time = msg.time
         self.stats["rounds"] += 1
         facts = facts_of(msg)
-        self._prices.update(facts.prices)
+        prices = self._prices
+        for start, p in facts.prices.items():
+            if start not in prices:
+                heapq.heappush(self._price_starts, start)
+            prices[start] = p
         slot = msg.current_round if msg.mode == "sim" else msg.last_round
         meters = None
         if slot is not None and slot[0] > self._metered:
@@ -596,10 +604,12 @@ class Population:
     def _forget(self, current: tuple[int, int]) -> None:
         duration = current[1] - current[0]
         horizon = current[0] - KEEP_SLOTS * duration
-        for start in [s for s in self._slots if s < horizon]:
-            del self._slots[start]
-        for start in [s for s in self._prices if s < horizon]:
-            del self._prices[start]
+        starts = self._starts
+        while starts and starts[0] < horizon:  # what expires only, not every slot kept
+            del self._slots[heapq.heappop(starts)]
+        starts = self._price_starts
+        while starts and starts[0] < horizon:
+            del self._prices[heapq.heappop(starts)]
         for key in [k for k in self._energy if k[0] < current[0] - duration]:
             del self._energy[key]
 

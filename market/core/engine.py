@@ -204,8 +204,13 @@ class Market:
         capacity: CapacityLimits | None = None,
         *,
         upstream: bool = False,
+        journal: bool = True,
     ) -> None:
+        """`journal` False: no ledger records of entries and readings are made (for a caller
+        that writes no ledger: a research environment); fills, transactions and deliveries
+        are the same."""
         self.config = config
+        self.journaling = journal
         # A market below another (docs/hierarchy.md): each cleared slot's unmatched remainders
         # are kept for the market above, whose fills settle here with `UPSTREAM_ID`.
         self.upstream = upstream
@@ -251,9 +256,10 @@ class Market:
             raise IllegalTransition(f"slot {start}: {event!r} in phase {self.phase(start).value}")
         self._phase[start] = nxt
 
-    def open_round(self, t: int, duration: int | None = None) -> RoundOpen:
+    def open_round(self, t: int, duration: int | None = None, *, parties: Container[str] | None = None) -> RoundOpen:
         """Start the round at `t`: close and clear every slot up to `last_settle`, and start
-        delivering `current_round`."""
+        delivering `current_round`. `settled` holds the events of `parties` only, if given
+        (as `process`)."""
         d = self._check_round(t, duration)
         times = round_times(t, d, self.config.close_steps, self.times.current_round if self.times else None)
         closing = sorted({*self.book.slots_until(times.last_settle[0]), times.last_settle[0], t})
@@ -267,7 +273,7 @@ class Market:
             self._deliver(start)
         self._deliver(t)
         self.times = times
-        return RoundOpen(times, self.start_round_payload(), _settled_events(settlements), settlements)
+        return RoundOpen(times, self.start_round_payload(), _settled_events(settlements, parties), settlements)
 
     def _deliver(self, start: int) -> None:
         self._move(start, "deliver")
@@ -492,7 +498,8 @@ class Market:
         self._check_open(participant, msg.time_delivery[0])
         self.book.add(entry)
         counters[participant] = n + 1
-        self.journal.append(_entry_record(entry, n))
+        if self.journaling:
+            self.journal.append(_entry_record(entry, n))
         return entry, False
 
     def set_base_flows(self, slot: Slot, flows_w: Sequence[float]) -> None:
@@ -627,8 +634,9 @@ class Market:
                 raise MarketError("conflict", f"a different reading for interval {slot[0]} was already accepted")
             return {"duplicate": True}
         delivering.meters[participant] = msg
-        record = delivering.records[participant] = _meter_record(participant, slot, msg, r.time)
-        self.journal.append(record)
+        if self.journaling:
+            record = delivering.records[participant] = _meter_record(participant, slot, msg, r.time)
+            self.journal.append(record)
         return {}
 
     def _check_meter_sources(self, msg: MeterMsg) -> None:
@@ -808,33 +816,29 @@ def _refusal(call: Callable[..., object], args: tuple[Any, ...]) -> MarketError:
     raise AssertionError("expected a refusal")
 
 
-def _settled_events(settlements: list[Settlement]) -> list[tuple[str, dict[str, Any]]]:
+def _settled_events(
+    settlements: list[Settlement], parties: Container[str] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     events = []
     for s in settlements:
+        buyer = parties is None or s.buyer_id in parties
+        seller = parties is None or s.seller_id in parties
+        if not (buyer or seller):
+            continue
         common = {
             "commit_id": s.commit_id,
             "quantity": s.quantity,
             "source": s.energy_source,
             "time_delivery": [s.time_delivery_start, s.time_delivery_end],
         }
-        events.append(
-            (
-                s.buyer_id,
-                {**common, "uuid": s.bid_uuid, "id": s.bid_id, "side": "bid", "price": s.price_buy},
+        if buyer:
+            events.append(
+                (s.buyer_id, {**common, "uuid": s.bid_uuid, "id": s.bid_id, "side": "bid", "price": s.price_buy})
             )
-        )
-        events.append(
-            (
-                s.seller_id,
-                {
-                    **common,
-                    "uuid": s.ask_uuid,
-                    "id": s.ask_id,
-                    "side": "ask",
-                    "price": s.price_sell,
-                },
+        if seller:
+            events.append(
+                (s.seller_id, {**common, "uuid": s.ask_uuid, "id": s.ask_id, "side": "ask", "price": s.price_sell})
             )
-        )
     return events
 
 

@@ -65,6 +65,17 @@ def test_the_return_is_minus_the_agents_bill_in_the_ledger_rows() -> None:
     assert rewards.sum() == pytest.approx(-paid / 1e6, abs=1e-9)
 
 
+def test_an_episode_without_its_records_trades_and_pays_as_one_that_keeps_them() -> None:
+    # keep_records=False makes no ledger records of entries and readings (Market journal=False):
+    # the observations and rewards must not depend on that.
+    act = np.array([0.7, 1.0, 0.3, 1.0], dtype=np.float32)
+    kept, lean = make(days=0.5, keep_records=True), make(days=0.5)
+    a, b = episode(kept, 5, act), episode(lean, 5, act)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert any(r.TABLE == "entries" for r in kept.records) and any(r.TABLE == "meters" for r in kept.records)
+    assert not lean._episode.market.market.journaling and lean.records == []
+
+
 def test_actions_out_of_range_are_clipped_and_bad_use_is_a_clear_error() -> None:
     env = make(days=0.1)
     env.reset(seed=1)

@@ -156,8 +156,8 @@ def rows(transactions: Iterable[Transaction]) -> list[TxRow]:
 # -- engine ------------------------------------------------------------------------------
 
 
-def market(**config: Any) -> Market:
-    return Market(MarketConfig(**config))
+def market(*, journal: bool = True, **config: Any) -> Market:
+    return Market(MarketConfig(**config), journal=journal)
 
 
 def entry_msg(quantity: int, price: float, slot: Slot, source: str | None = None, id: str | None = None) -> EntryMsg:

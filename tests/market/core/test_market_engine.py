@@ -431,6 +431,50 @@ def test_close_steps_1_round_trip() -> None:
     assert [t.kind for t in m.process(60, now=120).transactions] == ["p2p"]
 
 
+def test_settled_of_some_parties_are_theirs_of_all_and_the_outcome_is_the_same() -> None:
+    def two_fills(**kw: Any) -> Any:
+        m = market(duration=D, close_steps=2)
+        m.open_round(0)
+        for buyer, seller in (("B", "S"), ("C", "T")):
+            bid(m, buyer, 100, 0.25, (120, 180))
+            ask(m, seller, 100, 0.125, (120, 180))
+        return m.open_round(60, **kw)
+
+    every = two_fills()
+    for parties in ({"B"}, {"S", "C"}, set(), {"B", "S", "C", "T", "X"}):
+        some = two_fills(parties=parties)
+        assert some.settled == [(p, e) for p, e in every.settled if p in parties]
+        assert some.settlements == every.settlements and some.start_round == every.start_round
+
+
+def test_a_market_without_a_journal_books_meters_and_exchanges_the_same() -> None:
+    def run(journal: bool) -> Any:
+        m = market(duration=D, close_steps=1, journal=journal)
+        m.open_round(0)
+        bid(m, "B", 100, 0.25, (60, 120))
+        ask(m, "S", 100, 0.125, (60, 120), source="solar")
+        r = m.open_round(60)
+        replies = [
+            m.meter("S", meter(gen={"solar": 100}, slot=(60, 120))),
+            m.meter("B", meter(other={"external": 100}, slot=(60, 120))),
+            m.meter("B", meter(other={"external": 100}, slot=(60, 120))),  # a duplicate
+        ]
+        assert code(m.meter, "B", meter(other={"external": 90}, slot=(60, 120))) == "conflict"
+        return m, r.settlements, replies, m.process(60, now=120)
+
+    m, fills, replies, result = run(False)
+    ref, ref_fills, ref_replies, ref_result = run(True)
+    assert (fills, replies, result.transactions, result.deliveries, result.metered) == (
+        ref_fills,
+        ref_replies,
+        ref_result.transactions,
+        ref_result.deliveries,
+        ref_result.metered,
+    )
+    assert m.take_journal() == [] and result.meters == []
+    assert {r.TABLE for r in ref.take_journal()} == {"entries", "meters"} and len(ref_result.meters) == 2
+
+
 def test_pay_as_bid_engine() -> None:
     m = market(pricing="pay_as_bid")
     m.open_round(0)
