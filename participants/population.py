@@ -685,33 +685,39 @@ class Population:
         c = self._slot(start)
         if c.delivered is None:
             c.delivered = np.zeros(len(self.ids), dtype=bool)
-        index, done = self.index, c.delivered
-        cols: dict[str, tuple[list[int], list[int]]] = {
-            k: ([], []) for k in ("paid", "received", "p2p_bought_wh", "p2p_sold_wh", "grid_bought_wh", "grid_sold_wh")
-        }
+        index, done, n = self.index, c.delivered, len(self.ids)
+        # Sums per member as Python ints (a row is a Python object anyway), added once per column.
+        was = done.tolist()
+        paid, received, p2p_bought, p2p_sold, grid_bought, grid_sold = ([0] * n for _ in range(6))
         parties: set[int] = set()
         for tx in rows:
-            b, s = index.get(tx.buyer_id), index.get(tx.seller_id)
-            if b is not None and not done[b]:
+            b, s, kind = index.get(tx.buyer_id), index.get(tx.seller_id), tx.kind
+            if b is not None and not was[b]:
                 parties.add(b)
-                _put(cols["paid"], b, tx.amount_buy)
-                if tx.kind in P2P_KINDS:
-                    _put(cols["p2p_bought_wh"], b, tx.quantity)
-                elif tx.kind == "grid_buy":
-                    _put(cols["grid_bought_wh"], b, tx.quantity)
-            if s is not None and not done[s]:
+                paid[b] += tx.amount_buy
+                if kind in P2P_KINDS:
+                    p2p_bought[b] += tx.quantity
+                elif kind == "grid_buy":
+                    grid_bought[b] += tx.quantity
+            if s is not None and not was[s]:
                 parties.add(s)
-                _put(cols["received"], s, tx.amount_sell)
-                if tx.kind in P2P_KINDS:
-                    _put(cols["p2p_sold_wh"], s, tx.quantity)
-                elif tx.kind == "grid_sell":
-                    _put(cols["grid_sold_wh"], s, tx.quantity)
+                received[s] += tx.amount_sell
+                if kind in P2P_KINDS:
+                    p2p_sold[s] += tx.quantity
+                elif kind == "grid_sell":
+                    grid_sold[s] += tx.quantity
         if not parties:
             return
         st = self.stats
-        for name, (at, values) in cols.items():
-            if at:
-                np.add.at(st[name], at, values)
+        for name, col in (
+            ("paid", paid),
+            ("received", received),
+            ("p2p_bought_wh", p2p_bought),
+            ("p2p_sold_wh", p2p_sold),
+            ("grid_bought_wh", grid_bought),
+            ("grid_sold_wh", grid_sold),
+        ):
+            st[name] += np.array(col, dtype=np.int64)
         who = np.fromiter(parties, dtype=np.int64, count=len(parties))
         done[who] = True
         st["delivered"][who] += 1
@@ -719,8 +725,3 @@ class Population:
             st["compared"][who] += 1
             st["grid_only_paid"][who] += c.pending[0][who]
             st["grid_only_received"][who] += c.pending[1][who]
-
-
-def _put(col: tuple[list[int], list[int]], i: int, value: int) -> None:
-    col[0].append(i)
-    col[1].append(value)
