@@ -29,7 +29,7 @@ from participants.messages import Delivery, Settled, StartRound
 from participants.profiles import SiteProfiles, build_profiles
 from participants.prosumer import KEEP_SLOTS, P2P_KINDS, Stats, facts_of, forecast_wh
 from participants.spec import BatteryTrader, FixedPriceTrader, ParticipantSpec
-from participants.synthetic import DAY, generator, stable_key
+from participants.synthetic import DAY, stable_key, uniforms
 from participants.traders import inside
 
 # Trader kinds by index (the spec's tag).
@@ -512,8 +512,7 @@ class Population:
                 if external[i]:
                     continue  # traded from outside: its trader's orders are never placed
                 own = self._own[i]
-                rng = generator(self.seed % 2**64, self._keys[i], slot[0])
-                drawn = rng.uniform(low, high, size=1 + len(own))
+                drawn = uniforms(low, high, 1 + len(own), self.seed % 2**64, self._keys[i], slot[0])
                 price[i, 0] = inside(drawn[0], low, high)
                 for src, p in zip(own, drawn[1:], strict=True):
                     price[i, 1 + self._col[src]] = inside(p, low, high)

@@ -55,6 +55,10 @@ def generator(*entropy: int) -> np.random.Generator:
     list of ints into the seed's uint32 words with Python calls per int, and takes an array
     of the words as it is (~7 against ~11 us, paid per slot by each trader that draws and
     each forecast that errs). Entropy must be non-negative, as numpy requires."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(_seed_words(entropy))))
+
+
+def _seed_words(entropy: tuple[int, ...]) -> np.ndarray:
     words: list[int] = []
     for v in entropy:
         if v < 0:
@@ -64,7 +68,42 @@ def generator(*entropy: int) -> np.random.Generator:
         while v:  # little-endian 32-bit words, as numpy's _int_to_uint32_array
             words.append(v & 0xFFFFFFFF)
             v >>= 32
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(np.array(words, dtype=np.uint32))))
+    return np.array(words, dtype=np.uint32)
+
+
+# numpy's SeedSequence.generate_state for PCG64's four 64-bit words hashes the pool with
+# constants that do not depend on the data: (xor, multiply) per 32-bit output word.
+_M32, _M64, _M128 = 2**32 - 1, 2**64 - 1, 2**128 - 1
+_STATE_HASH = []
+_h = 0x8B51F9DD  # INIT_B
+for _ in range(8):
+    _STATE_HASH.append((_h, _h * 0x58F38DED & _M32))  # MULT_B
+    _h = _STATE_HASH[-1][1]
+_PCG_MULT = (2549297995355413924 << 64) + 4865540595714422341  # PCG64's 128-bit LCG multiplier
+_TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53: numpy's next_double
+
+
+def uniforms(low: float, high: float, k: int, *entropy: int) -> list[float]:
+    """`generator(*entropy).uniform(low, high, size=k).tolist()`, the same floats, without
+    building numpy's bit generator: its state words, PCG64's seeding and `k` steps in Python
+    ints (~6 against ~10 us; a drawing trader pays it per member and slot).
+    tests/participants/test_participants_profiles.py compares it with `default_rng`."""
+    pool = np.random.SeedSequence(_seed_words(entropy)).pool.tolist()
+    w = []
+    for i, (xor, mult) in enumerate(_STATE_HASH):
+        v = (pool[i & 3] ^ xor) * mult & _M32
+        w.append(v ^ (v >> 16))
+    inc = (((w[4] | w[5] << 32) << 64 | w[6] | w[7] << 32) << 1 | 1) & _M128
+    # pcg_setseq_128_srandom_r: a step from 0, the seed added, a step
+    state = ((inc + ((w[0] | w[1] << 32) << 64 | w[2] | w[3] << 32)) * _PCG_MULT + inc) & _M128
+    span = high - low
+    out = []
+    for _ in range(k):
+        state = state * _PCG_MULT + inc & _M128
+        x, r = ((state >> 64) ^ state) & _M64, state >> 122  # XSL-RR output
+        x = (x >> r | x << (-r & 63)) & _M64
+        out.append(low + span * ((x >> 11) * _TO_UNIT))
+    return out
 
 
 @functools.lru_cache(maxsize=4096)

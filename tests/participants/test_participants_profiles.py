@@ -258,10 +258,26 @@ def test_generator_is_default_rng_of_the_same_entropy(entropy):
     assert ours.uniform(0.1, 0.3, size=2).tolist() == theirs.uniform(0.1, 0.3, size=2).tolist()
 
 
+@given(
+    st.lists(st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.just(0)), min_size=1, max_size=6),
+    st.floats(-1e6, 1e6),
+    st.floats(0, 1e6),
+    st.integers(1, 8),
+)
+def test_uniforms_are_the_draws_of_default_rng_of_the_same_entropy(entropy, low, span, k):
+    """`synthetic.uniforms` steps numpy's PCG64 in Python ints: the very floats numpy draws."""
+    from participants.synthetic import uniforms
+
+    high = low + span
+    assert uniforms(low, high, k, *entropy) == np.random.default_rng(entropy).uniform(low, high, size=k).tolist()
+
+
 def test_generator_refuses_negative_entropy_as_numpy_does():
-    from participants.synthetic import generator
+    from participants.synthetic import generator, uniforms
 
     with pytest.raises(ValueError):
         np.random.default_rng([1, -1])
     with pytest.raises(ValueError, match="non-negative"):
         generator(1, -1)
+    with pytest.raises(ValueError, match="non-negative"):
+        uniforms(0.0, 1.0, 1, 1, -1)
