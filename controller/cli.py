@@ -3,18 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from controller import cosim, dso, flexsim, grid_report, init_cmd, participant, pseudonym_cmd, run_report, serve, sweep
+from controller import parity_flags
+
+# Subcommand -> (module with its `add_arguments` and `main`, help). A command's module is
+# imported only when that command runs (or its --help is asked): `microte --help` and
+# `microte sim` do not import the stacks of the others (the server, HELICS, the report).
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "market": ("controller.serve", "run the market server"),
+    "participant": ("controller.participant", "connect participant clients of a scenario"),
+    "sim": (None, "simulate a scenario over real socket.io on loopback (or in-process)"),
+    "flexsim": ("controller.flexsim", "simulate aggregator flexibility: fair vs reputation (seed 001)"),
+    "dso": ("controller.dso", "DSO agent: power flows on the scenario's feeder, grid states on /grid"),
+    "grid-report": ("controller.grid_report", "voltage and loading per slot next to P2P volume and prices (PNG)"),
+    "report": ("controller.run_report", "a run's figures and one self-contained HTML page, from its ledger"),
+    "cosim": ("controller.cosim", "HELICS co-simulation: market, pandapower grid, weather (and buildings) federates"),
+    "sweep": ("controller.sweep", "run every combination of scenario values over several seeds, compare the KPIs"),
+    "init": ("controller.init_cmd", "a market's registry and scenario from a seed's config file"),
+    "pseudonym": ("controller.pseudonym_cmd", "/grid pseudonyms: resolve them (the operator, by key)"),
+    "ledger": (None, "ledger tools"),
+}
 
 
-def parser() -> argparse.ArgumentParser:
+def _module(command: str) -> Any:
+    name = COMMANDS[command][0]
+    assert name is not None
+    return importlib.import_module(name)
+
+
+def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; given `argv`, only the arguments of the command it names are set
+    up (every command is listed either way), else those of all commands."""
+    named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     p = argparse.ArgumentParser(prog="microte", description="microte local energy market")
     sub = p.add_subparsers(dest="command", required=True)
-    serve.add_arguments(sub.add_parser("market", help="run the market server"))
-    participant.add_arguments(sub.add_parser("participant", help="connect participant clients of a scenario"))
-    s = sub.add_parser("sim", help="simulate a scenario over real socket.io on loopback (or in-process)")
+    for command, (_, help) in COMMANDS.items():
+        c = sub.add_parser(command, help=help)
+        if argv is not None and command != named:
+            continue
+        if command == "sim":
+            _sim_arguments(c)
+        elif command == "ledger":
+            _ledger_arguments(c)
+        else:
+            _module(command).add_arguments(c)
+    return p
+
+
+def _sim_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("scenario", help="scenario TOML file")
     s.add_argument("--ledger", default="sqlite:///microte-sim.db", help="ledger URL (a SQLite file is rewritten)")
     s.add_argument("--participants", type=int, help="scale the community to N (seeded synthetic prosumers)")
@@ -28,30 +68,10 @@ def parser() -> argparse.ArgumentParser:
         help="socket: a market server process and socket.io clients; inproc: the same engine and participants "
         "called in this process (same ledger digest, no sockets)",
     )
-    serve.add_parity_arguments(s)
-    flexsim.add_arguments(
-        sub.add_parser("flexsim", help="simulate aggregator flexibility: fair vs reputation (seed 001)")
-    )
-    dso.add_arguments(
-        sub.add_parser("dso", help="DSO agent: power flows on the scenario's feeder, grid states on /grid")
-    )
-    grid_report.add_arguments(
-        sub.add_parser("grid-report", help="voltage and loading per slot next to P2P volume and prices (PNG)")
-    )
-    run_report.add_arguments(
-        sub.add_parser("report", help="a run's figures and one self-contained HTML page, from its ledger")
-    )
-    cosim.add_arguments(
-        sub.add_parser("cosim", help="HELICS co-simulation: market, pandapower grid, weather (and buildings) federates")
-    )
-    sweep.add_arguments(
-        sub.add_parser("sweep", help="run every combination of scenario values over several seeds, compare the KPIs")
-    )
-    init_cmd.add_arguments(sub.add_parser("init", help="a market's registry and scenario from a seed's config file"))
-    pseudonym_cmd.add_arguments(
-        sub.add_parser("pseudonym", help="/grid pseudonyms: resolve them (the operator, by key)")
-    )
-    led = sub.add_parser("ledger", help="ledger tools")
+    parity_flags.add_parity_arguments(s)
+
+
+def _ledger_arguments(led: argparse.ArgumentParser) -> None:
     led.add_argument(
         "action",
         choices=["digest", "verify", "balances"],
@@ -67,29 +87,18 @@ def parser() -> argparse.ArgumentParser:
         help="digest: every market of a PostgreSQL database (a schema each, docs/hierarchy.md): each one's digest, "
         "then one over all",
     )
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv if argv is not None else sys.argv[1:])
-    commands: dict[str, Callable[[argparse.Namespace], int]] = {  # a subcommand's own main(args)
-        "market": serve.main,
-        "participant": participant.main,
-        "flexsim": flexsim.main,
-        "dso": dso.main,
-        "grid-report": grid_report.main,
-        "report": run_report.main,
-        "cosim": cosim.main,
-        "sweep": sweep.main,
-        "init": init_cmd.main,
-        "pseudonym": pseudonym_cmd.main,
-    }
-    if args.command in commands:
-        return commands[args.command](args)
+    argv = argv if argv is not None else sys.argv[1:]
+    args = parser(argv).parse_args(argv)
+    if COMMANDS[args.command][0] is not None:  # a subcommand's own main(args)
+        main_of: Callable[[argparse.Namespace], int] = _module(args.command).main
+        return main_of(args)
     if args.command == "sim":
         from controller import sim  # the client stack and progress bar: only for this command
 
-        lem = serve.parity_flags(args)
+        lem = parity_flags.parity_flags(args)
         if _is_district(args.scenario):  # [[communities]]: a market of markets (docs/hierarchy.md)
             from controller import district_cmd
 

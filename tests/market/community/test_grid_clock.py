@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from controller import cli, serve
+from controller import cli, parity_flags
 from controller.scenario import Scenario, load_scenario
 from market.community.messages import KpiMeasureMsg, LemSetMsg, ParityConfig, PseudonymConfig, SlaSetMsg
 from market.community.namespace import GridNamespace
@@ -311,6 +311,6 @@ def test_scenario_parity_table_and_flags(tmp_path: Path) -> None:
     args = cli.parser().parse_args(
         ["market", "--registry", "r.toml", "--lem-solve-every", "900", "--lem-duration", "300"]
     )
-    assert serve.parity_overrides(args) == {"lem_duration": 300, "solve_every": 900, "solve_delay": None}
+    assert parity_flags.parity_overrides(args) == {"lem_duration": 300, "solve_every": 900, "solve_delay": None}
     args = cli.parser().parse_args(["sim", "s.toml", "--lem-solve-delay", "0", "--lem-solve-every", "86400"])
-    assert serve.parity_flags(args) == ["--lem-solve-every", "86400", "--lem-solve-delay", "0"]
+    assert parity_flags.parity_flags(args) == ["--lem-solve-every", "86400", "--lem-solve-delay", "0"]
