@@ -145,6 +145,30 @@ class MeterBatch(msgspec.Struct):
         generation, bess, other = self._maps(i)
         return MeterMsg(self.slot, generation, ConsumptionMsg(bess, other))
 
+    def messages(self) -> list[MeterMsg]:
+        """`message(i)` of every member, built a column at a time: a source's nonzero values
+        are put into the maps of the members that have them (most are zero, the night's
+        generation and nearly all charging), where `message` builds three maps per member."""
+        n = len(self.external)
+        gens: list[dict[str, int]] = [{} for _ in range(n)]
+        bess: list[dict[str, int]] = [{} for _ in range(n)]
+        others: list[dict[str, int]] = [{} for _ in range(n)]
+        for maps, columns, last in (
+            (gens, self.exported, self.bess_out),
+            (others, self.used, self.to_load),
+            (bess, self.charge, None),
+        ):
+            for j, src in enumerate(self.sources):
+                _put_nonzero(maps, src, columns[:, j])
+            if last is not None:
+                _put_nonzero(maps, BESS, last)
+        slot = self.slot
+        out = []
+        for g, b, o, external in zip(gens, bess, others, self.external.tolist(), strict=True):
+            o["external"] = external
+            out.append(MeterMsg(slot, g, ConsumptionMsg(b, o)))
+        return out
+
     def columns(self, rows: Sequence[int], participants: list[str]) -> dict[str, Any]:
         """`meters.columns` of members `rows` (docs/protocol.md): null where a reading has
         no such entry, as the dicts of `reading` leave out zeros (but never `external`)."""
@@ -173,6 +197,12 @@ class MeterBatch(msgspec.Struct):
         if bess:
             data["bess"] = bess
         return data
+
+
+def _put_nonzero(maps: list[dict[str, int]], key: str, column: np.ndarray) -> None:
+    at = np.flatnonzero(column)
+    for i, v in zip(at.tolist(), column[at].tolist(), strict=True):
+        maps[i][key] = v
 
 
 class OrderBatch(msgspec.Struct):

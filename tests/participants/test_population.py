@@ -28,6 +28,10 @@ def _erring(spec: ParticipantSpec, error: float) -> ParticipantSpec:
     return msgspec.structs.replace(spec, pv=msgspec.structs.replace(spec.pv, forecast_error=error))
 
 
+def _in_order(m: MeterMsg) -> list[list[tuple[str, int]]]:
+    return [list(d.items()) for d in (m.generation, m.consumption.bess, m.consumption.other)]
+
+
 def decide_alike(
     k: int, msg: StartRound, prosumers: list[Prosumer], population: Population
 ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
@@ -36,9 +40,12 @@ def decide_alike(
     meters, batch = population.on_round(msg)
     theirs = batch.orders() if batch is not None else []
     out = []
+    every = meters.messages() if meters is not None else []  # built a column at a time: the same maps
     for i, p in enumerate(prosumers):
         meter, orders = p.on_round_msg(msg)
         assert meter is not None and meters is not None and meter == meters.reading(i), (k, p.spec.id)
+        one = meters.message(i)
+        assert every[i] == one and _in_order(every[i]) == _in_order(one), (k, p.spec.id)
         assert orders == [o for m, o in theirs if m == i], (k, p.spec.id)
         assert population.battery(i) == p.battery, (k, p.spec.id)
         out.append((meter, orders))
