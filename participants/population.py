@@ -343,6 +343,7 @@ class Population:
         self._prices: dict[int, tuple[float, float]] = {}
         self._price_starts: list[int] = []  # a heap of the starts in `_prices`
         self._energy: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._forecasts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._days: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, list[int]]] = {}
         self._time: int | None = None
         self._metered = -1
@@ -436,13 +437,16 @@ class Population:
         gen, load = self.energy(slot)
         if not self._erring:
             return gen, load
-        out = gen.copy()
-        for i in self._erring:
-            for src, error in self._errors[i]:
-                j = self._col[src]
-                if out[i, j]:
-                    out[i, j] = forecast_wh(self.seed, self._keys[i], slot[0], src, error, int(out[i, j]))
-        return out, load
+        hit = self._forecasts.get(slot)  # memoized: agents observe and trade the slot the traders trade
+        if hit is None:
+            out = gen.copy()
+            for i in self._erring:
+                for src, error in self._errors[i]:
+                    j = self._col[src]
+                    if out[i, j]:
+                        out[i, j] = forecast_wh(self.seed, self._keys[i], slot[0], src, error, int(out[i, j]))
+            hit = self._forecasts[slot] = (out, load)
+        return hit
 
     def committed(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         """(bought N, sold N x S+1, `bess` last) of the fills of slot `start` so far."""
@@ -465,6 +469,7 @@ class Population:
             self.timezone = msg.timezone
             self.profiles = [build_profiles(s, self.seed, msg.timezone, self.base_dir) for s in self.specs]
             self._energy.clear()
+            self._forecasts.clear()
             self._days.clear()
         if self._time is not None and msg.time < self._time:
             self._restart()
@@ -641,6 +646,8 @@ class Population:
             del self._prices[heapq.heappop(starts)]
         for key in [k for k in self._energy if k[0] < current[0] - duration]:
             del self._energy[key]
+        for key in [k for k in self._forecasts if k[0] < current[0] - duration]:
+            del self._forecasts[key]
 
     # -- settlements and deliveries -------------------------------------------------------
 
