@@ -36,7 +36,7 @@ from controller import envs  # noqa: E402
 from controller.sim import run_sim  # noqa: E402
 from ledger import ledger_digest  # noqa: E402
 from market.core.engine import Market  # noqa: E402
-from participants.population import Population  # noqa: E402
+from participants.population import MeterBatch, OrderBatch, Population  # noqa: E402
 from participants.prosumer import Prosumer  # noqa: E402
 
 SCENARIO = _ROOT / "scenarios" / "community.toml"
@@ -82,12 +82,14 @@ class Timers:
 def env_steps(steps: int, breakdown: bool) -> tuple[float, dict[str, float]]:
     timers = Timers()
     if breakdown:
-        for name in ("open_round", "submit_orders", "meter", "process"):
+        for name in ("open_round", "submit_orders", "submit_each", "meter", "meter_each", "process"):
             timers.wrap(Market, name, "market core")
         for name in ("on_round_msg", "on_settled", "on_delivery"):
             timers.wrap(Prosumer, name, "participants")
         for name in ("on_round", "on_settlements", "on_transactions"):
             timers.wrap(Population, name, "participants")
+        timers.wrap(MeterBatch, "messages", "participants")  # the members' readings, as the market takes them
+        timers.wrap(OrderBatch, "entries", "participants")
         timers.wrap(envs._Agent, "observe", "agent observation")
         timers.wrap(envs, "orders_of", "agent orders")
     env = envs.ProsumerEnv(SCENARIO, "H06", seed=1, days=10)
