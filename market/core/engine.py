@@ -687,7 +687,8 @@ class Market:
             rows = [t for t in rows if not (t.kind == "grid_buy" and t.buyer_id == UPSTREAM_ID)]
             passed = passed_reading(slot, rows)
             d.meters[UPSTREAM_ID] = passed
-            d.records[UPSTREAM_ID] = _meter_record(UPSTREAM_ID, slot, passed, now)
+            if self.journaling:
+                d.records[UPSTREAM_ID] = _meter_record(UPSTREAM_ID, slot, passed, now)
         self.grid_states.forget_before(slot_start)
         return SlotResult(
             slot=slot,
