@@ -140,15 +140,11 @@ class MeterBatch(msgspec.Struct):
         other["external"] = external[i]
         return generation, {s: v for s, v in zip(sources, charge[i], strict=True) if v}, other
 
-    def message(self, i: int) -> MeterMsg:
-        """`reading(i)` as the market decodes it (no JSON in between: the in-process market)."""
-        generation, bess, other = self._maps(i)
-        return MeterMsg(self.slot, generation, ConsumptionMsg(bess, other))
-
     def messages(self) -> list[MeterMsg]:
-        """`message(i)` of every member, built a column at a time: a source's nonzero values
-        are put into the maps of the members that have them (most are zero, the night's
-        generation and nearly all charging), where `message` builds three maps per member."""
+        """`reading(i)` of every member as the market decodes it (no JSON in between: the
+        in-process market), built a column at a time: a source's nonzero values are put into
+        the maps of the members that have them (most are zero, the night's generation and
+        nearly all charging), where `reading` builds three maps per member."""
         n = len(self.external)
         gens: list[dict[str, int]] = [{} for _ in range(n)]
         bess: list[dict[str, int]] = [{} for _ in range(n)]
@@ -644,10 +640,9 @@ class Population:
         starts = self._price_starts
         while starts and starts[0] < horizon:
             del self._prices[heapq.heappop(starts)]
-        for key in [k for k in self._energy if k[0] < current[0] - duration]:
-            del self._energy[key]
-        for key in [k for k in self._forecasts if k[0] < current[0] - duration]:
-            del self._forecasts[key]
+        for memo in (self._energy, self._forecasts):
+            for key in [k for k in memo if k[0] < current[0] - duration]:
+                del memo[key]
 
     # -- settlements and deliveries -------------------------------------------------------
 

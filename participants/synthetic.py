@@ -71,14 +71,20 @@ def _seed_words(entropy: tuple[int, ...]) -> np.ndarray:
     return np.array(words, dtype=np.uint32)
 
 
-# numpy's SeedSequence.generate_state for PCG64's four 64-bit words hashes the pool with
-# constants that do not depend on the data: (xor, multiply) per 32-bit output word.
 _M32, _M64, _M128 = 2**32 - 1, 2**64 - 1, 2**128 - 1
-_STATE_HASH = []
-_h = 0x8B51F9DD  # INIT_B
-for _ in range(8):
-    _STATE_HASH.append((_h, _h * 0x58F38DED & _M32))  # MULT_B
-    _h = _STATE_HASH[-1][1]
+
+
+def _state_hash() -> tuple[tuple[int, int], ...]:
+    """numpy's SeedSequence.generate_state, for PCG64's four 64-bit words, hashes the pool
+    with constants that do not depend on the data: (xor, multiply) per 32-bit output word."""
+    out, h = [], 0x8B51F9DD  # INIT_B
+    for _ in range(8):
+        out.append((h, h * 0x58F38DED & _M32))  # MULT_B
+        h = out[-1][1]
+    return tuple(out)
+
+
+_STATE_HASH = _state_hash()
 _PCG_MULT = (2549297995355413924 << 64) + 4865540595714422341  # PCG64's 128-bit LCG multiplier
 _TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53: numpy's next_double
 

@@ -3,6 +3,7 @@ that command runs, so `microte --help` and parsing `microte sim` stay fast."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -14,9 +15,10 @@ HEAVY = ("socketio", "engineio", "aiohttp", "sqlalchemy", "dataset", "helics", "
 
 
 def imported_after(code: str) -> list[str]:
-    probe = f"import sys\n{code}\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    probe = f"import json, sys\n{code}\nprint(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    return eval(out.strip().splitlines()[-1])  # a list of names printed by the probe
+    names: list[str] = json.loads(out.strip().splitlines()[-1])
+    return names
 
 
 def test_the_command_list_and_parsing_sim_import_no_command_stack():

@@ -44,7 +44,7 @@ def decide_alike(
     for i, p in enumerate(prosumers):
         meter, orders = p.on_round_msg(msg)
         assert meter is not None and meters is not None and meter == meters.reading(i), (k, p.spec.id)
-        one = meters.message(i)
+        one = decode(meters.reading(i), MeterMsg)
         assert every[i] == one and _in_order(every[i]) == _in_order(one), (k, p.spec.id)
         assert orders == [o for m, o in theirs if m == i], (k, p.spec.id)
         assert population.battery(i) == p.battery, (k, p.spec.id)
