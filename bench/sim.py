@@ -13,7 +13,8 @@ never mix):
 2. microte, own loop: `microte market` as a subprocess (`controller.sim.market_process`,
    the same arguments as `run_sim`), the scenario's community grown to N
    (`controller.scenario.community`), a `participants.fleet.Fleet` of real clients and a
-   controller stepping rounds like `controller.sim._step_all`, each `step` call timed
+   controller stepping rounds like `controller.sim._step_all` (on `controller.runloop.run`'s
+   loop, as `microte sim` runs them: uvloop when installed), each `step` call timed
    (p50/p99), for about `--seconds`; a temporary SQLite ledger (on disk, synchronous=FULL);
    the server's peak RSS read from /proc/PID/status (VmHWM) before it stops; with the v1
    events (`orders` + ack, `meter` + ack, `settled`, `delivery`), then unless
@@ -30,7 +31,6 @@ file is kept). Prints figures; never asserts (DESIGN.md).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -318,7 +318,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, str], command: str, cli_i
         "Each figure comes from its own process, in this order per N: the ceiling (`bench/ceiling.py`, default "
         "serializer and asyncio loop; bid and meter acknowledged, then unacknowledged"
         + (", then acknowledged with msgpack + uvloop for reference" if fast else "")
-        + "), microte with the v1 events (own timed loop, SQLite ledger)"
+        + "), microte with the v1 events (own timed loop, SQLite ledger; microte's server and clients on "
+        "`controller.runloop.run`'s loop, uvloop, as `microte sim` runs them)"
         + (", microte with `round.submit` / `round.result` (same loop)" if combined else "")
         + ", microte via `controller.sim.run_sim` (its default: `round.submit` / `round.result`)"
         + (", microte with the `memory:` ledger" if memory else "")
@@ -549,10 +550,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", choices=["own", "run_sim"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = argv
+    # microte's side runs as `microte sim` runs it (`controller.runloop.run`: uvloop when
+    # installed, as `make` installs it); the bare ceiling (bench/ceiling.py) on asyncio, as
+    # issue 16 defines it.
+    from controller import runloop
+
     if args.worker == "own":
         print(
             json.dumps(
-                asyncio.run(
+                runloop.run(
                     own_loop(
                         args.n[0],
                         args.seconds,
@@ -565,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.worker == "run_sim":
-        print(json.dumps(asyncio.run(via_run_sim(args.n[0], args.rounds))))
+        print(json.dumps(runloop.run(via_run_sim(args.n[0], args.rounds))))
         return 0
     return orchestrate(args)
 

@@ -137,16 +137,22 @@ class Book:
         return first
 
     def add(self, entry: Entry) -> None:
-        slot = self._slots.get(entry.time_delivery[0])
+        start = entry.time_delivery[0]
+        slot = self._slots.get(start)
         if slot is None:
-            slot = self._slots[entry.time_delivery[0]] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []), {})
-        by_uuid, ranked, rank = slot.side(entry)
-        by_uuid[entry.uuid] = entry
-        ranked.add(rank, entry)
-        self._where[entry.uuid] = entry.time_delivery[0]
+            slot = self._slots[start] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []), {})
+        uuid = entry.uuid
+        if entry.side == "bid":  # `slot.side`, unrolled: once per entry submitted
+            slot.bids[uuid] = entry
+            slot.ranked_bids.add((-entry.price, entry.time_submission, entry.tie), entry)
+        else:
+            slot.asks[uuid] = entry
+            slot.ranked_asks.add((entry.price, entry.time_submission, entry.tie), entry)
+        self._where[uuid] = start
         who = entry.participant
-        slot.open[who] = slot.open.get(who, 0) + 1
-        self._open[who] = self._open.get(who, 0) + 1
+        open_in_slot, open_total = slot.open, self._open
+        open_in_slot[who] = open_in_slot.get(who, 0) + 1
+        open_total[who] = open_total.get(who, 0) + 1
         if entry.id is not None:
             client_key = (entry.participant, entry.id)
             self._client[client_key] = entry

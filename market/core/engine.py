@@ -466,36 +466,51 @@ class Market:
         r = self.times
         out: list[tuple[Entry, bool] | MarketError] = []
         upstream = self.upstream
+        slots: dict[Slot, tuple[str, str] | None] = {}  # a batch's entries share a few slots
         for participant, side, msg in items:
             try:
                 if upstream:
                     self._check_not_upstream(participant)
-                out.append(self._enter(participant, side, msg, r))
+                out.append(self._enter(participant, side, msg, r, slots))
             except MarketError as err:
                 out.append(err)
         return out
 
-    def _enter(self, participant: str, side: Side, msg: EntryMsg, r: RoundTimes) -> tuple[Entry, bool]:
-        self._check_entry(side, msg, r)
-        counters = self._counters.setdefault(msg.time_delivery[0], {})
+    def _enter(
+        self,
+        participant: str,
+        side: Side,
+        msg: EntryMsg,
+        r: RoundTimes,
+        slots: dict[Slot, tuple[str, str] | None] | None = None,
+    ) -> tuple[Entry, bool]:
+        """Book one entry. `slots` memoizes `_slot_refusal` over a batch (the round is the same)."""
+        slot = msg.time_delivery
+        if slots is None:
+            refused = self._slot_refusal(slot, r)
+        elif slot in slots:
+            refused = slots[slot]
+        else:
+            refused = slots[slot] = self._slot_refusal(slot, r)
+        if refused is not None:
+            raise MarketError(*refused)
+        self._check_values(side, msg)
+        start = slot[0]
+        counters = self._counters.get(start)
+        if counters is None:
+            counters = self._counters[start] = {}
         n = counters.get(participant, 0)
-        uuid = f"{participant}.{msg.time_delivery[0]}.{n}"
-        entry = Entry(
-            uuid=uuid,
-            id=msg.id,
-            participant=participant,
-            side=side,
-            quantity=msg.quantity,
-            price=msg.price,
-            time_delivery=msg.time_delivery,
-            source=msg.source,
-            time_submission=r.time,
-            tie=tie_key(uuid),
-        )
-        first = self.book.find_duplicate(entry)
-        if first is not None:
-            return first, True
-        self._check_open(participant, msg.time_delivery[0])
+        uuid = f"{participant}.{start}.{n}"
+        # Positional, in field order: uuid, id, participant, side, quantity, price,
+        # time_delivery, source, time_submission, tie.
+        entry = Entry(uuid, msg.id, participant, side, msg.quantity, msg.price, slot, msg.source, r.time, tie_key(uuid))
+        if msg.id is not None:
+            first = self.book.find_duplicate(entry)
+            if first is not None:
+                return first, True
+        in_slot, total = self.book.open_count(participant, start)
+        if in_slot >= self.config.max_open_per_slot or total >= self.config.max_open_total:
+            self._check_open(participant, start)  # raises, with the cap that was hit
         self.book.add(entry)
         counters[participant] = n + 1
         if self.journaling:
@@ -521,18 +536,20 @@ class Market:
             raise MarketError("invalid", f"flows_w has {len(flows_w)} values: the feeder has {n} branches")
         self.base_flows[slot[0]] = list(flows_w)
 
-    def _check_entry(self, side: Side, msg: EntryMsg, r: RoundTimes) -> None:
-        c = self.config
-        if not is_aligned(msg.time_delivery, r.duration):
-            raise MarketError(
-                "invalid",
-                f"time_delivery {list(msg.time_delivery)} is not an aligned {r.duration} s slot",
-            )
-        start = msg.time_delivery[0]
+    def _slot_refusal(self, slot: Slot, r: RoundTimes) -> tuple[str, str] | None:
+        """Why an entry for `slot` is refused in round `r` whatever its values (code,
+        message), or None: what depends on the slot alone, checked first."""
+        if not is_aligned(slot, r.duration):
+            return "invalid", f"time_delivery {list(slot)} is not an aligned {r.duration} s slot"
+        start = slot[0]
         if start < r.next_settle[0]:
-            raise MarketError("closed", f"the gate of slot {start} has closed (next open slot {r.next_settle[0]})")
-        if start > r.next_settle[0] + c.horizon * r.duration:
-            raise MarketError("invalid", f"slot {start} is beyond the horizon of {c.horizon} slots")
+            return "closed", f"the gate of slot {start} has closed (next open slot {r.next_settle[0]})"
+        if start > r.next_settle[0] + self.config.horizon * r.duration:
+            return "invalid", f"slot {start} is beyond the horizon of {self.config.horizon} slots"
+        return None
+
+    def _check_values(self, side: Side, msg: EntryMsg) -> None:
+        c = self.config
         if msg.quantity > c.max_quantity:
             raise MarketError("invalid", f"quantity above max_quantity {c.max_quantity}")
         if not c.price_min <= msg.price <= c.price_max:
