@@ -18,8 +18,9 @@ never mix):
    (p50/p99), for about `--seconds`; a temporary SQLite ledger (on disk, synchronous=FULL);
    the server's peak RSS read from /proc/PID/status (VmHWM) before it stops; with the v1
    events (`orders` + ack, `meter` + ack, `settled`, `delivery`), then unless
-   `--no-combined` with microte's one-event round (`round.submit` + ack, one
-   `round.result`: docs/protocol.md), 4 messages per participant as the bare round;
+   `--no-combined` with microte's one-event round as `microte sim` runs it (`round.submit`
+   + ack, and each step's fills and deliveries with the next round's start in one
+   `round.start`: docs/protocol.md), 3 messages per participant where the bare round has 4;
 3. microte through `controller.sim.run_sim` itself (what `microte sim` runs), for the same
    number of rounds (its default: the one-event round): its rounds/s and start-up time,
    as a cross-check of (2).
@@ -124,6 +125,7 @@ async def own_loop(
                 base_dir=SCENARIO.parent,
                 concurrency=64,
                 combined=combined,
+                round_start=combined,  # as `microte sim` runs them
             )
             async with fleet:
                 ctl = socketio.AsyncClient(reconnection=False)
@@ -320,8 +322,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, str], command: str, cli_i
         + (", then acknowledged with msgpack + uvloop for reference" if fast else "")
         + "), microte with the v1 events (own timed loop, SQLite ledger; microte's server and clients on "
         "`controller.runloop.run`'s loop, uvloop, as `microte sim` runs them)"
-        + (", microte with `round.submit` / `round.result` (same loop)" if combined else "")
-        + ", microte via `controller.sim.run_sim` (its default: `round.submit` / `round.result`)"
+        + (", microte with `round.submit` / `round.start` (same loop)" if combined else "")
+        + ", microte via `controller.sim.run_sim` (its default: `round.submit` / `round.start`)"
         + (", microte with the `memory:` ledger" if memory else "")
         + ". Server and clients share the machine's cores; other work on the machine makes rounds/s noisy, "
         "the CPU milliseconds per round much less so.",
@@ -334,7 +336,7 @@ def render(rows: list[dict[str, Any]], meta: dict[str, str], command: str, cli_i
         header.append("ceiling msgpack+uvloop")
     header += ["microte v1 events rounds/s", "ratio"]
     if combined:
-        header += ["microte round.submit/round.result", "ratio", "ratio to no-ack ceiling"]
+        header += ["microte round.submit/round.start", "ratio", "ratio to no-ack ceiling"]
     header += ["via run_sim", "ratio"]
     if memory:
         header += ["microte v1, memory: ledger", "ratio"]
@@ -436,16 +438,17 @@ def render(rows: list[dict[str, Any]], meta: dict[str, str], command: str, cli_i
         "the `step` round trips the controller sees (of the `round.submit` run when there is one); "
         '"ratio" is microte\'s rounds/s over the default-settings '
         '(acknowledged) ceiling of the same N, "ratio to no-ack ceiling" over the 4-message bare round of '
-        "issue 16 (start_round, bid, meter, settled; nothing acknowledged): microte's one-event round also "
-        "has 4, but one of them is the acknowledgement every PROTOCOL.md event gets; "
+        "issue 16 (start_round, bid, meter, settled; nothing acknowledged): microte's one-event round has 3 "
+        "(round.start, round.submit and the acknowledgement every PROTOCOL.md event gets); "
         "the CPU ratio is the ceiling's server + client CPU per round over microte's. "
         '"server KiB / participant" is the server\'s RSS growth from idle to all clients connected, divided by N. '
         '"run_sim start-up" is `run_sim`\'s own figure (subprocess start to controller connected); "first round '
         "done\" counts from the subprocess start to the first `step` reply. The clients' process holds all N "
         "participant clients and the controller. A microte round with the v1 events carries more messages than "
         "the bare round (`settled` per fill and a `delivery` per participant besides the `start_round` broadcast, "
-        "the `orders` and `meter` acks and the `step` reply); with `round.submit` / `round.result` it is 4 per "
-        "participant (start_round, round.submit + ack, round.result).",
+        "the `orders` and `meter` acks and the `step` reply); with `round.submit` / `round.start` it is 3 per "
+        "participant (round.start: the round's start with the last step's fills and deliveries, "
+        "round.submit + ack).",
     ]
     details = {str(r["n"]): r for r in rows}
     out += ["", "<details><summary>raw figures (JSON)</summary>", "", "```json", json.dumps(details, indent=1)]
@@ -539,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         "--combined",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run microte with `round.submit` / `round.result` (docs/protocol.md)",
+        help="also run microte with `round.submit` / `round.start` (docs/protocol.md)",
     )
     p.add_argument("--worker-ledger", choices=["sqlite", "memory"], default="sqlite", help=argparse.SUPPRESS)
     p.add_argument("--worker-combined", action="store_true", help=argparse.SUPPRESS)

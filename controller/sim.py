@@ -187,8 +187,9 @@ async def run_sim(
 ) -> SimResult:
     """Run a scenario; `fleets` > 0 serves the participants over that many `/fleet`
     connections instead of one connection each, else each on its own `/market` connection
-    speaking `round.submit` and `round.result` (`combined`, docs/protocol.md; False: the v1
-    events, the same ledger); `market_args` go to `microte market` (the `--lem-*` flags).
+    speaking `round.submit` and `round.result` (`combined`, docs/protocol.md, with `round.start`
+    where nothing reads the prosumers between steps; False: the v1 events, the same ledger);
+    `market_args` go to `microte market` (the `--lem-*` flags).
     `transport="inproc"`: no server process and no sockets, the same ledger
     (controller/inproc.py). `overrides`: scenario values by dotted key (`load_scenario`)."""
     scenario = load_scenario(scenario_path, overrides)
@@ -275,7 +276,18 @@ async def run_sim(
             clients = (
                 FleetConnections(url, members, scenario.seed, fleets, _first_slots(scenario), **options)
                 if fleets
-                else Fleet(url, members, scenario.seed, concurrency=64, combined=combined, **options)
+                else Fleet(
+                    url,
+                    members,
+                    scenario.seed,
+                    concurrency=64,
+                    combined=combined,
+                    # Each step's results with the next round's start, one message fewer a
+                    # round; not when something reads the prosumers right after a step (the
+                    # Parity agents, a PEM site's records).
+                    round_start=combined and agents_config is None and all(s.pem is None for s in specs),
+                    **options,
+                )
             )
             async with clients, contextlib.AsyncExitStack() as stack:
                 dso = None

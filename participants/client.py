@@ -3,7 +3,9 @@ its orders and meter reading, feeds `settled` and `delivery` back into the prosu
 
 `combined=True` speaks microte's extension (docs/protocol.md, *One event per round*): it
 logs in with `auth.combined`, sends each round's orders and reading as one `round.submit`
-and gets its fills and deliveries in one `round.result` per round."""
+and gets its fills and deliveries in one `round.result` per round. `round_start=True` (with
+`combined`) also logs in with `auth.round_start`: in sim mode those come with the next
+round's start, as one `round.start`."""
 
 from __future__ import annotations
 
@@ -34,9 +36,13 @@ class ParticipantClient:
         reconnection: bool = True,
         serializer: str = "json",
         combined: bool = False,
+        round_start: bool = False,
     ) -> None:
+        if round_start and not combined:
+            raise ValueError("round_start needs combined")
         self.prosumer = prosumer
         self.combined = combined  # `round.submit` and `round.result` instead of the v1 events
+        self.round_start = round_start  # sim: `round.result` and `start_round` as one `round.start`
         self.namespace = namespace
         self.timeout = timeout
         self.transports = list(transports)
@@ -54,6 +60,7 @@ class ParticipantClient:
             ("settled", self._on_settled),
             ("delivery", self._on_delivery),
             ("round.result", self._on_round_result),
+            ("round.start", self._on_round_start),
             ("connect_error", self._on_connect_error),
             ("connect", self._on_connect),
         ):
@@ -91,6 +98,8 @@ class ParticipantClient:
         auth: dict[str, Any] = {"id": id or self.prosumer.spec.id, "token": token}
         if self.combined:
             auth["combined"] = True
+        if self.round_start:
+            auth["round_start"] = True
         retrying = AsyncRetrying(
             wait=wait_random_exponential(multiplier=0.1, max=2.0),
             stop=stop_after_delay(connect_retry),
@@ -217,6 +226,12 @@ class ParticipantClient:
             items = payload.get(event, [])
             for item in items if isinstance(items, list) else []:
                 await handler(item)
+
+    async def _on_round_start(self, payload: Any) -> None:
+        """One `round.start`: the fills and deliveries it carries first (as a `round.result`),
+        then the round it starts (its other fields are `start_round`'s)."""
+        await self._on_round_result(payload)
+        await self._on_start_round(payload)
 
     async def _on_settled(self, payload: Any) -> None:
         if self._fresh(payload):

@@ -466,7 +466,7 @@ class Market:
         r = self.times
         out: list[tuple[Entry, bool] | MarketError] = []
         upstream = self.upstream
-        slots: dict[Slot, tuple[str, str] | None] = {}  # a batch's entries share a few slots
+        slots: dict[Slot, tuple[ErrorCode, str] | None] = {}  # a batch's entries share a few slots
         for participant, side, msg in items:
             try:
                 if upstream:
@@ -482,7 +482,7 @@ class Market:
         side: Side,
         msg: EntryMsg,
         r: RoundTimes,
-        slots: dict[Slot, tuple[str, str] | None] | None = None,
+        slots: dict[Slot, tuple[ErrorCode, str] | None] | None = None,
     ) -> tuple[Entry, bool]:
         """Book one entry. `slots` memoizes `_slot_refusal` over a batch (the round is the same)."""
         slot = msg.time_delivery
@@ -536,7 +536,7 @@ class Market:
             raise MarketError("invalid", f"flows_w has {len(flows_w)} values: the feeder has {n} branches")
         self.base_flows[slot[0]] = list(flows_w)
 
-    def _slot_refusal(self, slot: Slot, r: RoundTimes) -> tuple[str, str] | None:
+    def _slot_refusal(self, slot: Slot, r: RoundTimes) -> tuple[ErrorCode, str] | None:
         """Why an entry for `slot` is refused in round `r` whatever its values (code,
         message), or None: what depends on the slot alone, checked first."""
         if not is_aligned(slot, r.duration):

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Coroutine, Mapping, Sequence
 from typing import Any
 
 import cuid
@@ -67,6 +67,9 @@ from market.server.upstream import UpstreamLink
 log = logging.getLogger("microte.market")
 
 MAX_PAYLOAD = 1_000_000  # bytes per socket.io message; larger ones close the connection
+# sim: how long a step's results for `auth.round_start` sessions wait for the next step (a
+# controller stepping back to back sends it within a millisecond), then go as `round.result`.
+CARRY_SECONDS = 0.05
 
 
 class _MeterWait:
@@ -141,6 +144,9 @@ class MarketServer:
         # Private events of `auth.combined` sessions, held until the round's `round.result`
         # (`_flush_private`): participant -> (event, payload), in the order they were made.
         self._held: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        # sim: what a step held for `auth.round_start` sessions goes out with the next round's
+        # start; this sends it as `round.result` if no step comes within CARRY_SECONDS.
+        self._carry: asyncio.Task[None] | None = None
         self._waits: dict[int, _MeterWait] = {}
         self._round_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -203,6 +209,9 @@ class MarketServer:
     async def _close_connections(self, _app: web.Application) -> None:
         """Close every socket.io connection at shutdown, so the server exits in seconds
         instead of waiting for clients to leave."""
+        self._stop_carry()
+        with contextlib.suppress(Exception):
+            await self._flush_private()  # a step's results still held for `round_start` sessions
         with contextlib.suppress(Exception):
             if self.sio.eio.sockets:  # engine.io closes every client when given no sid
                 await asyncio.wait_for(self.sio.eio.disconnect(), 2)
@@ -431,6 +440,7 @@ class MarketServer:
             last = self._last_round
             if last is not None and t == last.time and last.current_round_start == t:
                 return _round_reply(last)  # a retried step (say, after a restart): same answer
+            self._stop_carry()  # what the last step held goes out with this round's start
             self._admit.clear()
             try:
                 await self.commits.drain()
@@ -446,7 +456,14 @@ class MarketServer:
                 await self._await_readings(wait, self.config.round_timeout)
                 reply = await self._finish(opened, t, opened.settlements)
             finally:
-                await self._flush_private()  # the step's one `round.result` per combined session
+                # The step's one `round.result` per combined session; `round_start` sessions
+                # get theirs with the next round's start (`_start_each`).
+                starting = self._starting()
+                await self._flush_private(hold=starting)
+                if any(pid in self._held for pid in starting):
+                    self._carry = carry = asyncio.ensure_future(self._send_carried())
+                    self._tasks.add(carry)  # cancelled with the server's other tasks
+                    carry.add_done_callback(self._tasks.discard)
             self.dashboard.recent.cleared(opened)
             # /grid's periodic solver follows the market clock, after the slot's readings are stored.
             await self.grid.on_time(t)
@@ -611,14 +628,23 @@ class MarketServer:
             await asyncio.wait_for(wait.done.wait(), timeout)
 
     async def _announce(self, opened: RoundOpen) -> None:
+        sim = self.config.mode == "sim"
+        starting = self._starting() if sim else {}
+        carried = {pid: len(self._held.get(pid, ())) for pid in starting}  # held by the last step
         await self._send_private("settled", opened.settled)
-        if self.config.mode == "sim":
+        skip: list[str] = []
+        if sim:
             # A fill of a slot this very round delivers (close_steps = 1, or a step that jumped
             # to a slot it cleared) steers the reading a participant sends on start_round: a
             # combined session gets those before it, in a `round.result` of their own.
             t = opened.times.time
-            await self._flush_private(lambda _event, payload: bool(payload["time_delivery"][0] <= t))
-        await self.sio.emit("start_round", opened.start_round, namespace="/market")
+
+            def due(_event: str, payload: dict[str, Any]) -> bool:
+                return bool(payload["time_delivery"][0] <= t)
+
+            await self._flush_private(due, hold=starting)
+            skip = await self._start_each(opened, starting, carried, due)
+        await self.sio.emit("start_round", opened.start_round, namespace="/market", skip_sid=skip or None)
         if self.fleet.members:
             await self.sio.emit("start_round", opened.start_round, namespace="/fleet")
         log.info("round=%s start trades=%d", opened.times.time, len(opened.settlements))
@@ -673,20 +699,27 @@ class MarketServer:
         for fleet_sid, events in batches.items():
             await self.sio.emit(event, {"events": events}, to=fleet_sid, namespace="/fleet")
 
-    async def _flush_private(self, due: Callable[[str, dict[str, Any]], bool] | None = None) -> None:
+    async def _flush_private(
+        self, due: Callable[[str, dict[str, Any]], bool] | None = None, *, hold: Container[str] = ()
+    ) -> None:
         """Send what `_send_private` held for combined sessions (all of it, or what `due`
-        selects): each participant one `round.result` `{"settled": [...], "delivery": [...]}`.
-        Each payload is numbered in the outbox now, in the order it was made, so `resume`
-        never returns what a `round.result` is about to carry. A participant that meanwhile
-        logged in again without `combined` gets the separate events; one that is away finds
-        them with `resume`."""
+        selects; nothing of the participants in `hold`): each participant one `round.result`
+        `{"settled": [...], "delivery": [...]}`. Each payload is numbered in the outbox now,
+        in the order it was made, so `resume` never returns what a `round.result` is about
+        to carry. A participant that meanwhile logged in again without `combined` gets the
+        separate events; one that is away finds them with `resume`."""
         if not self._held:
             return
-        if due is None:
+        if due is None and not hold:
             sending, self._held = self._held, {}
         else:
             sending = {}
             for pid, events in list(self._held.items()):
+                if pid in hold:
+                    continue
+                if due is None:
+                    sending[pid] = self._held.pop(pid)
+                    continue
                 now = [e for e in events if due(*e)]
                 if now:
                     sending[pid] = now
@@ -710,6 +743,51 @@ class MarketServer:
             else:
                 for event, payload in numbered:
                     await self.sio.emit(event, payload, to=sid, namespace="/market")
+
+    def _starting(self) -> dict[str, str]:
+        """participant -> sid of the connected `auth.round_start` sessions."""
+        starting = self.market_ns.starting
+        if not starting:
+            return {}
+        return {pid: sid for pid, sid in self.sessions["/market"].sid_of.items() if sid in starting}
+
+    async def _start_each(
+        self,
+        opened: RoundOpen,
+        starting: Mapping[str, str],
+        carried: Mapping[str, int],
+        due: Callable[[str, dict[str, Any]], bool],
+    ) -> list[str]:
+        """sim: each `round_start` session's `round.start`: this round's `start_round` with
+        what `round.result` would have carried before it (the last step's events, then those of
+        this round that are `due`), numbered now. Returns their sids (no `start_round` for them)."""
+        for pid, sid in starting.items():
+            events = self._held.pop(pid, [])
+            n = carried.get(pid, 0)
+            now = [*events[:n], *(e for e in events[n:] if due(*e))]
+            kept = [e for e in events[n:] if not due(*e)]
+            if kept:
+                self._held[pid] = kept
+            numbered = [(event, self.outbox.push(pid, event, payload)) for event, payload in now]
+            payload = {
+                **opened.start_round,
+                "settled": [p for e, p in numbered if e == "settled"],
+                "delivery": [p for e, p in numbered if e == "delivery"],
+            }
+            await self.sio.emit("round.start", payload, to=sid, namespace="/market")
+        return list(starting.values())
+
+    def _stop_carry(self) -> None:
+        if self._carry is not None:
+            self._carry.cancel()
+            self._carry = None
+
+    async def _send_carried(self) -> None:
+        """No step came for CARRY_SECONDS: what the last one held goes as `round.result`."""
+        await asyncio.sleep(CARRY_SECONDS)
+        async with self._round_lock:
+            self._carry = None
+            await self._flush_private()
 
     # -- events of the /market namespace ----------------------------------------------------
 

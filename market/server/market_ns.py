@@ -1,7 +1,8 @@
 """Namespace `/market` (PROTOCOL.md): orders, cancels, meter readings and `resume` of one
 prosumer, and the extension `round.submit` (its orders and reading in one event) with the
 opt-in `auth.combined` (one private `round.result` per round instead of `settled` and
-`delivery`; the server sends it: market/server/app.py) of docs/protocol.md."""
+`delivery`; the server sends it: market/server/app.py) and `auth.round_start` (in sim mode
+that `round.result` and the next `start_round` as one `round.start`) of docs/protocol.md."""
 
 from __future__ import annotations
 
@@ -42,21 +43,33 @@ class MarketNamespace(Namespace):
         # Sessions that logged in with `auth.combined = true`: their `settled` and `delivery`
         # payloads of a round reach them as one `round.result` (market/server/app.py).
         self.combined: set[str] = set()
+        # Combined sessions that also logged in with `auth.round_start = true`: in sim mode a
+        # step's `round.result` rides with the next round's start, as one `round.start`.
+        self.starting: set[str] = set()
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         combined = auth.get("combined", False) if isinstance(auth, dict) else False
+        starting = auth.get("round_start", False) if isinstance(auth, dict) else False
         if not isinstance(combined, bool):
             raise socketio.exceptions.ConnectionRefusedError("invalid: auth.combined must be true or false")
+        if not isinstance(starting, bool):
+            raise socketio.exceptions.ConnectionRefusedError("invalid: auth.round_start must be true or false")
+        if starting and not combined:
+            raise socketio.exceptions.ConnectionRefusedError("invalid: auth.round_start needs auth.combined = true")
         if combined:  # before the session exists: no private event can slip out as `settled`
             self.combined.add(sid)
+        if starting:
+            self.starting.add(sid)
         try:
             await super().on_connect(sid, environ, auth)
         except BaseException:
             self.combined.discard(sid)
+            self.starting.discard(sid)
             raise
 
     async def on_disconnect(self, sid: str, *reason: Any) -> None:
         self.combined.discard(sid)
+        self.starting.discard(sid)
         await super().on_disconnect(sid, *reason)
 
     def participant_left(self, pid: str) -> None:
