@@ -630,6 +630,10 @@ class MarketServer:
     async def _announce(self, opened: RoundOpen) -> None:
         sim = self.config.mode == "sim"
         starting = self._starting() if sim else {}
+        if sim:
+            # Held by the last step for a session that has since logged in again without
+            # `round_start` (or left): sent now, before this round's start, as combined.
+            await self._flush_private(hold=starting)
         carried = {pid: len(self._held.get(pid, ())) for pid in starting}  # held by the last step
         await self._send_private("settled", opened.settled)
         skip: list[str] = []

@@ -191,3 +191,43 @@ async def test_bad_round_start_flags_are_refused(ledger_url: str) -> None:
         assert "combined" in str(err)
     else:
         raise AssertionError("round_start without combined was accepted")
+
+
+async def test_a_session_that_drops_round_start_between_steps_gets_the_held_results_first(
+    ledger_url: str, monkeypatch: Any
+) -> None:
+    import market.server.app as app
+
+    monkeypatch.setattr(app, "CARRY_SECONDS", 30.0)  # the next step comes first, whatever the machine
+    config = MarketConfig(duration=60, close_steps=3, round_timeout=1.0)  # fills two rounds ahead
+    async with running(config, ledger_url) as (url, server):
+        ctl = await connect(url, "CTL", "/simulation")
+        first = Trader(await connect(url, "P1", combined=True, round_start=True), "P1")
+        p2 = await connect(url, "P2")
+        await step(ctl, 600)  # next_settle is [780, 840]
+        ask = {"quantity": 300, "price": 0.1, "time_delivery": [780, 840], "source": "solar"}
+        assert (await first.sio.call("ask", ask, namespace="/market"))["ok"]
+        assert (
+            await p2.call("bid", {"quantity": 300, "price": 0.3, "time_delivery": [780, 840]}, namespace="/market")
+        )["ok"]
+        await step(ctl, 660)  # clears [780, 840]: P1's fill, held with its delivery of [660, 720]
+        assert [e for e, _ in server._held["P1"]] == ["settled", "delivery"]
+        await first.sio.disconnect()
+        for _ in range(50):
+            if "P1" not in server.sessions["/market"].sid_of:
+                break
+            await asyncio.sleep(0.02)
+        again = Trader(await connect(url, "P1", combined=True), "P1")  # combined only now
+        await step(ctl, 720)
+        await asyncio.sleep(0.1)
+        # Both held payloads before the round starts (the fill is of a slot two rounds ahead:
+        # not one that `due` would send early), then the round's own round.result.
+        assert [e for e, _ in again.log] == ["round.result", "start_round", "round.result"], again.log
+        held, late = again.log[0][1], again.log[2][1]
+        assert [f["time_delivery"] for f in held["settled"]] == [[780, 840]]
+        assert [d["time_delivery"] for d in held["delivery"]] == [[660, 720]]
+        assert [d["time_delivery"] for d in late["delivery"]] == [[720, 780]]
+        assert [kind for kind, _, _ in again.private()] == ["settled", "delivery", "delivery"]
+        assert server._carry is None and not server._held
+        for c in (again.sio, p2, ctl):
+            await c.disconnect()
