@@ -378,21 +378,27 @@ async def test_a_refused_reading_does_not_lose_the_client_s_orders(ledger_url: s
         await ctl.disconnect()
 
 
+async def connect_errors(url: str, pid: str, **auth: Any) -> list[Any]:
+    """The connect errors /market answers a login of `pid` with these `auth` fields."""
+    sio = socketio.AsyncClient(reconnection=False)
+    errors: list[Any] = []
+    sio.on("connect_error", errors.append, namespace="/market")
+    with contextlib.suppress(socketio.exceptions.ConnectionError):
+        await sio.connect(
+            url,
+            namespaces=["/market"],
+            transports=["websocket"],
+            wait_timeout=5,
+            auth={"id": pid, "token": TOKENS[pid], **auth},
+        )
+    await sio.disconnect()
+    return errors
+
+
 async def test_a_bad_combined_flag_is_refused_and_v1_auth_still_works(ledger_url: str) -> None:
     async with running(CONFIG, ledger_url) as (url, server):
-        sio = socketio.AsyncClient(reconnection=False)
-        errors: list[Any] = []
-        sio.on("connect_error", errors.append, namespace="/market")
-        with contextlib.suppress(socketio.exceptions.ConnectionError):
-            await sio.connect(
-                url,
-                namespaces=["/market"],
-                transports=["websocket"],
-                wait_timeout=5,
-                auth={"id": "P1", "token": TOKENS["P1"], "combined": "yes"},
-            )
+        errors = await connect_errors(url, "P1", combined="yes")
         assert errors and str(errors[0].get("message", "")).startswith("invalid: auth.combined")
-        await sio.disconnect()
         v1 = await connect(url, "P1")
         off = await connect(url, "P2", combined=False)
         assert server.market_ns.combined == set()

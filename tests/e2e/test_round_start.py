@@ -6,7 +6,6 @@ no step within `CARRY_SECONDS` it goes as `round.result` after all."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from participants.client import ParticipantClient
 from participants.prosumer import Prosumer
 from participants.spec import decode_spec
 from tests.e2e.conftest import TOKENS, running
-from tests.e2e.test_round_batch import CONFIG, connect, orders_of, reading, step
+from tests.e2e.test_round_batch import CONFIG, connect, connect_errors, orders_of, reading, step
 
 EVENTS = ("start_round", "round.start", "round.result", "settled", "delivery")
 
@@ -171,19 +170,8 @@ async def test_bad_round_start_flags_are_refused(ledger_url: str) -> None:
             ({"combined": True, "round_start": "yes"}, "invalid: auth.round_start must be true or false"),
             ({"round_start": True}, "invalid: auth.round_start needs auth.combined = true"),
         ):
-            sio = socketio.AsyncClient(reconnection=False)
-            errors: list[Any] = []
-            sio.on("connect_error", errors.append, namespace="/market")
-            with contextlib.suppress(socketio.exceptions.ConnectionError):
-                await sio.connect(
-                    url,
-                    namespaces=["/market"],
-                    transports=["websocket"],
-                    wait_timeout=5,
-                    auth={"id": "P1", "token": TOKENS["P1"], **auth},
-                )
+            errors = await connect_errors(url, "P1", **auth)
             assert errors and errors[0].get("message") == message, errors
-            await sio.disconnect()
         assert server.market_ns.starting == set() and server.market_ns.combined == set()
     try:
         ParticipantClient(Prosumer(decode_spec({"id": "P1", "load": {"kind": "synthetic"}}), 1), round_start=True)
