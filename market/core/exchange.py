@@ -47,22 +47,26 @@ class _Writer:
         price_sell: float,
         commit_id: str | None = None,
     ) -> None:
+        start, end = self.slot
+        # Positional, in field order (id, kind, time_delivery_start, time_delivery_end, seller_id,
+        # buyer_id, energy_source, quantity, price_buy, price_sell, amount_buy, amount_sell,
+        # commit_id, time_creation): a slot makes a row per transaction.
         self.rows.append(
             Transaction(
-                id=f"t{self.slot[0]}-{len(self.rows)}",
-                kind=kind,
-                time_delivery_start=self.slot[0],
-                time_delivery_end=self.slot[1],
-                seller_id=seller,
-                buyer_id=buyer,
-                energy_source=source,
-                quantity=quantity,
-                price_buy=price_buy,
-                price_sell=price_sell,
-                amount_buy=amount(quantity, price_buy),
-                amount_sell=amount(quantity, price_sell),
-                commit_id=commit_id,
-                time_creation=self.now,
+                f"t{start}-{len(self.rows)}",
+                kind,
+                start,
+                end,
+                seller,
+                buyer,
+                source,
+                quantity,
+                price_buy,
+                price_sell,
+                amount(quantity, price_buy),
+                amount(quantity, price_sell),
+                commit_id,
+                self.now,
             )
         )
 
