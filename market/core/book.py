@@ -144,10 +144,10 @@ class Book:
         uuid = entry.uuid
         if entry.side == "bid":  # `slot.side`, unrolled: once per entry submitted
             slot.bids[uuid] = entry
-            slot.ranked_bids.add((-entry.price, entry.time_submission, entry.tie), entry)
+            slot.ranked_bids.add(bid_order(entry), entry)
         else:
             slot.asks[uuid] = entry
-            slot.ranked_asks.add((entry.price, entry.time_submission, entry.tie), entry)
+            slot.ranked_asks.add(ask_order(entry), entry)
         self._where[uuid] = start
         who = entry.participant
         open_in_slot, open_total = slot.open, self._open

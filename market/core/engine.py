@@ -452,7 +452,7 @@ class Market:
     def submit(self, participant: str, side: Side, msg: EntryMsg) -> dict[str, Any]:
         """Add a bid or ask; the ok reply's fields (`entry`, and `duplicate` on a resubmission)."""
         self._check_not_upstream(participant)
-        entry, duplicate = self._enter(participant, side, msg, self._require_round())
+        entry, duplicate = self._enter(participant, side, msg, self._require_round(), {})
         if duplicate:
             return {"entry": entry.reply(), "duplicate": True}
         return {"entry": entry.reply()}
@@ -482,16 +482,11 @@ class Market:
         side: Side,
         msg: EntryMsg,
         r: RoundTimes,
-        slots: dict[Slot, tuple[ErrorCode, str] | None] | None = None,
+        slots: dict[Slot, tuple[ErrorCode, str] | None],
     ) -> tuple[Entry, bool]:
         """Book one entry. `slots` memoizes `_slot_refusal` over a batch (the round is the same)."""
         slot = msg.time_delivery
-        if slots is None:
-            refused = self._slot_refusal(slot, r)
-        elif slot in slots:
-            refused = slots[slot]
-        else:
-            refused = slots[slot] = self._slot_refusal(slot, r)
+        refused = slots[slot] if slot in slots else slots.setdefault(slot, self._slot_refusal(slot, r))
         if refused is not None:
             raise MarketError(*refused)
         self._check_values(side, msg)
@@ -508,9 +503,7 @@ class Market:
             first = self.book.find_duplicate(entry)
             if first is not None:
                 return first, True
-        in_slot, total = self.book.open_count(participant, start)
-        if in_slot >= self.config.max_open_per_slot or total >= self.config.max_open_total:
-            self._check_open(participant, start)  # raises, with the cap that was hit
+        self._check_open(participant, start)
         self.book.add(entry)
         counters[participant] = n + 1
         if self.journaling:

@@ -40,8 +40,9 @@ class ServerPort(Protocol):
     sio: socketio.AsyncServer
     limiter: RateLimiter
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run `coro` as a task the server owns (cancelled and awaited at shutdown)."""
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `coro` as a task the server owns (cancelled and awaited at shutdown); the task,
+        for a caller that may cancel it sooner."""
 
     async def persist(self) -> None:
         """Make the market's acknowledged actions durable (under `ack` durability)."""

@@ -363,10 +363,11 @@ class MarketServer:
         if not self._admit.is_set():
             await self._admit.wait()
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- a community in a district (docs/hierarchy.md) ---------------------------------------
 
@@ -461,9 +462,7 @@ class MarketServer:
                 starting = self._starting()
                 await self._flush_private(hold=starting)
                 if any(pid in self._held for pid in starting):
-                    self._carry = carry = asyncio.ensure_future(self._send_carried())
-                    self._tasks.add(carry)  # cancelled with the server's other tasks
-                    carry.add_done_callback(self._tasks.discard)
+                    self._carry = self.spawn(self._send_carried())  # cancelled with the server's other tasks
             self.dashboard.recent.cleared(opened)
             # /grid's periodic solver follows the market clock, after the slot's readings are stored.
             await self.grid.on_time(t)
