@@ -14,7 +14,7 @@ import socketio
 
 from market.core import wire
 from market.core.protocol import MAX_FLEET_ITEMS
-from participants.messages import Delivery, Settled, StartRound, parse
+from participants.messages import Delivery, DeliveryColumns, Settled, SettledColumns, StartRound, parse
 from participants.population import Population, plain
 from participants.prosumer import Prosumer, Stats
 from participants.sites import site_for
@@ -55,8 +55,8 @@ class FleetClient:
         columns: bool = True,
         population: bool = True,
     ) -> None:
-        """`columns`: send `orders.columns` / `meters.columns` (docs/protocol.md), else the
-        v1 `orders` / `meters` batches (the same ledger). `population`: the plain prosumers
+        """`columns`: send `orders.columns` / `meters.columns` and take `settled.columns` /
+        `delivery.columns` (docs/protocol.md), else the v1 batches (the same ledger). `population`: the plain prosumers
         decide as one `Population` (participants/population.py), else a `Prosumer` each
         (the reference: the same ledger); the others are in `prosumers`."""
         specs = [spec for spec, _ in members]
@@ -76,6 +76,8 @@ class FleetClient:
         self.sio.on("start_round", self._on_start_round, namespace="/fleet")
         self.sio.on("settled", self._on_settled, namespace="/fleet")
         self.sio.on("delivery", self._on_delivery, namespace="/fleet")
+        self.sio.on("settled.columns", self._on_settled_columns, namespace="/fleet")
+        self.sio.on("delivery.columns", self._on_delivery_columns, namespace="/fleet")
 
     def warm(self, slots: Sequence[tuple[int, int]]) -> None:
         """Compute every prosumer's energy of `slots` now (the first round's, before
@@ -89,7 +91,11 @@ class FleetClient:
     async def connect(self, url: str, *, wait_timeout: float = 30.0) -> None:
         first, *rest = self._logins
         await self.sio.connect(
-            url, auth={"fleet": first}, namespaces=["/fleet"], transports=["websocket"], wait_timeout=wait_timeout
+            url,
+            auth={"fleet": first, "columns": self.columns},
+            namespaces=["/fleet"],
+            transports=["websocket"],
+            wait_timeout=wait_timeout,
         )
         for chunk in rest:  # the connect packet is held to the pre-login byte budget
             reply = await self.sio.call("join", {"fleet": chunk}, namespace="/fleet", timeout=self.timeout)
@@ -287,6 +293,58 @@ class FleetClient:
 
     async def _on_delivery(self, batch: Any) -> None:
         self._dispatch(batch, Delivery, "on_delivery_msg")
+
+    async def _on_settled_columns(self, payload: Any) -> None:
+        try:
+            table = parse(payload, SettledColumns)
+        except ValueError:
+            log.exception("settled.columns: bad payload")
+            self.errors += 1
+            return
+        pop, members = self.population, self._members
+        side, quantity, interval, commit_id, source = (
+            table.side,
+            table.quantity,
+            table.time_delivery,
+            table.commit_id,
+            table.source,
+        )
+        for k, pid in enumerate(table.participant):
+            i = members.get(pid)
+            if i is not None:
+                assert pop is not None
+                pop.on_fill(i, interval[k][0], commit_id[k], side[k], quantity[k], source[k])
+            else:
+                self._to_prosumer(pid, "on_settled_msg", table.event(k))
+
+    async def _on_delivery_columns(self, payload: Any) -> None:
+        try:
+            table = parse(payload, DeliveryColumns)
+        except ValueError:
+            log.exception("delivery.columns: bad payload")
+            self.errors += 1
+            return
+        members, together = self._members, []
+        for k, pid in enumerate(table.participant):
+            i = members.get(pid)
+            if i is not None:
+                together.append((i, table.rows[k]))
+            else:
+                self._to_prosumer(pid, "on_delivery_msg", table.event(k))
+        if together:
+            assert self.population is not None
+            self.population.on_delivery_columns(table.time_delivery[0], together, table.transactions)
+
+    def _to_prosumer(self, pid: str, method: str, msg: Settled | Delivery) -> None:
+        prosumer = self.prosumers.get(pid)
+        if prosumer is None:
+            self.errors += 1
+            return
+        try:
+            getattr(prosumer, method)(msg)
+        except ValueError:
+            log.exception("%s: bad %s payload", pid, type(msg).__name__)
+            prosumer.stats.errors += 1
 
     def _dispatch(self, batch: Any, kind: type[Settled] | type[Delivery], method: str) -> None:
         events = batch.get("events") if isinstance(batch, dict) else None

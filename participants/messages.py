@@ -67,6 +67,92 @@ class Delivery(Payload, frozen=True):
     transactions: list[TransactionRow] = []
 
 
+class SettledColumns(Payload, frozen=True):
+    """`/fleet` `settled.columns` (docs/protocol.md): item `k` of every list is member
+    `participant[k]`'s `settled` event."""
+
+    participant: list[str]
+    side: list[str]
+    quantity: list[int]
+    price: list[float]
+    time_delivery: list[Interval]
+    commit_id: list[str | None]
+    uuid: list[str | None]
+    id: list[str | None]
+    source: list[str | None]
+
+    def __post_init__(self) -> None:
+        _same_lengths(self, ("side", "quantity", "price", "time_delivery", "commit_id", "uuid", "id", "source"))
+
+    def event(self, k: int) -> Settled:
+        return Settled(
+            self.side[k],
+            self.quantity[k],
+            self.price[k],
+            self.time_delivery[k],
+            self.commit_id[k],
+            self.uuid[k],
+            self.id[k],
+            self.source[k],
+        )
+
+
+class TransactionColumns(Payload, frozen=True):
+    """The rows of a `delivery.columns` table, a list per field."""
+
+    kind: list[str]
+    seller_id: list[str]
+    buyer_id: list[str]
+    quantity: list[int]
+    amount_buy: list[int]
+    amount_sell: list[int]
+    id: list[str | None]
+    energy_source: list[str | None]
+
+    def __post_init__(self) -> None:
+        _same_lengths(
+            self, ("seller_id", "buyer_id", "quantity", "amount_buy", "amount_sell", "id", "energy_source"), "kind"
+        )
+
+    def row(self, j: int) -> TransactionRow:
+        return TransactionRow(
+            self.kind[j],
+            self.seller_id[j],
+            self.buyer_id[j],
+            self.quantity[j],
+            self.amount_buy[j],
+            self.amount_sell[j],
+            self.id[j],
+            self.energy_source[j],
+        )
+
+
+class DeliveryColumns(Payload, frozen=True):
+    """`/fleet` `delivery.columns`: member `participant[k]`'s `delivery` of `time_delivery`
+    lists the rows `rows[k]` (indices into `transactions`)."""
+
+    time_delivery: Interval
+    participant: list[str]
+    rows: list[list[int]]
+    transactions: TransactionColumns
+
+    def __post_init__(self) -> None:
+        _same_lengths(self, ("rows",))
+        n = len(self.transactions.kind)
+        if any(not 0 <= j < n for picks in self.rows for j in picks):
+            raise ValueError(f"a row index outside the table of {n} rows")
+
+    def event(self, k: int) -> Delivery:
+        return Delivery(self.time_delivery, [self.transactions.row(j) for j in self.rows[k]])
+
+
+def _same_lengths(struct: Payload, fields: tuple[str, ...], first: str = "participant") -> None:
+    n = len(getattr(struct, first))
+    for name in fields:
+        if len(getattr(struct, name)) != n:
+            raise ValueError(f"column {name!r} has {len(getattr(struct, name))} items, {first!r} has {n}")
+
+
 P = TypeVar("P", bound=Payload)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from market.core.protocol import ConsumptionMsg, EntryMsg, MeterMsg, Side
 from participants.devices import Battery
-from participants.messages import Delivery, Settled, StartRound
+from participants.messages import Delivery, Settled, StartRound, TransactionColumns
 from participants.profiles import SiteProfiles, build_profiles
 from participants.prosumer import KEEP_SLOTS, P2P_KINDS, Stats, facts_of, forecast_wh
 from participants.spec import BatteryTrader, FixedPriceTrader, ParticipantSpec
@@ -648,7 +648,7 @@ class Population:
 
     def on_settled(self, i: int, fill: Settled) -> None:
         """`Prosumer.on_settled_msg` of member `i`."""
-        self._fill(i, fill.time_delivery[0], fill.commit_id, fill.side, fill.quantity, fill.source)
+        self.on_fill(i, fill.time_delivery[0], fill.commit_id, fill.side, fill.quantity, fill.source)
 
     def on_settlements(self, settlements: Iterable[Any]) -> None:
         """Every member's `settled` events of the market's settlement records at once (the
@@ -657,11 +657,12 @@ class Population:
         for s in settlements:
             b, a = index.get(s.buyer_id), index.get(s.seller_id)
             if b is not None:
-                self._fill(b, s.time_delivery_start, s.commit_id, "bid", s.quantity, s.energy_source)
+                self.on_fill(b, s.time_delivery_start, s.commit_id, "bid", s.quantity, s.energy_source)
             if a is not None:
-                self._fill(a, s.time_delivery_start, s.commit_id, "ask", s.quantity, s.energy_source)
+                self.on_fill(a, s.time_delivery_start, s.commit_id, "ask", s.quantity, s.energy_source)
 
-    def _fill(self, i: int, start: int, commit_id: str | None, side: str, quantity: int, source: str | None) -> None:
+    def on_fill(self, i: int, start: int, commit_id: str | None, side: str, quantity: int, source: str | None) -> None:
+        """Member `i`'s `settled` event, field by field (a repeated one counts once)."""
         c = self._slot(start)
         if commit_id is not None:
             key = (commit_id, side, self.ids[i])
@@ -737,20 +738,62 @@ class Population:
                     p2p_sold[s] += tx.quantity
                 elif kind == "grid_sell":
                     grid_sold[s] += tx.quantity
+        self._delivered(c, parties, (paid, received, p2p_bought, p2p_sold, grid_bought, grid_sold))
+
+    def on_delivery_columns(
+        self, start: int, deliveries: Iterable[tuple[int, Sequence[int]]], rows: TransactionColumns
+    ) -> None:
+        """`on_delivery` of each (member, the indices of its rows in `rows`) of one slot at
+        once, from a `/fleet` `delivery.columns` table."""
+        c = self._slot(start)
+        if c.delivered is None:
+            c.delivered = np.zeros(len(self.ids), dtype=bool)
+        ids, n = self.ids, len(self.ids)
+        was = c.delivered.tolist()
+        buyer, seller, kinds, qty, amount_buy, amount_sell = (
+            rows.buyer_id,
+            rows.seller_id,
+            rows.kind,
+            rows.quantity,
+            rows.amount_buy,
+            rows.amount_sell,
+        )
+        paid, received, p2p_bought, p2p_sold, grid_bought, grid_sold = ([0] * n for _ in range(6))
+        parties: set[int] = set()
+        for i, picks in deliveries:
+            if was[i]:
+                continue  # its delivery of this slot was counted (a repeat: once, as on_delivery)
+            was[i] = True
+            parties.add(i)
+            me = ids[i]
+            for j in picks:
+                kind = kinds[j]
+                if buyer[j] == me:
+                    paid[i] += amount_buy[j]
+                    if kind in P2P_KINDS:
+                        p2p_bought[i] += qty[j]
+                    elif kind == "grid_buy":
+                        grid_bought[i] += qty[j]
+                if seller[j] == me:
+                    received[i] += amount_sell[j]
+                    if kind in P2P_KINDS:
+                        p2p_sold[i] += qty[j]
+                    elif kind == "grid_sell":
+                        grid_sold[i] += qty[j]
+        self._delivered(c, parties, (paid, received, p2p_bought, p2p_sold, grid_bought, grid_sold))
+
+    def _delivered(self, c: _Slot, parties: set[int], sums: tuple[list[int], ...]) -> None:
+        """Members `parties` took their delivery of slot `c`; `sums`, per member: paid,
+        received, P2P bought and sold, grid bought and sold."""
         if not parties:
             return
         st = self.stats
-        for name, col in (
-            ("paid", paid),
-            ("received", received),
-            ("p2p_bought_wh", p2p_bought),
-            ("p2p_sold_wh", p2p_sold),
-            ("grid_bought_wh", grid_bought),
-            ("grid_sold_wh", grid_sold),
+        for name, col in zip(
+            ("paid", "received", "p2p_bought_wh", "p2p_sold_wh", "grid_bought_wh", "grid_sold_wh"), sums, strict=True
         ):
             st[name] += np.array(col, dtype=np.int64)
         who = np.fromiter(parties, dtype=np.int64, count=len(parties))
-        done[who] = True
+        c.delivered[who] = True  # type: ignore[index]
         st["delivered"][who] += 1
         if c.pending is not None:
             st["compared"][who] += 1

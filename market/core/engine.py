@@ -705,7 +705,7 @@ class Market:
             transactions=rows,
             meters=[d.records[p] for p in sorted(d.records)],
             metered=sorted(d.meters),
-            deliveries=_deliveries(slot, rows, parties),
+            deliveries=deliveries(slot, rows, parties),
         )
 
     def reset(self) -> None:
@@ -832,28 +832,29 @@ def _settled_events(
 ) -> list[tuple[str, dict[str, Any]]]:
     events = []
     for s in settlements:
-        buyer = parties is None or s.buyer_id in parties
-        seller = parties is None or s.seller_id in parties
-        if not (buyer or seller):
-            continue
-        common = {
-            "commit_id": s.commit_id,
-            "quantity": s.quantity,
-            "source": s.energy_source,
-            "time_delivery": [s.time_delivery_start, s.time_delivery_end],
-        }
-        if buyer:
-            events.append(
-                (s.buyer_id, {**common, "uuid": s.bid_uuid, "id": s.bid_id, "side": "bid", "price": s.price_buy})
-            )
-        if seller:
-            events.append(
-                (s.seller_id, {**common, "uuid": s.ask_uuid, "id": s.ask_id, "side": "ask", "price": s.price_sell})
-            )
+        if parties is None or s.buyer_id in parties:
+            events.append((s.buyer_id, settled_event(s, "bid")))
+        if parties is None or s.seller_id in parties:
+            events.append((s.seller_id, settled_event(s, "ask")))
     return events
 
 
-def _deliveries(slot: Slot, rows: list[Transaction], parties: Container[str] | None) -> dict[str, dict[str, Any]]:
+def settled_event(s: Settlement, side: Side) -> dict[str, Any]:
+    """The `settled` payload (PROTOCOL.md) of the buyer's (`bid`) or the seller's side of a fill."""
+    common = {
+        "commit_id": s.commit_id,
+        "quantity": s.quantity,
+        "source": s.energy_source,
+        "time_delivery": [s.time_delivery_start, s.time_delivery_end],
+    }
+    if side == "bid":
+        return {**common, "uuid": s.bid_uuid, "id": s.bid_id, "side": "bid", "price": s.price_buy}
+    return {**common, "uuid": s.ask_uuid, "id": s.ask_id, "side": "ask", "price": s.price_sell}
+
+
+def deliveries(slot: Slot, rows: list[Transaction], parties: Container[str] | None) -> dict[str, dict[str, Any]]:
+    """Each party's `delivery` payload (PROTOCOL.md) of a slot's transaction rows, in the
+    order parties first appear; only those in `parties`, if given."""
     by_party: dict[str, list[dict[str, Any]]] = {}
     if parties is not None:
         rows = [r for r in rows if r.seller_id in parties or r.buyer_id in parties]

@@ -31,9 +31,11 @@ from market.core.engine import (
     RoundOpen,
     SlotResult,
     canonical_config,
+    deliveries,
     slot_records,
 )
 from market.core.errors import MarketError
+from market.core.fleet_results import all_but, delivery_columns, route_rows, route_settled, settled_columns
 from market.core.hierarchy import UpstreamFill, physical_flows, residual_rows
 from market.core.protocol import UpstreamFillsMsg
 from market.core.records import (
@@ -158,6 +160,8 @@ class MarketServer:
         self.metrics: Metrics | None = None  # set by app()
         self.commits = GroupCommit(self._write)
         self._unannounced: list[tuple[str, dict[str, Any]]] = []  # `settled` events whose fills await the ledger
+        # ... and the fills of those whose connection takes them in columns (with those parties).
+        self._unannounced_fills: list[tuple[list[Settlement], frozenset[str]]] = []
         self._backlog: list[Record] = []  # round records the ledger refused, written with the next batch
         self._admit = asyncio.Event()  # cleared while a round opens: new actions wait (ack durability)
         self._admit.set()
@@ -445,13 +449,14 @@ class MarketServer:
             self._admit.clear()
             try:
                 await self.commits.drain()
-                opened = self.market.open_round(t, duration)
+                columnar = frozenset(self._columnar())
+                opened = self.market.open_round(t, duration, parties=all_but(columnar))
             finally:
                 self._admit.set()
             self.clock.set(t)
             wait = self._expect(t)
             try:
-                await self._announce(opened)
+                await self._announce(opened, columnar)
                 for skipped in [s for s in self.market.delivering() if s < t]:  # a step that jumped ahead
                     await self._finish(opened, skipped, [])
                 await self._await_readings(wait, self.config.round_timeout)
@@ -489,7 +494,8 @@ class MarketServer:
                 self._admit.clear()
                 try:
                     await self.commits.drain()
-                    opened = self.market.open_round(t)
+                    columnar = frozenset(self._columnar())
+                    opened = self.market.open_round(t, parties=all_but(columnar))
                 finally:
                     self._admit.set()
                 late = [s for s in self.market.delivering() if s < t]
@@ -499,6 +505,7 @@ class MarketServer:
                 journal = [r for r in self.market.take_journal() if not isinstance(r, MeterRecord)]
                 if not await self._store([*journal, *opened.settlements]):
                     self._unannounced += opened.settled  # sent once stored, at a later boundary
+                    self._unannounced_fills.append((opened.settlements, columnar))
                     return
                 self.dashboard.recent.cleared(opened)
                 # What an earlier boundary still holds (its slots are still being processed)
@@ -507,7 +514,10 @@ class MarketServer:
                 if self._unannounced:
                     await self._send_private("settled", self._unannounced)
                     self._unannounced = []
-                await self._announce(opened)
+                for fills, their in self._unannounced_fills:
+                    await self._send_settled(fills, their)
+                self._unannounced_fills = []
+                await self._announce(opened, columnar)
             if self.upstream_link is not None:
                 self._pass_up(opened.times.duration)
         except Exception:
@@ -626,7 +636,9 @@ class MarketServer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wait.done.wait(), timeout)
 
-    async def _announce(self, opened: RoundOpen) -> None:
+    async def _announce(self, opened: RoundOpen, columnar: frozenset[str]) -> None:
+        """Send the round's fills and start: `columnar`, the parties whose fills `opened.settled`
+        leaves out (their connection takes them in columns)."""
         sim = self.config.mode == "sim"
         starting = self._starting() if sim else {}
         if sim:
@@ -635,6 +647,7 @@ class MarketServer:
             await self._flush_private(hold=starting)
         carried = {pid: len(self._held.get(pid, ())) for pid in starting}  # held by the last step
         await self._send_private("settled", opened.settled)
+        await self._send_settled(opened.settlements, columnar)
         skip: list[str] = []
         if sim:
             # A fill of a slot this very round delivers (close_steps = 1, or a step that jumped
@@ -657,7 +670,8 @@ class MarketServer:
     ) -> dict[str, Any]:
         """Process `slot` and make its records durable, with `fills` (the round's clearing)."""
         self._waits.pop(slot, None)
-        result = self.market.process(slot, self.clock.now())
+        columnar = frozenset(self._columnar())
+        result = self.market.process(slot, self.clock.now(), parties=all_but(columnar))
         metered = set(result.metered)
         missing = [p for p in self.market_ids_of("prosumer") if p not in metered]
         # With the entries and cancels acknowledged since the last round and not yet durable.
@@ -666,7 +680,7 @@ class MarketServer:
         if not await self._store([*records, summary]):
             raise MarketError("unavailable", f"slot {slot} is processed but the ledger could not store it yet")
         self.rounds_processed += 1
-        await self._deliver(result)
+        await self._deliver(result, columnar)
         log.info(
             "round=%s slot=%s metered=%d missing=%d records=%d",
             opened.times.time,
@@ -677,8 +691,36 @@ class MarketServer:
         )
         return _round_reply(summary)
 
-    async def _deliver(self, result: SlotResult) -> None:
+    async def _deliver(self, result: SlotResult, columnar: frozenset[str]) -> None:
+        """Each party's `delivery`; those in `columnar` (left out of `result.deliveries`) in
+        one `delivery.columns` per `/fleet` connection that takes columns."""
         await self._send_private("delivery", list(result.deliveries.items()))
+        if not columnar:
+            return
+        rows = tuple(result.transactions)
+        per_sid, rest = route_rows(rows, columnar, self._columnar())
+        if rest:  # left their columnar connection since: as everyone else
+            await self._send_private("delivery", list(deliveries(result.slot, result.transactions, rest).items()))
+        for sid, picks in per_sid.items():
+            payload = delivery_columns(result.slot, rows, picks, self.outbox.push_ref)
+            await self.sio.emit("delivery.columns", payload, to=sid, namespace="/fleet")
+
+    def _columnar(self) -> dict[str, str]:
+        """participant -> `/fleet` sid of those whose private events go in columns."""
+        if not self.fleet.columnar:
+            return {}
+        return self.fleet.columnar_routes(self.sessions["/market"].sid_of)
+
+    async def _send_settled(self, settlements: Sequence[Settlement], columnar: frozenset[str]) -> None:
+        """The `settled` events of the parties in `columnar`: one `settled.columns` per `/fleet`
+        connection that takes columns, or as everyone else's if they left it since."""
+        if not columnar:
+            return
+        per_sid, rest = route_settled(settlements, columnar, self._columnar())
+        await self._send_private("settled", rest)
+        for sid, items in per_sid.items():
+            payload = settled_columns(items, self.outbox.push_ref)
+            await self.sio.emit("settled.columns", payload, to=sid, namespace="/fleet")
 
     async def _send_private(self, event: str, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Send each participant its private events: one message each on /market, one

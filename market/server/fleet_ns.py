@@ -3,15 +3,17 @@
 A fleet connects with `auth = {"fleet": [{"id", "token"}, ...]}`; every member must be a
 registered prosumer with its own token, or the whole connection is refused. The
 connection receives `start_round` once, and `settled` / `delivery` as one batch per round
-(`{"events": [{"participant", ...payload}]}`); it sends `orders` and `meters` batches whose
-items name their participant, which must be one of its members (docs/protocol.md).
+(`{"events": [{"participant", ...payload}]}`), or as tables (`settled.columns`,
+`delivery.columns`) if it logged in with `auth.columns`; it sends `orders` and `meters`
+batches whose items name their participant, which must be one of its members
+(docs/protocol.md).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any, ClassVar, TypeVar
 
 import socketio
@@ -49,6 +51,7 @@ class FleetNamespace(Namespace):
         super().__init__(server)
         self.members: dict[str, frozenset[str]] = {}  # fleet sid -> its participants
         self.sid_of: dict[str, str] = {}  # participant -> fleet sid
+        self.columnar: set[str] = set()  # fleet sids that logged in with `auth.columns`
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         logins = self.ms.limiter.logins
@@ -64,6 +67,9 @@ class FleetNamespace(Namespace):
             raise socketio.exceptions.ConnectionRefusedError(
                 f"unauthorized: auth must be {{'fleet': [{{'id', 'token'}}, ...]}} with 1 to {MAX_MEMBERS} members"
             )
+        columns = auth.get("columns", False)
+        if not isinstance(columns, bool):
+            raise socketio.exceptions.ConnectionRefusedError("invalid: auth.columns must be true or false")
         ids = [cred.get("id") if isinstance(cred, dict) else None for cred in creds]
         refuse_throttled(logins.wait(login_keys(environ, ids)), self.namespace)
         try:
@@ -71,6 +77,8 @@ class FleetNamespace(Namespace):
         except MarketError as err:
             raise socketio.exceptions.ConnectionRefusedError(f"{err.code}: {err.message}") from None
         self.members[sid] = frozenset()
+        if columns:
+            self.columnar.add(sid)
         await self._admit_members(sid, members)
         log.info("ns=/fleet connect members=%d", len(members))
 
@@ -124,11 +132,23 @@ class FleetNamespace(Namespace):
 
     async def on_disconnect(self, sid: str, *_reason: Any) -> None:
         members = self.members.pop(sid, frozenset())
+        self.columnar.discard(sid)
         for pid in members:
             if self.sid_of.get(pid) == sid:
                 del self.sid_of[pid]
                 self.ms.participant_left(pid)
         log.info("ns=/fleet disconnect members=%d", len(members))
+
+    def columnar_routes(self, elsewhere: Container[str]) -> dict[str, str]:
+        """member -> sid of the `auth.columns` connections' members, but those in `elsewhere`
+        (logged in on `/market` since: their events go there)."""
+        mine = self.sid_of
+        return {
+            pid: sid
+            for sid in self.columnar
+            for pid in self.members.get(sid, ())
+            if mine.get(pid) == sid and pid not in elsewhere
+        }
 
     def _fleet(self, sid: str) -> frozenset[str]:
         members = self.members.get(sid)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +82,27 @@ async def test_fleet_rounds_give_the_ledger_of_one_connection_each(
     await run_sim(SCENARIO, ledger=single, participants=40, days=0.25, progress=False)
     monkeypatch.setattr(fleet_client, "PIPELINE", 7)  # several chunks per connection and round
     monkeypatch.setattr(fleet_client, "MAX_FLEET_ITEMS", 9)  # several batches of the population
+    stats: dict[tuple[bool, bool], dict[str, Any]] = {}
     for columns, population in ((True, True), (False, True), (True, False), (False, False)):
-        client = functools.partial(fleet_client.FleetClient, columns=columns, population=population)
+        made: list[fleet_client.FleetClient] = []
+
+        def client(
+            *args: Any, made: list[Any] = made, columns: bool = columns, population: bool = population, **kw: Any
+        ) -> Any:
+            made.append(fleet_client.FleetClient(*args, **kw, columns=columns, population=population))
+            return made[-1]
+
         monkeypatch.setattr(sim, "FleetClient", client)
         fleet = f"sqlite:///{tmp_path}/fleet-{columns}-{population}.db"
         result = await run_sim(SCENARIO, ledger=fleet, participants=40, days=0.25, progress=False, fleets=2)
         assert result.missing_total == 0 and result.summary.trades > 0
         assert ledger_digest(fleet) == ledger_digest(single), f"columns={columns} population={population}"
+        stats[columns, population] = {p: s for c in made for p, s in c.stats().items()}
+        assert not any(c.errors for c in made)
+    # What each prosumer heard of its fills and deliveries: the same from columns and v1 batches.
+    for population in (True, False):
+        assert stats[True, population] == stats[False, population]
+        assert sum(s.delivered for s in stats[True, population].values()) > 0
 
 
 async def fleet(url: str, pids: tuple[str, ...] = ("P1", "P2")) -> socketio.AsyncClient:

@@ -88,3 +88,78 @@ def test_bad_events_for_members_are_counted_and_change_nothing() -> None:
     assert stats[bad].errors == 1 and stats[bad].fills == 0
     assert stats[good].fills == 1 and stats[good].bought_wh == 120
     assert pop.committed(MIDNIGHT)[0].tolist() == [120, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("event", "payload"),
+    [
+        ("delivery.columns", {"time_delivery": [0, D], "participant": ["S0001"], "rows": [[0]], "transactions": {}}),
+        (
+            "delivery.columns",
+            {
+                "time_delivery": [0, D],
+                "participant": ["S0001"],
+                "rows": [[1]],  # the table has one row
+                "transactions": {
+                    **{f: ["S0001"] for f in ("seller_id", "buyer_id")},
+                    **{f: [1] for f in ("quantity", "amount_buy", "amount_sell")},
+                    "kind": ["grid_buy"],
+                    "id": ["t"],
+                    "energy_source": [None],
+                },
+            },
+        ),
+        (
+            "settled.columns",
+            {
+                "participant": ["S0001", "S0002"],
+                "side": ["bid"],  # one item short
+                **{f: [1, 1] for f in ("quantity", "price")},
+                "time_delivery": [[0, D], [0, D]],
+                **{f: [None, None] for f in ("commit_id", "uuid", "id", "source")},
+            },
+        ),
+        ("settled.columns", ["not", "a", "table"]),
+    ],
+)
+@pytest.mark.parametrize("population", [False, True])
+async def test_a_bad_columnar_result_is_an_error_and_changes_nothing(
+    event: str, payload: object, population: bool
+) -> None:
+    fc = fleet(2, population)
+    before = fc.stats()
+    handler = fc._on_delivery_columns if event == "delivery.columns" else fc._on_settled_columns
+    await handler(payload)
+    assert fc.errors == 1
+    assert fc.stats() == before
+
+
+@pytest.mark.parametrize("population", [False, True])
+async def test_columnar_results_reach_each_member_as_its_v1_events(population: bool) -> None:
+    """One `settled.columns` and one `delivery.columns` count as the members' v1 events."""
+    columnar, v1 = fleet(2, population), fleet(2, population)
+    fill = {"side": "bid", "quantity": 40, "price": 0.2, "time_delivery": [0, D], "commit_id": "c0-0"}
+    fill |= {"uuid": "u", "id": None, "source": "solar"}
+    await columnar._on_settled_columns({"participant": ["S0002"], **{k: [v] for k, v in fill.items()}})
+    await v1._on_settled({"events": [{"participant": "S0002", **fill}]})
+    rows = {
+        "kind": ["p2p", "grid_buy"],
+        "seller_id": ["S0001", "grid"],
+        "buyer_id": ["S0002", "S0002"],
+        "quantity": [40, 10],
+        "amount_buy": [8000, 3000],
+        "amount_sell": [7000, 3000],
+        "id": ["t0", "t1"],
+        "energy_source": ["solar", "grid"],
+    }
+    table = {"time_delivery": [0, D], "participant": ["S0001", "S0002"], "rows": [[0], [0, 1]], "transactions": rows}
+    await columnar._on_delivery_columns(table)
+    each = [{f: values[j] for f, values in rows.items()} for j in range(2)]
+    delivery = [
+        {"participant": "S0001", "time_delivery": [0, D], "transactions": each[:1]},
+        {"participant": "S0002", "time_delivery": [0, D], "transactions": each},
+    ]
+    await v1._on_delivery({"events": delivery})
+    assert columnar.stats() == v1.stats()
+    assert columnar.stats()["S0002"].paid == 11000 and columnar.stats()["S0001"].received == 7000
+    assert columnar.errors == v1.errors == 0
