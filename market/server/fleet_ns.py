@@ -11,9 +11,10 @@ batches whose items name their participant, which must be one of its members
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import socketio
@@ -52,6 +53,7 @@ class FleetNamespace(Namespace):
         self.members: dict[str, frozenset[str]] = {}  # fleet sid -> its participants
         self.sid_of: dict[str, str] = {}  # participant -> fleet sid
         self.columnar: set[str] = set()  # fleet sids that logged in with `auth.columns`
+        self._routes: dict[str, str] | None = None  # their members -> sid, until membership changes
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         logins = self.ms.limiter.logins
@@ -79,6 +81,7 @@ class FleetNamespace(Namespace):
         self.members[sid] = frozenset()
         if columns:
             self.columnar.add(sid)
+            self._routes = None
         await self._admit_members(sid, members)
         log.info("ns=/fleet connect members=%d", len(members))
 
@@ -107,6 +110,7 @@ class FleetNamespace(Namespace):
                 market_sessions.pid_of.pop(old, None)
                 await self.ms.sio.disconnect(old, namespace="/market")
             self.sid_of[pid] = sid
+        self._routes = None
         self.members[sid] = members = self.members[sid] | frozenset(pids)
         self.ms.authenticated(sid, self.namespace, len(members))
 
@@ -133,22 +137,26 @@ class FleetNamespace(Namespace):
     async def on_disconnect(self, sid: str, *_reason: Any) -> None:
         members = self.members.pop(sid, frozenset())
         self.columnar.discard(sid)
+        self._routes = None
         for pid in members:
             if self.sid_of.get(pid) == sid:
                 del self.sid_of[pid]
                 self.ms.participant_left(pid)
         log.info("ns=/fleet disconnect members=%d", len(members))
 
-    def columnar_routes(self, elsewhere: Container[str]) -> dict[str, str]:
+    def columnar_routes(self, elsewhere: Iterable[str]) -> dict[str, str]:
         """member -> sid of the `auth.columns` connections' members, but those in `elsewhere`
-        (logged in on `/market` since: their events go there)."""
-        mine = self.sid_of
-        return {
-            pid: sid
-            for sid in self.columnar
-            for pid in self.members.get(sid, ())
-            if mine.get(pid) == sid and pid not in elsewhere
-        }
+        (logged in on `/market` since: their events go there). Not to be changed by the caller."""
+        routes = self._routes
+        if routes is None:
+            mine = self.sid_of
+            routes = self._routes = {
+                pid: sid for sid in self.columnar for pid in self.members.get(sid, ()) if mine.get(pid) == sid
+            }
+        away = {pid for pid in elsewhere if pid in routes}
+        if not away:
+            return routes
+        return {pid: sid for pid, sid in routes.items() if pid not in away}
 
     def _fleet(self, sid: str) -> frozenset[str]:
         members = self.members.get(sid)
@@ -189,22 +197,18 @@ class FleetNamespace(Namespace):
         await self.ms.persist()
         return results
 
-    async def _meter(self, sid: str, readings: list[tuple[str, MeterMsg]]) -> list[dict[str, Any]]:
+    async def _meter(
+        self, sid: str, readings: list[tuple[str, MeterMsg]], book: Callable[[list[Any]], list[Any]] | None = None
+    ) -> list[dict[str, Any] | MarketError]:
+        """Each reading's reply or refusal, in order (`book`: the market's `meter_each`, or it
+        with what the caller checked of the whole batch)."""
         self._charge_members(sid, self.members[sid], (pid for pid, _ in readings))
         await self.ms.admit()
-        results: list[dict[str, Any]] = []
-        arrived = []
-        for (pid, reading), reply in zip(
-            readings, self._for_members(sid, readings, self.ms.market.meter_each), strict=True
-        ):
-            if isinstance(reply, MarketError):
-                results.append(reply.reply())
-            else:
-                results.append({"ok": True, **reply})
-                arrived.append((pid, reading.time_interval[0]))
+        results = self._for_members(sid, readings, book or self.ms.market.meter_each)
         await self.ms.persist()
-        for pid, slot in arrived:
-            self.ms.meter_arrived(pid, slot)
+        for (pid, reading), reply in zip(readings, results, strict=True):
+            if not isinstance(reply, MarketError):
+                self.ms.meter_arrived(pid, reading.time_interval[0])
         return results
 
     @replying
@@ -218,7 +222,8 @@ class FleetNamespace(Namespace):
     async def on_meters(self, sid: str, data: Any) -> dict[str, Any]:
         self._fleet(sid)
         readings = decode(data, FleetMetersMsg).readings
-        return {"results": await self._meter(sid, [(r.participant, r.meter()) for r in readings])}
+        results = await self._meter(sid, [(r.participant, r.meter()) for r in readings])
+        return {"results": [r.reply() if isinstance(r, MarketError) else {"ok": True, **r} for r in results]}
 
     @replying
     async def on_orders_columns(self, sid: str, data: Any) -> dict[str, Any]:
@@ -227,21 +232,23 @@ class FleetNamespace(Namespace):
         self._fleet(sid)
         results = await self._submit(sid, decode(data, OrderColumns).items())
         uuids = [None if isinstance(r, MarketError) else r[0].uuid for r in results]
-        refused = [
-            {"index": i, "code": r.code, "message": r.message}
-            for i, r in enumerate(results)
-            if isinstance(r, MarketError)
-        ]
-        return {"uuid": uuids, "refused": refused}
+        return {"uuid": uuids, "refused": _refused(results)}
 
     @replying
     async def on_meters_columns(self, sid: str, data: Any) -> dict[str, Any]:
         self._fleet(sid)
-        return {"refused": _refused(await self._meter(sid, decode(data, MeterColumns).items()))}
+        table = decode(data, MeterColumns)
+        # Every reading's sources are among the columns: checked once for the batch.
+        sources = (table.generation.keys(), table.bess.keys(), table.other.keys())
+        book = functools.partial(self.ms.market.meter_each, sources=sources)
+        results = await self._meter(sid, table.items(), book)
+        return {"refused": _refused(results)}
 
 
-def _refused(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"index": i, **r["error"]} for i, r in enumerate(results) if not r["ok"]]
+def _refused(results: Sequence[object]) -> list[dict[str, Any]]:
+    return [
+        {"index": i, "code": r.code, "message": r.message} for i, r in enumerate(results) if isinstance(r, MarketError)
+    ]
 
 
 def _not_member(pid: str) -> MarketError:

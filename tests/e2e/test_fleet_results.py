@@ -127,3 +127,27 @@ async def test_auth_columns_other_than_a_bool_refuses_the_connection(ledger_url:
             "invalid: auth.columns must be true or false"
         ]
         assert server.online() == []
+
+
+async def test_an_unknown_source_column_refuses_only_the_readings_that_use_it(ledger_url: str) -> None:
+    """A batch's sources are checked once when all are known; a column of an unknown one
+    refuses the readings with a value in it, as each reading on its own would be."""
+    async with running(CONFIG, ledger_url) as (url, _server):
+        f, _ = await fleet(url, columns=True)
+        ctl = await client(url, "CTL", "/simulation")
+        assert (await ctl.call("step", {"time": 600}, namespace="/simulation"))["ok"]
+        step = asyncio.ensure_future(ctl.call("step", {"time": 660}, namespace="/simulation"))
+        await asyncio.sleep(0.05)
+        readings = {
+            "participant": ["P1", "P2", "P3"],
+            "time_interval": [[660, 720]] * 3,
+            "generation": {"solar": [10, None, 5], "nuclear": [None, 7, None]},
+            "other": {"external": [None, 50, 40]},
+        }
+        reply = await f.call("meters.columns", readings, namespace="/fleet")
+        assert [(r["index"], r["code"], r["message"]) for r in reply["refused"]] == [
+            (1, "invalid", "unknown source 'nuclear' in generation")
+        ]
+        assert (await step)["round"]["metered"] == 2
+        await ctl.disconnect()
+        await f.disconnect()
