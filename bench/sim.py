@@ -1,7 +1,7 @@
 """Full microte rounds against the bare python-socketio ceiling, measured in the same run.
 
     python bench/sim.py [--n 10 50 100] [--seconds 5] [--repeat 1] [--no-fast-ceiling] [--no-memory-ledger]
-                        [--no-combined] [--write]
+                        [--no-combined] [--fleet 1000:1:96 10000:2:12] [--write]
 
 For each N, in this order and each in a fresh process (so peak memory and event loops
 never mix):
@@ -24,6 +24,13 @@ never mix):
 3. microte through `controller.sim.run_sim` itself (what `microte sim` runs), for the same
    number of rounds (its default: the one-event round): its rounds/s and start-up time,
    as a cross-check of (2).
+
+Then fleet mode (issue 16): for each `--fleet PARTICIPANTS:CONNECTIONS:ROUNDS`, `run_sim` with
+that many `/fleet` connections (what `microte sim --participants N --fleet K` runs), its
+rounds/s against the issue's target (100 at 1,000, 20 at 10,000), the readings missing over
+all rounds (the first included), and its ledger digest against the in-process run of the
+same community and seed (`--transport inproc`, which tests/controller/test_inproc.py holds to
+the ledger of one connection each). `--fleet` with no value leaves fleet mode out.
 
 `--write` puts the tables into docs/benchmarks-sim.md (between markers; the rest of the
 file is kept). Prints figures; never asserts (DESIGN.md).
@@ -208,6 +215,74 @@ async def via_run_sim(n: int, rounds: int) -> dict[str, Any]:
         "startup_seconds": r.startup_seconds,
         "missing": r.missing_total,
     }
+
+
+FLEET_TARGETS = {1000: 100.0, 10000: 20.0}  # rounds/s, issue 16
+
+
+async def fleet_run(n: int, fleets: int, rounds: int) -> dict[str, Any]:
+    """`run_sim` over `fleets` /fleet connections, then the in-process run's digest."""
+    from controller.sim import run_sim
+    from ledger import ledger_digest
+
+    days = (rounds + 0.5) * 900 / 86400  # community.toml: 900 s slots
+    with tempfile.TemporaryDirectory(prefix="microte-bench-") as tmp:
+        fleet, inproc = f"sqlite:///{Path(tmp) / 'fleet.db'}", f"sqlite:///{Path(tmp) / 'inproc.db'}"
+        r = await run_sim(SCENARIO, ledger=fleet, participants=n, days=days, progress=False, fleets=fleets)
+        await run_sim(SCENARIO, ledger=inproc, participants=n, days=days, progress=False, transport="inproc")
+        digest, same = ledger_digest(fleet), ledger_digest(fleet) == ledger_digest(inproc)
+    return {
+        "n": n,
+        "fleets": fleets,
+        "rounds": r.summary.rounds,
+        "rounds_per_second": r.summary.rounds_per_second,
+        "startup_seconds": r.startup_seconds,
+        "missing": r.missing_total,
+        "digest": digest,
+        "same_as_inproc": same,
+    }
+
+
+def render_fleet(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "",
+        "### Fleet mode (`/fleet`, issue 16)",
+        "",
+        "`run_sim` with the participants on `/fleet` connections (`microte sim --participants N --fleet K`: "
+        "columnar orders, readings, fills and deliveries), SQLite ledger; the digest compared with the "
+        "in-process run of the same community and seed.",
+        "",
+    ]
+    header = [
+        "participants",
+        "connections",
+        "rounds",
+        "rounds/s",
+        "target",
+        "ratio to target",
+        "readings missing",
+        "start-up s",
+        "digest",
+        "same as in-process",
+    ]
+    body = []
+    for r in rows:
+        target = FLEET_TARGETS.get(r["n"])
+        body.append(
+            [
+                str(r["n"]),
+                str(r["fleets"]),
+                str(r["rounds"]),
+                fmt(r["rounds_per_second"]),
+                fmt(target, ".0f") if target else "-",
+                fmt(_ratio(r["rounds_per_second"], target), ".2f") if target else "-",
+                str(r["missing"]),
+                fmt(r["startup_seconds"], ".2f"),
+                f"`{r['digest'][:8]}...`",
+                "yes" if r["same_as_inproc"] else "**no**",
+            ]
+        )
+    return "\n".join([*out, *_table(header, body)])
 
 
 # -- the orchestrator ------------------------------------------------------------------------
@@ -511,8 +586,24 @@ def orchestrate(args: argparse.Namespace) -> int:
             f"[{time.perf_counter() - began:.0f} s]",
             file=sys.stderr,
         )
+    fleet_rows = []
+    for spec in args.fleet:
+        n, fleets, rounds = (int(x) for x in spec.split(":"))
+        result = child([here, "--worker", "fleet", "--n", str(n), "--fleets", str(fleets), "--rounds", str(rounds)])
+        if result:
+            fleet_rows.append(result)
+            target = FLEET_TARGETS.get(n)
+            print(
+                f"fleet N={n} x{fleets}: {fmt(result['rounds_per_second'])} rounds/s"
+                + (f" ({fmt(_ratio(result['rounds_per_second'], target), '.2f')} of {target:.0f})" if target else "")
+                + f", missing {result['missing']}, same digest as in-process: {result['same_as_inproc']} "
+                f"[{time.perf_counter() - began:.0f} s]",
+                file=sys.stderr,
+            )
     command = "python bench/sim.py" + (" " + shlex.join(args.argv) if args.argv else "")
     text = render(rows, meta, command, cli_import)
+    if fleet_rows:
+        text += "\n" + render_fleet(fleet_rows)
     if args.write:  # before printing: a closed stdout must not lose the run
         write_section(DOC, BEGIN, END, text)
         print(f"wrote {DOC.relative_to(_ROOT)}", file=sys.stderr)
@@ -550,7 +641,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=96, help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help="runs of each kind per N (interleaved); the best is kept")
     p.add_argument("--write", action="store_true", help=f"write the tables into {DOC.relative_to(_ROOT)}")
-    p.add_argument("--worker", choices=["own", "run_sim"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--fleet",
+        nargs="*",
+        default=["1000:1:96", "10000:2:12"],
+        metavar="N:K:ROUNDS",
+        help="fleet-mode runs: participants, /fleet connections, rounds (none: leave fleet mode out)",
+    )
+    p.add_argument("--fleets", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["own", "run_sim", "fleet"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = argv
     # microte's side runs as `microte sim` runs it (`controller.runloop.run`: uvloop when
@@ -575,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.worker == "run_sim":
         print(json.dumps(runloop.run(via_run_sim(args.n[0], args.rounds))))
+        return 0
+    if args.worker == "fleet":
+        print(json.dumps(runloop.run(fleet_run(args.n[0], args.fleets, args.rounds))))
         return 0
     return orchestrate(args)
 
