@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from market.core.records import GRID_ID
+
 Role = Literal["prosumer", "dso", "aggregator", "oracle", "operator", "controller"]
 ParticipantId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
@@ -64,6 +66,11 @@ class Registry:
         self._owner: dict[str, str] = {}  # only accounts whose owner is not their own id
         self._address: dict[str, str] = {}
         for e in entries:
+            if e.id == GRID_ID:
+                raise ValueError(
+                    f"participant {GRID_ID!r} is reserved: the ledger's grid account, party to every grid purchase "
+                    "and sale (it would be sent all of them): choose another id"
+                )
             if e.id in self._roles:
                 raise ValueError(f"participant {e.id!r} is registered twice")
             digest = e.token_sha256 or (token_digest(e.token) if e.token else None)

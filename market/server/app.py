@@ -39,6 +39,7 @@ from market.core.fleet_results import all_but, delivery_columns, route_rows, rou
 from market.core.hierarchy import UpstreamFill, physical_flows, residual_rows
 from market.core.protocol import UpstreamFillsMsg
 from market.core.records import (
+    GRID_ID,
     Batch,
     CancelRecord,
     EntryRecord,
@@ -450,7 +451,7 @@ class MarketServer:
             try:
                 await self.commits.drain()
                 columnar = frozenset(self._columnar())
-                opened = self.market.open_round(t, duration, parties=all_but(columnar))
+                opened = self.market.open_round(t, duration, parties=self._dict_parties(columnar))
             finally:
                 self._admit.set()
             self.clock.set(t)
@@ -495,7 +496,7 @@ class MarketServer:
                 try:
                     await self.commits.drain()
                     columnar = frozenset(self._columnar())
-                    opened = self.market.open_round(t, parties=all_but(columnar))
+                    opened = self.market.open_round(t, parties=self._dict_parties(columnar))
                 finally:
                     self._admit.set()
                 late = [s for s in self.market.delivering() if s < t]
@@ -671,7 +672,7 @@ class MarketServer:
         """Process `slot` and make its records durable, with `fills` (the round's clearing)."""
         self._waits.pop(slot, None)
         columnar = frozenset(self._columnar())
-        result = self.market.process(slot, self.clock.now(), parties=all_but(columnar))
+        result = self.market.process(slot, self.clock.now(), parties=self._dict_parties(columnar))
         metered = set(result.metered)
         missing = [p for p in self.market_ids_of("prosumer") if p not in metered]
         # With the entries and cancels acknowledged since the last round and not yet durable.
@@ -704,6 +705,12 @@ class MarketServer:
         for sid, picks in per_sid.items():
             payload = delivery_columns(result.slot, rows, picks, self.outbox.push_ref)
             await self.sio.emit("delivery.columns", payload, to=sid, namespace="/fleet")
+
+    @staticmethod
+    def _dict_parties(columnar: frozenset[str]) -> Container[str] | None:
+        """Whom the engine makes private payloads for: every party but those that get theirs
+        in columns, and but the grid (a ledger account, not a participant: nobody reads it)."""
+        return all_but(columnar | {GRID_ID})
 
     def _columnar(self) -> dict[str, str]:
         """participant -> `/fleet` sid of those whose private events go in columns."""

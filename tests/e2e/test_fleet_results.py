@@ -82,6 +82,8 @@ async def test_columnar_results_are_the_v1_events_and_resume_returns_them(ledger
             kinds = {event for event, _ in got}
             assert kinds == ({"settled.columns", "delivery.columns"} if columns else {"settled", "delivery"})
             events[columns] = [e for event, data in got for e in as_v1(event, data)]
+            # The grid is no participant: nothing is made or kept for it.
+            assert _server.outbox.since("grid", 0) == ([], False)
             if columns:  # what a member was sent in columns, asked for again on /market
                 for pid in MEMBERS:
                     back = await client(url, pid)

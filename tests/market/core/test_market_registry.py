@@ -58,3 +58,10 @@ def test_from_toml_accepts_both_spellings_and_remembers_its_path(tmp_path: Path)
     assert r.roles("DSO") == ("dso", "operator") and r.roles("P1") == ("prosumer",)
     assert r.path == path and reg().path is None
     assert r.address("P1") == "cosmos1xyz" and r.address("DSO") is None
+
+
+def test_the_grids_account_cannot_be_registered() -> None:
+    """`grid` is the counterparty of every grid purchase and sale in the ledger: a
+    participant of that id would be sent everyone's grid transactions as its delivery."""
+    with pytest.raises(ValueError, match="'grid' is reserved"):
+        Registry.from_dict({"participants": [{"id": "grid", "token": "t", "role": "prosumer"}]})
