@@ -86,20 +86,50 @@ def exchange(
     nd = frozenset(non_dispatch)
     for s in sorted(settlements, key=lambda s: (not s.dispatch, s.seq)):
         _settle(s, rest, out, grid_buy, s.energy_source in nd)
+    # The rows of what remains, per participant (most of a slot's rows): built here as
+    # `_Writer.add` builds them, with what is constant per slot computed once (a self row
+    # moves no money; a grid row has one price for both sides).
+    rows, start, end = out.rows, slot[0], slot[1]
+    generation, external = rest.generation, rest.external
     for p in sorted(meters):
-        m = meters[p]
-        for src, q in sorted(m.consumption.bess.items()):
+        cons = meters[p].consumption
+        for src, q in _in_order(cons.bess):
             if q:
-                out.add("self", p, p, src, q, 0.0, 0.0)
-        for src, q in sorted(m.consumption.other.items()):
+                rows.append(
+                    Transaction(f"t{start}-{len(rows)}", "self", start, end, p, p, src, q, 0.0, 0.0, 0, 0, None, now)
+                )
+        for src, q in _in_order(cons.other):
             if q and src != EXTERNAL:
-                out.add("self", p, p, src, q, 0.0, 0.0)
-        for src, q in sorted(rest.gen(p).items()):
+                rows.append(
+                    Transaction(f"t{start}-{len(rows)}", "self", start, end, p, p, src, q, 0.0, 0.0, 0, 0, None, now)
+                )
+        for src, q in _in_order(generation.get(p, _NONE)):
             if q:
-                out.add("grid_sell", p, GRID_ID, src, q, grid_sell, grid_sell)
-        if rest.external.get(p, 0):
-            out.add("grid_buy", GRID_ID, p, GRID_ID, rest.external[p], grid_buy, grid_buy)
-    return out.rows
+                money = amount(q, grid_sell)
+                rows.append(
+                    Transaction(
+                        f"t{start}-{len(rows)}", "grid_sell", start, end, p, GRID_ID, src, q, grid_sell, grid_sell,
+                        money, money, None, now,
+                    )
+                )  # fmt: skip
+        q = external.get(p, 0)
+        if q:
+            money = amount(q, grid_buy)
+            rows.append(
+                Transaction(
+                    f"t{start}-{len(rows)}", "grid_buy", start, end, GRID_ID, p, GRID_ID, q, grid_buy, grid_buy,
+                    money, money, None, now,
+                )
+            )  # fmt: skip
+    return rows
+
+
+_NONE: dict[str, int] = {}
+
+
+def _in_order(sources: Mapping[str, int]) -> Iterable[tuple[str, int]]:
+    """A reading's map by source name (most hold one source or none: nothing to sort)."""
+    return sorted(sources.items()) if len(sources) > 1 else sources.items()
 
 
 def _settle(s: Settlement, rest: _Remainders, out: _Writer, grid_buy: float, non_dispatch: bool) -> None:
