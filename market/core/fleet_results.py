@@ -90,14 +90,21 @@ def delivery_columns(
     rows in `rows`, in the order members first appear in them), each numbered: the rows any
     of them is a party to, once each in their order, and each member's rows by index."""
     used = sorted({i for mine in picks.values() for i in mine})
-    at = {i: j for j, i in enumerate(used)}
-    table = [msgspec.structs.astuple(rows[i]) for i in used]
-    columns = [list(c) for c in zip(*table, strict=True)] if table else [[] for _ in TRANSACTION_FIELDS]
+    if len(used) == len(rows):  # every row concerns a member (one fleet for the market): as they are
+        table, indices = rows, list(picks.values())
+    else:
+        at = {i: j for j, i in enumerate(used)}
+        table, indices = tuple(rows[i] for i in used), [[at[i] for i in mine] for mine in picks.values()]
+    columns = (
+        [list(c) for c in zip(*map(msgspec.structs.astuple, table), strict=True)]
+        if table
+        else [[] for _ in TRANSACTION_FIELDS]
+    )
     return {
         "time_delivery": list(slot),
         "participant": list(picks),
         "seq": [number(pid, "delivery", DeliveryRef(slot, rows, tuple(mine))) for pid, mine in picks.items()],
-        "rows": [[at[i] for i in mine] for mine in picks.values()],
+        "rows": indices,
         "transactions": dict(zip(TRANSACTION_FIELDS, columns, strict=True)),
     }
 
