@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 import socketio
 
 from market.core.engine import MarketConfig
-from tests.e2e.conftest import TOKENS, client, running
+from market.server.app import MarketServer
+from tests.e2e.conftest import TOKENS, FlakySink, client, registry, running, serving
 
 CONFIG = MarketConfig(duration=60, round_timeout=0.5)
 SLOT = [720, 780]
@@ -152,4 +154,40 @@ async def test_an_unknown_source_column_refuses_only_the_readings_that_use_it(le
         ]
         assert (await step)["round"]["metered"] == 2
         await ctl.disconnect()
+        await f.disconnect()
+
+
+async def test_rt_fills_whose_write_failed_reach_the_columnar_fleet_once_stored(ledger_url: str) -> None:
+    """rt: a boundary whose fills the ledger refuses announces nothing; a later boundary
+    that stores them sends them to a columnar fleet as `settled.columns`, once."""
+    config = MarketConfig(mode="rt", duration=2, meter_grace=0.2)
+    sink = FlakySink(ledger_url)
+    server = MarketServer(config, registry(), sink)
+    async with serving(server) as url:
+        f, got = await fleet(url, columns=True)
+        slot = (int(time.time()) // 2 + 4) * 2
+        orders = {
+            "participant": ["P1", "P2"],
+            "side": ["ask", "bid"],
+            "quantity": [40, 40],
+            "price": [0.1, 0.3],
+            "time_delivery": [[slot, slot + 2]] * 2,
+            "source": ["solar", None],
+        }
+        assert (await f.call("orders.columns", orders, namespace="/fleet"))["refused"] == []
+        sink.failing = True  # the boundary that clears the slot cannot store its fills
+        deadline = time.monotonic() + 12
+        def held() -> int:  # fills cleared and kept back: their write failed
+            return sum(len(fills) for fills, _ in server._unannounced_fills)
+
+        while not held() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert held() == 1, "the clearing's write did not fail"
+        assert not [e for e, _ in got if e.startswith("settled")]  # nothing announced unstored
+        sink.failing = False
+        while not [e for e, _ in got if e.startswith("settled")] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        fills = [(p, e["side"], e["quantity"]) for event, data in got for p, _, e in as_v1(event, data)
+                 if event == "settled.columns"]  # fmt: skip
+        assert sorted(fills) == [("P1", "ask", 40), ("P2", "bid", 40)]
         await f.disconnect()
