@@ -56,9 +56,10 @@ class FleetClient:
         population: bool = True,
     ) -> None:
         """`columns`: send `orders.columns` / `meters.columns` and take `settled.columns` /
-        `delivery.columns` (docs/protocol.md), else the v1 batches (the same ledger). `population`: the plain prosumers
-        decide as one `Population` (participants/population.py), else a `Prosumer` each
-        (the reference: the same ledger); the others are in `prosumers`."""
+        `delivery.columns` (docs/protocol.md), else the v1 batches (the same ledger).
+        `population`: the plain prosumers decide as one `Population`
+        (participants/population.py), else a `Prosumer` each (the reference: the same
+        ledger); the others are in `prosumers`."""
         specs = [spec for spec, _ in members]
         together = [s for s in specs if population and plain(s)]
         self.population = Population(together, seed, timezone=timezone, base_dir=base_dir) if together else None
@@ -335,8 +336,9 @@ class FleetClient:
             assert self.population is not None
             self.population.on_delivery_columns(table.time_delivery[0], together, table.transactions)
 
-    def _to_prosumer(self, pid: str, method: str, msg: Settled | Delivery) -> None:
-        prosumer = self.prosumers.get(pid)
+    def _to_prosumer(self, pid: object, method: str, msg: Settled | Delivery) -> None:
+        """A member's event to its own `Prosumer` (an error if `pid` is none of them)."""
+        prosumer = self.prosumers.get(pid) if isinstance(pid, str) else None
         if prosumer is None:
             self.errors += 1
             return
@@ -375,15 +377,8 @@ class FleetClient:
                     pop.on_delivery(i, msg)
                 continue
             prosumer = self.prosumers.get(pid) if isinstance(pid, str) else None
-            if prosumer is None:
-                self.errors += 1
-                continue
-            if msg is None:
+            if prosumer is not None and msg is None:
                 log.error("%s: bad %s payload", prosumer.spec.id, kind.__name__)
                 prosumer.stats.errors += 1
                 continue
-            try:
-                getattr(prosumer, method)(msg)
-            except ValueError:
-                log.exception("%s: bad %s payload", prosumer.spec.id, kind.__name__)
-                prosumer.stats.errors += 1
+            self._to_prosumer(pid, method, msg)
