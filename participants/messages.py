@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import msgspec
 
 Interval = tuple[int, int]
+E = TypeVar("E", bound="Payload")  # a payload made from one item of a columnar table
 
 
 class Payload(msgspec.Struct, frozen=True):
@@ -82,19 +83,10 @@ class SettledColumns(Payload, frozen=True):
     source: list[str | None]
 
     def __post_init__(self) -> None:
-        _same_lengths(self, ("side", "quantity", "price", "time_delivery", "commit_id", "uuid", "id", "source"))
+        _same_lengths(self, len(self.participant), Settled)
 
     def event(self, k: int) -> Settled:
-        return Settled(
-            self.side[k],
-            self.quantity[k],
-            self.price[k],
-            self.time_delivery[k],
-            self.commit_id[k],
-            self.uuid[k],
-            self.id[k],
-            self.source[k],
-        )
+        return _item(self, k, Settled)
 
 
 class TransactionColumns(Payload, frozen=True):
@@ -110,21 +102,10 @@ class TransactionColumns(Payload, frozen=True):
     energy_source: list[str | None]
 
     def __post_init__(self) -> None:
-        _same_lengths(
-            self, ("seller_id", "buyer_id", "quantity", "amount_buy", "amount_sell", "id", "energy_source"), "kind"
-        )
+        _same_lengths(self, len(self.kind), TransactionRow)
 
     def row(self, j: int) -> TransactionRow:
-        return TransactionRow(
-            self.kind[j],
-            self.seller_id[j],
-            self.buyer_id[j],
-            self.quantity[j],
-            self.amount_buy[j],
-            self.amount_sell[j],
-            self.id[j],
-            self.energy_source[j],
-        )
+        return _item(self, j, TransactionRow)
 
 
 class DeliveryColumns(Payload, frozen=True):
@@ -137,7 +118,8 @@ class DeliveryColumns(Payload, frozen=True):
     transactions: TransactionColumns
 
     def __post_init__(self) -> None:
-        _same_lengths(self, ("rows",))
+        if len(self.rows) != len(self.participant):
+            raise ValueError(f"column 'rows' has {len(self.rows)} items, 'participant' has {len(self.participant)}")
         n = len(self.transactions.kind)
         if any(not 0 <= j < n for picks in self.rows for j in picks):
             raise ValueError(f"a row index outside the table of {n} rows")
@@ -146,11 +128,17 @@ class DeliveryColumns(Payload, frozen=True):
         return Delivery(self.time_delivery, [self.transactions.row(j) for j in self.rows[k]])
 
 
-def _same_lengths(struct: Payload, fields: tuple[str, ...], first: str = "participant") -> None:
-    n = len(getattr(struct, first))
-    for name in fields:
-        if len(getattr(struct, name)) != n:
-            raise ValueError(f"column {name!r} has {len(getattr(struct, name))} items, {first!r} has {n}")
+def _same_lengths(table: Payload, n: int, kind: type[Payload]) -> None:
+    """Every column of `table` that is a field of `kind` holds `n` items."""
+    for name in kind.__struct_fields__:
+        got = len(getattr(table, name))
+        if got != n:
+            raise ValueError(f"column {name!r} has {got} items, not {n}")
+
+
+def _item(table: Payload, k: int, kind: type[E]) -> E:
+    """Item `k` of a columnar table as the payload whose fields name its columns."""
+    return kind(*(getattr(table, name)[k] for name in kind.__struct_fields__))
 
 
 P = TypeVar("P", bound=Payload)

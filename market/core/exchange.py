@@ -105,23 +105,21 @@ def exchange(
                 )
         for src, q in _in_order(generation.get(p, _NONE)):
             if q:
-                money = amount(q, grid_sell)
-                rows.append(
-                    Transaction(
-                        f"t{start}-{len(rows)}", "grid_sell", start, end, p, GRID_ID, src, q, grid_sell, grid_sell,
-                        money, money, None, now,
-                    )
-                )  # fmt: skip
+                rows.append(_grid_row(slot, len(rows), "grid_sell", p, GRID_ID, src, q, grid_sell, now))
         q = external.get(p, 0)
         if q:
-            money = amount(q, grid_buy)
-            rows.append(
-                Transaction(
-                    f"t{start}-{len(rows)}", "grid_buy", start, end, GRID_ID, p, GRID_ID, q, grid_buy, grid_buy,
-                    money, money, None, now,
-                )
-            )  # fmt: skip
+            rows.append(_grid_row(slot, len(rows), "grid_buy", GRID_ID, p, GRID_ID, q, grid_buy, now))
     return rows
+
+
+def _grid_row(
+    slot: Slot, n: int, kind: TransactionKind, seller: str, buyer: str, source: str, q: int, price: float, now: int
+) -> Transaction:
+    """The slot's `n`-th row, a sale to or purchase from the grid: one price for both sides."""
+    money = amount(q, price)
+    return Transaction(
+        f"t{slot[0]}-{n}", kind, slot[0], slot[1], seller, buyer, source, q, price, price, money, money, None, now
+    )
 
 
 _NONE: dict[str, int] = {}
