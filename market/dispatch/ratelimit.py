@@ -95,11 +95,13 @@ class RateLimiter:
     def allow_all(self, costs: Mapping[str, int], now: float | None = None) -> bool:
         """Take each key's cost from its bucket if every one can pay; otherwise take nothing."""
         t = time.monotonic() if now is None else now
-        refilled = {}
-        for key in costs:
-            tokens, last = self._buckets.get(key, (self.burst, t))
-            refilled[key] = refill(tokens, last, t, self.rate, self.burst)
-        ok = all(refilled[key] >= cost for key, cost in costs.items())
+        buckets, rate, burst = self._buckets, self.rate, self.burst
+        refilled, ok = {}, True
+        for key, cost in costs.items():  # `refill`, inline: a fleet's batch charges every member
+            tokens, last = buckets.get(key, (burst, t))
+            have = refilled[key] = min(burst, tokens + (t - last) * rate)
+            if have < cost:
+                ok = False
         for key, cost in costs.items():
-            self._buckets[key] = (refilled[key] - (cost if ok else 0), t)
+            buckets[key] = (refilled[key] - cost if ok else refilled[key], t)
         return ok
