@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -61,14 +60,17 @@ class Reading(NamedTuple):
     charged: int  # all of consumption.bess: its battery charged from its own generation
 
 
+_json = msgspec.json.decode  # a long run has a meter row per participant and slot
+
+
 def metered(generation: str, consumption: str) -> Reading:
     """The `Reading` of one meter row's `generation` and `consumption` JSON."""
-    used = json.loads(consumption)
+    used = _json(consumption)
     other = used.get("other", {})
     return Reading(
         other.get("external", 0),
         sum(other.values()),
-        sum(json.loads(generation).values()),
+        sum(_json(generation).values()),
         sum(used.get("bess", {}).values()),
     )
 
@@ -105,13 +107,16 @@ def summarize(
             grid_sold += t["quantity"]
     grid_only: dict[str, int] = defaultdict(int)
     imported = load = 0
+    prices: dict[int, tuple[float, float]] = {}  # per slot: every participant's row has the slot's
     for m in meters:
         r = metered(m["generation"], m["consumption"])
         imported += r.imported
         load += r.load
-        grid_only[m["participant_id"]] += grid_only_amount(
-            r.imported, r.exported, *tariff.prices(m["time_interval_start"])
-        )
+        start = m["time_interval_start"]
+        slot_prices = prices.get(start)
+        if slot_prices is None:
+            slot_prices = prices[start] = tariff.prices(start)
+        grid_only[m["participant_id"]] += grid_only_amount(r.imported, r.exported, *slot_prices)
     people = sorted((set(paid) | set(grid_only)) - {GRID_ID})
     bills = [Bill(p, paid.get(p, 0), grid_only.get(p, 0), bought.get(p, 0), sold.get(p, 0)) for p in people]
     return Summary(rounds, seconds, settlements, p2p, imported, load, grid_bought, grid_sold, bills)

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 import socketio
+import sqlalchemy as sa
 import tomli_w
 from tqdm import tqdm
 
@@ -24,7 +25,8 @@ from controller import runloop
 from controller.report import Summary, render, summarize
 from controller.scenario import Scenario, community, load_scenario, scenario_table
 from controller.site_records import plain_database, site_records
-from ledger import is_memory, open_sink, read_rows
+from ledger import connect, is_memory, open_sink, read_rows
+from ledger.schema import TABLE_MAP
 from market.community.pseudonyms import KEY_FILE
 from market.core import wire
 from market.core.sink import Sink
@@ -348,7 +350,8 @@ def _summary(ledger: str, scenario: Scenario, seconds: float) -> Summary:
     """The run's summary, read back from its (database) ledger."""
     transactions = read_rows(ledger, "transactions")
     meters = read_rows(ledger, "meters")
-    settlements = len(read_rows(ledger, "settlements"))
+    with connect(ledger) as conn:  # only their number: not the rows
+        settlements = int(conn.execute(sa.select(sa.func.count()).select_from(TABLE_MAP["settlements"])).scalar_one())
     return summarize(transactions, meters, settlements, scenario.grid_tariff, scenario.rounds, seconds)
 
 
