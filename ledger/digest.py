@@ -52,7 +52,7 @@ def read_rows(url: str, table: str) -> list[dict[str, Any]]:
     """All rows of `table`, ordered by its key, as plain dicts."""
     with connect(url) as conn:
         result = conn.execute(_ordered(conn, table))
-        keys = [str(k) for k in result.keys()]
+        keys = list(map(str, result.keys()))
         # Zipped with the keys, not through `row._mapping`: a mapping view per row was 2/3
         # of reading a long run's tables back (its summary, reports, tests).
         return [dict(zip(keys, row, strict=True)) for row in result.fetchall()]
