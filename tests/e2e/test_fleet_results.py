@@ -177,6 +177,7 @@ async def test_rt_fills_whose_write_failed_reach_the_columnar_fleet_once_stored(
         assert (await f.call("orders.columns", orders, namespace="/fleet"))["refused"] == []
         sink.failing = True  # the boundary that clears the slot cannot store its fills
         deadline = time.monotonic() + 12
+
         def held() -> int:  # fills cleared and kept back: their write failed
             return sum(len(fills) for fills, _ in server._unannounced_fills)
 
