@@ -495,7 +495,10 @@ class Market:
         if counters is None:
             counters = self._counters[start] = {}
         n = counters.get(participant, 0)
-        uuid = f"{participant}.{start}.{n}"
+        # Slot first: a round's entries are neighbours in the ledger's key index, where
+        # `participant.slot.n` put each participant's at its own page (a durable commit then
+        # wrote a page per participant, and more as the ledger grew).
+        uuid = f"{start}.{participant}.{n}"
         # Positional, in field order: uuid, id, participant, side, quantity, price,
         # time_delivery, source, time_submission, tie.
         entry = Entry(uuid, msg.id, participant, side, msg.quantity, msg.price, slot, msg.source, r.time, tie_key(uuid))
@@ -579,9 +582,10 @@ class Market:
         entry = self.book.get(uuid)
         if entry is None:
             # Its own entry of a slot whose gate closed has left the book: PROTOCOL.md says
-            # `closed`. Uuids are `participant.slot.n`, so the slot is known without it.
-            owner, _, rest = uuid.rpartition(".")[0].rpartition(".")
-            if owner == participant and rest.isdigit() and int(rest) < r.next_settle[0]:
+            # `closed`. Uuids are `slot.participant.n`, so the slot is known without it.
+            first, _, rest = uuid.partition(".")
+            owner = rest.rpartition(".")[0]
+            if owner == participant and first.isdigit() and int(first) < r.next_settle[0]:
                 raise MarketError("closed", "the entry's slot is past gate closure")
         elif entry.participant == participant and entry.time_delivery[0] < r.next_settle[0]:
             raise MarketError("closed", "the entry's slot is past gate closure")

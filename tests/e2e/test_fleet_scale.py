@@ -126,7 +126,7 @@ async def test_columnar_orders_reply_a_uuid_each_and_the_refused_by_index(ledger
             "source": ["solar", None, None, None],
         }
         reply = await f.call("orders.columns", cols, namespace="/fleet")
-        assert reply["ok"] and reply["uuid"][0].startswith("P1.") and reply["uuid"][2:] == [None, None]
+        assert reply["ok"] and reply["uuid"][0] == f"{SLOT[0]}.P1.0" and reply["uuid"][2:] == [None, None]
         assert [(r["index"], r["code"]) for r in reply["refused"]] == [(2, "unauthorized"), (3, "closed")]
         bad = await f.call("orders.columns", {**cols, "quantity": [50, -1, 5, 5]}, namespace="/fleet")
         assert not bad["ok"] and bad["error"]["code"] == "invalid" and "$.quantity[1]" in bad["error"]["message"]

@@ -28,7 +28,7 @@ async def test_a_bid_refused_for_a_failed_write_changes_nothing(ledger_url: str)
         refused = await p1.call("bid", bid, namespace="/market")
         assert refused["error"]["code"] == "unavailable", refused
         assert len(server.market.book) == 0  # undone: nothing can fill it
-        cancel = await p1.call("cancel", {"uuid": f"P1.{slot}.0"}, namespace="/market")
+        cancel = await p1.call("cancel", {"uuid": f"{slot}.P1.0"}, namespace="/market")
         assert cancel["error"]["code"] == "not_found", cancel
         sink.failing = False
         retried = await p1.call("bid", bid, namespace="/market")
