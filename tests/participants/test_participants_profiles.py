@@ -272,6 +272,35 @@ def test_uniforms_are_the_draws_of_default_rng_of_the_same_entropy(entropy, low,
     assert uniforms(low, high, k, *entropy) == np.random.default_rng(entropy).uniform(low, high, size=k).tolist()
 
 
+@given(
+    st.lists(st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.just(0)), min_size=0, max_size=3),
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=40),
+    st.lists(st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 2**70)), min_size=0, max_size=3),
+    st.floats(-1e6, 1e6),
+    st.floats(0, 1e6),
+    st.integers(1, 5),
+)
+def test_uniforms_rows_are_uniforms_of_each_row(before, column, after, low, span, k):
+    """`synthetic.uniforms_rows` does SeedSequence and PCG64 in uint32/uint64 arrays: the
+    very floats of `uniforms` (so numpy's) for every row, whatever words come before and after."""
+    from participants.synthetic import uniforms, uniforms_rows
+
+    high = low + span
+    got = uniforms_rows(low, high, k, *before, np.array(column, dtype=np.int64), *after)
+    assert got.shape == (len(column), k)
+    assert got.tolist() == [uniforms(low, high, k, *before, c, *after) for c in column]
+
+
+def test_uniforms_rows_refuse_what_one_word_cannot_hold():
+    from participants.synthetic import uniforms_rows
+
+    for bad in ([1, -1], [2**32]):
+        with pytest.raises(ValueError, match="below 2\\*\\*32"):
+            uniforms_rows(0.0, 1.0, 1, 7, np.array(bad, dtype=np.int64))
+    with pytest.raises(ValueError, match="non-negative"):
+        uniforms_rows(0.0, 1.0, 1, -1, np.array([1], dtype=np.int64))
+
+
 def test_generator_refuses_negative_entropy_as_numpy_does():
     from participants.synthetic import generator, uniforms
 

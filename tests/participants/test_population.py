@@ -97,6 +97,18 @@ def test_a_day_of_the_community_is_the_same_as_one_prosumer_each() -> None:
     assert run_side_by_side(specs, scenario.seed, 96, {}) > 500
 
 
+def test_random_traders_drawn_as_arrays_are_the_same_as_one_prosumer_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A population this small draws one member at a time; with the threshold at 1 it takes
+    the array path (`uniforms_rows`) of a big one: the same orders, fills and bills."""
+    from participants import population
+
+    monkeypatch.setattr(population, "VECTOR_DRAWS", 1)
+    scenario = load_scenario(SCENARIO)
+    specs = community(scenario, 60)
+    assert sum(type(s.trader).__struct_config__.tag == "random_price" for s in specs) >= 5
+    assert run_side_by_side(specs, scenario.seed, 48, {}) > 100
+
+
 @settings(max_examples=6, deadline=None)
 @given(
     seed=st.integers(0, 2**32),
