@@ -196,6 +196,21 @@ def canonical_config(config: MarketConfig) -> str:
 _Interval = tuple[tuple[ErrorCode, str] | None, tuple[ErrorCode, str] | None, _Delivering | None]
 
 
+def _uuid_slot(uuid: str, participant: str) -> int | None:
+    """The slot start named by `participant`'s entry uuid `slot.participant.n`, or by the
+    `participant.slot.n` of ledgers written before 2026-12-07 (a market restarted on one
+    holds such entries); None if `uuid` is neither of its."""
+    first, _, rest = uuid.partition(".")
+    owner, _, n = rest.rpartition(".")
+    if owner == participant and first.isdigit() and n.isdigit():
+        return int(first)
+    head, _, n = uuid.rpartition(".")
+    owner, _, start = head.rpartition(".")
+    if owner == participant and start.isdigit() and n.isdigit():
+        return int(start)
+    return None
+
+
 class Market:
     def __init__(
         self,
@@ -583,9 +598,8 @@ class Market:
         if entry is None:
             # Its own entry of a slot whose gate closed has left the book: PROTOCOL.md says
             # `closed`. Uuids are `slot.participant.n`, so the slot is known without it.
-            first, _, rest = uuid.partition(".")
-            owner = rest.rpartition(".")[0]
-            if owner == participant and first.isdigit() and int(first) < r.next_settle[0]:
+            slot = _uuid_slot(uuid, participant)
+            if slot is not None and slot < r.next_settle[0]:
                 raise MarketError("closed", "the entry's slot is past gate closure")
         elif entry.participant == participant and entry.time_delivery[0] < r.next_settle[0]:
             raise MarketError("closed", "the entry's slot is past gate closure")

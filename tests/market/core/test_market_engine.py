@@ -238,6 +238,10 @@ def test_cancel_of_an_own_entry_past_gate_closure_is_closed_whatever_the_id() ->
     assert code(m.cancel, "a.b", mine) == "closed"
     assert code(m.cancel, "b", mine) == "not_found"  # not its own: nothing said of the slot
     assert code(m.cancel, "a.b", "x.a.b.0") == "not_found"
+    # An entry of a ledger written before uuids were slot first (a market restarted on it).
+    assert code(m.cancel, "a.b", "a.b.120.0") == "closed"
+    assert code(m.cancel, "b", "a.b.120.0") == "not_found"
+    assert code(m.cancel, "a.b", "a.b.x.0") == "not_found"
 
 
 def test_cancelled_entry_is_not_matched() -> None:
