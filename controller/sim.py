@@ -17,7 +17,6 @@ from typing import Any
 
 import msgspec
 import socketio
-import sqlalchemy as sa
 import tomli_w
 from tqdm import tqdm
 
@@ -25,8 +24,7 @@ from controller import runloop
 from controller.report import Summary, render, summarize
 from controller.scenario import Scenario, community, load_scenario, scenario_table
 from controller.site_records import plain_database, site_records
-from ledger import connect, is_memory, open_sink, read_rows
-from ledger.schema import TABLE_MAP
+from ledger import count_rows, is_memory, open_sink, read_rows
 from market.community.pseudonyms import KEY_FILE
 from market.core import wire
 from market.core.sink import Sink
@@ -350,8 +348,7 @@ def _summary(ledger: str, scenario: Scenario, seconds: float) -> Summary:
     """The run's summary, read back from its (database) ledger."""
     transactions = read_rows(ledger, "transactions")
     meters = read_rows(ledger, "meters")
-    with connect(ledger) as conn:  # only their number: not the rows
-        settlements = int(conn.execute(sa.select(sa.func.count()).select_from(TABLE_MAP["settlements"])).scalar_one())
+    settlements = count_rows(ledger, "settlements")  # only their number: not the rows
     return summarize(transactions, meters, settlements, scenario.grid_tariff, scenario.rounds, seconds)
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "CHAIN_PREFIX",
     "DatasetSink",
     "connect",
+    "count_rows",
     "db_url",
     "is_chain_url",
     "is_memory",
@@ -61,6 +62,11 @@ def _database(url: str) -> str:
 def read_rows(url: str, table: str) -> list[dict[str, Any]]:
     """All rows of `table`, ordered by its key, as plain dicts (any database ledger URL)."""
     return _digest.read_rows(_database(url), table)
+
+
+def count_rows(url: str, table: str) -> int:
+    """How many rows `table` holds (any database ledger URL)."""
+    return _digest.count_rows(_database(url), table)
 
 
 def connect(url: str) -> AbstractContextManager[sa.Connection]:

@@ -55,7 +55,13 @@ def read_rows(url: str, table: str) -> list[dict[str, Any]]:
         keys = list(map(str, result.keys()))
         # Zipped with the keys, not through `row._mapping`: a mapping view per row was 2/3
         # of reading a long run's tables back (its summary, reports, tests).
-        return [dict(zip(keys, row, strict=True)) for row in result.fetchall()]
+        return [dict(zip(keys, row, strict=True)) for row in result]
+
+
+def count_rows(url: str, table: str) -> int:
+    """How many rows `table` holds."""
+    with connect(url) as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(TABLE_MAP[table])).scalar_one())
 
 
 def _filled(conn: sa.Connection, tables: tuple[str, ...]) -> list[str]:

@@ -324,15 +324,13 @@ class Population:
             for s in specs
         ]
         self._erring = [i for i, e in enumerate(self._errors) if e]
-        self._drawing = np.flatnonzero(self.kind == RANDOM).tolist()
-        # What `_draw_prices` needs of them: each one's key, and per own source its place
-        # among the draws and the price column it sets.
-        self._draw_rows = np.array(self._drawing, dtype=np.int64)
-        self._draw_keys = np.array([self._keys[i] for i in self._drawing], dtype=np.int64)
-        self._draw_k = 1 + max((len(self._own[i]) for i in self._drawing), default=0)
-        own = [
-            (p, 1 + t, 1 + self._col[src]) for p, i in enumerate(self._drawing) for t, src in enumerate(self._own[i])
-        ]
+        # The members that draw their prices; for `_draw_prices`, each one's key, and per own
+        # source its place among the draws and the price column it sets.
+        self._drawing = np.flatnonzero(self.kind == RANDOM)
+        drawing = self._drawing.tolist()
+        self._draw_keys = np.array([self._keys[i] for i in drawing], dtype=np.int64)
+        self._draw_k = 1 + max((len(self._own[i]) for i in drawing), default=0)
+        own = [(p, 1 + t, 1 + self._col[src]) for p, i in enumerate(drawing) for t, src in enumerate(self._own[i])]
         at, nth, col = (np.array([o[j] for o in own], dtype=np.int64) for j in range(3))
         self._draw_own = (at, nth, col)
         self._battery_kind = self.kind == BATTERY
@@ -555,7 +553,7 @@ class Population:
                 self._draw_prices(price, slot[0], low, high)
             else:
                 external = self.external
-                for i in self._drawing:
+                for i in self._drawing.tolist():
                     if external[i]:
                         continue  # traded from outside: its trader's orders are never placed
                     own = self._own[i]
@@ -585,7 +583,7 @@ class Population:
         """The random traders' prices as `_trade`'s loop draws them, one array call for all
         (`uniforms_rows`: the same floats), into `price`; members traded from outside keep
         theirs."""
-        rows = self._draw_rows
+        rows = self._drawing
         drawn = inside_all(uniforms_rows(low, high, self._draw_k, self.seed % 2**64, self._draw_keys, start), low, high)
         live = ~self.external[rows]
         price[rows[live], 0] = drawn[live, 0]

@@ -190,7 +190,8 @@ def uniforms_rows(low: float, high: float, k: int, *entropy: int | np.ndarray) -
                 raise ValueError("an array of entropy must hold non-negative ints below 2**32")
             columns.append(e.astype(np.uint32)[:, None])
         else:
-            columns.append(np.broadcast_to(_seed_words((e,)), (n, len(_seed_words((e,))))))
+            words = _seed_words((e,))
+            columns.append(np.broadcast_to(words, (n, len(words))))
     pool = _pools(np.ascontiguousarray(np.concatenate(columns, axis=1)))
     w = []
     for i, (xor, mult) in enumerate(_STATE_HASH):
