@@ -11,8 +11,9 @@ driven from outside, then `close` (the slot is processed, deliveries handed out)
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,8 +32,15 @@ from participants.spec import ParticipantSpec
 from participants.traders import Order
 
 # Records kept before a write: the ledger is written in large batches (nobody waits for an
-# acknowledgement in-process), and once more at the end.
+# acknowledgement in-process), and once more at the end. A database ledger is written by a
+# child process (ledger/pipe_writer.py) in smaller ones: the rounds go on meanwhile, and
+# only the last one is written after them.
 WRITE_EVERY = 50_000
+PIPE_EVERY = 4_000
+# The child costs ~0.35 s to start (an interpreter and the database libraries), hidden only
+# behind rounds that last longer: a run of fewer participant-rounds (~22 us each at N = 50)
+# writes in this process.
+PIPE_FROM = 40_000
 
 
 class Site(Protocol):
@@ -279,25 +287,64 @@ async def run_inproc(
 ) -> tuple[float, int]:
     """Every round of `scenario`, the ledger written to `ledger` (or to `sink`, not started
     yet: e.g. a `memory:` ledger the caller reads afterwards): (seconds the rounds took,
-    readings missing)."""
-    run = InprocMarket(scenario, specs, base_dir=base_dir)
-    runloop.settle_heap()  # the imports and the prosumers are long-lived: collections skip them
+    readings missing). The SQLite or PostgreSQL ledger of a long run is written by a child
+    process while the rounds step (`LedgerPipe`); the seconds include waiting for its last
+    write."""
+    # Here, not at the top: the database libraries are not for an environment, which writes no ledger.
+    from controller.site_records import plain_database
+    from ledger.pipe_writer import LedgerPipe
+
+    piped = sink is None and plain_database(ledger) and scenario.rounds * len(specs) >= PIPE_FROM
+    pipe = LedgerPipe(ledger) if piped else None
+    try:
+        if pipe is not None:
+            await pipe.start()  # it loads on the other core while the run is built
+        run = InprocMarket(scenario, specs, base_dir=base_dir)
+        runloop.settle_heap()  # the imports and the prosumers are long-lived: collections skip them
+        if pipe is not None:
+            out = await _rounds(run, scenario, pipe.write, PIPE_EVERY, progress, pipe.finish)
+            await pipe.close()
+            return out
+    except BaseException:
+        if pipe is not None:
+            with contextlib.suppress(Exception):  # the error that matters is the run's
+                await pipe.close()
+        raise
     if sink is None:
-        from ledger import open_sink  # the database libraries: not for an environment, which writes no ledger
+        from ledger import open_sink
 
         sink = open_sink(ledger)
     await sink.start()
+    target = sink
+
+    async def write(records: Sequence[Record]) -> None:
+        await target.write(Batch(tuple(records)))
+
     try:
-        await sink.write(Batch((run_record(scenario, run.config),)))
-        t0 = time.perf_counter()
-        for i in range(scenario.rounds):
-            run.step(scenario.start_time + i * scenario.step)
-            if len(run.records) >= WRITE_EVERY:
-                await sink.write(Batch(tuple(run.take_records())))
-            if progress is not None:
-                progress(1)
-        await sink.write(Batch(tuple(run.take_records())))
-        seconds = time.perf_counter() - t0
+        return await _rounds(run, scenario, write, WRITE_EVERY, progress, None)
     finally:
         await sink.close()
-    return seconds, run.missing
+
+
+async def _rounds(
+    run: InprocMarket,
+    scenario: Scenario,
+    write: Callable[[Sequence[Record]], Awaitable[None]],
+    every: int,
+    progress: Callable[[int], None] | None,
+    finish: Callable[[], Awaitable[None]] | None,
+) -> tuple[float, int]:
+    """Step every round, writing the records every `every` and at the end (then `finish`,
+    which makes them durable, inside the time measured)."""
+    await write([run_record(scenario, run.config)])
+    t0 = time.perf_counter()
+    for i in range(scenario.rounds):
+        run.step(scenario.start_time + i * scenario.step)
+        if len(run.records) >= every:
+            await write(run.take_records())
+        if progress is not None:
+            progress(1)
+    await write(run.take_records())
+    if finish is not None:
+        await finish()
+    return time.perf_counter() - t0, run.missing

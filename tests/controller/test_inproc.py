@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from controller import inproc
 from controller.cli import main
 from controller.inproc import InprocMarket
 from controller.scenario import community, load_scenario
@@ -34,6 +35,22 @@ async def test_inproc_writes_the_socket_ledger_byte_for_byte(
         assert read_rows(socket, table) == read_rows(inproc, table), table
     assert read_rows(socket, "rounds") == read_rows(inproc, "rounds")  # not in the digest, equal too
     assert a.summary.bills == b.summary.bills
+
+
+async def test_a_ledger_written_by_a_child_process_is_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long run's ledger goes through `LedgerPipe` (ledger/pipe_writer.py) in frames of
+    `PIPE_EVERY` records: the same rows as written in this process."""
+    here, there = f"sqlite:///{tmp_path}/here.db", f"sqlite:///{tmp_path}/there.db"
+    kw = {"participants": 20, "days": 1.0, "progress": False, "transport": "inproc"}
+    monkeypatch.setattr(inproc, "PIPE_FROM", 10**9)
+    a = await run_sim(SCENARIO, ledger=here, **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(inproc, "PIPE_FROM", 0)
+    monkeypatch.setattr(inproc, "PIPE_EVERY", 1_000)  # several frames, merged by the child as it lags
+    b = await run_sim(SCENARIO, ledger=there, **kw)  # type: ignore[arg-type]
+    assert a.summary.trades > 0 and a.summary.bills == b.summary.bills
+    assert ledger_digest(here) == ledger_digest(there)
+    for table in ("runs", "rounds", "entries", "cancels", "settlements", "meters", "transactions"):
+        assert read_rows(here, table) == read_rows(there, table), table
 
 
 def test_the_cli_runs_inproc_and_says_what_it_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
