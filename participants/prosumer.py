@@ -6,6 +6,7 @@ deterministic given (spec, seed) and the sequence of server payloads.
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,6 +94,7 @@ def facts_of(msg: StartRound) -> _Facts:
     return facts
 
 
+@functools.lru_cache(maxsize=1 << 15)  # pure: an environment's episodes replay the same slots
 def forecast_wh(seed: int, key: int, start: int, source: str, error: float, wh: int) -> int:
     """What a forecast off by `error` expects of `wh` (a source's energy in the slot at
     `start`): drawn per (seed, participant key, slot, source), so always the same."""

@@ -19,6 +19,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import msgspec
 import numpy as np
 
 from market.core.sun import cos_zenith, day_of_year
@@ -89,8 +90,10 @@ _PCG_MULT = (2549297995355413924 << 64) + 4865540595714422341  # PCG64's 128-bit
 _TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53: numpy's next_double
 
 
+@functools.lru_cache(maxsize=1 << 15)  # pure: an environment's episodes replay the same slots
 def uniforms(low: float, high: float, k: int, *entropy: int) -> list[float]:
-    """`generator(*entropy).uniform(low, high, size=k).tolist()`, the same floats, without
+    """`generator(*entropy).uniform(low, high, size=k).tolist()`, the same floats (a list
+    shared by every caller of the same arguments: read it, never change it), without
     building numpy's bit generator: its state words, PCG64's seeding and `k` steps in Python
     ints (~6 against ~10 us; a drawing trader pays it per member and slot).
     tests/participants/test_participants_profiles.py compares it with `default_rng`."""
@@ -299,17 +302,25 @@ def _read_only(value: Any) -> Any:
 _MEMO_SIZE = 8  # day blocks of terms kept: a run asks for one or two at a time
 _LOCAL_TERMS = _Memo(_MEMO_SIZE)
 _SOLAR_TERMS = _Memo(_MEMO_SIZE)
+# Day blocks of slot energies by profile and block, for every profile of the process: an
+# environment's episodes replay the same days with new profile objects (a block: ~3.5 KB).
+# Its lists are shared: read them, never change them.
+_SHARED_SIZE = 4096
+_SHARED_BLOCKS: dict[tuple[tuple[object, ...], tuple[int, int, int]], list[int]] = {}
 
 
 class _Synthetic:
     TAG = 0
 
-    def __init__(self, seed: int, key: int, tz: ZoneInfo) -> None:
+    def __init__(self, seed: int, key: int, tz: ZoneInfo, spec: msgspec.Struct) -> None:
         self._seed = seed % 2**64
         self._key = key
         self._tz = tz
         self._cache: dict[int, np.ndarray] = {}
         self._blocks: dict[tuple[int, int, int], list[int]] = {}  # (duration, phase, block) -> Wh
+        # What the profile is a function of: another profile of the same (an episode after
+        # an episode, a run after a run in one process) shares its blocks (`_SHARED_BLOCKS`).
+        self._ident = (type(self).__name__, self._seed, key, tz.key, msgspec.json.encode(spec))
 
     def _rng(self, day: int) -> np.random.Generator:
         return generator(self._seed, self._key, self.TAG, day + _DAY_SHIFT)
@@ -352,9 +363,16 @@ class _Synthetic:
         key = (d, phase, block)
         values = self._blocks.get(key)
         if values is None:
+            shared = (self._ident, key)
+            values = _SHARED_BLOCKS.get(shared)
+            if values is None:
+                values = self.wh_block(phase + block * DAY, d, per_block)
+                if len(_SHARED_BLOCKS) >= _SHARED_SIZE:
+                    del _SHARED_BLOCKS[next(iter(_SHARED_BLOCKS))]  # the oldest
+                _SHARED_BLOCKS[shared] = values
             if len(self._blocks) >= _CACHE_BLOCKS:
                 del self._blocks[next(iter(self._blocks))]  # the oldest
-            values = self._blocks[key] = self.wh_block(phase + block * DAY, d, per_block)
+            self._blocks[key] = values
         return values, k
 
     def wh_one(self, start: int, end: int) -> int:
@@ -411,7 +429,7 @@ class LoadProfile(_Synthetic):
     TAG = 1
 
     def __init__(self, spec: SyntheticLoad, seed: int, key: int, tz: ZoneInfo) -> None:
-        super().__init__(seed, key, tz)
+        super().__init__(seed, key, tz, spec)
         self._mean_w = spec.annual_kwh * 1000 / (365.25 * 24)
 
     def _draw(self, day: int) -> np.ndarray:
@@ -455,7 +473,7 @@ class SolarProfile(_Synthetic):
     PERFORMANCE = 0.85  # inverter, temperature and soiling losses
 
     def __init__(self, spec: PvSpec, seed: int, key: int, tz: ZoneInfo) -> None:
-        super().__init__(seed, key, tz)
+        super().__init__(seed, key, tz, spec)
         self._peak_w = spec.kw * 1000
         self._latitude = spec.latitude
         self._lat = math.radians(spec.latitude)
@@ -512,7 +530,7 @@ class WindProfile(_Synthetic):
     MEMORY = 48  # 0.9**48 < 0.01
 
     def __init__(self, spec: WindSpec, seed: int, key: int, tz: ZoneInfo) -> None:
-        super().__init__(seed, key, tz)
+        super().__init__(seed, key, tz, spec)
         self._spec = spec
         self._innov: dict[int, np.ndarray] = {}
         weights = self.PHI ** np.arange(self.MEMORY)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import participants.fleet_client as fleet_client
+import participants.synthetic as synthetic
 from participants.fleet_client import AHEAD, FleetClient
 from participants.messages import Settled, StartRound
 from participants.prosumer import Prosumer
@@ -14,6 +15,12 @@ from participants.synthetic import _Synthetic
 
 D = 900
 MIDNIGHT = 1781568000  # 2026-06-16T00:00:00Z
+
+
+@pytest.fixture(autouse=True)
+def _own_profiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test builds its own day blocks: none shared from an earlier test's profiles."""
+    monkeypatch.setattr(synthetic, "_SHARED_BLOCKS", {})
 
 
 def fleet(n: int, population: bool = False) -> FleetClient:
@@ -46,6 +53,7 @@ def test_the_rounds_before_midnight_build_the_next_day_a_share_each(
     first = MIDNIGHT - 2 * D - AHEAD * D  # the first round whose warm-up slot is past midnight
     for t in range(first, MIDNIGHT - 2 * D, D):
         ahead._ahead(round_at(t))
+    synthetic._SHARED_BLOCKS.clear()  # the cold fleet's profiles take nothing of the warm one's
     assert day_builds(cold, monkeypatch) > 0
     assert day_builds(ahead, monkeypatch) == 0
 
@@ -54,6 +62,7 @@ def test_built_ahead_is_the_same_energy(monkeypatch: pytest.MonkeyPatch) -> None
     fc = fleet(20)
     for t in range(MIDNIGHT - 40 * D, MIDNIGHT, D):
         fc._ahead(round_at(t))
+    synthetic._SHARED_BLOCKS.clear()  # the fresh prosumers compute theirs
     for pid, p in fc.prosumers.items():
         fresh = Prosumer(p.spec, 42)
         for t in range(MIDNIGHT - 4 * D, MIDNIGHT + 20 * D, D):

@@ -227,7 +227,9 @@ def test_shared_time_terms_give_each_site_its_own_values():
     for prof in make():
         for memo in (syn._LOCAL_TERMS, syn._SOLAR_TERMS):
             memo._hits.clear()
+        syn._SHARED_BLOCKS.clear()
         alone.append([prof.day_of(day, 900)[0] for day in days])
+    syn._SHARED_BLOCKS.clear()  # the sites below compute their blocks, from the shared terms
     together = make()
     mixed = [[] for _ in together]
     for day in days:
@@ -235,6 +237,37 @@ def test_shared_time_terms_give_each_site_its_own_values():
             mixed[i].append(prof.day_of(day, 900)[0])
     assert mixed == alone
     assert all(len(m._hits) <= syn._MEMO_SIZE for m in (syn._LOCAL_TERMS, syn._SOLAR_TERMS))
+
+
+def test_a_profile_of_the_same_site_takes_the_blocks_another_computed(monkeypatch):
+    """`_SHARED_BLOCKS`: the next episode's profile of a site (a new object, the same spec,
+    seed, key and zone) computes no block the last one did; any other profile computes its own."""
+    from zoneinfo import ZoneInfo
+
+    from participants import synthetic as syn
+
+    monkeypatch.setattr(syn, "_SHARED_BLOCKS", {})
+    built = []
+    block = syn._Synthetic.wh_block
+    monkeypatch.setattr(syn._Synthetic, "wh_block", lambda self, *a: built.append(1) or block(self, *a))
+    zone = ZoneInfo("Europe/Berlin")
+    first = syn.LoadProfile(SyntheticLoad(4000), 3, 17, zone).day_of(JAN, 900)[0]
+    assert len(built) == 1
+    assert syn.LoadProfile(SyntheticLoad(4000), 3, 17, zone).day_of(JAN, 900)[0] == first
+    assert len(built) == 1
+    others = [
+        syn.LoadProfile(SyntheticLoad(4001), 3, 17, zone),  # another spec
+        syn.LoadProfile(SyntheticLoad(4000), 4, 17, zone),  # seed
+        syn.LoadProfile(SyntheticLoad(4000), 3, 18, zone),  # participant
+        syn.LoadProfile(SyntheticLoad(4000), 3, 17, ZoneInfo("UTC")),  # zone
+        syn.SolarProfile(PvSpec(kw=4), 3, 17, zone),  # kind
+    ]
+    assert all(p.day_of(JAN, 900)[0] != first for p in others)
+    assert len(built) == 1 + len(others)
+    monkeypatch.setattr(syn, "_SHARED_SIZE", len(syn._SHARED_BLOCKS))  # full: the oldest goes for the next
+    oldest = next(iter(syn._SHARED_BLOCKS))
+    syn.LoadProfile(SyntheticLoad(3000), 3, 17, zone).day_of(JAN, 900)
+    assert len(syn._SHARED_BLOCKS) == syn._SHARED_SIZE and oldest not in syn._SHARED_BLOCKS
 
 
 def test_shared_time_terms_cannot_be_changed_by_a_caller():
