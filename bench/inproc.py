@@ -1,13 +1,14 @@
 """In-process runs and the research environments against the socket run, in one run.
 
-    python bench/inproc.py [--n 10 50] [--days 1] [--steps 960]
+    python bench/inproc.py [--n 10 50] [--days 1] [--steps 960] [--episodes 4]
 
 1. For each N: `microte sim` over sockets (`run_sim`, a market server process and one
    connection per participant) and `--transport inproc`, the same scenario, seed and days,
    each writing its SQLite ledger: rounds/s of each, the ratio, and whether the digests
    are equal (they must be).
-2. `microte/Prosumer-v0` (H06 the agent, 19 scripted participants): steps/s, and the cost
-   of a step broken down: market core (`Market` methods), scripted participants
+2. `microte/Prosumer-v0` (H06 the agent, 19 scripted participants): steps/s of a new
+   environment, of the first and the later one-day episodes of one seed, and the cost of
+   a step broken down: market core (`Market` methods), scripted participants
    (the scripted prosumers' `Population`, participants/population.py), the agent's
    observation and its orders.
 3. `parallel_env` with 50 agents: steps/s.
@@ -79,6 +80,23 @@ class Timers:
         setattr(owner, name, timed)
 
 
+def env_episodes(episodes: int) -> list[float]:
+    """Steps/s of each of `episodes` one-day episodes of the same seed, one after another
+    in one process (as training runs them): the first computes the days' profiles,
+    forecasts and random draws, the later ones find them (participants/synthetic.py)."""
+    env = envs.ProsumerEnv(SCENARIO, "H06", seed=1, days=1)
+    action = np.array([0.6, 1.0, 0.3, 1.0], dtype=np.float32)
+    out = []
+    for _ in range(episodes):
+        env.reset(seed=1)
+        t0, n, truncated = time.perf_counter(), 0, False
+        while not truncated:
+            *_, truncated, _ = env.step(action)
+            n += 1
+        out.append(n / (time.perf_counter() - t0))
+    return out
+
+
 def env_steps(steps: int, breakdown: bool) -> tuple[float, dict[str, float]]:
     timers = Timers()
     if breakdown:
@@ -125,6 +143,7 @@ def main() -> None:
     p.add_argument("--n", type=int, nargs="+", default=[10, 50])
     p.add_argument("--days", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=960)
+    p.add_argument("--episodes", type=int, default=4, help="one-day episodes after the first")
     args = p.parse_args()
     print("| N | socket rounds/s | inproc rounds/s | inproc / socket | same digest |")
     print("|---|---|---|---|---|")
@@ -133,7 +152,12 @@ def main() -> None:
         print(f"| {n} | {r['socket']:.1f} | {r['inproc']:.1f} | {r['inproc'] / r['socket']:.1f}x | {r['same']} |")
     rate, _ = env_steps(args.steps, breakdown=False)
     _, shares = env_steps(args.steps, breakdown=True)
-    print(f"\nmicrote/Prosumer-v0, 19 scripted participants: {rate:.0f} steps/s; a step's time:")
+    first, *later = env_episodes(1 + args.episodes)
+    print(
+        f"\nmicrote/Prosumer-v0, 19 scripted participants: {rate:.0f} steps/s over {args.steps} steps of a new"
+        f" environment; one-day episodes of one seed: the first {first:.0f} steps/s, the next {len(later)}"
+        f" {min(later):.0f}-{max(later):.0f}; a step's time:"
+    )
     for group, share in sorted(shares.items(), key=lambda kv: -kv[1]):
         print(f"- {group}: {100 * share:.0f} %")
     print(f"\nparallel_env, 50 agents: {parallel_steps(50, args.steps // 4):.0f} steps/s")

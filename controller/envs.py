@@ -11,6 +11,7 @@ profiles and traders as `microte sim`. An agent's orders are placed for the roun
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -420,7 +421,17 @@ def episode_scenario(
     scenario: str | Path, seed: int | None, days: float | None = None, day: int = 0
 ) -> tuple[Scenario, Path]:
     """The scenario an episode runs: its seed and length replaced when given, starting `day`
-    days after the file's start; and the directory its profile files are relative to."""
+    days after the file's start; and the directory its profile files are relative to. The
+    file is parsed again only when it changed (a reset every simulated day parsed it each time)."""
+    path = Path(scenario)
+    stat = path.stat()
+    return _episode_scenario(path, stat.st_mtime_ns, stat.st_size, seed, days, day)
+
+
+@functools.lru_cache(maxsize=64)
+def _episode_scenario(
+    scenario: Path, _mtime_ns: int, _size: int, seed: int | None, days: float | None, day: int
+) -> tuple[Scenario, Path]:
     overrides: dict[str, Any] = {}
     if seed is not None:
         overrides["seed"] = int(seed)

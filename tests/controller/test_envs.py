@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from pettingzoo.test import parallel_api_test
 
 import controller.envs  # noqa: F401 (registers microte/Prosumer-v0)
-from controller.envs import ACT_FIELDS, OBS_FIELDS, ProsumerEnv, parallel_env
+from controller.envs import ACT_FIELDS, OBS_FIELDS, ProsumerEnv, episode_scenario, parallel_env
 from market.core.records import Transaction
 
 SCENARIO = Path(__file__).parents[2] / "scenarios" / "community.toml"
@@ -170,3 +170,14 @@ def test_the_environments_import_no_socket_or_database_stack():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_scenario_file_is_parsed_again_only_when_it_changed(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(SCENARIO.read_text())
+    first, _ = episode_scenario(path, 3, 1.0)
+    assert episode_scenario(path, 3, 1.0)[0] is first  # a reset every day: not parsed again
+    assert episode_scenario(path, 4, 1.0)[0].seed == 4
+    path.write_text(SCENARIO.read_text().replace('name = "', 'name = "edited-', 1))
+    edited, _ = episode_scenario(path, 3, 1.0)
+    assert edited.name.startswith("edited-") and edited.start_time == first.start_time
