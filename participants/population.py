@@ -29,7 +29,7 @@ from participants.messages import Delivery, Settled, StartRound, TransactionColu
 from participants.profiles import SiteProfiles, build_profiles
 from participants.prosumer import KEEP_SLOTS, P2P_KINDS, Stats, facts_of, forecast_wh
 from participants.spec import BatteryTrader, FixedPriceTrader, ParticipantSpec
-from participants.synthetic import DAY, stable_key, uniforms, uniforms_rows
+from participants.synthetic import DAY, stable_key, uniforms, uniforms_rows, units_rows
 from participants.traders import inside
 
 # Trader kinds by index (the spec's tag).
@@ -334,6 +334,7 @@ class Population:
         at, nth, col = (np.array([o[j] for o in own], dtype=np.int64) for j in range(3))
         self._draw_own = (at, nth, col)
         self._battery_kind = self.kind == BATTERY
+        self._units: dict[tuple[int, int, int], np.ndarray] = {}  # `_day_units` per day block
         self.stats = {name: np.zeros(n, dtype=np.int64) for name in Stats.__struct_fields__}
         # Members traded from outside (a research environment's agents): metered, never traded.
         self.external = np.zeros(n, dtype=bool)
@@ -549,17 +550,21 @@ class Population:
         price = template.copy()
         if low is not None and high is not None and high > low:
             self._battery_orders(self._battery_kind, bid, asks, bess, slot, low, high, buy_mean, c)
-            if len(self._drawing) >= VECTOR_DRAWS:
-                self._draw_prices(price, slot[0], low, high)
+            units = self._day_units(slot) if len(self._drawing) else None
+            if units is not None:
+                self._draw_prices(price, low + (high - low) * units, low, high)
+            elif len(self._drawing) >= VECTOR_DRAWS:
+                drawn = uniforms_rows(low, high, self._draw_k, self.seed % 2**64, self._draw_keys, slot[0])
+                self._draw_prices(price, drawn, low, high)
             else:
                 external = self.external
                 for i in self._drawing.tolist():
                     if external[i]:
                         continue  # traded from outside: its trader's orders are never placed
                     own = self._own[i]
-                    drawn = uniforms(low, high, 1 + len(own), self.seed % 2**64, self._keys[i], slot[0])
-                    price[i, 0] = inside(drawn[0], low, high)
-                    for src, p in zip(own, drawn[1:], strict=True):
+                    row = uniforms(low, high, 1 + len(own), self.seed % 2**64, self._keys[i], slot[0])
+                    price[i, 0] = inside(row[0], low, high)
+                    for src, p in zip(own, row[1:], strict=True):
                         price[i, 1 + self._col[src]] = inside(p, low, high)
         qty[:, 0] = bid
         qty[:, 1 : s + 1] = asks
@@ -579,17 +584,39 @@ class Population:
             seq=(np.cumsum(placed, axis=1) - 1)[placed],
         )
 
-    def _draw_prices(self, price: np.ndarray, start: int, low: float, high: float) -> None:
-        """The random traders' prices as `_trade`'s loop draws them, one array call for all
-        (`uniforms_rows`: the same floats), into `price`; members traded from outside keep
-        theirs."""
+    def _draw_prices(self, price: np.ndarray, drawn: np.ndarray, low: float, high: float) -> None:
+        """The random traders' prices as `_trade`'s loop draws them, from `drawn` (a row per
+        drawing member, in the band: the same floats as `uniforms`), into `price`; members
+        traded from outside keep theirs."""
         rows = self._drawing
-        drawn = inside_all(uniforms_rows(low, high, self._draw_k, self.seed % 2**64, self._draw_keys, start), low, high)
+        drawn = inside_all(drawn, low, high)
         live = ~self.external[rows]
         price[rows[live], 0] = drawn[live, 0]
         at, nth, col = self._draw_own
         keep = live[at]
         price[rows[at[keep]], col[keep]] = drawn[at[keep], nth[keep]]
+
+    def _day_units(self, slot: tuple[int, int]) -> np.ndarray | None:
+        """The drawing members' `units_rows` for `slot` (a row each), drawn for the slot's
+        whole day block at once and kept for two blocks: a price is `low + (high - low) *
+        unit`, so the band of each slot applies later. None if the slot does not tile a day."""
+        start, d = slot[0], slot[1] - slot[0]
+        if d <= 0 or DAY % d:
+            return None
+        per_block, phase = DAY // d, start % d
+        block, k = divmod((start - phase) // d, per_block)
+        key = (d, phase, block)
+        hit = self._units.get(key)
+        if hit is None:
+            n = len(self._draw_keys)
+            starts = phase + block * DAY + d * np.arange(per_block, dtype=np.int64)
+            keys, at = np.repeat(self._draw_keys, per_block), np.tile(starts, n)
+            hit = units_rows(self._draw_k, self.seed % 2**64, keys, at).reshape(n, per_block, self._draw_k)
+            if len(self._units) >= 2:
+                del self._units[next(iter(self._units))]  # the oldest
+            self._units[key] = hit
+        out: np.ndarray = hit[:, k, :]
+        return out
 
     def _band_prices(self, low: float | None, high: float | None) -> tuple[np.ndarray, np.ndarray]:
         """(price of each order column of every member but those that draw theirs, which

@@ -185,6 +185,14 @@ def uniforms_rows(low: float, high: float, k: int, *entropy: int | np.ndarray) -
     `entropy` an int (the same for every row) or an array of N non-negative ints below
     2**32 (one word each, so every row has the same seed words). ~0.2 ms for 300 rows
     against ~7 us a row; tests/participants/test_participants_profiles.py compares them."""
+    out: np.ndarray = low + (high - low) * units_rows(k, *entropy)  # `uniforms`' float operations
+    return out
+
+
+def units_rows(k: int, *entropy: int | np.ndarray) -> np.ndarray:
+    """The draws of `uniforms_rows` before they are put in a band: `uniforms(low, high, ...)`
+    is exactly `low + (high - low) * unit` of these, so they can be drawn before the band
+    is known (a day of slots at once)."""
     n = max((len(e) for e in entropy if isinstance(e, np.ndarray)), default=1)
     columns: list[np.ndarray] = []
     for e in entropy:
@@ -208,12 +216,11 @@ def uniforms_rows(low: float, high: float, k: int, *entropy: int | np.ndarray) -
     hi = inc_hi + seed_hi + (lo < seed_lo).astype(np.uint64)
     hi, lo = _step(hi, lo, inc_hi, inc_lo)
     out = np.empty((n, k))
-    span = high - low
     for j in range(k):
         hi, lo = _step(hi, lo, inc_hi, inc_lo)
         x, r = hi ^ lo, hi >> np.uint64(58)  # XSL-RR
         x = x >> r | x << ((np.uint64(64) - r) & np.uint64(63))
-        out[:, j] = low + span * ((x >> np.uint64(11)) * _TO_UNIT)
+        out[:, j] = (x >> np.uint64(11)) * _TO_UNIT
     return out
 
 

@@ -98,10 +98,13 @@ def test_a_day_of_the_community_is_the_same_as_one_prosumer_each() -> None:
 
 
 def test_random_traders_drawn_as_arrays_are_the_same_as_one_prosumer_each(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A population this small draws one member at a time; with the threshold at 1 it takes
-    the array path (`uniforms_rows`) of a big one: the same orders, fills and bills."""
+    """Slots that tile a day draw a day of prices at once (`_day_units`, the default path of
+    the tests above). Without it a population this small draws one member at a time; with
+    the threshold at 1 it takes the per-round array path (`uniforms_rows`) of a big one:
+    the same orders, fills and bills."""
     from participants import population
 
+    monkeypatch.setattr(population.Population, "_day_units", lambda self, slot: None)
     monkeypatch.setattr(population, "VECTOR_DRAWS", 1)
     scenario = load_scenario(SCENARIO)
     specs = community(scenario, 60)
