@@ -49,8 +49,13 @@ async def test_a_ledger_written_by_a_child_process_is_the_same(tmp_path: Path, m
     b = await run_sim(SCENARIO, ledger=there, **kw)  # type: ignore[arg-type]
     assert a.summary.trades > 0 and a.summary.bills == b.summary.bills
     assert ledger_digest(here) == ledger_digest(there)
-    for table in ("runs", "rounds", "entries", "cancels", "settlements", "meters", "transactions"):
+    for table in ("rounds", "entries", "cancels", "settlements", "meters", "transactions"):
         assert read_rows(here, table) == read_rows(there, table), table
+    run_a, run_b = (
+        [{k: v for k, v in r.items() if k not in ("id", "started")} for r in read_rows(u, "runs")]
+        for u in (here, there)
+    )
+    assert run_a == run_b and len(run_a) == 1  # but the wall clock the run started at
 
 
 def test_the_cli_runs_inproc_and_says_what_it_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

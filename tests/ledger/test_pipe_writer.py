@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -138,3 +139,37 @@ def test_a_bad_frame_is_refused_and_written_nowhere(tmp_path: Path) -> None:
 def test_the_child_says_how_to_call_it() -> None:
     done = subprocess.run([sys.executable, "-m", "ledger.pipe_writer"], capture_output=True, cwd=ROOT, timeout=30)
     assert done.returncode == 2 and b"usage: python -m ledger.pipe_writer LEDGER_URL" in done.stderr
+
+
+def test_a_full_disk_under_the_child_ends_the_run_with_its_error(tmp_path: Path) -> None:
+    """The child's files may not grow past 4 MiB (RLIMIT_FSIZE, inherited from the process
+    that starts it; SQLite sees a write fail as on a full disk): the run ends with the
+    child's error, not a hang, and the ledger keeps the batches committed before, intact."""
+    url = f"sqlite:///{tmp_path}/l.db"
+    script = f"""
+import asyncio, resource, sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests" / "ledger")!r}]
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 22, 1 << 22))
+from ledger.pipe_writer import LedgerPipe
+from ledger_samples import transaction
+
+async def main():
+    pipe = LedgerPipe({url!r}, stall_timeout=60)
+    await pipe.start()
+    try:
+        for i in range(100):
+            await pipe.write(tuple(transaction(j) for j in range(i * 1000, i * 1000 + 1000)))
+        await pipe.finish()
+        print("FINISHED")
+    except RuntimeError as err:
+        print("RAISED", err)
+    await pipe.close()
+
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert "RAISED the ledger writer" in done.stdout and "disk I/O error" in done.stdout, done.stdout + done.stderr
+    kept = read_rows(url, "transactions")
+    assert 0 < len(kept) < 100_000 and len(kept) % 1000 == 0  # whole frames, nothing torn
+    with sqlite3.connect(f"{tmp_path}/l.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
