@@ -19,6 +19,7 @@ from participants.population import Population, plain
 from participants.prosumer import Prosumer, Stats
 from participants.sites import site_for
 from participants.spec import ParticipantSpec
+from participants.synthetic import DAY
 
 log = logging.getLogger(__name__)
 # Credentials per login message: the connect packet must stay under the server's 64 KB
@@ -168,6 +169,10 @@ class FleetClient:
             return
         phase = (start // d) % AHEAD
         ahead = (start + AHEAD * d, end + AHEAD * d)
+        if DAY % d == 0 and _day_block(ahead[0], d) == _day_block(start, d):
+            # The same day block as this share's last visit, AHEAD slots ago: built then (or
+            # before the first round), so every call would find it and build nothing.
+            return
         for prosumer in list(self.prosumers.values())[phase::AHEAD]:
             prosumer.warm([ahead])
         if self.population is not None:
@@ -382,3 +387,9 @@ class FleetClient:
                 prosumer.stats.errors += 1
                 continue
             self._to_prosumer(pid, method, msg)
+
+
+def _day_block(start: int, d: int) -> int:
+    """The day block of slots of duration `d` (a divisor of a day) that holds the slot at
+    `start`, as the profiles' caches number them."""
+    return (start - start % d) // d // (DAY // d)
