@@ -194,3 +194,23 @@ def test_only_the_rounds_whose_share_enters_a_new_day_build_ahead(
         fc._ahead(round_at(MIDNIGHT + k * D))
     firsts = sorted({s for s, _ in calls})
     assert firsts == [MIDNIGHT + 86400 + j * D for j in range(AHEAD)]  # the next day's first AHEAD slots
+
+
+@pytest.mark.parametrize("population", [False, True])
+def test_replies_are_counted_per_member_and_order(population: bool) -> None:
+    """A member with two orders counts both; a refused index counts as rejected; a reading
+    refused counts an error; a failed batch counts an error for each item."""
+    fc = fleet(3, population)
+    a, b, c = (fc.population.ids if fc.population is not None else list(fc.prosumers))[:3]
+
+    def stats(pid: str) -> tuple[int, int, int]:
+        s = fc.population.stats_of(fc.population.index[pid]) if fc.population is not None else fc.prosumers[pid].stats
+        return s.accepted, s.rejected, s.errors
+
+    refused = [{"index": 2, "code": "invalid", "message": "x"}]
+    fc._record("orders.columns", [a, a, b], {"ok": True, "uuid": ["u1", "u2", None], "refused": refused})
+    fc._record("meters.columns", [a, b, c], {"ok": True, "refused": [{"index": 1, "code": "closed", "message": "y"}]})
+    fc._record("orders", [c], {"ok": True, "results": [{"ok": False}]})
+    fc._record("meters.columns", [c], {"ok": False, "error": {"code": "unavailable", "message": "z"}})
+    assert (stats(a), stats(b), stats(c)) == ((2, 0, 0), (0, 1, 1), (0, 1, 1))
+    assert fc.errors == 1
