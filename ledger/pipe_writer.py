@@ -14,10 +14,11 @@ once the first frame is written (the ledger is made then), `ok RECORDS` once eve
 durable, or `error MESSAGE` (exit code 1; 2 if the parent went away mid-run). Its logs go
 to the inherited stderr.
 
-Bounds: the child holds at most `QUEUE_FRAMES` frames it has not written (the parent's
-`write` waits while it is full, through the pipe's own backpressure), the parent at most
-one frame plus the transport's 64 KiB; a child that takes no frame for `stall_timeout`
-seconds fails the run with a clear error rather than hanging it.
+Bounds: the parent queues at most `QUEUE_FRAMES` frames for the thread that writes them to
+the pipe (its `write` waits while they are queued), the pipe holds `PIPE_BYTES`, the child
+at most `QUEUE_FRAMES` frames it has not written (and merges what queued into one commit
+of at most `MERGE_RECORDS`); a child that takes nothing for `stall_timeout` seconds fails
+the run with a clear error rather than hanging it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from pathlib import Path
 
 import msgspec
 
+from ledger.batch_rows import group
 from market.core.records import TABLES, Batch, Record
 
 PIPE_BYTES = 1 << 20  # the pipe's capacity, which frames stay below (controller/inproc.py PIPE_EVERY)
-QUEUE_FRAMES = 8  # frames received and not yet written, in the child
+QUEUE_FRAMES = 8  # frames queued and not yet in the pipe (parent) or not yet written (child)
 MERGE_RECORDS = 50_000  # queued frames merged into one commit, up to this many records
 STALL_TIMEOUT = 120.0  # seconds without progress before the parent gives up on the child
 _HEAD = struct.Struct(">I")
@@ -50,15 +52,10 @@ _DECODERS = {name: msgspec.msgpack.Decoder(list[cls]) for name, cls in _TYPES.it
 
 
 def encode(records: Sequence[Record]) -> bytes:
-    """One frame's body: the records grouped by table (tables in first-seen order, records in
-    their order within a table, as the database writers group a batch anyway)."""
-    groups: dict[str, list[Record]] = {}
-    for r in records:
-        table = r.TABLE
-        if (same := groups.get(table)) is None:
-            same = groups[table] = []
-        same.append(r)
-    return _ENCODER.encode([(t, msgspec.Raw(_ENCODER.encode(rs))) for t, rs in groups.items()])
+    """One frame's body: the records grouped by table as the database writers group a batch
+    (tables in first-seen order, records in their order within a table)."""
+    groups = group([Batch(tuple(records))])
+    return _ENCODER.encode([(t, msgspec.Raw(_ENCODER.encode(rs))) for t, rs in groups])
 
 
 def decode(body: bytes) -> list[Record]:
