@@ -304,3 +304,20 @@ async def test_sim_on_postgresql_matches_sqlite(pg_url: str, tmp_path: Path) -> 
         assert read_rows(pg_url, table) == read_rows(lite, table), table
     for table in ("entries", "rounds", "runs"):  # journal and bookkeeping: same counts
         assert count(pg_url, table) == len(read_rows(lite, table)) > 0, table
+
+
+async def test_an_inproc_run_written_by_the_child_process_matches_sqlite(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--transport inproc` hands a long run's ledger to `python -m ledger.pipe_writer`
+    (ledger/pipe_writer.py), which writes PostgreSQL by COPY: the same ledger as SQLite."""
+    from controller import inproc
+
+    monkeypatch.setattr(inproc, "PIPE_FROM", 0)  # this short run through the child too
+    monkeypatch.setattr(inproc, "PIPE_EVERY", 500)
+    lite = f"sqlite:///{tmp_path}/inproc.db"
+    for u in (lite, pg_url):
+        await run_sim(SCENARIO, ledger=u, participants=8, days=0.5, progress=False, transport="inproc")
+    assert ledger_digest(pg_url) == ledger_digest(lite)
+    for table in (*DIGEST_TABLES, "entries", "rounds"):
+        assert read_rows(pg_url, table) == read_rows(lite, table), table
