@@ -83,7 +83,6 @@ class LedgerPipe:
         self._frames: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_FRAMES)
         self._pump: threading.Thread | None = None
         self._pump_error: OSError | None = None  # the child's end closed under the pump
-        self._wrote = False  # a frame of records was written (the child opens the ledger on it)
         self._finished = False  # `finish` succeeded: everything written is durable
         self._failed: str | None = None  # why the child stopped before that, if it did
 
@@ -129,7 +128,6 @@ class LedgerPipe:
         """Hand `records` to the writer: returns once they are queued (not yet durable)."""
         if records:
             await self._put(_frame(encode(records)))
-            self._wrote = True
 
     async def finish(self) -> None:
         """Return once every record written is durable; a failure of the writer is raised here."""

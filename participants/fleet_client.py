@@ -19,7 +19,7 @@ from participants.population import Population, plain
 from participants.prosumer import Prosumer, Stats
 from participants.sites import site_for
 from participants.spec import ParticipantSpec
-from participants.synthetic import DAY
+from participants.synthetic import DAY, day_slot
 
 log = logging.getLogger(__name__)
 # Credentials per login message: the connect packet must stay under the server's 64 KB
@@ -169,7 +169,7 @@ class FleetClient:
             return
         phase = (start // d) % AHEAD
         ahead = (start + AHEAD * d, end + AHEAD * d)
-        if DAY % d == 0 and _day_block(ahead[0], d) == _day_block(start, d):
+        if DAY % d == 0 and day_slot(ahead[0], d)[:2] == day_slot(start, d)[:2]:
             # The same day block as this share's last visit, AHEAD slots ago: built then (or
             # before the first round), so every call would find it and build nothing.
             return
@@ -387,9 +387,3 @@ class FleetClient:
                 prosumer.stats.errors += 1
                 continue
             self._to_prosumer(pid, method, msg)
-
-
-def _day_block(start: int, d: int) -> int:
-    """The day block of slots of duration `d` (a divisor of a day) that holds the slot at
-    `start`, as the profiles' caches number them."""
-    return (start - start % d) // d // (DAY // d)

@@ -29,7 +29,7 @@ from participants.messages import Delivery, Settled, StartRound, TransactionColu
 from participants.profiles import SiteProfiles, build_profiles
 from participants.prosumer import KEEP_SLOTS, P2P_KINDS, Stats, facts_of, forecast_wh
 from participants.spec import BatteryTrader, FixedPriceTrader, ParticipantSpec
-from participants.synthetic import DAY, stable_key, uniforms, uniforms_rows, units_rows
+from participants.synthetic import DAY, day_slot, stable_key, uniforms, uniforms_rows, units_rows
 from participants.traders import inside
 
 # Trader kinds by index (the spec's tag).
@@ -603,8 +603,8 @@ class Population:
         start, d = slot[0], slot[1] - slot[0]
         if d <= 0 or DAY % d:
             return None
-        per_block, phase = DAY // d, start % d
-        block, k = divmod((start - phase) // d, per_block)
+        per_block = DAY // d
+        phase, block, k = day_slot(start, d)
         key = (d, phase, block)
         hit = self._units.get(key)
         if hit is None:

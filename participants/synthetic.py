@@ -316,6 +316,14 @@ _SHARED_SIZE = 4096
 _SHARED_BLOCKS: dict[tuple[tuple[object, ...], tuple[int, int, int]], list[int]] = {}
 
 
+def day_slot(start: int, d: int) -> tuple[int, int, int]:
+    """(phase, day block, index in it) of the slot at `start` among the blocks of a day of
+    slots of duration `d` (a divisor of a day), as every day cache numbers them."""
+    phase = start % d
+    block, k = divmod((start - phase) // d, DAY // d)
+    return phase, block, k
+
+
 class _Synthetic:
     TAG = 0
 
@@ -364,9 +372,8 @@ class _Synthetic:
     def day_of(self, start: int, d: int) -> tuple[list[int], int]:
         """The Wh of the day's block of slots of duration `d` (a divisor of a day) that holds
         the slot at `start`, and that slot's index in it (cached, a few blocks)."""
-        phase = start % d
+        phase, block, k = day_slot(start, d)
         per_block = DAY // d
-        block, k = divmod((start - phase) // d, per_block)
         key = (d, phase, block)
         values = self._blocks.get(key)
         if values is None:
