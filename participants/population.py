@@ -29,7 +29,7 @@ from participants.messages import Delivery, Settled, StartRound, TransactionColu
 from participants.profiles import SiteProfiles, build_profiles
 from participants.prosumer import KEEP_SLOTS, P2P_KINDS, Stats, facts_of, forecast_wh
 from participants.spec import BatteryTrader, FixedPriceTrader, ParticipantSpec
-from participants.synthetic import DAY, day_slot, stable_key, uniforms, uniforms_rows, units_rows
+from participants.synthetic import DAY, day_slot, fill_days, stable_key, uniforms, uniforms_rows, units_rows
 from participants.traders import inside
 
 # Trader kinds by index (the spec's tag).
@@ -417,6 +417,7 @@ class Population:
             loads = np.zeros((len(self.ids), per_block), dtype=np.int64)
             rows: list[int] = []
             col = self._col
+            fill_days((s for p in self.profiles for s in p.synthetic()), start, d)
             for i, p in enumerate(self.profiles):
                 day = p.day(start, d)
                 if day is None:
@@ -437,6 +438,8 @@ class Population:
     def prepare(self, slot: tuple[int, int], rows: Iterable[int]) -> None:
         """Build the profiles of members `rows` for `slot` (a day of them), so that the round
         that needs the slot does not build every member's day at once."""
+        rows = list(rows)
+        fill_days((s for i in rows for s in self.profiles[i].synthetic()), slot[0], slot[1] - slot[0])
         for i in rows:
             self.profiles[i].slot(slot)
 

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 
 from participants.spec import CsvLoad, ParticipantSpec, SyntheticLoad
-from participants.synthetic import DAY, LoadProfile, SolarProfile, WindProfile, stable_key
+from participants.synthetic import DAY, LoadProfile, SolarProfile, WindProfile, _Synthetic, stable_key
 from participants.weather import load_weather, year_of
 
 
@@ -28,7 +28,13 @@ class Profile(Protocol):
         ...
 
 
-class _Consumption:
+class _Day:
+    """A synthetic profile's wrapper: its days of slots come from `_inner`."""
+
+    _inner: _Synthetic
+
+
+class _Consumption(_Day):
     def __init__(self, inner: LoadProfile) -> None:
         self._inner = inner
 
@@ -77,7 +83,7 @@ class _WeatherWind:
         return round(float(self._curve.curve(wind).mean()) * (end - start) / 3600), 0
 
 
-class _Generation:
+class _Generation(_Day):
     def __init__(self, inner: SolarProfile | WindProfile) -> None:
         self._inner = inner
 
@@ -194,6 +200,10 @@ class SiteProfiles:
         for p in self.load:
             load += p.energy(s, e)[1]
         return gen, load
+
+    def synthetic(self) -> list[_Synthetic]:
+        """The synthetic profiles among these (what `synthetic.fill_days` computes together)."""
+        return [p._inner for p in (*self.load, *itertools.chain(*self.sources.values())) if isinstance(p, _Day)]
 
     def day(self, start: int, d: int) -> tuple[dict[str, list[int]], list[int], int] | None:
         """(generation per source, load) of every slot of the day's block of slots of duration

@@ -15,7 +15,7 @@ import datetime as dt
 import functools
 import math
 import zlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -193,6 +193,37 @@ def units_rows(k: int, *entropy: int | np.ndarray) -> np.ndarray:
     """The draws of `uniforms_rows` before they are put in a band: `uniforms(low, high, ...)`
     is exactly `low + (high - low) * unit` of these, so they can be drawn before the band
     is known (a day of slots at once)."""
+    n, hi, lo, inc_hi, inc_lo = _seeded(entropy)
+    out = np.empty((n, k))
+    for j in range(k):
+        hi, lo = _step(hi, lo, inc_hi, inc_lo)
+        x, r = hi ^ lo, hi >> np.uint64(58)  # XSL-RR
+        x = x >> r | x << ((np.uint64(64) - r) & np.uint64(63))
+        out[:, j] = (x >> np.uint64(11)) * _TO_UNIT
+    return out
+
+
+def seeded(*entropy: int | np.ndarray) -> Iterator[np.random.Generator]:
+    """`generator(*e)` of each row of the entropy (as `units_rows` takes it), one after
+    another: one Generator set to each row's seeded state in turn (~1.5 us a row, where
+    `generator` builds one in ~7 us), valid until the next row is asked for.
+    tests/participants/test_participants_profiles.py compares their draws."""
+    _, hi, lo, inc_hi, inc_lo = _seeded(entropy)
+    bits = np.random.PCG64(0)
+    rng = np.random.Generator(bits)
+    for h, low, ih, il in zip(hi.tolist(), lo.tolist(), inc_hi.tolist(), inc_lo.tolist(), strict=True):
+        bits.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": h << 64 | low, "inc": ih << 64 | il},
+            "has_uint32": 0,
+            "uinteger": 0,
+        }
+        yield rng
+
+
+def _seeded(entropy: tuple[int | np.ndarray, ...]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, PCG64 state high and low words, increment high and low words) of each row of
+    the entropy, as numpy seeds a PCG64 from `SeedSequence(words)`."""
     n = max((len(e) for e in entropy if isinstance(e, np.ndarray)), default=1)
     columns: list[np.ndarray] = []
     for e in entropy:
@@ -215,13 +246,7 @@ def units_rows(k: int, *entropy: int | np.ndarray) -> np.ndarray:
     lo = inc_lo + seed_lo
     hi = inc_hi + seed_hi + (lo < seed_lo).astype(np.uint64)
     hi, lo = _step(hi, lo, inc_hi, inc_lo)
-    out = np.empty((n, k))
-    for j in range(k):
-        hi, lo = _step(hi, lo, inc_hi, inc_lo)
-        x, r = hi ^ lo, hi >> np.uint64(58)  # XSL-RR
-        x = x >> r | x << ((np.uint64(64) - r) & np.uint64(63))
-        out[:, j] = (x >> np.uint64(11)) * _TO_UNIT
-    return out
+    return n, hi, lo, inc_hi, inc_lo
 
 
 @functools.lru_cache(maxsize=4096)
@@ -313,6 +338,7 @@ _SOLAR_TERMS = _Memo(_MEMO_SIZE)
 # environment's episodes replay the same days with new profile objects (a block: ~3.5 KB).
 # Its lists are shared: read them, never change them.
 _SHARED_SIZE = 4096
+_BATCH = 256  # profiles whose day blocks `fill_days` computes in one call
 _SHARED_BLOCKS: dict[tuple[tuple[object, ...], tuple[int, int, int]], list[int]] = {}
 
 
@@ -345,11 +371,26 @@ class _Synthetic:
         if arr is None:
             if len(self._cache) >= _CACHE_DAYS:
                 self._cache.clear()
-            arr = self._cache[day] = self._draw(day)
+            arr = self._cache[day] = self._draw(day, self._rng(day))
         return arr
 
-    def _draw(self, day: int) -> np.ndarray:
+    def _draw(self, day: int, rng: np.random.Generator) -> np.ndarray:
+        """The day's own draws, from `rng` (`_rng(day)`, or the same seeded otherwise)."""
         raise NotImplementedError
+
+    @classmethod
+    def _draw_days(cls, profiles: Sequence[Any], day: int) -> None:
+        """`_day(day)` of each of `profiles` (of this class), their generators seeded at once."""
+        missing = [p for p in profiles if day not in p._cache]
+        by_seed: dict[int, list[Any]] = {}
+        for p in missing:
+            by_seed.setdefault(p._seed, []).append(p)
+        for seed, same in by_seed.items():
+            keys = np.array([p._key for p in same], dtype=np.int64)
+            for p, rng in zip(same, seeded(seed, keys, cls.TAG, day + _DAY_SHIFT), strict=True):
+                if len(p._cache) >= _CACHE_DAYS:
+                    p._cache.clear()
+                p._cache[day] = p._draw(day, rng)
 
     def power(self, t: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -373,21 +414,39 @@ class _Synthetic:
         """The Wh of the day's block of slots of duration `d` (a divisor of a day) that holds
         the slot at `start`, and that slot's index in it (cached, a few blocks)."""
         phase, block, k = day_slot(start, d)
-        per_block = DAY // d
         key = (d, phase, block)
-        values = self._blocks.get(key)
+        values = self._blocks.get(key) or self._shared(key)
         if values is None:
-            shared = (self._ident, key)
-            values = _SHARED_BLOCKS.get(shared)
-            if values is None:
-                values = self.wh_block(phase + block * DAY, d, per_block)
-                if len(_SHARED_BLOCKS) >= _SHARED_SIZE:
-                    del _SHARED_BLOCKS[next(iter(_SHARED_BLOCKS))]  # the oldest
-                _SHARED_BLOCKS[shared] = values
-            if len(self._blocks) >= _CACHE_BLOCKS:
-                del self._blocks[next(iter(self._blocks))]  # the oldest
-            self._blocks[key] = values
+            values = self.wh_block(phase + block * DAY, d, DAY // d)
+            self._share(key, values)
         return values, k
+
+    def _shared(self, key: tuple[int, int, int]) -> list[int] | None:
+        """The block `key` as another profile of the same computed it (kept as its own too)."""
+        values = _SHARED_BLOCKS.get((self._ident, key))
+        if values is not None:
+            self._keep(key, values)
+        return values
+
+    def _share(self, key: tuple[int, int, int], values: list[int]) -> None:
+        if len(_SHARED_BLOCKS) >= _SHARED_SIZE:
+            del _SHARED_BLOCKS[next(iter(_SHARED_BLOCKS))]  # the oldest
+        _SHARED_BLOCKS[(self._ident, key)] = values
+        self._keep(key, values)
+
+    def _keep(self, key: tuple[int, int, int], values: list[int]) -> None:
+        if len(self._blocks) >= _CACHE_BLOCKS:
+            del self._blocks[next(iter(self._blocks))]  # the oldest
+        self._blocks[key] = values
+
+    def _batch(self) -> Hashable:
+        """Which profiles `wh_blocks` computes together with this one (by default, none)."""
+        return self
+
+    @classmethod
+    def wh_blocks(cls, profiles: Sequence[Any], first: int, d: int, count: int) -> list[list[int]]:
+        """`wh_block` of each of `profiles` (of this class and one `_batch`)."""
+        return [p.wh_block(first, d, count) for p in profiles]
 
     def wh_one(self, start: int, end: int) -> int:
         """The definition: the mean power over the slot's samples times its duration."""
@@ -399,14 +458,46 @@ class _Synthetic:
     def wh_block(self, first: int, d: int, count: int) -> list[int]:
         """`wh_one` of the `count` slots of duration `d` from `first`, vectorized: the same
         samples (as `_samples`), per-sample arithmetic, per-row sums and rounding."""
-        n = max(1, -(-d // SAMPLE_S))
-        starts = first + d * np.arange(count, dtype=np.int64)
-        t = starts[:, None] + d / n * (np.arange(n) + 0.5)
-        means = np.add.reduce(self.power_rows(t).reshape(count, n), axis=1) / n
-        # `max(0, round(m * d / 3600))` per mean: the same float operations, and `rint`
-        # rounds half to even as `round` does.
-        wh: list[int] = np.maximum(0, np.rint(means * d / 3600)).astype(np.int64).tolist()
+        t = _block_times(first, d, count)
+        wh: list[int] = _block_wh(self.power_rows(t), d, t.shape)
         return wh
+
+
+def fill_days(profiles: Iterable[_Synthetic], start: int, d: int) -> None:
+    """Compute the day block of slots of duration `d` holding `start` for each of `profiles`
+    that has not got it yet (nor another profile of the same): the profiles of one class
+    and `_batch` together, in one vectorized `wh_blocks` call, the same Wh as `wh_block` of
+    each. `day_of` then finds them (a population's members: ~65 us a block alone)."""
+    if d <= 0 or DAY % d:
+        return
+    phase, block, _ = day_slot(start, d)
+    key = (d, phase, block)
+    batches: dict[tuple[type[_Synthetic], Hashable], list[_Synthetic]] = {}
+    for p in profiles:
+        if key not in p._blocks and p._shared(key) is None:
+            batches.setdefault((type(p), p._batch()), []).append(p)
+    for (cls, _), batch in batches.items():
+        for i in range(0, len(batch), _BATCH):  # a few MB of samples at a time
+            some = batch[i : i + _BATCH]
+            for p, values in zip(some, cls.wh_blocks(some, phase + block * DAY, d, DAY // d), strict=True):
+                p._share(key, values)
+
+
+def _block_times(first: int, d: int, count: int) -> np.ndarray:
+    """The samples of `count` slots of duration `d` from `first` (as `_samples`), a row each."""
+    n = max(1, -(-d // SAMPLE_S))
+    starts = first + d * np.arange(count, dtype=np.int64)
+    out: np.ndarray = starts[:, None] + d / n * (np.arange(n) + 0.5)
+    return out
+
+
+def _block_wh(power: np.ndarray, d: int, shape: tuple[int, ...]) -> Any:
+    """`wh_one` of each slot of `power` (its samples in the last axis of `shape`, one slot a
+    row): the per-row sums and `max(0, round(m * d / 3600))` per mean, the same float
+    operations (`rint` rounds half to even as `round` does). Nested lists of ints."""
+    n = shape[-1]
+    means = np.add.reduce(power.reshape(*shape), axis=-1) / n
+    return np.maximum(0, np.rint(means * d / 3600)).astype(np.int64).tolist()
 
 
 def _by_day(days: np.ndarray, fn: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
@@ -446,10 +537,9 @@ class LoadProfile(_Synthetic):
         super().__init__(seed, key, tz, spec)
         self._mean_w = spec.annual_kwh * 1000 / (365.25 * 24)
 
-    def _draw(self, day: int) -> np.ndarray:
+    def _draw(self, day: int, rng: np.random.Generator) -> np.ndarray:
         """Row 0: the day's shape at hour centres (padded for interpolation across midnight);
         row 1: the multiplier of each hour (season, day and hour noise), same padding."""
-        rng = self._rng(day)
         season = 1 + 0.2 * math.cos(2 * math.pi * (day_of_year(day) - 15) / 365.25)
         day_factor = math.exp(0.12 * rng.standard_normal() - 0.0072)  # lognormal, mean one
         hourly = np.exp(0.3 * rng.standard_normal(24) - 0.045)
@@ -468,6 +558,23 @@ class LoadProfile(_Synthetic):
         for d, mask, idx, shaped in _LOCAL_TERMS.get((_key(t), tz), lambda: _local_terms(t, tz)):
             out[mask] = shaped * self._day(d)[1][idx]
         return self._mean_w * out
+
+    def _batch(self) -> Hashable:
+        return self._tz  # the local times
+
+    @classmethod
+    def wh_blocks(cls, profiles: Sequence[Any], first: int, d: int, count: int) -> list[list[int]]:
+        """`wh_block` of households of one time zone: `power_rows`' operations per sample,
+        a household a row."""
+        t = _block_times(first, d, count)
+        tz = profiles[0]._tz
+        out = np.empty((len(profiles), t.size))
+        for day, mask, idx, shaped in _LOCAL_TERMS.get((_key(t), tz), lambda: _local_terms(t, tz)):
+            cls._draw_days(profiles, day)
+            out[:, mask] = shaped * np.stack([p._cache[day][1] for p in profiles])[:, idx]
+        power = np.array([p._mean_w for p in profiles])[:, None] * out
+        wh: list[list[int]] = _block_wh(power, d, (len(profiles), *t.shape))
+        return wh
 
     def _power(self, days: np.ndarray, hours: np.ndarray) -> np.ndarray:
         def at(day: int, mask: np.ndarray) -> np.ndarray:
@@ -498,8 +605,7 @@ class SolarProfile(_Synthetic):
         else:
             self._lon = spec.longitude
 
-    def _draw(self, day: int) -> np.ndarray:
-        rng = self._rng(day)
+    def _draw(self, day: int, rng: np.random.Generator) -> np.ndarray:
         summer = 0.5 - 0.5 * math.cos(2 * math.pi * (day_of_year(day) - 15) / 365.25)  # 0 Jan .. 1 Jul
         if self._lat < 0:
             summer = 1 - summer
@@ -515,6 +621,24 @@ class SolarProfile(_Synthetic):
             clouds[mask] = self._day(d)[h]
         power: np.ndarray = self._peak_w * self.PERFORMANCE * ghi / 1000 * clouds
         return power
+
+    def _batch(self) -> Hashable:
+        return self._latitude, self._lon  # the sun
+
+    @classmethod
+    def wh_blocks(cls, profiles: Sequence[Any], first: int, d: int, count: int) -> list[list[int]]:
+        """`wh_block` of arrays at one site: `power`'s operations per sample, an array a row."""
+        t = _block_times(first, d, count)
+        flat = t.ravel()  # as `power_rows` samples them
+        lat, lon = profiles[0]._latitude, profiles[0]._lon
+        ghi, parts = _SOLAR_TERMS.get((_key(flat), lat, lon), lambda: _solar_terms(flat, lat, lon))
+        clouds = np.empty((len(profiles), flat.size))
+        for day, mask, h in parts:
+            cls._draw_days(profiles, day)
+            clouds[:, mask] = np.stack([p._cache[day] for p in profiles])[:, h]
+        peak = np.array([p._peak_w * p.PERFORMANCE for p in profiles])[:, None]
+        wh: list[list[int]] = _block_wh(peak * ghi / 1000 * clouds, d, (len(profiles), *t.shape))
+        return wh
 
 
 def _solar_terms(
@@ -558,8 +682,10 @@ class WindProfile(_Synthetic):
             arr = self._innov[day] = self._rng(day).standard_normal(24)
         return arr
 
-    def _draw(self, day: int) -> np.ndarray:
-        """Speeds at hours 0..24 of `day` (UTC); hour 24 is the next day's hour 0."""
+    def _draw(self, day: int, rng: np.random.Generator) -> np.ndarray:
+        """Speeds at hours 0..24 of `day` (UTC); hour 24 is the next day's hour 0 (from the
+        innovations of the days before, each drawn from its own day's generator: `rng`
+        unused)."""
         back = -(-self.MEMORY // 24)
         e = np.concatenate([self._innovations(d) for d in range(day - back, day + 2)])
         first = back * 24  # index of this day's hour 0 in e

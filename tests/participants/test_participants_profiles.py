@@ -343,3 +343,57 @@ def test_generator_refuses_negative_entropy_as_numpy_does():
         generator(1, -1)
     with pytest.raises(ValueError, match="non-negative"):
         uniforms(0.0, 1.0, 1, 1, -1)
+
+
+@given(
+    st.lists(st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.just(0)), min_size=0, max_size=3),
+    st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=20),
+    st.lists(st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 2**70)), min_size=0, max_size=2),
+)
+def test_seeded_generators_draw_what_generator_draws(before, column, after):
+    """`synthetic.seeded` sets one Generator to each row's seeded state: each row draws the
+    very numbers of its own `generator` (normal, beta, uniform), whatever came before."""
+    from participants.synthetic import generator, seeded
+
+    rows = seeded(*before, np.array(column), *after)
+    got = [(g.standard_normal(3).tolist(), g.beta(1.7, 2.3), g.uniform()) for g in rows]
+    want = []
+    for c in column:
+        g = generator(*before, c, *after)
+        want.append((g.standard_normal(3).tolist(), g.beta(1.7, 2.3), g.uniform()))
+    assert got == want
+
+
+@pytest.mark.parametrize("tz", ["Europe/Berlin", "America/New_York", "UTC"])
+def test_day_blocks_filled_together_equal_each_alone(tz, monkeypatch):
+    """`synthetic.fill_days` computes the blocks of many profiles in one call per class and
+    site (households of a zone, arrays at one place), their day draws seeded together: every
+    block equals `wh_block` of its profile alone, on DST days too, with other seeds, sites
+    and zones mixed in, and in batches smaller than the profiles (`_BATCH`)."""
+    from zoneinfo import ZoneInfo
+
+    from participants import synthetic as syn
+
+    monkeypatch.setattr(syn, "_SHARED_BLOCKS", {})
+    monkeypatch.setattr(syn, "_BATCH", 7)
+    zone = ZoneInfo(tz)
+
+    def make():
+        out: list[syn._Synthetic] = []
+        for k in range(20):
+            out.append(syn.LoadProfile(SyntheticLoad(2000 + 100 * k), 3 + k % 2, 100 + k, zone))
+            out.append(syn.SolarProfile(PvSpec(kw=1 + k, latitude=50.0 if k % 3 else -33.0), 3, 100 + k, zone))
+        out.append(syn.WindProfile(WindSpec(kw=3), 3, 7, zone))
+        out.append(syn.LoadProfile(SyntheticLoad(3000), 2**63 + 1, 9, ZoneInfo("Asia/Tokyo")))
+        return out
+
+    days = [JAN, JUNE, int(dt.datetime(2024, 3, 31, tzinfo=UTC).timestamp())]
+    days.append(int(dt.datetime(2024, 11, 3, tzinfo=UTC).timestamp()))
+    for d, phase in ((900, 0), (3600, 1800), (86400, 0)):
+        together = make()
+        for day in days:
+            syn.fill_days(together, day + phase, d)
+            at, block, _ = syn.day_slot(day + phase, d)
+            for p, alone in zip(together, make(), strict=True):
+                want = alone.wh_block(at + block * 86400, d, 86400 // d)
+                assert p._blocks[(d, at, block)] == want, (type(p).__name__, d, day)
