@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 from controller import runloop
-from ledger import read_rows
-from market.core.hierarchy import UPSTREAM_ID
+from controller.run_report.district import summary
 
 
 def ledger_template(url: str) -> str:
@@ -21,25 +20,6 @@ def ledger_template(url: str) -> str:
         return url
     stem, dot, ext = url.rpartition(".")
     return f"{stem}-{{market}}.{ext}" if dot and "/" not in ext else f"{url}-{{market}}"
-
-
-def summary(urls: dict[str, str]) -> list[str]:
-    lines = [f"{'market':<12} {'P2P kWh':>9} {'via upstream kWh':>17} {'grid in kWh':>12} {'grid out kWh':>13}  ledger"]
-    for market, url in urls.items():
-        p2p = up = grid_in = grid_out = 0
-        for t in read_rows(url, "transactions"):
-            if t["kind"] in ("p2p", "bess_compensation"):
-                if UPSTREAM_ID in (t["seller_id"], t["buyer_id"]):
-                    up += t["quantity"]
-                else:
-                    p2p += t["quantity"]
-            elif t["kind"] == "grid_buy":
-                grid_in += t["quantity"]
-            elif t["kind"] == "grid_sell":
-                grid_out += t["quantity"]
-        kwh = f"{p2p / 1000:>9.1f} {up / 1000:>17.1f} {grid_in / 1000:>12.1f} {grid_out / 1000:>13.1f}"
-        lines.append(f"{market:<12} {kwh}  {url}")
-    return lines
 
 
 def main(args: argparse.Namespace) -> int:

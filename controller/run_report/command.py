@@ -205,7 +205,7 @@ def report_markets(url: str, out: str | Path | None = None) -> Path:
     market's energy traded locally, through its upstream account, and with the grid."""
     import html
 
-    from controller.district_cmd import summary
+    from controller.run_report.district import summary
     from ledger.markets import market_url, markets_in
 
     try:
