@@ -20,7 +20,10 @@ from market.core.timing import Slot
 def tie_key(uuid: str) -> int:
     """Order of entries submitted in the same second: a hash of the uuid, so that it does
     not depend on network races and the same scenario clears the same way every run."""
-    return int.from_bytes(hashlib.blake2b(uuid.encode(), digest_size=8).digest(), "big")
+    return int.from_bytes(_blake2b(uuid.encode(), digest_size=8).digest())  # big-endian (the default)
+
+
+_blake2b = hashlib.blake2b
 
 
 class Entry(msgspec.Struct, frozen=True, gc=False):

@@ -567,7 +567,7 @@ class Market:
             raise MarketError("invalid", f"price outside [{c.price_min}, {c.price_max}]")
         if side == "ask" and msg.source is None:
             raise MarketError("invalid", "an ask needs a source")
-        if msg.source is not None and msg.source not in c.sources:
+        if msg.source is not None and msg.source not in self._known_sources:  # c.sources, as a set
             raise MarketError("invalid", f"unknown source {msg.source!r} (known: {', '.join(c.sources)})")
 
     def _check_open(self, participant: str, start: int) -> None:
