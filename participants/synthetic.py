@@ -205,7 +205,7 @@ def units_rows(k: int, *entropy: int | np.ndarray) -> np.ndarray:
 
 def seeded(*entropy: int | np.ndarray) -> Iterator[np.random.Generator]:
     """`generator(*e)` of each row of the entropy (as `units_rows` takes it), one after
-    another: one Generator set to each row's seeded state in turn (~1.5 us a row, where
+    another: one Generator set to each row's seeded state in turn (~3 us a row, where
     `generator` builds one in ~7 us), valid until the next row is asked for.
     tests/participants/test_participants_profiles.py compares their draws."""
     _, hi, lo, inc_hi, inc_lo = _seeded(entropy)
