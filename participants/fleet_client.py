@@ -15,7 +15,7 @@ import socketio
 from market.core import wire
 from market.core.protocol import MAX_FLEET_ITEMS
 from participants.messages import Delivery, DeliveryColumns, Settled, SettledColumns, StartRound, parse
-from participants.population import Population, plain
+from participants.population import Fill, Population, plain
 from participants.prosumer import Prosumer, Stats
 from participants.sites import site_for
 from participants.spec import ParticipantSpec
@@ -315,13 +315,16 @@ class FleetClient:
             table.commit_id,
             table.source,
         )
+        fills: list[Fill] = []
         for k, pid in enumerate(table.participant):
             i = members.get(pid)
             if i is not None:
-                assert pop is not None
-                pop.on_fill(i, interval[k][0], commit_id[k], side[k], quantity[k], source[k])
+                fills.append((i, interval[k][0], commit_id[k], side[k], quantity[k], source[k]))
             else:
                 self._to_prosumer(pid, "on_settled_msg", table.event(k))
+        if fills:
+            assert pop is not None
+            pop.on_fills(fills)
 
     async def _on_delivery_columns(self, payload: Any) -> None:
         try:

@@ -201,3 +201,49 @@ def test_odd_fills_are_taken_as_a_prosumer_takes_them() -> None:
     for i, p in enumerate(prosumers):
         assert population.stats_of(i) == p.stats
         assert population.battery(i) == p.battery
+
+
+def test_fills_added_up_at_once_are_counted_as_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Population.on_fills` (a round's fills, their Wh added a column at a time) takes the
+    odd fills above, every member's in one batch, as each prosumer takes its own one by
+    one: a resent fill once, a fill without a commit id each time, a source nobody has, a
+    `bess` sale without a battery, fills of two slots in one batch."""
+    import participants.population as pop_module
+
+    monkeypatch.setattr(pop_module, "FILLS_AT_ONCE", 1)
+    scenario = load_scenario(SCENARIO)
+    specs = community(scenario, 12)
+    prosumers = [Prosumer(s, scenario.seed, timezone=scenario.timezone) for s in specs]
+    population = Population(specs, scenario.seed, timezone=scenario.timezone)
+    market = Market(scenario.market_config("sim"))
+    d = scenario.step
+    for k in range(30):
+        t = scenario.start_time + k * d
+        opened = market.open_round(t, None)
+        batch = []
+        for i, p in enumerate(prosumers):
+            for n, slot in enumerate(([t + 2 * d, t + 3 * d], [t + 3 * d, t + 4 * d])):
+
+                def fill(side: str, q: int, cid: str | None = None, src: str | None = None) -> dict[str, Any]:
+                    out = {"side": side, "quantity": q, "price": 0.1, "time_delivery": slot}  # noqa: B023
+                    return out | ({"commit_id": cid} if cid else {}) | ({"source": src} if src else {})
+
+                odd = [
+                    fill("ask", 400, "x1", "gas"),
+                    fill("ask", 400, "x1", "gas"),
+                    fill("bid", 250 + n),
+                    fill("bid", 250, f"b{k}"),
+                    fill("ask", 900, "x2", "bess"),
+                    fill("ask", 300, "x3", "solar"),
+                ]
+                for event in odd[(i + k) % 3 :]:
+                    p.on_settled(event)
+                    s = parse(event, Settled)
+                    batch.append((i, s.time_delivery[0], s.commit_id, s.side, s.quantity, s.source))
+        batch.reverse()  # members and slots interleaved otherwise than the prosumers saw them
+        population.on_fills(batch)
+        decide_alike(k, parse(opened.start_round, StartRound), prosumers, population)
+        market.process(t, t)
+    for i, p in enumerate(prosumers):
+        assert population.stats_of(i) == p.stats
+        assert population.battery(i) == p.battery
