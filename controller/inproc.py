@@ -164,7 +164,7 @@ class InprocMarket:
                 booked = self.market.submit_each([(ids[m], side, e) for m, side, e in batch.entries()])
                 self.refused += sum(1 for r in booked if isinstance(r, MarketError))
             if meters is not None:
-                replies = self.market.meter_each(zip(ids, meters.messages(), strict=True))
+                replies = self.market.meter_each(zip(ids, meters.messages(), strict=True), sources=meters.keys())
                 self.refused += sum(1 for r in replies if isinstance(r, MarketError))
         for pid in self.order:
             if pid in members:

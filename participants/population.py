@@ -147,6 +147,12 @@ class MeterBatch(msgspec.Struct):
         other["external"] = external[i]
         return generation, {s: v for s, v in zip(sources, charge[i], strict=True) if v}, other
 
+    def keys(self) -> tuple[list[str], list[str], list[str]]:
+        """Every key its readings' maps may hold (generation, consumption.bess and
+        consumption.other): what `Market.meter_each` checks once for the batch (`sources`)."""
+        sources = list(self.sources)
+        return [*sources, BESS], sources, [*sources, BESS, "external"]
+
     def messages(self) -> list[MeterMsg]:
         """`reading(i)` of every member as the market decodes it (no JSON in between: the
         in-process market), built a column at a time: a source's nonzero values are put into

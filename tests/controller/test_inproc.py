@@ -86,3 +86,20 @@ def test_rounds_must_be_opened_and_closed_in_order() -> None:
         run.open(t)
     with pytest.raises(ValueError, match="not in the scenario"):
         InprocMarket(scenario, community(scenario, 4), external=["nobody"])
+
+
+def test_readings_of_a_source_the_market_does_not_know_are_refused_as_one_prosumer_each() -> None:
+    """The population's readings are checked once per batch for the keys their maps may
+    hold (`MeterBatch.keys`); a market that does not know one of them (no `wind` here)
+    checks each reading, and refuses those that name it, as it does a prosumer's own."""
+    scenario = load_scenario(SCENARIO, {"days": 0.25, "market.non_dispatch": ["solar"]})
+    specs = community(scenario, 30)
+    assert any(s.wind is not None for s in specs), "the community should have wind turbines"
+    runs = [InprocMarket(scenario, specs, population=p) for p in (True, False)]
+    assert runs[0].population is not None and runs[1].population is None
+    for k in range(scenario.rounds):
+        for run in runs:
+            run.step(scenario.start_time + k * scenario.step)
+    assert runs[0].refused == runs[1].refused > 0
+    assert runs[0].missing == runs[1].missing > 0  # the refused readings are missing
+    assert runs[0].take_records() == runs[1].take_records()
