@@ -93,19 +93,24 @@ def exchange(
     generation, external = rest.generation, rest.external
     for p in sorted(meters):
         cons = meters[p].consumption
-        for src, q in _in_order(cons.bess):
-            if q:
-                rows.append(
-                    Transaction(f"t{start}-{len(rows)}", "self", start, end, p, p, src, q, 0.0, 0.0, 0, 0, None, now)
-                )
+        if cons.bess:  # most batteries charged nothing from their own generation
+            for src, q in _in_order(cons.bess):
+                if q:
+                    rows.append(
+                        Transaction(
+                            f"t{start}-{len(rows)}", "self", start, end, p, p, src, q, 0.0, 0.0, 0, 0, None, now
+                        )
+                    )
         for src, q in _in_order(cons.other):
             if q and src != EXTERNAL:
                 rows.append(
                     Transaction(f"t{start}-{len(rows)}", "self", start, end, p, p, src, q, 0.0, 0.0, 0, 0, None, now)
                 )
-        for src, q in _in_order(generation.get(p, _NONE)):
-            if q:
-                rows.append(_grid_row(slot, len(rows), "grid_sell", p, GRID_ID, src, q, grid_sell, now))
+        left = generation.get(p)
+        if left:  # nothing left at night, or all of it sold
+            for src, q in _in_order(left):
+                if q:
+                    rows.append(_grid_row(slot, len(rows), "grid_sell", p, GRID_ID, src, q, grid_sell, now))
         q = external.get(p, 0)
         if q:
             rows.append(_grid_row(slot, len(rows), "grid_buy", GRID_ID, p, GRID_ID, q, grid_buy, now))
@@ -120,9 +125,6 @@ def _grid_row(
     return Transaction(
         f"t{slot[0]}-{n}", kind, slot[0], slot[1], seller, buyer, source, q, price, price, money, money, None, now
     )
-
-
-_NONE: dict[str, int] = {}
 
 
 def _in_order(sources: Mapping[str, int]) -> Iterable[tuple[str, int]]:
