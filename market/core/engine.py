@@ -657,7 +657,8 @@ class Market:
     def _meter(
         self, participant: str, msg: MeterMsg, r: RoundTimes, checked: _Interval, sources_known: bool = False
     ) -> dict[str, Any]:
-        self._check_not_upstream(participant)
+        if self.upstream:
+            self._check_not_upstream(participant)
         misaligned, closed, delivering = checked
         if misaligned is not None:
             raise MarketError(*misaligned)
@@ -867,7 +868,9 @@ def _refusal(call: Callable[..., object], args: tuple[Any, ...]) -> MarketError:
 def _settled_events(
     settlements: list[Settlement], parties: Container[str] | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
-    events = []
+    events: list[tuple[str, dict[str, Any]]] = []
+    if _nobody(parties):
+        return events
     for s in settlements:
         if parties is None or s.buyer_id in parties:
             events.append((s.buyer_id, settled_event(s, "bid")))
@@ -893,6 +896,8 @@ def deliveries(slot: Slot, rows: list[Transaction], parties: Container[str] | No
     """Each party's `delivery` payload (PROTOCOL.md) of a slot's transaction rows, in the
     order parties first appear; only those in `parties`, if given."""
     by_party: dict[str, list[dict[str, Any]]] = {}
+    if _nobody(parties):
+        return {}
     if parties is not None:
         rows = [r for r in rows if r.seller_id in parties or r.buyer_id in parties]
     for row in rows:
@@ -903,6 +908,12 @@ def deliveries(slot: Slot, rows: list[Transaction], parties: Container[str] | No
     if parties is not None:
         by_party = {p: txs for p, txs in by_party.items() if p in parties}
     return {p: {"time_delivery": list(slot), "transactions": txs} for p, txs in by_party.items()}
+
+
+def _nobody(parties: Container[str] | None) -> bool:
+    """Whether `parties` is an empty collection: no payload to make (an in-process market
+    whose participants are all members of its population, which read the records)."""
+    return isinstance(parties, Collection) and not parties
 
 
 def _entry_record(e: Entry, seq: int) -> EntryRecord:

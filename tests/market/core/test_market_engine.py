@@ -472,6 +472,25 @@ def test_settled_of_some_parties_are_theirs_of_all_and_the_outcome_is_the_same()
         assert some.settlements == every.settlements and some.start_round == every.start_round
 
 
+def test_deliveries_of_some_parties_are_theirs_of_all_and_the_rows_the_same() -> None:
+    def delivered(**kw: Any) -> Any:
+        m = market(duration=D, close_steps=1)
+        m.open_round(0)
+        bid(m, "B", 100, 0.25, (60, 120))
+        ask(m, "S", 100, 0.125, (60, 120))
+        m.open_round(60)
+        m.meter("S", meter(gen={"solar": 130}, slot=(60, 120)))
+        m.meter("B", meter(other={"external": 120}, slot=(60, 120)))
+        return m.process(60, now=120, **kw)
+
+    every = delivered()
+    assert set(every.deliveries) == {"B", "S", "grid"}
+    for parties in ({"B"}, {"S", "X"}, set(), frozenset()):
+        some = delivered(parties=parties)
+        assert some.deliveries == {p: d for p, d in every.deliveries.items() if p in parties}
+        assert some.transactions == every.transactions and some.meters == every.meters
+
+
 def test_a_market_without_a_journal_books_meters_and_exchanges_the_same() -> None:
     def run(journal: bool) -> Any:
         m = market(duration=D, close_steps=1, journal=journal)
