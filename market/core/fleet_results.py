@@ -157,16 +157,28 @@ def route_rows(
     """Each party in `columnar`'s row indices, per connection `routes` sends columns to
     (members in the order they first appear, as `delivery` payloads are made), and the
     parties in `columnar` it no longer does."""
-    picks: dict[str, dict[str, list[int]]] = {}
-    rest: set[str] = set()
+    mine: dict[str, list[int]] = {}  # every party's rows, parties in the order they first appear
     for i, r in enumerate(rows):
         seller, buyer = r.seller_id, r.buyer_id
-        for pid in (seller, buyer) if buyer != seller else (seller,):
-            if pid not in columnar:
-                continue
-            sid = routes.get(pid)
-            if sid is None:
-                rest.add(pid)
+        at = mine.get(seller)
+        if at is None:
+            mine[seller] = [i]
+        else:
+            at.append(i)
+        if buyer != seller:
+            at = mine.get(buyer)
+            if at is None:
+                mine[buyer] = [i]
             else:
-                picks.setdefault(sid, {}).setdefault(pid, []).append(i)
+                at.append(i)
+    picks: dict[str, dict[str, list[int]]] = {}
+    rest: set[str] = set()
+    for pid, at in mine.items():  # then sorted out once per party, not per row
+        if pid not in columnar:
+            continue
+        sid = routes.get(pid)
+        if sid is None:
+            rest.add(pid)
+        else:
+            picks.setdefault(sid, {})[pid] = at
     return picks, rest
