@@ -155,9 +155,9 @@ class MeterBatch(msgspec.Struct):
 
     def messages(self) -> list[MeterMsg]:
         """`reading(i)` of every member as the market decodes it (no JSON in between: the
-        in-process market), built a column at a time: a source's nonzero values are put into
-        the maps of the members that have them (most are zero, the night's generation and
-        nearly all charging), where `reading` builds three maps per member."""
+        in-process market), built from the nonzero cells of all maps at once: only they are
+        put into the maps of the members that have them (most are zero, the night's
+        generation and nearly all charging), where `reading` builds three maps per member."""
         n = len(self.external)
         gens: list[dict[str, int]] = [{} for _ in range(n)]
         bess: list[dict[str, int]] = [{} for _ in range(n)]
