@@ -376,6 +376,7 @@ def test_day_blocks_filled_together_equal_each_alone(tz, monkeypatch):
 
     monkeypatch.setattr(syn, "_SHARED_BLOCKS", {})
     monkeypatch.setattr(syn, "_BATCH", 7)
+    monkeypatch.setattr(syn, "SEED_TOGETHER", 2)  # the batches' generators seeded together
     zone = ZoneInfo(tz)
 
     def make():

@@ -170,15 +170,24 @@ def test_members_whose_profiles_are_files_or_weather_are_read_slot_by_slot(tmp_p
     assert run_side_by_side(specs, scenario.seed, 60, {}) > 50
 
 
+def twelve() -> tuple[Any, list[Prosumer], Population, Market]:
+    """The community of 12 as a prosumer each and as one population, and a market."""
+    scenario = load_scenario(SCENARIO)
+    specs = community(scenario, 12)
+    prosumers = [Prosumer(s, scenario.seed, timezone=scenario.timezone) for s in specs]
+    return (
+        scenario,
+        prosumers,
+        Population(specs, scenario.seed, timezone=scenario.timezone),
+        Market(scenario.market_config("sim")),
+    )
+
+
 def test_odd_fills_are_taken_as_a_prosumer_takes_them() -> None:
     """A server's fills the traders never asked for: a source nobody has (only ever short),
     a resent fill (counted once), a fill without a commit id (counted each time), a `bess`
     sale without a battery: the readings that follow are a prosumer's."""
-    scenario = load_scenario(SCENARIO)
-    specs = community(scenario, 12)
-    prosumers = [Prosumer(s, scenario.seed, timezone=scenario.timezone) for s in specs]
-    population = Population(specs, scenario.seed, timezone=scenario.timezone)
-    market = Market(scenario.market_config("sim"))
+    scenario, prosumers, population, market = twelve()
     d = scenario.step
     for k in range(30):
         t = scenario.start_time + k * d
@@ -211,11 +220,7 @@ def test_fills_added_up_at_once_are_counted_as_one_by_one(monkeypatch: pytest.Mo
     import participants.population as pop_module
 
     monkeypatch.setattr(pop_module, "FILLS_AT_ONCE", 1)
-    scenario = load_scenario(SCENARIO)
-    specs = community(scenario, 12)
-    prosumers = [Prosumer(s, scenario.seed, timezone=scenario.timezone) for s in specs]
-    population = Population(specs, scenario.seed, timezone=scenario.timezone)
-    market = Market(scenario.market_config("sim"))
+    scenario, prosumers, population, market = twelve()
     d = scenario.step
     for k in range(30):
         t = scenario.start_time + k * d
