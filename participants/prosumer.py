@@ -20,7 +20,7 @@ from participants.devices import Battery, Commitment, meter_reading, split_own_u
 from participants.messages import Delivery, MarketInfo, Settled, StartRound, parse
 from participants.profiles import SiteProfiles, build_profiles
 from participants.spec import ParticipantSpec
-from participants.synthetic import generator, stable_key
+from participants.synthetic import generator, seeded, stable_key
 from participants.traders import Observation, Order, draws, trader_for
 
 KEEP_SLOTS = 96  # how many slots back prices, pending bills and deliveries are remembered
@@ -98,8 +98,18 @@ def facts_of(msg: StartRound) -> _Facts:
 def forecast_wh(seed: int, key: int, start: int, source: str, error: float, wh: int) -> int:
     """What a forecast off by `error` expects of `wh` (a source's energy in the slot at
     `start`): drawn per (seed, participant key, slot, source), so always the same."""
-    z = float(generator(seed % 2**64, key, start, stable_key(source)).standard_normal())
+    return off_by(wh, error, float(generator(seed % 2**64, key, start, stable_key(source)).standard_normal()))
+
+
+def off_by(wh: int, error: float, z: float) -> int:
+    """A forecast of `wh` that errs by `error` times the normal draw `z` (never negative)."""
     return max(0, round(wh * (1 + error * z)))
+
+
+def forecast_normals(seed: int, keys: np.ndarray, sources: np.ndarray, starts: np.ndarray) -> list[float]:
+    """`forecast_wh`'s normal draw of each row (participant key, `stable_key` of the source,
+    slot start: arrays of ints below 2**32), the generators seeded together (`seeded`)."""
+    return [float(rng.standard_normal()) for rng in seeded(seed % 2**64, keys, starts, sources)]
 
 
 class Prosumer:

@@ -252,3 +252,50 @@ def test_fills_added_up_at_once_are_counted_as_one_by_one(monkeypatch: pytest.Mo
     for i, p in enumerate(prosumers):
         assert population.stats_of(i) == p.stats
         assert population.battery(i) == p.battery
+
+
+def test_forecasts_drawn_a_day_block_at_once_are_each_prosumers() -> None:
+    """`Population.forecast` draws the erring members' forecasts a day block at once
+    (`_forecast_z`), or slot by slot where it cannot: slots that do not tile a day, a day
+    block past the 32-bit words the seeding takes in arrays. The same Wh as each
+    `Prosumer.forecast`, in every case; a second population finds the shared blocks."""
+    from participants import population as pop_module
+
+    scenario = load_scenario(SCENARIO)
+    specs = [_erring(s, 0.3) for s in community(scenario, 12)]
+    t0 = scenario.start_time
+    prosumers = [Prosumer(s, 5, timezone=scenario.timezone) for s in specs]
+    blocks: list[Any] = []
+    for _ in range(2):  # a new population, then one that finds the first one's blocks
+        population = Population(specs, 5, timezone=scenario.timezone)
+        erred = 0
+        for first, d in ((t0, 900), (t0 + 450, 700), (2**32 - 2 * 3600, 900)):
+            for k in range(0, 96, 3):
+                slot = (first + k * d, first + (k + 1) * d)
+                gen, _ = population.forecast(slot)
+                truth, _ = population.energy(slot)
+                for i, p in enumerate(prosumers):
+                    theirs, _ = p.forecast(slot)
+                    assert gen[i].tolist() == [theirs.get(src, 0) for src in population.sources], (slot, i)
+                erred += int((gen != truth).sum())
+        assert erred > 30
+        assert len(population._zs) == 1  # the one day block of 900 s slots below 2**32
+        blocks.append(next(iter(population._zs.values())))
+    assert blocks[1] is blocks[0] and any(b is blocks[0] for b in pop_module._SHARED_Z.values())
+
+
+def test_the_shared_forecast_draws_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_SHARED_Z` keeps at most `_SHARED_Z_CELLS` draws: the oldest blocks go first, and a
+    block bigger than the bound is not kept."""
+    import numpy as np
+
+    from participants import population as pop_module
+
+    monkeypatch.setattr(pop_module, "_SHARED_Z", {})
+    monkeypatch.setattr(pop_module, "_SHARED_Z_CELLS", 500)
+    for k in range(5):
+        pop_module._share_z(("k", k), np.zeros((2, 96)))
+    assert list(pop_module._SHARED_Z) == [("k", 3), ("k", 4)]
+    pop_module._share_z(("big",), np.zeros((6, 96)))
+    assert ("big",) not in pop_module._SHARED_Z
+    assert sum(b.size for b in pop_module._SHARED_Z.values()) <= 500
