@@ -348,8 +348,13 @@ class _Episode:
         for a, ag in self.agents.items():
             assert ag.obs is not None
             orders = orders_of(ag.obs, actions[a]) if a in actions else []
-            replies = self.market.submit(a, orders) if orders else []
-            infos[a] = {"orders": orders, "refused": [r for r in replies if not r.get("ok")]}
+            refused: list[dict[str, Any]] = []
+            if orders and _within_bounds(orders):
+                batch = [(a, o["side"], _entry(o)) for o in orders]
+                refused = [r for r in self.market.submit_each(batch) if r is not None]
+            elif orders:
+                refused = [r for r in self.market.submit(a, orders) if not r.get("ok")]
+            infos[a] = {"orders": orders, "refused": refused}
         before = {a: ag.snapshot() for a, ag in self.agents.items()}
         record = self.market.close()
         records = self.market.take_records()  # no ledger: kept in memory only if asked
@@ -388,9 +393,7 @@ class _Episode:
             infos[a] = {"orders": orders, "refused": []}
             if not orders:
                 continue
-            if len(orders) <= MAX_ORDERS and all(
-                o["quantity"] <= MAX_QUANTITY and abs(o["price"]) <= PRICE_LIMIT for o in orders
-            ):
+            if _within_bounds(orders):
                 batch += [(a, o["side"], _entry(o)) for o in orders]
                 owners += [a] * len(orders)
             else:  # outside the protocol's bounds: refused as a client's batch would be
@@ -409,6 +412,14 @@ class _Episode:
             infos[a].update(slot=record.current_round_start, paid=paid, received=received)
         self.round += 1
         return rewards, infos
+
+
+def _within_bounds(orders: list[Order]) -> bool:
+    """Whether `orders_of`'s batch is within the protocol's bounds, so that it can be booked
+    as entries already decoded (`InprocMarket.submit_each`), as `OrdersMsg` would decode it."""
+    return len(orders) <= MAX_ORDERS and all(
+        o["quantity"] <= MAX_QUANTITY and abs(o["price"]) <= PRICE_LIMIT for o in orders
+    )
 
 
 def _entry(o: Order) -> EntryMsg:

@@ -181,3 +181,33 @@ def test_a_scenario_file_is_parsed_again_only_when_it_changed(tmp_path: Path) ->
     path.write_text(SCENARIO.read_text().replace('name = "', 'name = "edited-', 1))
     edited, _ = episode_scenario(path, 3, 1.0)
     assert edited.name.startswith("edited-") and edited.start_time == first.start_time
+
+
+def test_the_agents_orders_booked_decoded_are_booked_as_the_wire_decodes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ProsumerEnv` books its agent's orders as entries already decoded (`submit_each`);
+    through the `orders` event's decoding instead (`submit`), the same observations, infos
+    (refusals included: one open entry per slot) and ledger records."""
+    import controller.envs as envs_module
+
+    scenario = tmp_path / "one_open.toml"
+    scenario.write_text(SCENARIO.read_text().replace("[market]\n", "[market]\nmax_open_per_slot = 1\n", 1))
+
+    def run() -> tuple[list[np.ndarray], list[object], list[object]]:
+        env = ProsumerEnv(scenario, "H06", seed=4, days=0.5, keep_records=True)
+        obs, _ = env.reset(seed=4)
+        rng = np.random.default_rng(9)
+        seen, infos = [obs], []
+        for _ in range(48):
+            obs, reward, _, _, info = env.step(rng.uniform(0, 1, len(ACT_FIELDS)).astype(np.float32))
+            seen.append(obs)
+            infos.append((reward, info))
+        return seen, infos, env.records
+
+    decoded = run()
+    monkeypatch.setattr(envs_module, "_within_bounds", lambda orders: False)
+    wire = run()
+    assert all(np.array_equal(a, b) for a, b in zip(decoded[0], wire[0], strict=True))
+    assert decoded[1] == wire[1] and decoded[2] == wire[2]
+    assert sum(len(info["refused"]) for _, info in decoded[1]) > 5  # type: ignore[index]
