@@ -140,10 +140,29 @@ class Book:
         return first
 
     def add(self, entry: Entry) -> None:
-        start = entry.time_delivery[0]
+        start, who = entry.time_delivery[0], entry.participant
         slot = self._slots.get(start)
         if slot is None:
             slot = self._slots[start] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []), {})
+        self._put(slot, entry, slot.open.get(who, 0), self._open.get(who, 0))
+
+    def admit(self, entry: Entry, max_in_slot: int, max_total: int) -> tuple[int, int] | None:
+        """`add` the entry if its participant has fewer than `max_in_slot` open entries in its
+        slot and fewer than `max_total` in all; else nothing, and those two counts (the
+        engine's caps checked and booked in one look-up of the slot)."""
+        start, who = entry.time_delivery[0], entry.participant
+        slot = self._slots.get(start)
+        in_slot = slot.open.get(who, 0) if slot is not None else 0
+        total = self._open.get(who, 0)
+        if in_slot >= max_in_slot or total >= max_total:
+            return in_slot, total
+        if slot is None:
+            slot = self._slots[start] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []), {})
+        self._put(slot, entry, in_slot, total)
+        return None
+
+    def _put(self, slot: SlotBook, entry: Entry, in_slot: int, total: int) -> None:
+        """Book `entry` in `slot`, its participant having `in_slot` and `total` open entries."""
         uuid = entry.uuid
         if entry.side == "bid":  # `slot.side`, unrolled: once per entry submitted
             slot.bids[uuid] = entry
@@ -151,11 +170,10 @@ class Book:
         else:
             slot.asks[uuid] = entry
             slot.ranked_asks.add(ask_order(entry), entry)
-        self._where[uuid] = start
+        self._where[uuid] = entry.time_delivery[0]
         who = entry.participant
-        open_in_slot, open_total = slot.open, self._open
-        open_in_slot[who] = open_in_slot.get(who, 0) + 1
-        open_total[who] = open_total.get(who, 0) + 1
+        slot.open[who] = in_slot + 1
+        self._open[who] = total + 1
         if entry.id is not None:
             client_key = (entry.participant, entry.id)
             self._client[client_key] = entry

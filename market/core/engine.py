@@ -521,8 +521,10 @@ class Market:
             first = self.book.find_duplicate(entry)
             if first is not None:
                 return first, True
-        self._check_open(participant, start)
-        self.book.add(entry)
+        c = self.config
+        over = self.book.admit(entry, c.max_open_per_slot, c.max_open_total)
+        if over is not None:
+            raise _over_cap(c, start, *over)
         counters[participant] = n + 1
         if self.journaling:
             self.journal.append(_entry_record(entry, n))
@@ -569,24 +571,6 @@ class Market:
             raise MarketError("invalid", "an ask needs a source")
         if msg.source is not None and msg.source not in self._known_sources:  # c.sources, as a set
             raise MarketError("invalid", f"unknown source {msg.source!r} (known: {', '.join(c.sources)})")
-
-    def _check_open(self, participant: str, start: int) -> None:
-        """Refuse an entry past the participant's caps of open entries (counted by the book,
-        so exact through cancels, gate closure, undo and restore; O(1))."""
-        c = self.config
-        in_slot, total = self.book.open_count(participant, start)
-        if in_slot >= c.max_open_per_slot:
-            raise MarketError(
-                "invalid",
-                f"{in_slot} open entries in slot {start}: at most max_open_per_slot = {c.max_open_per_slot}"
-                " per participant (cancel one first)",
-            )
-        if total >= c.max_open_total:
-            raise MarketError(
-                "invalid",
-                f"{total} open entries: at most max_open_total = {c.max_open_total} per participant"
-                " (cancel one, or wait for a gate to close)",
-            )
 
     def submit_orders(self, participant: str, msg: OrdersMsg) -> list[dict[str, Any]]:
         """Each order on its own: one refused order does not undo the others."""
@@ -914,6 +898,22 @@ def _nobody(parties: Container[str] | None) -> bool:
     """Whether `parties` is an empty collection: no payload to make (an in-process market
     whose participants are all members of its population, which read the records)."""
     return isinstance(parties, Collection) and not parties
+
+
+def _over_cap(c: MarketConfig, start: int, in_slot: int, total: int) -> MarketError:
+    """The refusal of an entry past its participant's caps of open entries (`Book.admit`
+    counts them, so they are exact through cancels, gate closure, undo and restore)."""
+    if in_slot >= c.max_open_per_slot:
+        return MarketError(
+            "invalid",
+            f"{in_slot} open entries in slot {start}: at most max_open_per_slot = {c.max_open_per_slot}"
+            " per participant (cancel one first)",
+        )
+    return MarketError(
+        "invalid",
+        f"{total} open entries: at most max_open_total = {c.max_open_total} per participant"
+        " (cancel one, or wait for a gate to close)",
+    )
 
 
 def _entry_record(e: Entry, seq: int) -> EntryRecord:

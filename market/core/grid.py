@@ -6,6 +6,7 @@ buy price = sell * (1 + fee). Time-of-use rules are matched in order, first matc
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,13 +26,22 @@ class TouRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     days: Literal["all", "weekday", "weekend"] = "all"
     hours: list[Annotated[int, msgspec.Meta(ge=0, le=23)]] = []  # empty: every hour
 
-    def matches(self, local: datetime) -> bool:
-        if self.months and local.month not in self.months:
+    def matches(self, month: int, weekday: int, hour: int) -> bool:
+        """Whether a slot starting at this local month, weekday (Monday 0) and hour matches."""
+        if self.months and month not in self.months:
             return False
-        weekend = local.weekday() >= 5
+        weekend = weekday >= 5
         if (self.days == "weekday" and weekend) or (self.days == "weekend" and not weekend):
             return False
-        return not self.hours or local.hour in self.hours
+        return not self.hours or hour in self.hours
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_fields(slot_start: int, timezone: str) -> tuple[int, int, int]:
+    """(month, weekday, hour) of `slot_start` in `timezone`: a slot's prices are asked for
+    in every round that announces it and once more when it is processed."""
+    local = datetime.fromtimestamp(slot_start, UTC).astimezone(ZoneInfo(timezone))
+    return local.month, local.weekday(), local.hour
 
 
 class GridTariff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -48,9 +58,9 @@ class GridTariff(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def sell_price(self, slot_start: int) -> float:
         if self.tou:
-            local = datetime.fromtimestamp(slot_start, UTC).astimezone(ZoneInfo(self.timezone))
+            fields = _local_fields(slot_start, self.timezone)
             for rule in self.tou:
-                if rule.matches(local):
+                if rule.matches(*fields):
                     return rule.price
         return self.price
 
