@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.schema import CreateTable
 
 from ledger import DatasetSink, open_sink
@@ -41,7 +41,10 @@ def test_bad_urls_are_refused(url: str, message: str) -> None:
 def test_postgresql_schema_and_insert_compile() -> None:
     dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
     ddl = str(CreateTable(TABLE_MAP["settlements"]).compile(dialect=dialect))
-    assert "commit_id TEXT NOT NULL" in ddl
+    assert 'commit_id TEXT COLLATE "C" NOT NULL' in ddl  # keys in byte order, whatever the database's locale
+    assert "seller_id TEXT NOT NULL" in ddl  # other text in the database's collation
+    sqlite_ddl = str(CreateTable(TABLE_MAP["settlements"]).compile(dialect=sqlite.dialect()))
+    assert "commit_id TEXT NOT NULL" in sqlite_ddl and "COLLATE" not in sqlite_ddl  # BINARY already
     assert "dispatch BOOLEAN NOT NULL" in ddl
     assert "quantity BIGINT NOT NULL" in ddl
     assert "PRIMARY KEY (commit_id)" in ddl

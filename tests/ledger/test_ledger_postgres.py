@@ -139,6 +139,12 @@ async def test_schema_is_the_same_as_sqlite(sink: DatasetSink, pg_url: str, url:
                 "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'settlements'"
             ).fetchall()
         )
+        keys = conn.execute(
+            "SELECT table_name, column_name, collation_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND data_type = 'text'"
+        ).fetchall()
+    # Keys in byte order (as SQLite's BINARY), whatever the database's locale; other text not.
+    assert {(t, c) for t, c, coll in keys if coll == "C"} == {(t, KEYS[t]) for t in TABLE_MAP}
     assert types["commit_id"] == "text"
     assert types["quantity"] == "bigint"
     assert types["price_buy"] == "double precision"
