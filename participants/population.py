@@ -29,7 +29,16 @@ from participants.messages import Delivery, Settled, StartRound, TransactionColu
 from participants.profiles import SiteProfiles, build_profiles
 from participants.prosumer import KEEP_SLOTS, P2P_KINDS, Stats, facts_of, forecast_normals, forecast_wh, off_by
 from participants.spec import BatteryTrader, FixedPriceTrader, ParticipantSpec
-from participants.synthetic import DAY, day_slot, fill_days, stable_key, uniforms, uniforms_rows, units_rows
+from participants.synthetic import (
+    DAY,
+    SEED_TOGETHER,
+    day_slot,
+    fill_days,
+    stable_key,
+    uniforms,
+    uniforms_rows,
+    units_rows,
+)
 from participants.traders import inside
 
 # Trader kinds by index (the spec's tag).
@@ -46,6 +55,9 @@ Fill = tuple[int, int, str | None, str, int, str | None]
 VECTOR_DRAWS = 32
 
 
+# Forecast draws a day block computes at once (`Population._forecast_z`): ~25 ms once a day,
+# where more erring members draw each slot's own (a day's block at once would stall a round).
+Z_BLOCK_DRAWS = 8192
 # Day blocks of forecast draws (`Population._forecast_z`) by the pairs they are of, for every
 # population of the process: an environment's episodes replay the same days. At most
 # `_SHARED_Z_CELLS` draws (8 MB) are kept, the oldest blocks dropped first.
@@ -478,25 +490,45 @@ class Population:
         hit = self._forecasts.get(slot)  # memoized: agents observe and trade the slot the traders trade
         if hit is None:
             out = gen.copy()
-            z = self._forecast_z(slot)
+            z = self._forecast_z(slot, out)
             for p, (i, src, j, error) in enumerate(self._err_pairs):
                 if out[i, j]:
-                    wh = int(out[i, j])
-                    if z is None:
+                    wh, zp = int(out[i, j]), z[p]
+                    if zp is None:
                         out[i, j] = forecast_wh(self.seed, self._keys[i], slot[0], src, error, wh)
                     else:
-                        out[i, j] = off_by(wh, error, z[p])
+                        out[i, j] = off_by(wh, error, zp)
             hit = self._forecasts[slot] = (out, load)
         return hit
 
-    def _forecast_z(self, slot: tuple[int, int]) -> list[float] | None:
-        """`forecast_wh`'s normal draw of each erring pair at `slot`, drawn for the slot's
-        whole day block at once (~3 us a draw against ~12 us a `forecast_wh`) and shared
-        with every population of the same pairs (`_SHARED_Z`); None if the slot does not
-        tile a day or its starts do not fit the seeding's 32-bit words."""
+    def _forecast_z(self, slot: tuple[int, int], gen: np.ndarray) -> Sequence[float | None]:
+        """`forecast_wh`'s normal draw of each erring pair at `slot` (None: left to
+        `forecast_wh`), seeded together (~3 us a draw against ~12 us a `forecast_wh`): for
+        the slot's whole day block at once while that is at most `Z_BLOCK_DRAWS` draws
+        (shared with every population of the same pairs, `_SHARED_Z`), else for the pairs
+        that forecast energy in the slot (`gen`), from `SEED_TOGETHER` of them (the seeding's
+        fixed cost). Slot by slot also where a slot does not tile a day, and `forecast_wh`'s
+        own where the starts do not fit the seeding's 32-bit words."""
         start, d = slot[0], slot[1] - slot[0]
-        if d <= 0 or DAY % d:
-            return None
+        m = len(self._err_pairs)
+        if d > 0 and DAY % d == 0 and m * (DAY // d) <= Z_BLOCK_DRAWS:
+            block = self._day_z(start, d)
+            if block is not None:
+                return block
+        z: list[float | None] = [None] * m
+        rows = [p for p, (i, _, j, _) in enumerate(self._err_pairs) if gen[i, j]]
+        if len(rows) >= SEED_TOGETHER and 0 <= start < 2**32:
+            idx = np.array(rows, dtype=np.int64)
+            starts = np.full(len(rows), start, dtype=np.int64)
+            for p, v in zip(
+                rows, forecast_normals(self.seed, self._err_keys[idx], self._err_srcs[idx], starts), strict=True
+            ):
+                z[p] = v
+        return z
+
+    def _day_z(self, start: int, d: int) -> list[float] | None:
+        """The draws of `_forecast_z` at the slot at `start` from its day block (None: the
+        block's starts do not fit 32-bit words)."""
         phase, block, k = day_slot(start, d)
         key = (d, phase, block)
         hit = self._zs.get(key)

@@ -254,13 +254,23 @@ def test_fills_added_up_at_once_are_counted_as_one_by_one(monkeypatch: pytest.Mo
         assert population.battery(i) == p.battery
 
 
-def test_forecasts_drawn_a_day_block_at_once_are_each_prosumers() -> None:
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_forecasts_drawn_a_day_block_at_once_are_each_prosumers(
+    per_slot: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`Population.forecast` draws the erring members' forecasts a day block at once
     (`_forecast_z`), or slot by slot where it cannot: slots that do not tile a day, a day
-    block past the 32-bit words the seeding takes in arrays. The same Wh as each
+    block past the 32-bit words the seeding takes in arrays. `per_slot`: more erring pairs
+    than a day block may draw, each slot's drawn together. The same Wh as each
     `Prosumer.forecast`, in every case; a second population finds the shared blocks."""
     from participants import population as pop_module
 
+    if per_slot:
+        monkeypatch.setattr(pop_module, "Z_BLOCK_DRAWS", 0)
+        monkeypatch.setattr(pop_module, "SEED_TOGETHER", 2)
+        drawn: list[int] = []
+        normals = pop_module.forecast_normals
+        monkeypatch.setattr(pop_module, "forecast_normals", lambda *a: drawn.append(len(a[1])) or normals(*a))
     scenario = load_scenario(SCENARIO)
     specs = [_erring(s, 0.3) for s in community(scenario, 12)]
     t0 = scenario.start_time
@@ -279,9 +289,12 @@ def test_forecasts_drawn_a_day_block_at_once_are_each_prosumers() -> None:
                     assert gen[i].tolist() == [theirs.get(src, 0) for src in population.sources], (slot, i)
                 erred += int((gen != truth).sum())
         assert erred > 30
+        if per_slot:
+            assert not population._zs and drawn and max(drawn) < 96  # a slot's pairs, never a day's
+            continue
         assert len(population._zs) == 1  # the one day block of 900 s slots below 2**32
         blocks.append(next(iter(population._zs.values())))
-    assert blocks[1] is blocks[0] and any(b is blocks[0] for b in pop_module._SHARED_Z.values())
+    assert per_slot or (blocks[1] is blocks[0] and any(b is blocks[0] for b in pop_module._SHARED_Z.values()))
 
 
 def test_the_shared_forecast_draws_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
