@@ -16,7 +16,7 @@ stays a `Prosumer` of its own.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,30 @@ def _share_z(key: tuple[object, ...], block: np.ndarray) -> None:
         del _SHARED_Z[next(iter(_SHARED_Z))]
     block.flags.writeable = False
     _SHARED_Z[key] = block
+
+
+def _day_block(
+    memo: dict[tuple[int, int, int], np.ndarray], slot: tuple[int, int], draw: Callable[[np.ndarray], np.ndarray]
+) -> tuple[np.ndarray, int] | None:
+    """A population's draws for the day block of slots holding `slot`, kept in `memo` for
+    the two latest blocks (`draw` of the block's slot starts computes them), and the slot's
+    index in the block. None if the slot does not tile a day, or the block's starts do not
+    fit the 32-bit words that seeding in arrays takes (past 2106-02-07)."""
+    start, d = slot[0], slot[1] - slot[0]
+    if d <= 0 or DAY % d:
+        return None
+    phase, block, k = day_slot(start, d)
+    key = (d, phase, block)
+    hit = memo.get(key)
+    if hit is None:
+        first = phase + block * DAY
+        if first < 0 or first + DAY > 2**32:
+            return None
+        hit = draw(first + d * np.arange(DAY // d, dtype=np.int64))
+        if len(memo) >= 2:
+            del memo[next(iter(memo))]  # the oldest
+        memo[key] = hit
+    return hit, k
 
 
 def plain(spec: ParticipantSpec) -> bool:
@@ -511,8 +535,8 @@ class Population:
         own where the starts do not fit the seeding's 32-bit words."""
         start, d = slot[0], slot[1] - slot[0]
         m = len(self._err_pairs)
-        if d > 0 and DAY % d == 0 and m * (DAY // d) <= Z_BLOCK_DRAWS:
-            block = self._day_z(start, d)
+        if d > 0 and m * (DAY // d) <= Z_BLOCK_DRAWS:
+            block = self._day_z(slot)
             if block is not None:
                 return block
         z: list[float | None] = [None] * m
@@ -526,27 +550,24 @@ class Population:
                 z[p] = v
         return z
 
-    def _day_z(self, start: int, d: int) -> list[float] | None:
-        """The draws of `_forecast_z` at the slot at `start` from its day block (None: the
-        block's starts do not fit 32-bit words)."""
-        phase, block, k = day_slot(start, d)
-        key = (d, phase, block)
-        hit = self._zs.get(key)
-        if hit is None:
-            first = phase + block * DAY
-            if first < 0 or first + DAY > 2**32:
-                return None
-            shared = (*self._err_ident, key)
+    def _day_z(self, slot: tuple[int, int]) -> list[float] | None:
+        """The draws of `_forecast_z` at `slot` from its day block (`_day_block`; shared
+        with every population of the same pairs, `_SHARED_Z`), or None."""
+
+        def draw(starts: np.ndarray) -> np.ndarray:
+            shared = (*self._err_ident, slot[1] - slot[0], int(starts[0]))
             hit = _SHARED_Z.get(shared)
             if hit is None:
-                per_block, m = DAY // d, len(self._err_pairs)
-                starts = np.tile(first + d * np.arange(per_block, dtype=np.int64), m)
+                m, per_block = len(self._err_pairs), len(starts)
                 keys, srcs = np.repeat(self._err_keys, per_block), np.repeat(self._err_srcs, per_block)
-                hit = np.array(forecast_normals(self.seed, keys, srcs, starts)).reshape(m, per_block)
+                hit = np.array(forecast_normals(self.seed, keys, srcs, np.tile(starts, m))).reshape(m, per_block)
                 _share_z(shared, hit)
-            if len(self._zs) >= 2:
-                del self._zs[next(iter(self._zs))]  # the oldest
-            self._zs[key] = hit
+            return hit
+
+        got = _day_block(self._zs, slot, draw)
+        if got is None:
+            return None
+        hit, k = got
         out: list[float] = hit[:, k].tolist()
         return out
 
@@ -692,23 +713,19 @@ class Population:
 
     def _day_units(self, slot: tuple[int, int]) -> np.ndarray | None:
         """The drawing members' `units_rows` for `slot` (a row each), drawn for the slot's
-        whole day block at once and kept for two blocks: a price is `low + (high - low) *
-        unit`, so the band of each slot applies later. None if the slot does not tile a day."""
-        start, d = slot[0], slot[1] - slot[0]
-        if d <= 0 or DAY % d:
-            return None
-        per_block = DAY // d
-        phase, block, k = day_slot(start, d)
-        key = (d, phase, block)
-        hit = self._units.get(key)
-        if hit is None:
-            n = len(self._draw_keys)
-            starts = phase + block * DAY + d * np.arange(per_block, dtype=np.int64)
+        whole day block at once (`_day_block`): a price is `low + (high - low) * unit`, so
+        the band of each slot applies later. None if the block cannot be drawn at once."""
+
+        def draw(starts: np.ndarray) -> np.ndarray:
+            n, per_block = len(self._draw_keys), len(starts)
             keys, at = np.repeat(self._draw_keys, per_block), np.tile(starts, n)
-            hit = units_rows(self._draw_k, self.seed % 2**64, keys, at).reshape(n, per_block, self._draw_k)
-            if len(self._units) >= 2:
-                del self._units[next(iter(self._units))]  # the oldest
-            self._units[key] = hit
+            out: np.ndarray = units_rows(self._draw_k, self.seed % 2**64, keys, at)
+            return out.reshape(n, per_block, self._draw_k)
+
+        got = _day_block(self._units, slot, draw)
+        if got is None:
+            return None
+        hit, k = got
         out: np.ndarray = hit[:, k, :]
         return out
 

@@ -312,3 +312,12 @@ def test_the_shared_forecast_draws_are_bounded(monkeypatch: pytest.MonkeyPatch) 
     pop_module._share_z(("big",), np.zeros((6, 96)))
     assert ("big",) not in pop_module._SHARED_Z
     assert sum(b.size for b in pop_module._SHARED_Z.values()) <= 500
+
+
+def test_a_community_after_2106_decides_as_one_prosumer_each() -> None:
+    """Slot starts past 2**32 s (2106-02-07) do not fit the 32-bit words that seeding in
+    arrays takes: the day blocks of random prices and forecasts are drawn the other way
+    there, with the same orders, readings and bills as one prosumer each."""
+    scenario = load_scenario(SCENARIO)
+    specs = [_erring(s, 0.3) for s in community(scenario, 24)]
+    assert run_side_by_side(specs, scenario.seed, 12, {"start": 2**32 + 3 * 86400 + 36000}) > 20
