@@ -350,8 +350,7 @@ class _Episode:
             orders = orders_of(ag.obs, actions[a]) if a in actions else []
             refused: list[dict[str, Any]] = []
             if orders and _within_bounds(orders):
-                batch = [(a, o["side"], _entry(o)) for o in orders]
-                refused = [r for r in self.market.submit_each(batch) if r is not None]
+                refused = [r for r in self.market.submit_each(_entries(a, orders)) if r is not None]
             elif orders:
                 refused = [r for r in self.market.submit(a, orders) if not r.get("ok")]
             infos[a] = {"orders": orders, "refused": refused}
@@ -394,7 +393,7 @@ class _Episode:
             if not orders:
                 continue
             if _within_bounds(orders):
-                batch += [(a, o["side"], _entry(o)) for o in orders]
+                batch += _entries(a, orders)
                 owners += [a] * len(orders)
             else:  # outside the protocol's bounds: refused as a client's batch would be
                 book()
@@ -420,6 +419,11 @@ def _within_bounds(orders: list[Order]) -> bool:
     return len(orders) <= MAX_ORDERS and all(
         o["quantity"] <= MAX_QUANTITY and abs(o["price"]) <= PRICE_LIMIT for o in orders
     )
+
+
+def _entries(agent: str, orders: list[Order]) -> list[tuple[str, Side, EntryMsg]]:
+    """`orders_of`'s batch of `agent` as `InprocMarket.submit_each` books it."""
+    return [(agent, o["side"], _entry(o)) for o in orders]
 
 
 def _entry(o: Order) -> EntryMsg:

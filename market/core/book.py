@@ -143,7 +143,7 @@ class Book:
         start, who = entry.time_delivery[0], entry.participant
         slot = self._slots.get(start)
         if slot is None:
-            slot = self._slots[start] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []), {})
+            slot = self._new_slot(start)
         self._put(slot, entry, slot.open.get(who, 0), self._open.get(who, 0))
 
     def admit(self, entry: Entry, max_in_slot: int, max_total: int) -> tuple[int, int] | None:
@@ -157,9 +157,13 @@ class Book:
         if in_slot >= max_in_slot or total >= max_total:
             return in_slot, total
         if slot is None:
-            slot = self._slots[start] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []), {})
+            slot = self._new_slot(start)
         self._put(slot, entry, in_slot, total)
         return None
+
+    def _new_slot(self, start: int) -> SlotBook:
+        slot = self._slots[start] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []), {})  # positional: fast
+        return slot
 
     def _put(self, slot: SlotBook, entry: Entry, in_slot: int, total: int) -> None:
         """Book `entry` in `slot`, its participant having `in_slot` and `total` open entries."""
@@ -186,7 +190,7 @@ class Book:
             return
         slot = self._slots.get(entry.time_delivery[0])
         if slot is None:
-            slot = self._slots[entry.time_delivery[0]] = SlotBook({}, {}, [], _Ranked([], []), _Ranked([], []))
+            slot = self._new_slot(entry.time_delivery[0])
         key = (entry.participant, entry.id)
         self._client[key] = entry
         slot.client_keys.append(key)
