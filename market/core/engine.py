@@ -50,6 +50,10 @@ from market.core.records import (
 )
 from market.core.timing import RoundTimes, Slot, is_aligned, round_times
 
+# Batches of at least this many orders or readings are booked at once when nothing in
+# them is refused (`Market._enter_all`, `_meter_all`); below it the loop over items is as fast.
+BATCH_FROM = 16
+
 
 class Phase(enum.Enum):
     OPEN = "open"
@@ -478,7 +482,17 @@ class Market:
         or the refusal. One refused entry does not undo the others."""
         if self.times is None:  # each is refused as `submit` refuses it
             return [_refusal(self.submit, item) for item in items]
-        r = self.times
+        items = items if isinstance(items, list) else list(items)
+        if len(items) >= BATCH_FROM and not self.upstream:
+            booked = self._enter_all(items, self.times)
+            if booked is not None:
+                return booked
+        return self._enter_each(items, self.times)
+
+    def _enter_each(
+        self, items: Iterable[tuple[str, Side, EntryMsg]], r: RoundTimes
+    ) -> list[tuple[Entry, bool] | MarketError]:
+        """`_enter` of each item in order, its refusal in its place: the reference path."""
         out: list[tuple[Entry, bool] | MarketError] = []
         upstream = self.upstream
         slots: dict[Slot, tuple[ErrorCode, str] | None] = {}  # a batch's entries share a few slots
@@ -529,6 +543,47 @@ class Market:
         if self.journaling:
             self.journal.append(_entry_record(entry, n))
         return entry, False
+
+    def _enter_all(
+        self, items: list[tuple[str, Side, EntryMsg]], r: RoundTimes
+    ) -> list[tuple[Entry, bool] | MarketError] | None:
+        """Book a batch of one slot at once (a fleet's or a population's orders of a round) if
+        no item would be refused or repeat a client id: what `_enter` of each in order gives,
+        the same entries, uuids, journal and book. None, and nothing changed, if one would be:
+        the caller then enters them one by one, which names each refusal."""
+        slot = items[0][2].time_delivery
+        if self._slot_refusal(slot, r) is not None:
+            return None
+        c, known = self.config, self._known_sources
+        top, low, high = c.max_quantity, c.price_min, c.price_max
+        for _, side, msg in items:  # `_check_values` of each, and one slot for all
+            source = msg.source
+            if (
+                msg.time_delivery != slot
+                or msg.quantity > top
+                or not low <= msg.price <= high
+                or (source is None and side == "ask")
+                or (source is not None and source not in known)
+            ):
+                return None
+        start = slot[0]
+        counters = self._counters.get(start)
+        counters = {} if counters is None else dict(counters)  # kept only if all are booked
+        entries, seqs, t = [], [], r.time
+        for participant, side, msg in items:
+            n = counters.get(participant, 0)
+            counters[participant] = n + 1
+            uuid = f"{start}.{participant}.{n}"  # as `_enter`: slot first
+            entries.append(
+                Entry(uuid, msg.id, participant, side, msg.quantity, msg.price, slot, msg.source, t, tie_key(uuid))
+            )
+            seqs.append(n)
+        if not self.book.admit_all(start, entries, c.max_open_per_slot, c.max_open_total):
+            return None
+        self._counters[start] = counters
+        if self.journaling:
+            self.journal += [_entry_record(e, n) for e, n in zip(entries, seqs, strict=True)]
+        return [(e, False) for e in entries]
 
     def set_base_flows(self, slot: Slot, flows_w: Sequence[float]) -> None:
         """The feeder's branch flows before trading in `slot` (W per branch, in the
@@ -613,6 +668,11 @@ class Market:
             return [_refusal(self.meter, item) for item in items]
         r = self.times
         known = sources is not None and self._sources_known(*sources)
+        items = items if isinstance(items, list) else list(items)
+        if known and len(items) >= BATCH_FROM and not self.upstream:
+            stored = self._meter_all(items, r)
+            if stored is not None:
+                return stored
         intervals: dict[Slot, _Interval] = {}
         out: list[dict[str, Any] | MarketError] = []
         for participant, msg in items:
@@ -625,6 +685,30 @@ class Market:
             except MarketError as err:
                 out.append(err)
         return out
+
+    def _meter_all(self, items: list[tuple[str, MeterMsg]], r: RoundTimes) -> list[dict[str, Any] | MarketError] | None:
+        """Store a batch of first readings of one delivering slot at once, their sources
+        known (the caller checked them for the batch): what `_meter` of each in order gives.
+        None, and nothing changed, if one is of another slot, a repeat, or refused."""
+        slot = items[0][1].time_interval
+        misaligned, closed, delivering = self._interval(slot, r)
+        if misaligned is not None or closed is not None or delivering is None:
+            return None
+        participants = [p for p, _ in items]
+        meters = delivering.meters
+        if (
+            any(msg.time_interval != slot for _, msg in items)
+            or len(set(participants)) != len(participants)
+            or not meters.keys().isdisjoint(participants)
+        ):
+            return None
+        meters.update(items)
+        if self.journaling:
+            now = r.time
+            records = [_meter_record(p, slot, msg, now) for p, msg in items]
+            delivering.records.update(zip(participants, records, strict=True))
+            self.journal += records
+        return [{} for _ in items]
 
     def _interval(self, slot: Slot, r: RoundTimes) -> _Interval:
         """What a reading of `slot` is refused for before and after its sources are checked
@@ -917,18 +1001,10 @@ def _over_cap(c: MarketConfig, start: int, in_slot: int, total: int) -> MarketEr
 
 
 def _entry_record(e: Entry, seq: int) -> EntryRecord:
+    # Positional, in field order (id, client_id, participant_id, side, quantity, price,
+    # time_delivery_start, time_delivery_end, source, time_submission, seq): one per entry.
     return EntryRecord(
-        id=e.uuid,
-        client_id=e.id,
-        participant_id=e.participant,
-        side=e.side,
-        quantity=e.quantity,
-        price=e.price,
-        time_delivery_start=e.time_delivery[0],
-        time_delivery_end=e.time_delivery[1],
-        source=e.source,
-        time_submission=e.time_submission,
-        seq=seq,
+        e.uuid, e.id, e.participant, e.side, e.quantity, e.price, *e.time_delivery, e.source, e.time_submission, seq
     )
 
 
@@ -965,14 +1041,16 @@ _SORTED = msgspec.json.Encoder(order="sorted")
 
 def _meter_record(participant: str, slot: Slot, m: MeterMsg, now: int) -> MeterRecord:
     enc = _SORTED
+    # Positional, in field order (id, participant_id, time_interval_start, time_interval_end,
+    # generation, consumption, time_creation): one per reading.
     return MeterRecord(
-        id=f"m{slot[0]}-{participant}",
-        participant_id=participant,
-        time_interval_start=slot[0],
-        time_interval_end=slot[1],
-        generation=enc.encode(m.generation).decode(),
-        consumption=enc.encode(m.consumption).decode(),
-        time_creation=now,
+        f"m{slot[0]}-{participant}",
+        participant,
+        slot[0],
+        slot[1],
+        enc.encode(m.generation).decode(),
+        enc.encode(m.consumption).decode(),
+        now,
     )
 
 
