@@ -22,7 +22,7 @@ import socketio
 from market.core.book import Entry
 from market.core.engine import order_reply
 from market.core.errors import MarketError
-from market.core.fleet_columns import MeterColumns, OrderColumns
+from market.core.fleet_columns import decode_meters, decode_orders
 from market.core.protocol import EntryMsg, FleetMetersMsg, FleetOrdersMsg, MeterMsg, Side, decode
 from market.core.registry import Role
 from market.dispatch.base import Namespace, backing_off, login_keys, refuse_throttled, replying
@@ -230,14 +230,14 @@ class FleetNamespace(Namespace):
         """`orders.columns`: the reply is columnar too, a uuid per order (null if refused)
         and the refusals by index, instead of a dict per order."""
         self._fleet(sid)
-        results = await self._submit(sid, decode(data, OrderColumns).items())
+        results = await self._submit(sid, decode_orders(data).items())
         uuids = [None if isinstance(r, MarketError) else r[0].uuid for r in results]
         return {"uuid": uuids, "refused": _refused(results)}
 
     @replying
     async def on_meters_columns(self, sid: str, data: Any) -> dict[str, Any]:
         self._fleet(sid)
-        table = decode(data, MeterColumns)
+        table = decode_meters(data)
         # Every reading's sources are among the columns: checked once for the batch.
         sources = (table.generation.keys(), table.bess.keys(), table.other.keys())
         book = functools.partial(self.ms.market.meter_each, sources=sources)
