@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 LOGIN_BYTES = 32_000
 PIPELINE = 250  # prosumers decided per chunk of a round's orders and readings
 AHEAD = 16  # rounds ahead that `_ahead` builds profiles, a sixteenth of the prosumers a round
+# `delivery.columns` tables held for `_account_deliveries` (past this, the oldest is accounted
+# at once: a server that sends deliveries and no rounds cannot grow the list).
+MAX_HELD_DELIVERIES = 8
 ORDER_FIELDS = ("side", "quantity", "price", "time_delivery", "id", "source")
 
 
@@ -74,6 +77,7 @@ class FleetClient:
         self.timeout = timeout
         self.columns = columns
         self.errors = 0
+        self._held_deliveries: list[DeliveryColumns] = []  # checked, not yet accounted
         self.sio = socketio.AsyncClient(reconnection=False, serializer=wire.serializer(serializer))
         self.sio.on("start_round", self._on_start_round, namespace="/fleet")
         self.sio.on("settled", self._on_settled, namespace="/fleet")
@@ -109,6 +113,7 @@ class FleetClient:
         await self.sio.disconnect()
 
     def stats(self) -> dict[str, Stats]:
+        self._account_deliveries()
         out = {pid: p.stats for pid, p in self.prosumers.items()}
         if self.population is not None:
             out |= {pid: self.population.stats_of(i) for pid, i in self._members.items()}
@@ -157,7 +162,8 @@ class FleetClient:
             except Exception as exc:  # timeout or disconnect: counted, never raised
                 result = {"ok": False, "error": {"code": "unavailable", "message": str(exc) or type(exc).__name__}}
             self._record(event, pids, result)
-        self._ahead(msg)  # while the server processes the slot
+        self._account_deliveries()  # while the server processes the slot, as is `_ahead`
+        self._ahead(msg)
 
     def _ahead(self, msg: StartRound) -> None:
         """Build a share of the prosumers' profiles AHEAD slots on, each prosumer once in
@@ -327,12 +333,25 @@ class FleetClient:
             pop.on_fills(fills)
 
     async def _on_delivery_columns(self, payload: Any) -> None:
+        """Checked now, accounted once the next round's orders and readings are sent: a
+        delivery changes only bills and counters (no decision reads them), and the `step`
+        reply after it on the loop of a `microte sim` run waited ~1 ms for it at 1,000."""
         try:
             table = parse(payload, DeliveryColumns)
         except ValueError:
             log.exception("delivery.columns: bad payload")
             self.errors += 1
             return
+        self._held_deliveries.append(table)
+        if len(self._held_deliveries) > MAX_HELD_DELIVERIES:
+            self._account(self._held_deliveries.pop(0))
+
+    def _account_deliveries(self) -> None:
+        held, self._held_deliveries = self._held_deliveries, []
+        for table in held:
+            self._account(table)
+
+    def _account(self, table: DeliveryColumns) -> None:
         members, together = self._members, []
         for k, pid in enumerate(table.participant):
             i = members.get(pid)

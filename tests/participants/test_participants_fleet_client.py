@@ -175,6 +175,35 @@ async def test_columnar_results_reach_each_member_as_its_v1_events(population: b
 
 
 @pytest.mark.parametrize("population", [False, True])
+async def test_deliveries_are_held_within_a_bound_and_all_counted(population: bool) -> None:
+    """`delivery.columns` are accounted after the next round's orders are sent: held at most
+    MAX_HELD_DELIVERIES (a server that sends only deliveries cannot grow the list), and every
+    one counted once the stats are read, as the v1 events count them."""
+    held, v1 = fleet(2, population), fleet(2, population)
+    n = fleet_client.MAX_HELD_DELIVERIES + 3
+    for k in range(n):
+        slot = [k * D, (k + 1) * D]
+        rows = {
+            "kind": ["grid_buy"],
+            "seller_id": ["grid"],
+            "buyer_id": ["S0001"],
+            "quantity": [10 + k],
+            "amount_buy": [3000 + k],
+            "amount_sell": [3000 + k],
+            "id": [f"t{k}"],
+            "energy_source": ["grid"],
+        }
+        await held._on_delivery_columns(
+            {"time_delivery": slot, "participant": ["S0001"], "rows": [[0]], "transactions": rows}
+        )
+        assert len(held._held_deliveries) <= fleet_client.MAX_HELD_DELIVERIES
+        tx = {f: values[0] for f, values in rows.items()}
+        await v1._on_delivery({"events": [{"participant": "S0001", "time_delivery": slot, "transactions": [tx]}]})
+    assert held.stats() == v1.stats() and held._held_deliveries == []
+    assert held.stats()["S0001"].delivered == n and held.stats()["S0001"].paid == sum(3000 + k for k in range(n))
+
+
+@pytest.mark.parametrize("population", [False, True])
 def test_only_the_rounds_whose_share_enters_a_new_day_build_ahead(
     monkeypatch: pytest.MonkeyPatch, population: bool
 ) -> None:
