@@ -51,7 +51,8 @@ from market.core.records import (
 from market.core.timing import RoundTimes, Slot, is_aligned, round_times
 
 # Batches of at least this many orders or readings are booked at once when nothing in
-# them is refused (`Market._enter_all`, `_meter_all`); below it the loop over items is as fast.
+# them is refused (`Market._enter_all`, `_meter_all`); smaller ones (an agent's few orders)
+# take the loop over their items, which the batch paths must match (their hypothesis test).
 BATCH_FROM = 16
 
 
@@ -573,7 +574,7 @@ class Market:
         for participant, side, msg in items:
             n = counters.get(participant, 0)
             counters[participant] = n + 1
-            uuid = f"{start}.{participant}.{n}"  # as `_enter`: slot first
+            uuid = f"{start}.{participant}.{n}"  # as `_enter` makes it and `_uuid_slot` reads it
             entries.append(
                 Entry(uuid, msg.id, participant, side, msg.quantity, msg.price, slot, msg.source, t, tie_key(uuid))
             )

@@ -111,7 +111,9 @@ class MeterColumns(Message, frozen=True):
         ]
 
 
-# Without the strings' patterns (`ParticipantRef`, `ClientId`, `Source`): checked by column below.
+# `OrderColumns` and `MeterColumns` field for field, without the strings' patterns
+# (`ParticipantRef`, `ClientId`, `Source`), which are checked by column below: a field
+# added to one must be added here too (the tests' random tables would fail otherwise).
 _Refs = Annotated[list[str], msgspec.Meta(min_length=1, max_length=MAX_FLEET_ITEMS)]
 
 
