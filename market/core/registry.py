@@ -65,6 +65,7 @@ class Registry:
         self._roles: dict[str, tuple[Role, ...]] = {}
         self._owner: dict[str, str] = {}  # only accounts whose owner is not their own id
         self._address: dict[str, str] = {}
+        self._ids: dict[Role | None, tuple[str, ...]] = {}  # `ids`, made once: a registry never changes
         for e in entries:
             if e.id == GRID_ID:
                 raise ValueError(
@@ -137,4 +138,7 @@ class Registry:
 
     def ids(self, role: Role | None = None) -> list[str]:
         """Every id (None), or the ids holding `role` (among others, for multi-role ids)."""
-        return sorted(p for p, rs in self._roles.items() if role is None or role in rs)
+        ids = self._ids.get(role)
+        if ids is None:
+            ids = self._ids[role] = tuple(sorted(p for p, rs in self._roles.items() if role is None or role in rs))
+        return list(ids)

@@ -171,6 +171,7 @@ class MarketServer:
         # auction knows it by; empty: the auction uses registry ids.
         self.market_ids: dict[str, str] = {}
         self._registry_ids: dict[str, str] = {}
+        self._ids_of: dict[str, tuple[str, ...]] = {}  # `market_ids_of`, until the names change
         self._resumed_ids: set[str] = set()
         self.run = run or RunRecord(
             id=cuid.cuid(), scenario="", seed=0, started=int(time.time()), config=canonical_config(config)
@@ -595,6 +596,7 @@ class MarketServer:
                 "under is a pseudonym of a registered id now: the pseudonym key or service changed; restore it"
             )
         self.market_ids, self._registry_ids = names, {m: p for p, m in names.items()}
+        self._ids_of.clear()
         self.market.owners = {names[a]: names[o] for a, o in self.registry.owners().items()}
         log.info("the auction trades under pseudonyms: %d participants", len(names))
 
@@ -604,7 +606,15 @@ class MarketServer:
 
     def market_ids_of(self, role: str) -> list[str]:
         """The auction's names of every registered holder of `role`, in registry order."""
-        return [self.market_id(p) for p in self.registry.ids(role)]  # type: ignore[arg-type]
+        return list(self._market_ids_of(role))
+
+    def _market_ids_of(self, role: str) -> tuple[str, ...]:
+        # Made once per role (each round asks twice): the registry never changes, the names
+        # only when the auction's pseudonyms are set.
+        ids = self._ids_of.get(role)
+        if ids is None:
+            ids = self._ids_of[role] = tuple(self.market_id(p) for p in self.registry.ids(role))  # type: ignore[arg-type]
+        return ids
 
     def own_view(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
         """A private payload as its participant sees it: its own transactions name it by its
@@ -629,8 +639,9 @@ class MarketServer:
         return sorted({*self.sessions["/market"].sid_of, *self.fleet.sid_of})
 
     def _expect(self, slot: int) -> _MeterWait:
-        prosumers = set(self.online()) & set(self.market_ids_of("prosumer"))
-        wait = self._waits[slot] = _MeterWait(prosumers - set(self.market.metered(slot)))
+        online = self.sessions["/market"].sid_of.keys() | self.fleet.sid_of.keys()  # `online`, unsorted
+        prosumers = online.intersection(self._market_ids_of("prosumer"))
+        wait = self._waits[slot] = _MeterWait(prosumers.difference(self.market.metered(slot)))
         return wait
 
     async def _await_readings(self, wait: _MeterWait, timeout: float) -> None:
@@ -674,7 +685,7 @@ class MarketServer:
         columnar = frozenset(self._columnar())
         result = self.market.process(slot, self.clock.now(), parties=self._dict_parties(columnar))
         metered = set(result.metered)
-        missing = [p for p in self.market_ids_of("prosumer") if p not in metered]
+        missing = [p for p in self._market_ids_of("prosumer") if p not in metered]
         # With the entries and cancels acknowledged since the last round and not yet durable.
         records, summary = slot_records(opened, result, self.market.take_journal(), fills, missing, trades)
         self._last_round = summary

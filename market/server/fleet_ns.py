@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -30,6 +31,7 @@ from market.server.port import MarketPort
 
 _Item = TypeVar("_Item", bound=tuple[Any, ...])  # an item of a batch, its participant first
 _R = TypeVar("_R")
+_first = operator.itemgetter(0)  # an item's participant
 
 log = logging.getLogger("microte.market")
 MAX_MEMBERS = 20000
@@ -54,6 +56,7 @@ class FleetNamespace(Namespace):
         self.sid_of: dict[str, str] = {}  # participant -> fleet sid
         self.columnar: set[str] = set()  # fleet sids that logged in with `auth.columns`
         self._routes: dict[str, str] | None = None  # their members -> sid, until membership changes
+        self._own: dict[str, frozenset[str]] = {}  # sid -> `_own_members`, until membership changes
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
         logins = self.ms.limiter.logins
@@ -81,7 +84,7 @@ class FleetNamespace(Namespace):
         self.members[sid] = frozenset()
         if columns:
             self.columnar.add(sid)
-            self._routes = None
+            self._membership_changed()
         await self._admit_members(sid, members)
         log.info("ns=/fleet connect members=%d", len(members))
 
@@ -110,7 +113,7 @@ class FleetNamespace(Namespace):
                 market_sessions.pid_of.pop(old, None)
                 await self.ms.sio.disconnect(old, namespace="/market")
             self.sid_of[pid] = sid
-        self._routes = None
+        self._membership_changed()
         self.members[sid] = members = self.members[sid] | frozenset(pids)
         self.ms.authenticated(sid, self.namespace, len(members))
 
@@ -137,12 +140,25 @@ class FleetNamespace(Namespace):
     async def on_disconnect(self, sid: str, *_reason: Any) -> None:
         members = self.members.pop(sid, frozenset())
         self.columnar.discard(sid)
-        self._routes = None
+        self._membership_changed()
         for pid in members:
             if self.sid_of.get(pid) == sid:
                 del self.sid_of[pid]
                 self.ms.participant_left(pid)
         log.info("ns=/fleet disconnect members=%d", len(members))
+
+    def _membership_changed(self) -> None:
+        self._routes = None
+        self._own.clear()
+
+    def _own_members(self, sid: str) -> frozenset[str]:
+        """The members `sid` speaks for: none logged in on another fleet connection since.
+        A set, so that a batch's items are checked in one subset test, not one by one."""
+        own = self._own.get(sid)
+        if own is None:
+            mine = self.sid_of
+            own = self._own[sid] = frozenset(p for p in self.members[sid] if mine.get(p) == sid)
+        return own
 
     def columnar_routes(self, elsewhere: Iterable[str]) -> dict[str, str]:
         """member -> sid of the `auth.columns` connections' members, but those in `elsewhere`
@@ -166,23 +182,26 @@ class FleetNamespace(Namespace):
             raise MarketError("rate_limited", "too many events: slow down")
         return members
 
-    def _charge_members(self, sid: str, members: frozenset[str], participants: Iterable[str]) -> None:
+    def _charge_members(self, sid: str, participants: list[str]) -> None:
         """One rate token per item from each member's own bucket (the one its `/market`
         events use), all or nothing: `rate_limited` before any change if one cannot pay.
         Items of non-members are refused one by one and charge nobody."""
-        costs = Counter(p for p in participants if p in members and self.sid_of.get(p) == sid)
+        own = self._own_members(sid)
+        costs = Counter(participants)
+        if not own.issuperset(costs):
+            costs = Counter({p: n for p, n in costs.items() if p in own})
         if costs:
             self._charge(costs)
 
     def _for_members(
-        self, sid: str, items: list[_Item], book: Callable[[list[_Item]], list[_R]]
+        self, sid: str, items: list[_Item], participants: list[str], book: Callable[[list[_Item]], list[_R]]
     ) -> list[_R | MarketError]:
-        """`book` of the items (participant first) of this connection's members, in order; the
-        others refused one by one as not members, in their places."""
-        members, mine = self.members[sid], self.sid_of
-        foreign = {i for i, item in enumerate(items) if item[0] not in members or mine.get(item[0]) != sid}
-        if not foreign:
+        """`book` of the items (participant first, `participants` their participants) of this
+        connection's members, in order; the others refused one by one as not members, in their places."""
+        own = self._own_members(sid)
+        if own.issuperset(participants):
             return list(book(items))
+        foreign = {i for i, pid in enumerate(participants) if pid not in own}
         booked = iter(book([item for i, item in enumerate(items) if i not in foreign]))
         return [_not_member(item[0]) if i in foreign else next(booked) for i, item in enumerate(items)]
 
@@ -191,9 +210,10 @@ class FleetNamespace(Namespace):
     ) -> list[tuple[Entry, bool] | MarketError]:
         """Book a batch's orders, each accepted or refused on its own: the booked entry (and
         whether it repeated one) or the refusal, per order."""
-        self._charge_members(sid, self.members[sid], (pid for pid, _, _ in orders))
+        participants = list(map(_first, orders))
+        self._charge_members(sid, participants)
         await self.ms.admit()
-        results = self._for_members(sid, orders, self.ms.market.submit_each)
+        results = self._for_members(sid, orders, participants, self.ms.market.submit_each)
         await self.ms.persist()
         return results
 
@@ -202,9 +222,10 @@ class FleetNamespace(Namespace):
     ) -> list[dict[str, Any] | MarketError]:
         """Each reading's reply or refusal, in order (`book`: the market's `meter_each`, or it
         with what the caller checked of the whole batch)."""
-        self._charge_members(sid, self.members[sid], (pid for pid, _ in readings))
+        participants = list(map(_first, readings))
+        self._charge_members(sid, participants)
         await self.ms.admit()
-        results = self._for_members(sid, readings, book or self.ms.market.meter_each)
+        results = self._for_members(sid, readings, participants, book or self.ms.market.meter_each)
         await self.ms.persist()
         for (pid, reading), reply in zip(readings, results, strict=True):
             if not isinstance(reply, MarketError):

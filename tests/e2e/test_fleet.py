@@ -78,3 +78,36 @@ async def test_fleet_trades_for_its_members_only(ledger_url: str) -> None:
         assert {(t["seller_id"], t["buyer_id"], t["quantity"]) for t in p2p} == {("P1", "P2", 50)}
         await f.disconnect()
         await ctl.disconnect()
+
+
+async def test_a_member_taken_over_by_another_fleet_is_no_longer_the_first_ones(ledger_url: str) -> None:
+    async with running(CONFIG, ledger_url) as (url, server):
+        ctl = await client(url, "CTL", "/simulation")
+        first = await fleet(url, [{"id": p, "token": TOKENS[p]} for p in ("P1", "P2")])
+        assert (await ctl.call("step", {"time": 600}, namespace="/simulation"))["ok"]
+
+        def bids(*pids: str) -> dict[str, Any]:
+            return {
+                "orders": [
+                    {"participant": p, "side": "bid", "quantity": 10, "price": 0.2, "time_delivery": SLOT} for p in pids
+                ]
+            }
+
+        # Both members trade through the first connection (what it speaks for is now known) ...
+        reply = await first.call("orders", bids("P1", "P2"), namespace="/fleet")
+        assert [r["ok"] for r in reply["results"]] == [True, True]
+        # ... until P2 logs in on a second one: from then on only the second speaks for it.
+        second = await fleet(url, [{"id": "P2", "token": TOKENS["P2"]}])
+        reply = await first.call("orders", bids("P1", "P2"), namespace="/fleet")
+        assert [r["ok"] for r in reply["results"]] == [True, False]
+        assert reply["results"][1]["error"]["code"] == "unauthorized"
+        reply = await second.call("orders", bids("P2", "P1"), namespace="/fleet")
+        assert [r["ok"] for r in reply["results"]] == [True, False]
+        # The second leaves: P2 is nobody's, and the first still does not speak for it.
+        await second.disconnect()
+        await asyncio.sleep(0.1)
+        reply = await first.call("orders", bids("P2", "P1"), namespace="/fleet")
+        assert [r["ok"] for r in reply["results"]] == [False, True]
+        assert server.online() == ["P1"]
+        await first.disconnect()
+        await ctl.disconnect()

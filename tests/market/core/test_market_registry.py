@@ -31,6 +31,10 @@ def test_an_id_may_hold_several_roles() -> None:
     assert r.authenticate({"id": "DSO", "token": "wrong"}) is None
     assert r.ids("operator") == ["DSO"] and r.ids("dso") == ["DSO"]
     assert r.ids() == ["AGG", "DSO", "P1"]
+    # Made once and kept: what a caller does to the list it got changes nothing.
+    r.ids().append("X")
+    r.ids("prosumer").clear()
+    assert r.ids() == ["AGG", "DSO", "P1"] and r.ids("prosumer") == ["P1"]
 
 
 @pytest.mark.parametrize(
