@@ -113,8 +113,8 @@ class FleetNamespace(Namespace):
                 market_sessions.pid_of.pop(old, None)
                 await self.ms.sio.disconnect(old, namespace="/market")
             self.sid_of[pid] = sid
-        self._membership_changed()
         self.members[sid] = members = self.members[sid] | frozenset(pids)
+        self._membership_changed()  # after both maps: what it forgets is made again from them
         self.ms.authenticated(sid, self.namespace, len(members))
 
     @replying
