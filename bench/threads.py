@@ -13,35 +13,28 @@ serial chain: that is how docs/benchmarks.md reads it. Linux only; never asserts
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-_TICK = os.sysconf("SC_CLK_TCK")
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(_ROOT), *(p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench")]
+
+from bench.profile_sim import thread_cpu  # noqa: E402
 
 
 def threads(pid: int | None) -> dict[str, float]:
-    """CPU seconds of each live thread of `pid` by `name:tid` (`main:tid` for its main
-    thread; the OS's name for the others): nothing once it is gone."""
-    out: dict[str, float] = {}
+    """CPU seconds of each live thread of `pid` by `main:tid` or `tid` (`thread_cpu`, keyed
+    for printing): nothing once it is gone."""
     if pid is None:
-        return out
+        return {}
     try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        name = "main" if tid == str(pid) else stat[stat.index("(") + 1 : stat.rindex(")")]  # the OS's name
-        fields = stat.rsplit(")", 1)[1].split()
-        out[f"{name}:{tid}"] = (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-    return out
+        cpu = thread_cpu(pid)
+    except OSError:  # it has exited
+        return {}
+    return {(f"main:{tid}" if tid == pid else str(tid)): seconds for tid, seconds in cpu.items()}
 
 
 def _server(pid: int) -> int | None:

@@ -636,11 +636,13 @@ class MarketServer:
 
     def online(self) -> list[str]:
         """Participants connected to /market or through a fleet connection."""
-        return sorted({*self.sessions["/market"].sid_of, *self.fleet.sid_of})
+        return sorted(self._online())
+
+    def _online(self) -> set[str]:
+        return self.sessions["/market"].sid_of.keys() | self.fleet.sid_of.keys()
 
     def _expect(self, slot: int) -> _MeterWait:
-        online = self.sessions["/market"].sid_of.keys() | self.fleet.sid_of.keys()  # `online`, unsorted
-        prosumers = online.intersection(self._market_ids_of("prosumer"))
+        prosumers = self._online().intersection(self._market_ids_of("prosumer"))  # no sorting: a set
         wait = self._waits[slot] = _MeterWait(prosumers.difference(self.market.metered(slot)))
         return wait
 

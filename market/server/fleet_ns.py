@@ -165,10 +165,8 @@ class FleetNamespace(Namespace):
         (logged in on `/market` since: their events go there). Not to be changed by the caller."""
         routes = self._routes
         if routes is None:
-            mine = self.sid_of
-            routes = self._routes = {
-                pid: sid for sid in self.columnar for pid in self.members.get(sid, ()) if mine.get(pid) == sid
-            }
+            own = self._own_members
+            routes = self._routes = {pid: sid for sid in self.columnar if sid in self.members for pid in own(sid)}
         away = {pid for pid in elsewhere if pid in routes}
         if not away:
             return routes
