@@ -105,3 +105,11 @@ class RateLimiter:
         for key, cost in costs.items():
             buckets[key] = (refilled[key] - cost if ok else refilled[key], t)
         return ok
+
+    def __len__(self) -> int:
+        """Buckets held."""
+        return len(self._buckets)
+
+    def forget(self, key: str) -> None:
+        """Drop `key`'s bucket (a connection's, once it is gone: its id never comes back)."""
+        self._buckets.pop(key, None)

@@ -140,6 +140,7 @@ class FleetNamespace(Namespace):
     async def on_disconnect(self, sid: str, *_reason: Any) -> None:
         members = self.members.pop(sid, frozenset())
         self.columnar.discard(sid)
+        self.ms.limiter.forget(_bucket(sid))  # sids are never reused: a bucket per connection would pile up
         self._membership_changed()
         for pid in members:
             if self.sid_of.get(pid) == sid:
@@ -176,7 +177,7 @@ class FleetNamespace(Namespace):
         members = self.members.get(sid)
         if members is None:
             raise MarketError("unauthorized", "no authenticated fleet session")
-        if not self.ms.limiter.allow(f"fleet:{sid}"):
+        if not self.ms.limiter.allow(_bucket(sid)):
             raise MarketError("rate_limited", "too many events: slow down")
         return members
 
@@ -262,6 +263,11 @@ class FleetNamespace(Namespace):
         book = functools.partial(self.ms.market.meter_each, sources=sources)
         results = await self._meter(sid, table.items(), book)
         return {"refused": _refused(results)}
+
+
+def _bucket(sid: str) -> str:
+    """The rate bucket of a fleet connection's own events (its members pay from theirs)."""
+    return f"fleet:{sid}"
 
 
 def _refused(results: Sequence[object]) -> list[dict[str, Any]]:

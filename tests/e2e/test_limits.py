@@ -137,6 +137,25 @@ async def test_fleet_batches_cost_each_member_one_token_per_item(ledger_url: str
             await c.disconnect()
 
 
+async def test_a_fleet_connection_s_bucket_goes_with_it(ledger_url: str) -> None:
+    """Each `/fleet` connection pays for its events from a bucket of its own: a client that
+    connects, sends and leaves again and again must not leave a bucket behind each time."""
+    async with running(spend_config(100), ledger_url) as (url, server):
+        ctl = await client(url, "CTL", "/simulation")
+        await step(ctl, 600)
+        held = []
+        for _ in range(5):
+            f = await fleet(url, ["P1"])
+            reply = await f.call("orders", {"orders": [{"participant": "P1", **order()}]}, namespace="/fleet")
+            assert reply["results"][0]["ok"], reply
+            held.append(len(server.limiter))  # the controller's, P1's and this connection's
+            await f.disconnect()
+        await asyncio.sleep(0.2)  # the server sees the disconnect
+        assert held == [3] * 5
+        assert len(server.limiter) == 2  # P1's stays: its tokens are the participant's, not the connection's
+        await ctl.disconnect()
+
+
 def test_rate_limiter_charges_costs_all_or_nothing() -> None:
     rl = RateLimiter(rate=1.0, burst=10)
     assert rl.allow("a", now=0.0, cost=7)
