@@ -75,6 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--inbound-burst", type=float, default=2_000_000.0, help="bytes a logged-in connection may send at once"
     )
+    p.add_argument(
+        "--outbox-mib",
+        type=float,
+        default=256.0,
+        help="private events kept for `resume`, in all: MiB (estimated; the oldest go first)",
+    )
     add_parity_arguments(p)
     p.add_argument(
         "--capacity",
@@ -111,6 +117,7 @@ async def serve(args: argparse.Namespace) -> int:
         run=run,
         guard=guard,
         in_district=args.in_district or bool(args.upstream),
+        outbox_bytes=int(args.outbox_mib * 2**20),
     )
     if args.upstream:
         if args.mode != "rt":

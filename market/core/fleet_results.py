@@ -11,7 +11,7 @@ the same payload the member would have been sent as a `settled` or `delivery` ev
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Container, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -24,6 +24,8 @@ from market.core.timing import Slot
 class SettledRef(msgspec.Struct, frozen=True, gc=False):
     """One member's `settled` event: a side of a fill (no reference cycle: `gc=False`)."""
 
+    EVENT: ClassVar[str] = "settled"
+
     fill: Settlement
     side: Side
 
@@ -34,6 +36,8 @@ class SettledRef(msgspec.Struct, frozen=True, gc=False):
 class DeliveryRef(msgspec.Struct, frozen=True, gc=False):
     """One member's `delivery` event: its rows (`picks`) of a slot's transaction rows."""
 
+    EVENT: ClassVar[str] = "delivery"
+
     slot: Slot
     rows: tuple[Transaction, ...]
     picks: tuple[int, ...]
@@ -43,19 +47,20 @@ class DeliveryRef(msgspec.Struct, frozen=True, gc=False):
         return {"time_delivery": list(self.slot), "transactions": [rows[i].row() for i in self.picks]}
 
 
-# Numbers a member's event in the outbox (keeping the reference for `resume`): its `seq`.
-Number = Callable[[str, str, SettledRef | DeliveryRef], int]
+# Numbers members' events in the outbox, (member, its event's records) each in order, keeping
+# the references for `resume`: their `seq`s.
+Number = Callable[[Sequence[tuple[str, SettledRef]] | Sequence[tuple[str, DeliveryRef]]], list[int]]
 
 TRANSACTION_FIELDS = Transaction.__struct_fields__
 
 
 def settled_columns(items: Sequence[tuple[str, SettledRef]], number: Number) -> dict[str, Any]:
     """The `settled.columns` payload of `(member, fill side)` items, in order, each numbered."""
-    participant, seq, commit_id, uuid, client_id, side, price, quantity, source, interval = ([] for _ in range(10))
+    participant, commit_id, uuid, client_id, side, price, quantity, source, interval = ([] for _ in range(9))
+    seq = number(items)
     for pid, ref in items:
         s = ref.fill
         participant.append(pid)
-        seq.append(number(pid, "settled", ref))
         commit_id.append(s.commit_id)
         quantity.append(s.quantity)
         source.append(s.energy_source)
@@ -103,7 +108,7 @@ def delivery_columns(
     return {
         "time_delivery": list(slot),
         "participant": list(picks),
-        "seq": [number(pid, "delivery", DeliveryRef(slot, rows, tuple(mine))) for pid, mine in picks.items()],
+        "seq": number([(pid, DeliveryRef(slot, rows, tuple(mine))) for pid, mine in picks.items()]),
         "rows": indices,
         "transactions": dict(zip(TRANSACTION_FIELDS, columns, strict=True)),
     }

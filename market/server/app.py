@@ -63,7 +63,7 @@ from market.server.fleet_ns import FleetNamespace
 from market.server.guard import ConnectionGuard, GuardedServer, install_repeat_filter, raise_fd_limit
 from market.server.market_ns import MarketNamespace
 from market.server.observe import Health, Metrics, attach
-from market.server.outbox import Outbox
+from market.server.outbox import BUDGET_BYTES, Outbox
 from market.server.simulation_ns import SimulationNamespace
 from market.server.upstream import UpstreamLink
 
@@ -101,6 +101,7 @@ class MarketServer:
         run: RunRecord | None = None,
         guard: ConnectionGuard | None = None,
         in_district: bool = False,
+        outbox_bytes: int = BUDGET_BYTES,
     ) -> None:
         self.config = config
         # A community in a district (docs/hierarchy.md): residuals kept, the district's fills
@@ -143,7 +144,7 @@ class MarketServer:
         self.sessions: dict[str, Sessions] = {ns.NAME: ns.sessions for ns in self.namespaces}
         for ns in self.namespaces:
             self.sio.register_namespace(ns)
-        self.outbox = Outbox()
+        self.outbox = Outbox(budget=outbox_bytes)
         # Private events of `auth.combined` sessions, held until the round's `round.result`
         # (`_flush_private`): participant -> (event, payload), in the order they were made.
         self._held: dict[str, list[tuple[str, dict[str, Any]]]] = {}
@@ -716,7 +717,7 @@ class MarketServer:
         if rest:  # left their columnar connection since: as everyone else
             await self._send_private("delivery", list(deliveries(result.slot, result.transactions, rest).items()))
         for sid, picks in per_sid.items():
-            payload = delivery_columns(result.slot, rows, picks, self.outbox.push_ref)
+            payload = delivery_columns(result.slot, rows, picks, self.outbox.push_refs)
             await self.sio.emit("delivery.columns", payload, to=sid, namespace="/fleet")
 
     @staticmethod
@@ -739,7 +740,7 @@ class MarketServer:
         per_sid, rest = route_settled(settlements, columnar, self._columnar())
         await self._send_private("settled", rest)
         for sid, items in per_sid.items():
-            payload = settled_columns(items, self.outbox.push_ref)
+            payload = settled_columns(items, self.outbox.push_refs)
             await self.sio.emit("settled.columns", payload, to=sid, namespace="/fleet")
 
     async def _send_private(self, event: str, items: Sequence[tuple[str, dict[str, Any]]]) -> None:

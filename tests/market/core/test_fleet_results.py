@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from market.core.engine import deliveries, settled_event
 from market.core.fleet_results import Number, all_but, delivery_columns, route_rows, route_settled, settled_columns
 from market.core.records import Settlement, Transaction
@@ -23,9 +25,12 @@ def row(i: int, seller: str, buyer: str, kind: str = "p2p") -> Transaction:
 def numbering() -> tuple[dict[str, int], Number]:
     seqs: dict[str, int] = {}
 
-    def number(pid: str, _event: str, _ref: object) -> int:
-        seqs[pid] = seqs.get(pid, 0) + 1
-        return seqs[pid]
+    def number(refs: Sequence[tuple[str, object]]) -> list[int]:
+        out = []
+        for pid, _ref in refs:
+            seqs[pid] = seqs.get(pid, 0) + 1
+            out.append(seqs[pid])
+        return out
 
     return seqs, number
 
