@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import socketio
 
@@ -81,3 +82,50 @@ async def test_market_command_selects_pro_rata_matching(tmp_path: Path) -> None:
     fills = read_rows(ledger, "settlements")
     assert sorted((f["buyer_id"], f["quantity"]) for f in fills) == [("A", 30), ("B", 20)]
     assert '"matching":"pro_rata"' in read_rows(ledger, "runs")[0]["config"]
+
+
+async def test_market_command_bounds_the_outbox_for_resume(tmp_path: Path) -> None:
+    """`--outbox-mib`: the events kept for `resume`, in all. With room for about one event,
+    a participant that was away for a fill and its delivery finds the older one gone."""
+    registry = tmp_path / "registry.toml"
+    registry.write_text(
+        "\n".join(
+            f'[[participants]]\nid = "{p}"\ntoken = "secret-{p}"\nrole = "{r}"\n'
+            for p, r in (("A", "prosumer"), ("B", "prosumer"), ("C", "controller"))
+        )
+    )
+    args = ["--registry", str(registry), "--port", "0", "--duration", "60", "--round-timeout", "1"]
+    results = {}
+    for mib in ("256", "0.0006"):
+        ledger = f"sqlite:///{tmp_path}/cli-{mib}.db"
+        async with market_process([*args, "--ledger", ledger, "--outbox-mib", mib]) as url:
+            clients = {}
+            for pid, ns in (("A", "/market"), ("B", "/market"), ("C", "/simulation")):
+                sio = socketio.AsyncClient(reconnection=False)
+                await sio.connect(url, namespaces=[ns], auth={"id": pid, "token": f"secret-{pid}"})
+                clients[pid] = sio
+            ctl = clients["C"]
+            assert (await ctl.call("step", {"time": 600}, namespace="/simulation"))["ok"]
+            slot = [720, 780]
+            ask = {"quantity": 50, "price": 0.1, "time_delivery": slot, "source": "solar"}
+            assert (await clients["A"].call("ask", ask, namespace="/market"))["ok"]
+            bid = {"quantity": 50, "price": 0.3, "time_delivery": slot}
+            assert (await clients["B"].call("bid", bid, namespace="/market"))["ok"]
+            await clients["B"].disconnect()  # away for the fill and the delivery
+            seller = clients["A"]
+
+            async def on_start_round(msg: dict[str, Any], sio: socketio.AsyncClient = seller) -> None:
+                if msg["current_round"] == [720, 780]:  # A delivers: B owes for what it bought
+                    reading = {"time_interval": msg["current_round"], "generation": {"solar": 50}}
+                    await sio.call("meter", reading, namespace="/market")
+
+            seller.on("start_round", on_start_round, namespace="/market")
+            for t in (660, 720):
+                assert (await ctl.call("step", {"time": t}, namespace="/simulation"))["ok"]
+            back = socketio.AsyncClient(reconnection=False)
+            await back.connect(url, namespaces=["/market"], auth={"id": "B", "token": "secret-B"})
+            results[mib] = await back.call("resume", {"since": 0}, namespace="/market")
+            for sio in (back, clients["A"], ctl):
+                await sio.disconnect()
+    assert [e["event"] for e in results["256"]["events"]] == ["settled", "delivery"]
+    assert results["0.0006"]["ok"] is False and results["0.0006"]["error"]["code"] == "not_found"
