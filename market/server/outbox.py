@@ -111,17 +111,24 @@ class Outbox:
     def _kept(self, added: int) -> None:
         """`added` more bytes kept: drop the oldest events while over the budget."""
         self.bytes += added
-        while self.bytes > self.budget and self._order_pid:
+        if self.bytes > self.budget:
             self._drop_oldest()
         if len(self._order_pid) > 2 * self._live + 1024:
             self._compact()
 
     def _drop_oldest(self) -> None:
-        pid, seq = self._order_pid.popleft(), self._order_seq.popleft()
-        box = self._sent[pid]
-        if box and box[0][0] == seq:  # else the per-participant bound dropped it already
-            self.bytes -= kept_bytes(box.popleft()[2])
-            self._live -= 1
+        """Drop the oldest events of the whole outbox until it is within its budget (once it
+        is full, about as many as were just kept: a round's worth, in one loop)."""
+        pids, seqs, sent, size = self._order_pid, self._order_seq, self._sent, kept_bytes
+        over, freed, gone = self.bytes - self.budget, 0, 0
+        while over > freed and pids:
+            pid, seq = pids.popleft(), seqs.popleft()
+            box = sent[pid]
+            if box and box[0][0] == seq:  # else the per-participant bound dropped it already
+                freed += size(box.popleft()[2])
+                gone += 1
+        self.bytes -= freed
+        self._live -= gone
 
     def _compact(self) -> None:
         """Forget the order's entries of events no longer kept (so it stays within twice the
