@@ -6,7 +6,8 @@ Runs the command (its `microte market` child is found by its command line), read
 thread's user + system time from /proc/PID/task/*/stat every `--every` seconds, and prints
 what each thread used between the samples at 20 % and 60 % of the run (the rounds, past the
 start-up and before the summary), as a share of the wall time and in ms per round (the
-rounds/s of the command's own summary). A round whose CPU adds up to its wall time ran as a
+rounds/s of the command's own summary), and the market server's peak resident memory
+(VmHWM, read at each sample). A round whose CPU adds up to its wall time ran as a
 serial chain: that is how docs/benchmarks.md reads it. Linux only; never asserts.
 """
 
@@ -37,6 +38,16 @@ def threads(pid: int | None) -> dict[str, float]:
     return {(f"main:{tid}" if tid == pid else str(tid)): seconds for tid, seconds in cpu.items()}
 
 
+def peak_rss_mib(pid: int | None) -> float:
+    """The peak resident memory of `pid` so far (VmHWM), MiB; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text() if pid is not None else ""
+    except OSError:
+        return 0.0
+    m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    return int(m.group(1)) / 1024 if m else 0.0
+
+
 def _server(pid: int) -> int | None:
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -59,9 +70,11 @@ def main() -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server: int | None = None
     samples: list[tuple[float, dict[str, float], dict[str, float]]] = []
+    peak = 0.0
     while proc.poll() is None:
         server = server or _server(proc.pid)
         samples.append((time.monotonic(), threads(proc.pid), threads(server)))
+        peak = max(peak, peak_rss_mib(server))
         time.sleep(args.every)
     out = proc.stdout.read() if proc.stdout else ""
     m = re.search(r"Simulated (\d+) rounds in ([\d.]+) s", out)
@@ -72,6 +85,7 @@ def main() -> None:
     (ta, ca, sa), (tb, cb, sb) = ran[len(ran) // 5], ran[len(ran) * 3 // 5]
     wall = tb - ta
     print(f"{m.group(0)} ({rate:.1f} rounds/s); window {wall:.2f} s, ~{wall * rate:.0f} rounds")
+    print(f"server peak RSS {peak:.0f} MiB")
     for side, before, after in (("sim", ca, cb), ("server", sa, sb)):
         for name in sorted(after):
             used = after[name] - before.get(name, 0.0)
