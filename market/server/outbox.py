@@ -16,9 +16,10 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
 
-# What a kept event holds in memory, estimated (bytes, CPython 3.11, measured as the
-# server's RSS per round at 1,000 `/fleet` members): the box's tuple, its seq and the
-# reference, plus what the reference keeps alive: a fill, or a member's transaction rows.
+# What a kept event holds in memory, estimated (bytes, CPython 3.11; within 2 % of what
+# tracemalloc counts for 40 daytime rounds of 1,000 `/fleet` members, docs/benchmarks.md):
+# the box's tuple, its seq and the reference, and what the reference keeps alive: a fill,
+# or a member's transaction rows.
 KEPT_OVERHEAD = 150
 SETTLED_BYTES = 350
 DELIVERY_BYTES = 250
@@ -42,8 +43,8 @@ class Outbox:
 
     Bounded twice: `keep` events per participant, and `budget` bytes in all (estimated,
     `kept_bytes`), past which the oldest events of the whole outbox go first. Without the
-    second bound a 1,000-member community kept ~1 MiB a round for 4,096 rounds (~4 GiB), and
-    10,000 members ten times that."""
+    second bound a 1,000-member community kept ~0.77 MiB a round until each member had 4,096
+    events (~2,400 rounds, ~1.8 GiB), and 10,000 members ten times that."""
 
     def __init__(self, keep: int = 4096, budget: int = BUDGET_BYTES) -> None:
         self.keep = keep  # events kept per participant: bounded memory
