@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--outbox-mib",
-        type=float,
+        type=_mib,
         default=256.0,
         help="private events kept for `resume`, in all: MiB (estimated; the oldest go first)",
     )
@@ -87,6 +88,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="capacity-aware clearing on the scenario's [feeder] (as `capacity = true` there; docs/grid.md)",
     )
+
+
+def _mib(text: str) -> float:
+    """A size in MiB: a finite number, 0 or more (0: nothing kept)."""
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = math.nan
+    if not math.isfinite(mib) or mib < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in MiB (a number, 0 or more)")
+    return mib
 
 
 async def serve(args: argparse.Namespace) -> int:

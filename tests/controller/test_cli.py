@@ -44,3 +44,13 @@ def test_an_unknown_command_is_refused_by_name():
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bogus", "x"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "lots"])
+def test_a_bad_outbox_size_is_refused_before_the_market_starts(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["market", "--registry", "r.toml", "--outbox-mib", bad]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parser(argv).parse_args(argv)
+    assert exit_info.value.code == 2 and "not a size in MiB" in capsys.readouterr().err
+    ok = ["market", "--registry", "r.toml", "--outbox-mib", "0"]  # nothing kept for `resume`: allowed
+    assert cli.parser(ok).parse_args(ok).outbox_mib == 0.0
