@@ -366,7 +366,15 @@ class MarketServer:
         self.market.durable(records)
 
     async def admit(self) -> None:
-        """Wait while a round opens (ack durability): gate closure sees only durable entries."""
+        """Wait while a round opens (ack durability): gate closure sees only durable entries.
+        rt under `round` durability: refuse while what it acknowledged waits for the ledger
+        (a round's store failed), rather than acknowledge more it may not be able to store."""
+        if self._backlog and self.config.mode == "rt" and not self.config.ack_durable:
+            raise MarketError(
+                "unavailable",
+                f"the ledger could not store {len(self._backlog)} record(s) of the last round: nothing is"
+                " acknowledged until it has them (retried at every round boundary); retry later",
+            )
         if not self._admit.is_set():
             await self._admit.wait()
 

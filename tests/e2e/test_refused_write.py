@@ -4,6 +4,7 @@ not in the book, not filled, and its retry is a new entry that reaches the ledge
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -73,3 +74,45 @@ async def test_upstream_fills_refused_by_the_ledger_leave_nothing_behind(tmp_pat
         await server.upstream_fills(fills(200, "y"))  # a later batch: what was left
     stored = [(s["commit_id"], s["quantity"], s["ask_uuid"]) for s in read_rows(url, "settlements")]
     assert stored == [("u120-0", 700, "z"), ("u120-1", 200, "y")]
+
+
+async def test_rt_round_durability_acknowledges_nothing_while_a_round_is_not_stored(ledger_url: str) -> None:
+    """Under `round` durability an rt market acknowledges entries before they are durable,
+    to store them with the round. If that store fails (a full disk), what it acknowledged
+    waits in memory for the next boundary: from then on it refuses (`unavailable`, nothing
+    changed) until the ledger has taken it, rather than acknowledging more it cannot store."""
+    sink = FlakySink(ledger_url)
+    server = MarketServer(MarketConfig(mode="rt", duration=2, durability="round"), registry(), sink)
+    async with serving(server) as url:
+        p1 = await client(url, "P1")
+
+        def bid(n: int) -> dict[str, object]:
+            slot = (int(time.time()) // 2 + 6) * 2
+            return {"id": f"b{n}", "quantity": 10, "price": 0.2, "time_delivery": [slot, slot + 2]}
+
+        async def boundary() -> None:  # the next round boundary has passed and been handled
+            start = server.market.times.time if server.market.times else 0
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if server.market.times is not None and server.market.times.time > start:
+                    await asyncio.sleep(0.2)
+                    return
+            raise AssertionError("no round boundary")
+
+        await boundary()
+        first = await p1.call("bid", bid(1), namespace="/market")
+        assert first["ok"], first  # acknowledged, to be stored with the round
+        sink.failing = True
+        await boundary()  # its store fails: the entry waits in memory
+        booked = len(server.market.book)
+        refused = await p1.call("bid", bid(2), namespace="/market")
+        assert refused["error"]["code"] == "unavailable", refused
+        assert len(server.market.book) == booked  # nothing changed
+        sink.failing = False
+        await boundary()  # the ledger takes what waited
+        again = await p1.call("bid", bid(3), namespace="/market")
+        assert again["ok"], again
+        await boundary()
+        await p1.disconnect()
+    stored = {r["client_id"] for r in read_rows(ledger_url, "entries")}
+    assert stored == {"b1", "b3"}
