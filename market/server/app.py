@@ -455,7 +455,11 @@ class MarketServer:
             assert isinstance(self.clock, SimClock)
             last = self._last_round
             if last is not None and t == last.time and last.current_round_start == t:
-                return _round_reply(last)  # a retried step (say, after a restart): same answer
+                # A retried step (say, after a restart, or after its store failed): the same
+                # answer, once its records are durable.
+                if self._backlog and not await self._store([]):
+                    raise _not_stored(t)
+                return _round_reply(last)
             self._stop_carry()  # what the last step held goes out with this round's start
             self._admit.clear()
             try:
@@ -701,7 +705,7 @@ class MarketServer:
         records, summary = slot_records(opened, result, self.market.take_journal(), fills, missing, trades)
         self._last_round = summary
         if not await self._store([*records, summary]):
-            raise MarketError("unavailable", f"slot {slot} is processed but the ledger could not store it yet")
+            raise _not_stored(slot)
         self.rounds_processed += 1
         await self._deliver(result, columnar)
         log.info(
@@ -879,6 +883,10 @@ class MarketServer:
             self.market.reset()
             self.dashboard.recent.clear()
             self._waits.clear()
+
+
+def _not_stored(slot: int) -> MarketError:
+    return MarketError("unavailable", f"slot {slot} is processed but the ledger could not store it yet")
 
 
 def _round_reply(r: RoundRecord) -> dict[str, Any]:

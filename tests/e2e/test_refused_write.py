@@ -116,3 +116,24 @@ async def test_rt_round_durability_acknowledges_nothing_while_a_round_is_not_sto
         await p1.disconnect()
     stored = {r["client_id"] for r in read_rows(ledger_url, "entries")}
     assert stored == {"b1", "b3"}
+
+
+async def test_a_retried_step_is_answered_only_once_its_round_is_stored(ledger_url: str) -> None:
+    """A `step` whose round could not be stored is answered `unavailable`; the controller's
+    retry of the same step must not be answered before that round's records are durable."""
+    sink = FlakySink(ledger_url)
+    server = MarketServer(MarketConfig(duration=60, round_timeout=0.2), registry(), sink)
+    async with serving(server) as url:
+        ctl = await client(url, "CTL", "/simulation")
+        assert (await ctl.call("step", {"time": 600}, namespace="/simulation"))["ok"]
+        sink.failing = True
+        failed = await ctl.call("step", {"time": 660}, namespace="/simulation")
+        assert failed["error"]["code"] == "unavailable", failed
+        still = await ctl.call("step", {"time": 660}, namespace="/simulation")  # the disk is still full
+        assert still["error"]["code"] == "unavailable", still
+        sink.failing = False
+        retried = await ctl.call("step", {"time": 660}, namespace="/simulation")
+        assert retried["ok"], retried
+        stored = [r["current_round_start"] for r in read_rows(ledger_url, "rounds")]
+        assert stored == [600, 660]  # durable when the retry was answered, not at the next step
+        await ctl.disconnect()
