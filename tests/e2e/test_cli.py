@@ -11,6 +11,25 @@ from controller.sim import market_process
 from ledger import read_rows
 
 
+def registry_of(tmp_path: Path, roles: dict[str, str]) -> Path:
+    """A registry file of `roles` (id -> role), each id's token `secret-<id>`."""
+    path = tmp_path / "registry.toml"
+    path.write_text(
+        "\n".join(f'[[participants]]\nid = "{p}"\ntoken = "secret-{p}"\nrole = "{r}"\n' for p, r in roles.items())
+    )
+    return path
+
+
+async def connect_all(url: str, namespaces: dict[str, str]) -> dict[str, socketio.AsyncClient]:
+    """A plain socket.io client per id (id -> namespace), logged in with `secret-<id>`."""
+    clients = {}
+    for pid, ns in namespaces.items():
+        sio = socketio.AsyncClient(reconnection=False)
+        await sio.connect(url, namespaces=[ns], auth={"id": pid, "token": f"secret-{pid}"})
+        clients[pid] = sio
+    return clients
+
+
 async def test_market_command_serves_the_protocol(tmp_path: Path) -> None:
     registry = tmp_path / "registry.toml"
     registry.write_text(
@@ -53,21 +72,11 @@ async def test_market_command_serves_the_protocol(tmp_path: Path) -> None:
 
 
 async def test_market_command_selects_pro_rata_matching(tmp_path: Path) -> None:
-    registry = tmp_path / "registry.toml"
-    registry.write_text(
-        "\n".join(
-            f'[[participants]]\nid = "{p}"\ntoken = "secret-{p}"\nrole = "{r}"\n'
-            for p, r in (("A", "prosumer"), ("B", "prosumer"), ("S", "prosumer"), ("C", "controller"))
-        )
-    )
+    registry = registry_of(tmp_path, {"A": "prosumer", "B": "prosumer", "S": "prosumer", "C": "controller"})
     ledger = f"sqlite:///{tmp_path}/cli.db"
     args = ["--registry", str(registry), "--port", "0", "--ledger", ledger, "--duration", "60", "--round-timeout", "1"]
     async with market_process([*args, "--matching", "pro_rata"]) as url:
-        clients = {}
-        for pid, ns in (("A", "/market"), ("B", "/market"), ("S", "/market"), ("C", "/simulation")):
-            sio = socketio.AsyncClient(reconnection=False)
-            await sio.connect(url, namespaces=[ns], auth={"id": pid, "token": f"secret-{pid}"})
-            clients[pid] = sio
+        clients = await connect_all(url, {"A": "/market", "B": "/market", "S": "/market", "C": "/simulation"})
         ctl = clients["C"]
         assert (await ctl.call("step", {"time": 600}, namespace="/simulation"))["ok"]
         slot = [720, 780]
@@ -87,23 +96,13 @@ async def test_market_command_selects_pro_rata_matching(tmp_path: Path) -> None:
 async def test_market_command_bounds_the_outbox_for_resume(tmp_path: Path) -> None:
     """`--outbox-mib`: the events kept for `resume`, in all. With room for about one event,
     a participant that was away for a fill and its delivery finds the older one gone."""
-    registry = tmp_path / "registry.toml"
-    registry.write_text(
-        "\n".join(
-            f'[[participants]]\nid = "{p}"\ntoken = "secret-{p}"\nrole = "{r}"\n'
-            for p, r in (("A", "prosumer"), ("B", "prosumer"), ("C", "controller"))
-        )
-    )
+    registry = registry_of(tmp_path, {"A": "prosumer", "B": "prosumer", "C": "controller"})
     args = ["--registry", str(registry), "--port", "0", "--duration", "60", "--round-timeout", "1"]
     results = {}
     for mib in ("256", "0.0006"):
         ledger = f"sqlite:///{tmp_path}/cli-{mib}.db"
         async with market_process([*args, "--ledger", ledger, "--outbox-mib", mib]) as url:
-            clients = {}
-            for pid, ns in (("A", "/market"), ("B", "/market"), ("C", "/simulation")):
-                sio = socketio.AsyncClient(reconnection=False)
-                await sio.connect(url, namespaces=[ns], auth={"id": pid, "token": f"secret-{pid}"})
-                clients[pid] = sio
+            clients = await connect_all(url, {"A": "/market", "B": "/market", "C": "/simulation"})
             ctl = clients["C"]
             assert (await ctl.call("step", {"time": 600}, namespace="/simulation"))["ok"]
             slot = [720, 780]
@@ -122,8 +121,7 @@ async def test_market_command_bounds_the_outbox_for_resume(tmp_path: Path) -> No
             seller.on("start_round", on_start_round, namespace="/market")
             for t in (660, 720):
                 assert (await ctl.call("step", {"time": t}, namespace="/simulation"))["ok"]
-            back = socketio.AsyncClient(reconnection=False)
-            await back.connect(url, namespaces=["/market"], auth={"id": "B", "token": "secret-B"})
+            back = (await connect_all(url, {"B": "/market"}))["B"]
             results[mib] = await back.call("resume", {"since": 0}, namespace="/market")
             for sio in (back, clients["A"], ctl):
                 await sio.disconnect()
