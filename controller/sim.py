@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import msgspec
 import socketio
 import tomli_w
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 from tqdm import tqdm
 
 from controller import runloop
@@ -410,6 +412,38 @@ def _sites_of(clients: Fleet | FleetConnections) -> list[Prosumer]:
     return [p for fc in clients.clients for p in fc.prosumers.values()]
 
 
+log = logging.getLogger("microte.sim")
+
+# How long a `step` the market answers `unavailable` is asked again (its ledger could not
+# store the round, say the disk is full: the retry is answered once the round is stored).
+STEP_RETRY_SECONDS = 60.0
+
+
+class StepUnavailable(Exception):
+    """The market answered a `step` `unavailable` (the reply is the argument)."""
+
+
+async def step(
+    ctl: socketio.AsyncClient, t: int, timeout: float, retry_for: float = STEP_RETRY_SECONDS
+) -> dict[str, Any]:
+    """The `step` reply for time `t`, asked again with backoff while the market answers
+    `unavailable`, for up to `retry_for` seconds (then `StepUnavailable`); any other reply
+    is returned as it is."""
+    retrying = AsyncRetrying(
+        wait=wait_random_exponential(multiplier=0.1, max=2.0),
+        stop=stop_after_delay(retry_for),
+        retry=retry_if_exception_type(StepUnavailable),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            reply: dict[str, Any] = await ctl.call("step", {"time": t}, namespace="/simulation", timeout=timeout)
+            if not reply.get("ok") and (reply.get("error") or {}).get("code") == "unavailable":
+                log.warning("step %s: %s; asking again", t, reply["error"].get("message"))
+                raise StepUnavailable(reply)
+    return reply
+
+
 async def _step_all(
     ctl: socketio.AsyncClient,
     scenario: Scenario,
@@ -427,7 +461,10 @@ async def _step_all(
             await dso.before_step(t)
         if parity is not None:  # LEMs and SLAs to come, measurements of the ended ones
             await parity.before_step(t)
-        reply = await ctl.call("step", {"time": t}, namespace="/simulation", timeout=timeout)
+        try:
+            reply = await step(ctl, t, timeout)
+        except StepUnavailable as err:
+            reply = err.args[0]
         if not reply.get("ok"):
             bar.close()
             raise RuntimeError(f"step {t} refused: {reply}")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from controller.sim import StepUnavailable
+from controller.sim import step as sim_step
 from ledger import read_rows
 from market.core.engine import MarketConfig
 from market.core.errors import MarketError
@@ -136,4 +138,33 @@ async def test_a_retried_step_is_answered_only_once_its_round_is_stored(ledger_u
         assert retried["ok"], retried
         stored = [r["current_round_start"] for r in read_rows(ledger_url, "rounds")]
         assert stored == [600, 660]  # durable when the retry was answered, not at the next step
+        await ctl.disconnect()
+
+
+async def test_the_controller_asks_again_while_the_ledger_refuses_and_goes_on_once_it_takes_the_round(
+    ledger_url: str,
+) -> None:
+    """`microte sim`'s controller (`controller.sim.step`): a step answered `unavailable` is
+    asked again with backoff; when the disk has room again the retry is answered, with the
+    round stored. A disk that stays full ends the run after `retry_for`; another refusal is
+    returned at once."""
+    sink = FlakySink(ledger_url)
+    server = MarketServer(MarketConfig(duration=60, round_timeout=0.2), registry(), sink)
+    async with serving(server) as url:
+        ctl = await client(url, "CTL", "/simulation")
+        assert (await sim_step(ctl, 600, 10))["ok"]
+        sink.failing = True
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.6, setattr, sink, "failing", False)  # room again after 0.6 s
+        t0 = loop.time()
+        reply = await sim_step(ctl, 660, 10)
+        assert reply["ok"] and loop.time() - t0 >= 0.5, reply
+        assert [r["current_round_start"] for r in read_rows(ledger_url, "rounds")] == [600, 660]
+        sink.failing = True
+        with pytest.raises(StepUnavailable):
+            await sim_step(ctl, 720, 10, retry_for=0.5)
+        sink.failing = False
+        assert (await sim_step(ctl, 720, 10))["ok"]  # the retry once there is room
+        earlier = await sim_step(ctl, 600, 10)  # not after the last round: refused, not retried
+        assert earlier["error"]["code"] == "invalid", earlier
         await ctl.disconnect()
