@@ -165,6 +165,8 @@ class MarketServer:
         # ... and the fills of those whose connection takes them in columns (with those parties).
         self._unannounced_fills: list[tuple[list[Settlement], frozenset[str]]] = []
         self._backlog: list[Record] = []  # round records the ledger refused, written with the next batch
+        # The slots whose records are in the backlog: their deliveries go out once it is written.
+        self._undelivered: list[tuple[SlotResult, frozenset[str]]] = []
         self._admit = asyncio.Event()  # cleared while a round opens: new actions wait (ack durability)
         self._admit.set()
         self.caught_up = 0  # slots processed after a boundary later than their own (stall, restart)
@@ -457,8 +459,10 @@ class MarketServer:
             if last is not None and t == last.time and last.current_round_start == t:
                 # A retried step (say, after a restart, or after its store failed): the same
                 # answer, once its records are durable.
-                if self._backlog and not await self._store([]):
-                    raise _not_stored(t)
+                if self._backlog:
+                    if not await self._store([]):
+                        raise _not_stored(t)
+                    await self._hand_out()  # the deliveries that waited for it
                 return _round_reply(last)
             self._stop_carry()  # what the last step held goes out with this round's start
             self._admit.clear()
@@ -477,12 +481,7 @@ class MarketServer:
                 await self._await_readings(wait, self.config.round_timeout)
                 reply = await self._finish(opened, t, opened.settlements)
             finally:
-                # The step's one `round.result` per combined session; `round_start` sessions
-                # get theirs with the next round's start (`_start_each`).
-                starting = self._starting()
-                await self._flush_private(hold=starting)
-                if any(pid in self._held for pid in starting):
-                    self._carry = self.spawn(self._send_carried())  # cancelled with the server's other tasks
+                await self._hand_out()
             self.dashboard.recent.cleared(opened)
             # /grid's periodic solver follows the market clock, after the slot's readings are stored.
             await self.grid.on_time(t)
@@ -547,7 +546,8 @@ class MarketServer:
     async def _store(self, records: Sequence[Record]) -> bool:
         """Write `records` after any the ledger refused before (in order: fills before the
         rows that settle them); on failure keep them all for the next write. The market's
-        state has moved on, so what it produced must reach the ledger eventually."""
+        state has moved on, so what it produced must reach the ledger eventually. Once it
+        has, the deliveries of the slots that waited for it go out."""
         batch = [*self._backlog, *records]
         if not batch:
             return True
@@ -558,6 +558,9 @@ class MarketServer:
             log.error("ledger write failed (%s); %d record(s) kept for the next write", err, len(batch))
             return False
         self._backlog = []
+        waiting, self._undelivered = self._undelivered, []
+        for result, columnar in waiting:  # their records are durable now
+            await self._deliver(result, columnar)
         return True
 
     async def _rt_process(self, opened: RoundOpen, slots: list[int], waits: list[_MeterWait]) -> None:
@@ -705,6 +708,7 @@ class MarketServer:
         records, summary = slot_records(opened, result, self.market.take_journal(), fills, missing, trades)
         self._last_round = summary
         if not await self._store([*records, summary]):
+            self._undelivered.append((result, columnar))  # sent by the write that stores them
             raise _not_stored(slot)
         self.rounds_processed += 1
         await self._deliver(result, columnar)
@@ -854,6 +858,14 @@ class MarketServer:
             }
             await self.sio.emit("round.start", payload, to=sid, namespace="/market")
         return list(starting.values())
+
+    async def _hand_out(self) -> None:
+        """The step's one `round.result` per combined session; `round_start` sessions get
+        theirs with the next round's start (`_start_each`), or after CARRY_SECONDS."""
+        starting = self._starting()
+        await self._flush_private(hold=starting)
+        if any(pid in self._held for pid in starting) and self._carry is None:
+            self._carry = self.spawn(self._send_carried())  # cancelled with the server's other tasks
 
     def _stop_carry(self) -> None:
         if self._carry is not None:

@@ -17,7 +17,7 @@ from market.core.engine import MarketConfig
 from market.core.errors import MarketError
 from market.core.protocol import EntryMsg, UpstreamFillMsg, UpstreamFillsMsg
 from market.server.app import MarketServer
-from tests.e2e.conftest import FlakySink, client, registry, serving
+from tests.e2e.conftest import FlakySink, Inbox, client, registry, serving
 
 
 async def test_a_bid_refused_for_a_failed_write_changes_nothing(ledger_url: str) -> None:
@@ -168,3 +168,37 @@ async def test_the_controller_asks_again_while_the_ledger_refuses_and_goes_on_on
         earlier = await sim_step(ctl, 600, 10)  # not after the last round: refused, not retried
         assert earlier["error"]["code"] == "invalid", earlier
         await ctl.disconnect()
+
+
+async def test_a_slot_whose_store_failed_is_delivered_once_it_is_stored(ledger_url: str) -> None:
+    """The deliveries of a slot go out once its records are durable: if that store fails,
+    they go out when a later write has stored them (here the retried step), not never."""
+    sink = FlakySink(ledger_url)
+    server = MarketServer(MarketConfig(duration=60, round_timeout=0.5), registry(), sink)
+    async with serving(server) as url:
+        ctl = await client(url, "CTL", "/simulation")
+        p1, p2 = await client(url, "P1"), await client(url, "P2")
+        inbox = Inbox(p1, "delivery")
+        slot = [720, 780]
+
+        async def meters(msg: dict[str, object]) -> None:  # P2 delivers its 40 Wh of the slot
+            gen = {"solar": 40} if msg["current_round"] == slot else {}
+            await p2.call("meter", {"time_interval": msg["current_round"], "generation": gen}, namespace="/market")
+
+        p2.on("start_round", meters, namespace="/market")
+        assert (await ctl.call("step", {"time": 600}, namespace="/simulation"))["ok"]
+        assert (await p1.call("bid", {"quantity": 40, "price": 0.3, "time_delivery": slot}, namespace="/market"))["ok"]
+        ask = {"quantity": 40, "price": 0.1, "time_delivery": slot, "source": "solar"}
+        assert (await p2.call("ask", ask, namespace="/market"))["ok"]
+        assert (await ctl.call("step", {"time": 660}, namespace="/simulation"))["ok"]
+        sink.failing = True
+        failed = await ctl.call("step", {"time": 720}, namespace="/simulation")
+        assert failed["error"]["code"] == "unavailable", failed
+        await asyncio.sleep(0.2)
+        assert [d["time_delivery"] for d in inbox.events["delivery"]] == []  # not durable: not sent
+        sink.failing = False
+        assert (await ctl.call("step", {"time": 720}, namespace="/simulation"))["ok"]
+        await asyncio.sleep(0.2)
+        assert [d["time_delivery"] for d in inbox.events["delivery"]] == [slot]
+        for c in (p1, p2, ctl):
+            await c.disconnect()
