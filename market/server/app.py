@@ -588,6 +588,9 @@ class MarketServer:
                     if opened.times.time > slot + d:
                         self.caught_up += 1
                         log.warning("slot=%s processed late, at round=%s", slot, opened.times.time)
+            except MarketError as err:  # processed, its store failed: the next write takes it
+                log.error("slot=%s: %s; its records and deliveries go with the next write", slot, err.message)
+                return
             except Exception:
                 log.exception("slot=%s could not be processed; the next boundary retries", slot)
                 return
