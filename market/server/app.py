@@ -560,6 +560,7 @@ class MarketServer:
         self._backlog = []
         waiting, self._undelivered = self._undelivered, []
         for result, columnar in waiting:  # their records are durable now
+            self.rounds_processed += 1
             await self._deliver(result, columnar)
         return True
 

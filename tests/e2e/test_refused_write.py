@@ -197,8 +197,10 @@ async def test_a_slot_whose_store_failed_is_delivered_once_it_is_stored(ledger_u
         await asyncio.sleep(0.2)
         assert [d["time_delivery"] for d in inbox.events["delivery"]] == []  # not durable: not sent
         sink.failing = False
+        assert server.rounds_processed == 2  # /metrics: processed and stored
         assert (await ctl.call("step", {"time": 720}, namespace="/simulation"))["ok"]
         await asyncio.sleep(0.2)
         assert [d["time_delivery"] for d in inbox.events["delivery"]] == [slot]
+        assert server.rounds_processed == 3
         for c in (p1, p2, ctl):
             await c.disconnect()
