@@ -36,6 +36,8 @@ from participants.parity_agents import ParityAgents
 from participants.prosumer import Prosumer
 from participants.spec import ParticipantSpec
 
+log = logging.getLogger("microte.sim")
+
 CONTROLLER_ID = "controller"
 LISTENING = "microte market listening on "
 
@@ -411,8 +413,6 @@ def _sites_of(clients: Fleet | FleetConnections) -> list[Prosumer]:
         return [c.prosumer for c in clients.clients]
     return [p for fc in clients.clients for p in fc.prosumers.values()]
 
-
-log = logging.getLogger("microte.sim")
 
 # How long a `step` the market answers `unavailable` is asked again (its ledger could not
 # store the round, say the disk is full: the retry is answered once the round is stored).

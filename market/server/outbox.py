@@ -62,18 +62,22 @@ class Outbox:
 
     def push(self, pid: str, event: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Number the event (`seq`, per participant, from 1) and keep it; returns the payload to send."""
-        seq = self._next(pid)
-        numbered = {**payload, "seq": seq}
-        self._keep(pid, seq, event, _encode(numbered))
+        numbered = {**payload, "seq": self._seq.get(pid, 0) + 1}
+        self._put([(pid, event, _encode(numbered))])
         return numbered
 
     def push_refs(self, items: Sequence[tuple[str, SettledRef]] | Sequence[tuple[str, DeliveryRef]]) -> list[int]:
         """Number events sent in columns, (participant, reference to its records) each in
-        order, and keep the references; their `seq`s. A round numbers one per member: the
-        numbering and `_keep`'s bookkeeping inline, the budget checked once."""
+        order, and keep the references; their `seq`s."""
+        return self._put([(pid, ref.EVENT, ref) for pid, ref in items])
+
+    def _put(self, events: list[tuple[str, str, bytes | SettledRef | DeliveryRef]]) -> list[int]:
+        """Number and keep (participant, event, data) each in order, counted in `bytes` and
+        in the order, then drop the oldest while over the budget: their `seq`s. In one loop,
+        not a call each: a round numbers one per member."""
         seqs, sent, keep, out = self._seq, self._sent, self.keep, []
-        live, added = 0, 0
-        for pid, ref in items:
+        added, live = 0, 0
+        for pid, event, data in events:
             seq = seqs[pid] = seqs.get(pid, 0) + 1
             box = sent.get(pid)
             if box is None:
@@ -82,36 +86,18 @@ class Outbox:
                 added -= kept_bytes(box[0][2])  # the append drops it (`maxlen`)
             else:
                 live += 1
-            box.append((seq, ref.EVENT, ref))
+            box.append((seq, event, data))
+            added += kept_bytes(data)
             out.append(seq)
-        added += sum(map(kept_bytes, (ref for _, ref in items)))
-        self._order_pid.extend(pid for pid, _ in items)
+        self._order_pid.extend(pid for pid, _, _ in events)
         self._order_seq.extend(out)
         self._live += live
-        self._kept(added)
+        self.bytes += added
+        self._kept()
         return out
 
-    def _next(self, pid: str) -> int:
-        seq = self._seq[pid] = self._seq.get(pid, 0) + 1
-        return seq
-
-    def _keep(self, pid: str, seq: int, event: str, data: bytes | SettledRef | DeliveryRef) -> None:
-        box = self._sent.get(pid)
-        if box is None:
-            box = self._sent[pid] = deque(maxlen=self.keep)
-        added = kept_bytes(data)
-        if len(box) == self.keep:
-            added -= kept_bytes(box[0][2])  # the append drops it (`maxlen`)
-        else:
-            self._live += 1
-        box.append((seq, event, data))
-        self._order_pid.append(pid)
-        self._order_seq.append(seq)
-        self._kept(added)
-
-    def _kept(self, added: int) -> None:
-        """`added` more bytes kept: drop the oldest events while over the budget."""
-        self.bytes += added
+    def _kept(self) -> None:
+        """After events were put: drop the oldest while over the budget."""
         if self.bytes > self.budget:
             self._drop_oldest()
         if len(self._order_pid) > 2 * self._live + 1024:
